@@ -1,0 +1,29 @@
+# The README's two commands: `make demo` and `make test`. Both run `setup` first.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.setup-stamp
+LLAMA   := llama-cpp-python==0.3.36
+
+.PHONY: setup demo test clean
+
+setup: $(STAMP)
+
+# Idempotent: the stamp is rebuilt only when the project metadata changes. llama-cpp-python compiles llama.cpp
+# from source once (~5 min on 2 cores); pip caches the wheel and later setups reuse it.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/python -m pip install --quiet "$(LLAMA)"
+	$(BIN)/python -m pip install --quiet "torch==2.13.0"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/kimivl-edge demo
+
+test: setup
+	$(BIN)/python -m pytest -q -n 2 tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,50 @@
+"""`kimivl-edge VERB ...`: one module per verb, each with its own ``main(argv)``.
+
+User errors (KimiVLError, bad arguments) print one line on stderr and exit with code 2; no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import KimiVLError
+
+# verb -> (module, one-line help)
+VERBS = {
+    "synth": ("kimivl_edge.synth", "write a synthetic checkpoint in the exact Hugging Face layout"),
+    "demo": ("kimivl_edge.demo", "run the main job on the bundled tiny model"),
+    "reference": ("kimivl_edge.reference.run", "answer with the fp32 torch reference (needs the reference extra)"),
+}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is a single line (and exit code 2), as everywhere else."""
+
+    def error(self, message: str):  # noqa: D401
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: kimivl-edge VERB [options]\n\nverbs:")
+        for verb, (_, text) in VERBS.items():
+            print(f"  {verb:8s} {text}")
+        return 0 if argv else 2
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        print(f"kimivl-edge: error: unknown verb {verb!r} (choose from {', '.join(VERBS)})", file=sys.stderr)
+        return 2
+    try:
+        return importlib.import_module(VERBS[verb][0]).main(rest) or 0
+    except KimiVLError as e:
+        print(f"kimivl-edge {verb}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"kimivl-edge {verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

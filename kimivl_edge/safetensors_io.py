@@ -1,0 +1,127 @@
+"""Safetensors read (memory-mapped, numpy) and streaming write, with bf16 handled as raw uint16.
+
+numpy has no bfloat16, and the `safetensors` numpy API refuses bf16 tensors, so this module reads the format itself
+(8-byte little-endian header length, JSON header, raw little-endian data) and widens bf16 to float32 exactly.
+Writing streams one tensor at a time: the 16B-parameter synthetic checkpoint never sits in RAM.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CheckpointError
+
+# safetensors dtype name -> (numpy storage dtype, bytes per element)
+STORAGE = {
+    "BF16": np.dtype("<u2"),
+    "F16": np.dtype("<f2"),
+    "F32": np.dtype("<f4"),
+    "F64": np.dtype("<f8"),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+}
+
+
+def bf16_to_f32(u16: np.ndarray) -> np.ndarray:
+    """Exact widening: a bf16 value is the top half of the float32 with the same bits."""
+    return (u16.astype(np.uint32) << 16).view(np.float32)
+
+
+def f32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """Round-to-nearest-even narrowing to bf16 bits (uint16), as torch's .to(torch.bfloat16); NaN stays NaN."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        rounded[nan] = 0x7FC0
+    return rounded
+
+
+class SafetensorsFile:
+    """One .safetensors file, memory-mapped. ``raw(name)`` is a zero-copy view in the stored dtype."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as f:
+                head = f.read(8)
+                if len(head) != 8:
+                    raise CheckpointError(f"{self.path.name}: truncated safetensors file")
+                (n,) = struct.unpack("<Q", head)
+                if n > 100_000_000:
+                    raise CheckpointError(f"{self.path.name}: implausible safetensors header size {n}")
+                header = json.loads(f.read(n))
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if self.path.stat().st_size else None
+        except OSError as e:
+            raise CheckpointError(f"cannot read {self.path}: {e.strerror}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{self.path.name}: corrupt safetensors header") from None
+        self.metadata = header.pop("__metadata__", {}) or {}
+        self.entries: dict[str, dict] = header
+        self._base = 8 + n
+        size = self.path.stat().st_size
+        for name, e in header.items():
+            dt = STORAGE.get(e.get("dtype"))
+            if dt is None:
+                raise CheckpointError(f"{self.path.name}: tensor {name} has unsupported dtype {e.get('dtype')}")
+            start, end = e["data_offsets"]
+            if end - start != dt.itemsize * int(np.prod(e["shape"], dtype=np.int64)) or self._base + end > size:
+                raise CheckpointError(f"{self.path.name}: tensor {name} has inconsistent offsets (truncated file?)")
+
+    def dtype(self, name: str) -> str:
+        return self.entries[name]["dtype"]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[name]["shape"])
+
+    def raw(self, name: str) -> np.ndarray:
+        e = self.entries[name]
+        start, end = e["data_offsets"]
+        arr = np.frombuffer(self._mm, dtype=STORAGE[e["dtype"]], count=(end - start) // STORAGE[e["dtype"]].itemsize,
+                            offset=self._base + start)
+        return arr.reshape(e["shape"])
+
+    def float32(self, name: str) -> np.ndarray:
+        """The tensor widened to float32 (a new array)."""
+        raw = self.raw(name)
+        if self.dtype(name) == "BF16":
+            return bf16_to_f32(raw)
+        return raw.astype(np.float32)
+
+
+def write_safetensors(path: str | Path, specs: Iterable[tuple[str, tuple[int, ...], str]],
+                      produce: Callable[[str, tuple[int, ...], str], Iterable[np.ndarray]],
+                      metadata: dict | None = None) -> int:
+    """Write a safetensors file tensor by tensor.
+
+    ``specs`` lists (name, shape, dtype); the header is written first from the shapes, then ``produce(name, shape,
+    dtype)`` yields the tensor's data as one or more arrays in storage dtype (chunks of the flattened tensor, in
+    order), so a tensor of any size can be generated in pieces. Returns the number of bytes written.
+    """
+    specs = list(specs)
+    header: dict = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for name, shape, dtype in specs:
+        nbytes = STORAGE[dtype].itemsize * int(np.prod(shape, dtype=np.int64))
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # align data to 8 bytes, as the reference writer does
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, shape, dtype in specs:
+            want = header[name]["data_offsets"][1] - header[name]["data_offsets"][0]
+            got = 0
+            for chunk in produce(name, shape, dtype):
+                chunk = np.ascontiguousarray(chunk, dtype=STORAGE[dtype])
+                f.write(memoryview(chunk).cast("B"))
+                got += chunk.nbytes
+            if got != want:
+                raise ValueError(f"{name}: produced {got} bytes, expected {want}")
+    return 8 + len(blob) + offset
