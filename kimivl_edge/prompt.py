@@ -1,0 +1,285 @@
+"""Chat prompts and thinking-output splitting (reference doc §7.1, §7.4, §13.5).
+
+Runtime module: jinja2 (a llama-cpp-python dependency) renders the checkpoint's own chat template in a sandbox, as
+Hugging Face's ``apply_chat_template`` does. Images are written as one ``<|media_pad|>`` each; ``expand_media``
+then repeats that id once per image token.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import CheckpointError, UsageError
+
+# §7.1: Instruct's chat_template.jinja, verbatim (data). The rendered prompt has no newlines and no [BOS].
+KIMI_VL_CHAT_TEMPLATE = """\
+{%- for message in messages -%}
+  {%- if loop.first and messages[0]['role'] != 'system' -%}
+    {{'<|im_system|>system<|im_middle|>You are a helpful assistant<|im_end|>'}}
+  {%- endif -%}
+  {%- if message['role'] == 'system' -%}
+    {{'<|im_system|>'}}
+  {%- endif -%}
+  {%- if message['role'] == 'user' -%}
+    {{'<|im_user|>'}}
+  {%- endif -%}
+  {%- if message['role'] == 'assistant' -%}
+    {{'<|im_assistant|>'}}
+  {%- endif -%}
+  {{- message['role'] -}}
+  {{'<|im_middle|>'}}
+  {%- if message['content'] is string -%}
+    {{- message['content'] + '<|im_end|>' -}}
+  {%- else -%}
+    {%- for content in message['content'] -%}
+      {%- if content['type'] == 'image' or 'image' in content or 'image_url' in content -%}
+        {{'<|media_start|>image<|media_content|><|media_pad|><|media_end|>'}}
+      {%- else -%}
+        {{content['text']}}
+      {%- endif -%}
+    {%- endfor -%}
+    {{'<|im_end|>'}}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+  {{'<|im_assistant|>assistant<|im_middle|>'}}
+{%- endif -%}"""
+
+# §7.4: plain-text markers (several BPE tokens each) around the reasoning of Thinking models.
+THINK_OPEN = "\u25c1think\u25b7"  # ◁think▷
+THINK_CLOSE = "\u25c1/think\u25b7"  # ◁/think▷
+HOLDBACK_CHARS = max(len(THINK_OPEN), len(THINK_CLOSE)) - 1  # 7: longest proper prefix of a marker
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Chat template
+
+def load_chat_template(ckpt_dir: str | Path) -> str:
+    """The checkpoint's own template (§13.5): ``chat_template.jinja``, else tokenizer_config.json "chat_template"."""
+    d = Path(ckpt_dir)
+    jinja_file = d / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8")
+    cfg_file = d / "tokenizer_config.json"
+    if cfg_file.is_file():
+        try:
+            cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
+        tpl = cfg.get("chat_template") if isinstance(cfg, dict) else None
+        if isinstance(tpl, list):  # HF's named-template form: [{"name": ..., "template": ...}]
+            named = {t.get("name"): t.get("template") for t in tpl if isinstance(t, dict)}
+            tpl = named.get("default")
+        if isinstance(tpl, str) and tpl:
+            return tpl
+    raise CheckpointError(f"{d}: no chat template (neither chat_template.jinja nor tokenizer_config.json "
+                          f"\"chat_template\")")
+
+
+def _raise_exception(message: str) -> None:
+    raise UsageError(f"chat template: {message}")
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def _compile(template: str):
+    """Compile once per template text, in the sandbox HF uses (trim_blocks, lstrip_blocks, loopcontrols)."""
+    compiled = _COMPILED.get(template)
+    if compiled is None:
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
+        env.globals["raise_exception"] = _raise_exception
+        try:
+            compiled = env.from_string(template)
+        except jinja2.TemplateError as e:
+            raise CheckpointError(f"chat template does not compile: {e}") from None
+        _COMPILED[template] = compiled
+    return compiled
+
+
+def _check_messages(messages: Sequence[dict]) -> None:
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise UsageError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise UsageError(f"message {i}: needs a string 'role'")
+        content = m.get("content")
+        if isinstance(content, str):
+            continue
+        if not isinstance(content, (list, tuple)):
+            raise UsageError(f"message {i}: 'content' must be a string or a list of parts")
+        for j, part in enumerate(content):
+            if not isinstance(part, dict):
+                raise UsageError(f"message {i} part {j}: must be a dict")
+            if not is_image_part(part) and not isinstance(part.get("text"), str):
+                raise UsageError(f"message {i} part {j}: neither an image part nor a text part with 'text'")
+
+
+def render(template: str, messages: Sequence[dict], add_generation_prompt: bool = True, **extra) -> str:
+    """Render ``messages`` (OpenAI/HF style; content = str or list of text/image parts) with ``template`` (§7.1).
+    ``extra`` variables (e.g. bos_token) are passed to the template as HF does."""
+    _check_messages(messages)
+    import jinja2
+
+    try:
+        return _compile(template).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                         **extra)
+    except jinja2.TemplateError as e:
+        raise UsageError(f"chat template failed: {e}") from None
+
+
+def is_image_part(part: dict) -> bool:
+    """The §7.1 template's test for an image part."""
+    return part.get("type") == "image" or "image" in part or "image_url" in part
+
+
+def image_parts(messages: Sequence[dict]) -> list[dict]:
+    """Image parts in textual order (the order of the <|media_pad|> ids in the rendered prompt)."""
+    return [p for m in messages if isinstance(m.get("content"), (list, tuple))
+            for p in m["content"] if isinstance(p, dict) and is_image_part(p)]
+
+
+def count_images(messages: Sequence[dict]) -> int:
+    return len(image_parts(messages))
+
+
+def expand_media(ids: Sequence[int], media_pad_id: int, tokens_per_image: Sequence[int]) -> list[int]:
+    """Replace the k-th ``media_pad_id`` by ``tokens_per_image[k]`` copies of it (§7.1: one row per image token)."""
+    n_pads = sum(1 for t in ids if t == media_pad_id)
+    if n_pads != len(tokens_per_image):
+        raise UsageError(f"prompt has {n_pads} <|media_pad|> token(s) but {len(tokens_per_image)} image(s) were "
+                         f"given (a literal <|media_pad|> in the text also counts)")
+    if any(int(n) < 1 for n in tokens_per_image):
+        raise UsageError(f"every image needs at least one token, got {list(tokens_per_image)}")
+    out: list[int] = []
+    k = 0
+    for t in ids:
+        if t == media_pad_id:
+            out.extend([t] * int(tokens_per_image[k]))
+            k += 1
+        else:
+            out.append(t)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Thinking output (§7.4)
+
+def split_thinking(text: str) -> tuple[str | None, str]:
+    """(reasoning, answer), the model-card helper made total (§7.4):
+    - ◁/think▷ present: reasoning = text after the first ◁think▷ before it (or from the start) up to it,
+      answer = text after it;
+    - only ◁think▷: truncated reasoning (text after it), empty answer;
+    - neither: reasoning None, all text is the answer.
+    Both parts are stripped of surrounding whitespace."""
+    close = text.find(THINK_CLOSE)
+    if close >= 0:
+        open_ = text.find(THINK_OPEN, 0, close)
+        start = open_ + len(THINK_OPEN) if open_ >= 0 else 0
+        return text[start:close].strip(), text[close + len(THINK_CLOSE):].strip()
+    open_ = text.find(THINK_OPEN)
+    if open_ >= 0:
+        return text[open_ + len(THINK_OPEN):].strip(), ""
+    return None, text.strip()
+
+
+class _Stripped:
+    """Streams one section with its leading whitespace dropped and trailing whitespace held until more text comes,
+    so the concatenated output equals the section's ``str.strip()``."""
+
+    def __init__(self) -> None:
+        self._started = False
+        self._pending = ""
+
+    def push(self, text: str) -> str:
+        if not self._started:
+            text = text.lstrip()
+            if not text:
+                return ""
+            self._started = True
+        text = self._pending + text
+        body = text.rstrip()
+        self._pending = text[len(body):]
+        return body
+
+
+def _partial_marker_len(text: str, marker: str) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of ``marker``."""
+    for k in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:k]):
+            return k
+    return 0
+
+
+class ThinkingStreamSplitter:
+    """Streaming split of decoded model output into ("reasoning" | "answer", text) events (§7.4).
+
+    Holds back at most 7 characters (a possible partial marker), plus whitespace that might turn out to be trailing.
+    Output that starts (after whitespace) with ◁think▷ is reasoning up to ◁/think▷, then answer; otherwise it is all
+    answer. The joined events equal ``split_thinking`` for such output. (Text *before* a marker cannot be classified
+    while streaming: ``split_thinking`` treats text ahead of a lone ◁/think▷ as reasoning and drops text ahead of
+    ◁think▷, while this class has already emitted it as answer.) ``saw_thinking`` tells whether a ◁think▷ opened.
+    """
+
+    def __init__(self) -> None:
+        self._state = "start"  # start -> reasoning -> answer, or start -> answer
+        self._buf = ""
+        self._sections = {"reasoning": _Stripped(), "answer": _Stripped()}
+        self.saw_thinking = False
+
+    def feed(self, chunk: str) -> list[tuple[str, str]]:
+        """Consume one decoded chunk; return the events it completes."""
+        self._buf += chunk
+        events: list[tuple[str, str]] = []
+        while self._step(events):
+            pass
+        return events
+
+    def flush(self) -> list[tuple[str, str]]:
+        """End of output: release everything held back (a partial marker is plain text)."""
+        events: list[tuple[str, str]] = []
+        kind = "reasoning" if self._state == "reasoning" else "answer"
+        self._emit(events, kind, self._buf)
+        self._buf = ""
+        return events
+
+    def _step(self, events: list[tuple[str, str]]) -> bool:
+        """Advance the state machine once; False when more input is needed."""
+        if self._state == "start":
+            head = self._buf.lstrip()
+            if head.startswith(THINK_OPEN):
+                self._buf = head[len(THINK_OPEN):]
+                self._state, self.saw_thinking = "reasoning", True
+                return True
+            if THINK_OPEN.startswith(head):  # whitespace or a partial ◁think▷: undecided
+                return False
+            self._state = "answer"
+            return True
+        if self._state == "reasoning":
+            close = self._buf.find(THINK_CLOSE)
+            if close >= 0:
+                self._emit(events, "reasoning", self._buf[:close])
+                self._buf = self._buf[close + len(THINK_CLOSE):]
+                self._state = "answer"
+                return True
+            keep = _partial_marker_len(self._buf, THINK_CLOSE)
+            self._emit(events, "reasoning", self._buf[:len(self._buf) - keep])
+            self._buf = self._buf[len(self._buf) - keep:]
+            return False
+        self._emit(events, "answer", self._buf)
+        self._buf = ""
+        return False
+
+    def _emit(self, events: list[tuple[str, str]], kind: str, text: str) -> None:
+        out = self._sections[kind].push(text)
+        if not out:
+            return
+        if events and events[-1][0] == kind:
+            events[-1] = (kind, events[-1][1] + out)
+        else:
+            events.append((kind, out))
