@@ -101,6 +101,9 @@ class KimiVLConfig:
         try:
             if d.get("model_type") != "kimi_vl":
                 raise CheckpointError(f"config.json: model_type is {d.get('model_type')!r}, expected 'kimi_vl'")
+            if "KimiVLForConditionalGeneration" not in (d.get("architectures") or []):
+                raise CheckpointError(f"config.json: unsupported architectures {d.get('architectures')!r} "
+                                      "(expected KimiVLForConditionalGeneration)")
             vc, tc = d["vision_config"], d["text_config"]
             vision = VisionConfig(**_required(VisionConfig, vc) | {"merge_kernel_size": tuple(vc["merge_kernel_size"])})
             text = TextConfig(**_required(TextConfig, tc))
@@ -156,7 +159,8 @@ def _check(v: VisionConfig, t: TextConfig) -> None:
 # Presets for synthetic checkpoints. a3b = the real dimensions (reference doc §2); tiny = every structural feature
 # at a few MB: >= 3 vision layers, a pos-emb grid that real images resample, >= 2 MoE layers after one dense layer,
 # 8 routed experts top-2, a shared expert, MLA without q LoRA, untied head. Text matrices have rows that are
-# multiples of 256 so K-quants apply, while the expert down projection (128) falls back like the real 1408.
+# multiples of 256 so K-quants apply, while the expert down projection (128) and attn_k_b (32) fall back like the
+# real 1408 and 128; the vision MLP width (304 = 9.5 x 32) forces vision ffn_down to F16 like the real 4304.
 
 _A3B = dict(
     vision=dict(patch_size=14, hidden_size=1152, num_hidden_layers=27, num_attention_heads=16,
@@ -170,10 +174,10 @@ _A3B = dict(
 
 _TINY = dict(
     vision=dict(patch_size=14, hidden_size=128, num_hidden_layers=3, num_attention_heads=2,
-                intermediate_size=256, init_pos_emb_height=16, init_pos_emb_width=16),
+                intermediate_size=304, init_pos_emb_height=16, init_pos_emb_width=16),
     text=dict(vocab_size=1024, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
-              num_hidden_layers=3, num_attention_heads=4, n_shared_experts=1, n_routed_experts=8,
-              num_experts_per_tok=2, routed_scaling_factor=2.446, kv_lora_rank=128, qk_nope_head_dim=32,
+              num_hidden_layers=3, num_attention_heads=8, n_shared_experts=1, n_routed_experts=8,
+              num_experts_per_tok=2, routed_scaling_factor=2.446, kv_lora_rank=256, qk_nope_head_dim=32,
               qk_rope_head_dim=16, v_head_dim=32, max_position_embeddings=4096),
     base_vocab=768,
 )

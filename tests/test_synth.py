@@ -168,7 +168,7 @@ def test_remote_code_files_refuse_to_run(tiny: Path):
 def test_synth_is_deterministic(tmp_path: Path, tiny: Path):
     again = synth_mod.synth(tmp_path / "again", "tiny", "instruct", seed=7)
     other = synth_mod.synth(tmp_path / "other", "tiny", "instruct", seed=8)
-    f = "model-00001-of-00003.safetensors"
+    f = _shards(tiny)[0].name
     assert (again / f).read_bytes() == (tiny / f).read_bytes()
     assert (other / f).read_bytes() != (tiny / f).read_bytes()
 
@@ -248,20 +248,24 @@ def _copy(src: Path, dst: Path) -> Path:
 
 @pytest.mark.parametrize("breakage, msg", [
     (lambda d: (d / "tiktoken.model").unlink(), "missing tiktoken.model"),
-    (lambda d: (d / "model-00002-of-00003.safetensors").unlink(), "missing shard"),
+    (lambda d: _shards(d)[1].unlink(), "missing shard"),
     (lambda d: (d / "config.json").write_text("{not json"), "not valid JSON"),
     (lambda d: _edit_json(d / "config.json", lambda c: c["text_config"].update(hidden_size=512)), "shape"),
     (lambda d: _edit_json(d / "config.json", lambda c: c["text_config"].pop("kv_lora_rank")), "kv_lora_rank"),
     (lambda d: _edit_json(d / "config.json", lambda c: c.update(model_type="llama")), "model_type"),
     (lambda d: _edit_json(d / "model.safetensors.index.json",
                           lambda c: c["weight_map"].pop("language_model.lm_head.weight")), "lm_head.weight missing"),
-    (lambda d: _truncate(d / "model-00003-of-00003.safetensors"), "truncated"),
+    (lambda d: _truncate(_shards(d)[-1]), "truncated"),
 ])
 def test_checkpoint_loader_rejects_broken_dirs(tmp_path: Path, tiny: Path, breakage, msg):
     d = _copy(tiny, tmp_path / "ck")
     breakage(d)
     with pytest.raises(CheckpointError, match=msg):
         Checkpoint(d)
+
+
+def _shards(d: Path) -> list[Path]:
+    return sorted(d.glob("model-*-of-*.safetensors"))
 
 
 def _edit_json(path: Path, fn) -> None:
