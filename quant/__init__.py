@@ -1,0 +1,28 @@
+"""GGUF tensor formats and numbers: types, numpy codec, per-tensor type policy, error metrics (reference doc §11).
+
+Knows nothing about Kimi-VL beyond GGUF tensor names. ``ggml_c`` (ctypes oracle over llama.cpp's libggml-base)
+is not imported here: it is for tests.
+"""
+from .codec import (
+    F16_MAX,
+    F16_OVERFLOW,
+    QuantRangeError,
+    bf16_bits_to_f32,
+    dequantize,
+    dequantize_rows,
+    f32_to_bf16_bits,
+    fits_f16,
+    fits_type,
+    quantize,
+)
+from .metrics import cosine, cosine_rows, kl_divergence, max_rel_err, mean_kl, nmse, top1_agreement
+from .policy import fallback, mmproj_tensor_type, range_safe, text_plan, text_tensor_type
+from .types import FType, QType, as_ftype, as_qtype, bits_per_weight, block_size, nbytes, row_nbytes, type_size
+
+__all__ = [
+    "F16_MAX", "F16_OVERFLOW", "QuantRangeError", "bf16_bits_to_f32", "dequantize", "dequantize_rows",
+    "f32_to_bf16_bits", "fits_f16", "fits_type", "quantize",
+    "cosine", "cosine_rows", "kl_divergence", "max_rel_err", "mean_kl", "nmse", "top1_agreement",
+    "fallback", "mmproj_tensor_type", "range_safe", "text_plan", "text_tensor_type",
+    "FType", "QType", "as_ftype", "as_qtype", "bits_per_weight", "block_size", "nbytes", "row_nbytes", "type_size",
+]

@@ -1,0 +1,299 @@
+"""Per-tensor storage type choice for the converter (reference doc §11).
+
+Two kinds of file types:
+
+* ``F32`` / ``F16`` / ``BF16`` / ``Q8_0`` / ``Q4_0`` are written by our numpy converter: 1-D tensors, norms,
+  ``ffn_gate_inp`` and ``exp_probs_b`` stay F32, everything else gets the requested type, with the shape fallback.
+* ``Q4_K_M`` / ``Q5_K_M`` / ``Q6_K`` are made by llama.cpp's ``llama_model_quantize`` from an F16/F32/BF16 file we
+  write first. ``text_tensor_type`` reproduces that version's ``llama_tensor_get_type`` (src/llama-quant.cpp,
+  llama.cpp vendored in llama-cpp-python 0.3.36) for the tensor names of a ``deepseek2`` text GGUF, so a
+  ``--dry-run`` plan can print every final type before llama.cpp runs. Arch-specific branches of other models
+  (Falcon, LLaMA-70B, GLM-5, Bailing) and the importance-matrix / IQ-only branches are not modelled.
+
+``ne`` arguments are in ggml order (``ne[0]`` = row length, the dimension blocks run along).
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+from gguf import GGMLQuantizationType as GT
+
+from . import codec
+from .types import FType, FTypeLike, QType, QTypeLike, as_ftype, as_ggml, as_qtype, block_size
+
+__all__ = [
+    "fallback",
+    "n_dims",
+    "use_more_bits",
+    "llama_allows_quantization",
+    "tensor_category",
+    "text_tensor_type",
+    "text_plan",
+    "mmproj_tensor_type",
+    "range_safe",
+    "MMPROJ_TYPES",
+]
+
+MMPROJ_TYPES = ("f32", "f16", "q8_0", "q4_0")
+
+# tensor_type_fallback(): 256-block type -> the 32-block type llama.cpp demotes to when ne0 % 256 != 0.
+_FALLBACK = {
+    GT.IQ1_S: GT.IQ4_NL, GT.IQ1_M: GT.IQ4_NL, GT.IQ2_XXS: GT.IQ4_NL, GT.IQ2_XS: GT.IQ4_NL, GT.IQ2_S: GT.IQ4_NL,
+    GT.IQ3_XXS: GT.IQ4_NL, GT.IQ3_S: GT.IQ4_NL, GT.IQ4_XS: GT.IQ4_NL,
+    GT.Q2_K: GT.Q4_0, GT.Q3_K: GT.Q4_0, GT.TQ1_0: GT.Q4_0, GT.TQ2_0: GT.Q4_0,
+    GT.Q4_K: GT.Q5_0, GT.Q5_K: GT.Q5_1, GT.Q6_K: GT.Q8_0,
+}
+
+# Substrings that make llama.cpp keep a tensor unquantized (tensor_allows_quantization, non-arch-specific part).
+_NO_QUANT_SUBSTRINGS = (
+    "_norm.weight", "ffn_gate_inp.weight", "ffn_gate_tid2eid.weight", "altup", "laurel", "per_layer_model_proj",
+    "ssm_conv1d", "shortconv.conv.weight", "indexer.k_proj.weight", "indexer.q_proj.weight",
+    "time_mix_first.weight", "time_mix_w0.weight", "time_mix_w1.weight", "time_mix_w2.weight",
+    "time_mix_v0.weight", "time_mix_v1.weight", "time_mix_v2.weight", "time_mix_a0.weight", "time_mix_a1.weight",
+    "time_mix_a2.weight", "time_mix_g1.weight", "time_mix_g2.weight", "time_mix_decay_w1.weight",
+    "time_mix_decay_w2.weight", "time_mix_lerp_fused.weight", "attn_rel_b.weight", ".position_embd",
+    "sam.pos_embd", "sam.neck.", "sam.net_", ".rel_pos", ".patch_embd", ".patch_merger", "a.rvq.codebook",
+    "mm.a.code_embd",
+)
+_NO_QUANT_EXACT = ("position_embd.weight", "token_types.weight")
+_LAYER_RE = re.compile(r"^blk\.(\d+)\.")
+
+
+def _public(t: GT) -> QType | GT:
+    """Return our QType when the ggml type is one of ours, else the gguf enum member."""
+    try:
+        return as_qtype(t)
+    except ValueError:
+        return t
+
+
+def n_dims(ne: Sequence[int]) -> int:
+    """ggml_n_dims: number of dimensions after dropping trailing 1s (at least 1)."""
+    n = len(ne)
+    while n > 1 and int(ne[n - 1]) == 1:
+        n -= 1
+    return max(n, 1)
+
+
+def fallback(qtype: QTypeLike, ne0: int) -> tuple[QType | GT, str]:
+    """Shape fallback of llama.cpp's ``tensor_type_fallback`` (reference doc §11).
+
+    If ``ne0`` is not a multiple of the block size: Q4_K->Q5_0, Q5_K->Q5_1, Q6_K->Q8_0, Q2_K/Q3_K/TQ1_0/TQ2_0->Q4_0,
+    IQ1*/IQ2*/IQ3*/IQ4_XS->IQ4_NL; a 32-block type stays; then F16 if the result still does not divide ``ne0``.
+    Any other type with blocks > 32 has no fallback (ValueError, as llama.cpp throws). Returns (type, reason),
+    reason "" when no fallback was needed.
+    """
+    t = as_ggml(qtype)
+    bs = block_size(t)
+    if ne0 % bs == 0:
+        return _public(t), ""
+    reason = f"ne0 {ne0} not a multiple of {bs} ({t.name})"
+    if t in _FALLBACK:
+        t2 = _FALLBACK[t]
+    elif bs <= 32:
+        t2 = t
+    else:
+        raise ValueError(f"{reason}: llama.cpp defines no fallback for {t.name}")
+    if ne0 % block_size(t2) != 0:
+        if t2 != t:
+            reason += f" -> {t2.name}, ne0 not a multiple of {block_size(t2)} either"
+        t2 = GT.F16
+    return _public(t2), f"{reason} -> {t2.name}"
+
+
+def use_more_bits(i_layer: int, n_layers: int) -> bool:
+    """llama.cpp's layer rule: first 1/8, last 1/8, and every third layer in between (C integer arithmetic)."""
+    mid = i_layer - n_layers // 8
+    c_mod = mid - 3 * int(mid / 3)  # C '%' truncates toward zero
+    return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or c_mod == 2
+
+
+def llama_allows_quantization(gguf_name: str, ne: Sequence[int]) -> bool:
+    """llama.cpp's ``tensor_allows_quantization`` (default params, non-arch-specific rules): 2-D/3-D tensors whose
+    name ends in ``weight`` and is not a norm, router, positional embedding, conv patch embedding, ..."""
+    if n_dims(ne) < 2 or not gguf_name.endswith("weight"):
+        return False
+    if gguf_name in _NO_QUANT_EXACT:
+        return False
+    return not any(s in gguf_name for s in _NO_QUANT_SUBSTRINGS)
+
+
+def tensor_category(gguf_name: str) -> str:
+    """llama.cpp's ``tensor_get_category`` (substring tests in its order). Note ``attn_k_b``/``attn_v_b`` are
+    OTHER (only the legacy fused ``attn_kv_b`` counts as attn_v-like)."""
+    if gguf_name == "output.weight":
+        return "OUTPUT"
+    if gguf_name in ("token_embd.weight", "per_layer_token_embd.weight"):
+        return "TOKEN_EMBD"
+    for key, cat in (("attn_qkv.weight", "ATTENTION_QKV"), ("attn_kv_b.weight", "ATTENTION_KV_B"),
+                     ("attn_v.weight", "ATTENTION_V"), ("attn_k.weight", "ATTENTION_K"),
+                     ("attn_q.weight", "ATTENTION_Q"), ("attn_output.weight", "ATTENTION_OUTPUT"),
+                     ("ffn_up", "FFN_UP"), ("ffn_gate", "FFN_GATE"), ("ffn_down", "FFN_DOWN")):
+        if key in gguf_name:
+            return cat
+    return "OTHER"
+
+
+def _is_attn_v_like(cat: str) -> bool:
+    return cat in ("ATTENTION_V", "ATTENTION_QKV", "ATTENTION_KV_B")
+
+
+def _layer_of(gguf_name: str, n_layers: int) -> int:
+    m = _LAYER_RE.match(gguf_name)
+    if m is None:
+        raise ValueError(f"cannot determine the layer of tensor {gguf_name}")
+    i = int(m.group(1))
+    if not 0 <= i < n_layers:
+        raise ValueError(f"bad layer {i} for tensor {gguf_name}; must be in [0, {n_layers})")
+    return i
+
+
+def _own_type(gguf_name: str, ne: Sequence[int], ft: FType) -> tuple[QType, str]:
+    """Our numpy converter's rule for F32/F16/BF16/Q8_0/Q4_0 text files."""
+    if n_dims(ne) < 2:
+        return QType.F32, "1-D tensor kept F32"
+    if "_norm." in gguf_name or gguf_name.endswith("_norm"):
+        return QType.F32, "norm kept F32"
+    if "ffn_gate_inp" in gguf_name:
+        return QType.F32, "router ffn_gate_inp kept F32"
+    if "exp_probs_b" in gguf_name:
+        return QType.F32, "exp_probs_b kept F32"
+    t, why = fallback(ft.default_qtype, int(ne[0]))
+    return as_qtype(t), why or f"requested {ft.value}"
+
+
+def _kquant_rule(gguf_name: str, ne: Sequence[int], ft: FType, n_layers: int, n_expert: int,
+                 tied_embeddings: bool, i_attn_v: int, n_attn_v: int) -> tuple[GT, list[str]]:
+    """The branches of llama_tensor_get_type_impl reachable for Q4_K_M / Q5_K_M / Q6_K (before the fallback)."""
+    default = ft.default_qtype.ggml
+    t = default
+    why: list[str] = [f"{ft.value} default {t.name}"]
+    cat = tensor_category(gguf_name)
+    if cat == "OUTPUT" or (tied_embeddings and cat == "TOKEN_EMBD"):
+        tag = "output" if cat == "OUTPUT" else "tied token_embd"
+        if int(ne[0]) % block_size(default) != 0:
+            t = GT.Q8_0
+            why.append(f"{tag}: ne0 {ne[0]} not a multiple of {block_size(default)} -> Q8_0")
+        elif t != GT.Q8_0:
+            t = GT.Q6_K
+            why.append(f"{tag} -> Q6_K")
+    elif cat == "TOKEN_EMBD":
+        pass
+    elif _is_attn_v_like(cat):
+        if ft in (FType.Q4_K_M, FType.Q5_K_M) and use_more_bits(i_attn_v, n_attn_v):
+            t = GT.Q6_K
+            why.append(f"attn_v-like #{i_attn_v}/{n_attn_v} use_more_bits -> Q6_K")
+        if n_expert == 8:
+            t = GT.Q8_0
+            why.append("attn_v-like with 8 experts -> Q8_0")
+    elif cat == "ATTENTION_K":
+        if n_expert == 8:
+            t = GT.Q8_0
+            why.append("attn_k with 8 experts -> Q8_0")
+    elif cat == "FFN_DOWN":
+        i = _layer_of(gguf_name, n_layers)
+        if ft in (FType.Q4_K_M, FType.Q5_K_M) and use_more_bits(i, n_layers):
+            t = GT.Q6_K
+            why.append(f"ffn_down layer {i}/{n_layers} use_more_bits -> Q6_K")
+    elif cat == "ATTENTION_OUTPUT":
+        if n_expert == 8 and ft == FType.Q4_K_M:
+            t = GT.Q5_K
+            why.append("attn_output with 8 experts -> Q5_K")
+    elif cat in ("FFN_GATE", "FFN_UP") and n_expert > 1:
+        _layer_of(gguf_name, n_layers)  # llama.cpp parses (and validates) the layer here too
+    return t, why
+
+
+def text_tensor_type(gguf_name: str, ne: Sequence[int], ftype: FTypeLike, n_layers: int, *, n_expert: int = 0,
+                     tied_embeddings: bool = False, attn_v_index: int = 0, n_attn_v: int = 0,
+                     src_ftype: FTypeLike = FType.F16) -> tuple[QType, str]:
+    """Final storage type of one tensor of a deepseek2 text GGUF, and why.
+
+    ``gguf_name`` is the full GGUF name (``blk.5.ffn_down_exps.weight``), ``ne`` its ggml shape, ``n_layers`` the
+    GGUF ``block_count``, ``n_expert`` ``expert_count``. For K-quant mixes the result is what
+    ``llama_model_quantize`` produces from our ``src_ftype`` intermediate file (tensors llama.cpp will not
+    quantize keep the intermediate's type); ``tied_embeddings`` means there is no ``output.weight``.
+    ``attn_v_index``/``n_attn_v`` only matter for attn_v-like tensors (legacy fused ``attn_kv_b``): their
+    position among those tensors in llama.cpp's order. Use ``text_plan`` to get those counters right.
+    """
+    if not (gguf_name.endswith(".weight") or gguf_name.endswith(".bias")):
+        raise ValueError(f"expected a full GGUF tensor name ending in .weight/.bias, got {gguf_name!r}")
+    ft = as_ftype(ftype)
+    if not ft.is_kquant_mix:
+        return _own_type(gguf_name, ne, ft)
+    src = as_ftype(src_ftype)
+    if src not in (FType.F32, FType.F16, FType.BF16):
+        raise ValueError(f"the llama_model_quantize input must be F32/F16/BF16, not {src.value}")
+    if not llama_allows_quantization(gguf_name, ne):
+        t, why = _own_type(gguf_name, ne, src)
+        return t, f"not quantized by llama.cpp; {why}"
+    t, why = _kquant_rule(gguf_name, ne, ft, n_layers, n_expert, tied_embeddings, attn_v_index, n_attn_v)
+    t2, fb = fallback(t, int(ne[0]))
+    if fb:
+        why.append(f"fallback: {fb}")
+    return as_qtype(t2), "; ".join(why)
+
+
+def _llama_order_key(name: str) -> tuple[int, str]:
+    """llama_model_loader's weight_name_comparer: by ``blk.N.`` layer (non-layer tensors first), then by name."""
+    m = _LAYER_RE.match(name)
+    return (int(m.group(1)) if m else -1, name)
+
+
+def text_plan(tensors: Iterable[tuple[str, Sequence[int]]], ftype: FTypeLike, n_layers: int, *,
+              n_expert: int = 0, src_ftype: FTypeLike = FType.F16) -> dict[str, tuple[QType, str]]:
+    """``text_tensor_type`` for a whole file: ``tensors`` are (gguf_name, ne) pairs. Derives tied embeddings (no
+    ``output.weight``) and the attn_v-like counters in llama.cpp's tensor order; returns {name: (type, reason)}
+    in that order."""
+    items = sorted(((str(n), tuple(int(x) for x in ne)) for n, ne in tensors), key=lambda x: _llama_order_key(x[0]))
+    names = [n for n, _ in items]
+    tied = "output.weight" not in names
+    n_attn_v = sum(_is_attn_v_like(tensor_category(n)) for n in names)
+    plan: dict[str, tuple[QType, str]] = {}
+    i_attn_v = 0
+    for name, ne in items:
+        plan[name] = text_tensor_type(name, ne, ftype, n_layers, n_expert=n_expert, tied_embeddings=tied,
+                                      attn_v_index=i_attn_v, n_attn_v=n_attn_v, src_ftype=src_ftype)
+        if (as_ftype(ftype).is_kquant_mix and llama_allows_quantization(name, ne)
+                and _is_attn_v_like(tensor_category(name))):
+            i_attn_v += 1
+    return plan
+
+
+def mmproj_tensor_type(gguf_name: str, ne: Sequence[int], mtype: str) -> tuple[QType, str]:
+    """Storage type of one mmproj (clip) tensor for ``mtype`` in f32/f16/q8_0/q4_0 (reference doc §11).
+
+    1-D tensors and norms F32; ``v.position_embd`` F32; ``v.patch_embd`` F16 (F32 for an f32 file); everything
+    else the requested type with the shape fallback (vision ``ffn_down``, ne0 4304, -> F16).
+    """
+    m = mtype.lower()
+    if m not in MMPROJ_TYPES:
+        raise ValueError(f"unsupported mmproj type {mtype!r}; expected one of {', '.join(MMPROJ_TYPES)}")
+    want = as_qtype(m)
+    if n_dims(ne) < 2:
+        return QType.F32, "1-D tensor kept F32"
+    if "norm" in gguf_name or re.search(r"(^|\.)(ln\d*|post_ln|pre_ln)\.", gguf_name):
+        return QType.F32, "norm kept F32"
+    if "position_embd" in gguf_name:
+        return QType.F32, "position embedding kept F32"
+    if "patch_embd" in gguf_name:
+        return (QType.F32, "patch embedding F32") if want == QType.F32 else (QType.F16, "patch embedding F16")
+    t, why = fallback(want, int(ne[0]))
+    return as_qtype(t), why or f"requested {m.upper()}"
+
+
+def range_safe(qtype: QTypeLike, array: np.ndarray, *, bf16_ok: bool = True) -> tuple[QType, str]:
+    """Keep ``qtype`` if storing ``array`` in it leaves every finite value finite, else BF16 (F32 when the
+    consumer cannot read BF16 or BF16 overflows too). F16 overflows past |x| = 65504; the block types overflow
+    when their F16 scale does (Q8_0 d = amax/127 -> |x| > ~8.3e6; Q4_0 d = amax/8 -> |x| > ~5.2e5; Q5_0 amax/16;
+    Q4_1/Q5_1 also store the block minimum as F16 -> min < -65504); see ``codec.fits_type``."""
+    t = as_qtype(qtype)
+    if codec.fits_type(array, t):
+        return t, ""
+    amax = codec.max_abs_finite(array)
+    alt = QType.BF16 if bf16_ok and codec.fits_type(array, QType.BF16) else QType.F32
+    if alt == t:
+        alt = QType.F32
+    return alt, f"max |x| {amax:.6g} overflows {t.value} -> {alt.value}"

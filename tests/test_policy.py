@@ -1,0 +1,327 @@
+"""kimivl_edge.quant.policy: reference-doc §11 fallback table, hand-derived recipe facts, and an oracle run of
+llama.cpp's own ``llama_model_quantize`` on tiny deepseek2 GGUFs written with gguf-py."""
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kimivl_edge.quant.policy import (
+    fallback,
+    mmproj_tensor_type,
+    range_safe,
+    text_plan,
+    text_tensor_type,
+    use_more_bits,
+)
+from kimivl_edge.quant.types import QType
+
+gguf = pytest.importorskip("gguf")
+
+# ------------------------------------------------------------------------------------------------ fallback
+
+
+@pytest.mark.parametrize(("qt", "ne0", "want"), [
+    # reference doc §11 table: Q4_K->Q5_0, Q5_K->Q5_1, Q6_K->Q8_0, Q2_K/Q3_K/TQ*->Q4_0, IQ1-IQ3/IQ4_XS->IQ4_NL
+    ("Q4_K", 1408, "Q5_0"), ("Q5_K", 1408, "Q5_1"), ("Q6_K", 1408, "Q8_0"),
+    ("Q2_K", 1408, "Q4_0"), ("Q3_K", 1408, "Q4_0"), ("TQ2_0", 1408, "Q4_0"),
+    ("IQ4_XS", 1408, "IQ4_NL"), ("IQ2_XS", 128, "IQ4_NL"), ("IQ3_S", 1152, "IQ4_NL"),
+    # attn_k_b ne0 128: 32-block types fine, K-quants fall back
+    ("Q4_K", 128, "Q5_0"), ("Q8_0", 128, "Q8_0"), ("Q4_0", 128, "Q4_0"),
+    # vision wq/wk/wv/wo/fc0 ne0 1152 = 4.5*256
+    ("Q8_0", 1152, "Q8_0"), ("Q4_0", 1152, "Q4_0"), ("Q5_0", 1152, "Q5_0"), ("IQ4_NL", 1152, "IQ4_NL"),
+    ("Q4_K", 1152, "Q5_0"), ("Q5_K", 1152, "Q5_1"), ("Q6_K", 1152, "Q8_0"),
+    # vision fc1 ne0 4304 = 134.5*32: nothing but F16
+    ("Q8_0", 4304, "F16"), ("Q4_0", 4304, "F16"), ("Q4_K", 4304, "F16"), ("Q6_K", 4304, "F16"),
+    ("IQ4_XS", 4304, "F16"),
+    # patch conv ne0 14
+    ("Q8_0", 14, "F16"),
+    # divisible widths keep the type
+    ("Q4_K", 2048, "Q4_K"), ("Q6_K", 11264, "Q6_K"), ("Q5_K", 2816, "Q5_K"), ("Q4_K", 4608, "Q4_K"),
+    ("F16", 4304, "F16"), ("BF16", 14, "BF16"), ("F32", 7, "F32"),
+])
+def test_fallback_table(qt: str, ne0: int, want: str) -> None:
+    got, reason = fallback(qt, ne0)
+    assert got.name == want
+    assert (reason == "") == (got.name == qt)
+
+
+def test_fallback_reason_text() -> None:
+    assert fallback("Q4_K", 1408) == (QType.Q5_0, "ne0 1408 not a multiple of 256 (Q4_K) -> Q5_0")
+    t, reason = fallback("Q8_0", 4304)
+    assert t is QType.F16 and reason.startswith("ne0 4304 not a multiple of 32 (Q8_0)") and reason.endswith("F16")
+    t, reason = fallback("Q4_K", 4304)
+    assert t is QType.F16 and "Q5_0" in reason
+
+
+def test_fallback_undefined_type_raises() -> None:
+    with pytest.raises(ValueError, match="no fallback"):
+        fallback("Q8_K", 1408)  # 256-block type without a rule: llama.cpp throws too
+
+
+def test_use_more_bits_27_layers() -> None:
+    # n/8 = 3, 7n/8 = 23: layers 0-2, 23-26 and every third from 5 (by hand)
+    want = {0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 24, 25, 26}
+    assert {i for i in range(27) if use_more_bits(i, 27)} == want
+
+
+# ------------------------------------------------------------------------------------------------ recipes by hand
+
+# Kimi-VL-A3B text tensors (reference doc §11 table), ggml ne order.
+A3B = {
+    "token_embd.weight": (2048, 163840),
+    "output.weight": (2048, 163840),
+    "output_norm.weight": (2048,),
+    "blk.0.ffn_down.weight": (11264, 2048),
+    "blk.0.ffn_up.weight": (2048, 11264),
+    "blk.4.attn_q.weight": (2048, 3072),
+    "blk.4.attn_k_b.weight": (128, 512, 16),
+    "blk.4.attn_v_b.weight": (512, 128, 16),
+    "blk.4.attn_kv_a_norm.weight": (512,),
+    "blk.4.ffn_gate_inp.weight": (2048, 64),
+    "blk.4.exp_probs_b.bias": (64,),
+    "blk.4.ffn_down_exps.weight": (1408, 2048, 64),
+    "blk.5.ffn_down_exps.weight": (1408, 2048, 64),
+    "blk.4.ffn_down_shexp.weight": (2816, 2048),
+    "blk.5.ffn_down_shexp.weight": (2816, 2048),
+    "blk.4.ffn_up_exps.weight": (2048, 1408, 64),
+}
+
+# Expected final types, derived by hand from §11 and llama_tensor_get_type: output -> Q6_K; ffn_down in
+# use_more_bits layers (0, 5, ...) -> Q6_K for Q4_K_M/Q5_K_M; then the shape fallback.
+EXPECTED = {
+    "Q8_0": {"token_embd.weight": "Q8_0", "output.weight": "Q8_0", "output_norm.weight": "F32",
+             "blk.4.attn_k_b.weight": "Q8_0", "blk.4.ffn_gate_inp.weight": "F32", "blk.4.exp_probs_b.bias": "F32",
+             "blk.4.ffn_down_exps.weight": "Q8_0", "blk.4.attn_kv_a_norm.weight": "F32"},
+    "Q4_0": {"output.weight": "Q4_0", "blk.4.attn_k_b.weight": "Q4_0", "blk.5.ffn_down_exps.weight": "Q4_0"},
+    "F16": {"token_embd.weight": "F16", "blk.4.ffn_gate_inp.weight": "F32", "blk.4.attn_k_b.weight": "F16"},
+    "BF16": {"output.weight": "BF16", "output_norm.weight": "F32"},
+    "F32": {"output.weight": "F32", "blk.4.ffn_up_exps.weight": "F32"},
+    "Q4_K_M": {"token_embd.weight": "Q4_K", "output.weight": "Q6_K", "output_norm.weight": "F32",
+               "blk.0.ffn_down.weight": "Q6_K", "blk.0.ffn_up.weight": "Q4_K", "blk.4.attn_q.weight": "Q4_K",
+               "blk.4.attn_k_b.weight": "Q5_0", "blk.4.attn_v_b.weight": "Q4_K",
+               "blk.4.ffn_gate_inp.weight": "F32", "blk.4.exp_probs_b.bias": "F32",
+               "blk.4.ffn_down_exps.weight": "Q5_0", "blk.5.ffn_down_exps.weight": "Q8_0",
+               "blk.4.ffn_down_shexp.weight": "Q4_K", "blk.5.ffn_down_shexp.weight": "Q6_K",
+               "blk.4.ffn_up_exps.weight": "Q4_K"},
+    "Q5_K_M": {"token_embd.weight": "Q5_K", "output.weight": "Q6_K", "blk.4.attn_k_b.weight": "Q5_1",
+               "blk.4.ffn_down_exps.weight": "Q5_1", "blk.5.ffn_down_exps.weight": "Q8_0",
+               "blk.4.ffn_down_shexp.weight": "Q5_K", "blk.5.ffn_down_shexp.weight": "Q6_K",
+               "blk.4.attn_v_b.weight": "Q5_K"},
+    "Q6_K": {"token_embd.weight": "Q6_K", "output.weight": "Q6_K", "blk.4.attn_k_b.weight": "Q8_0",
+             "blk.4.ffn_down_exps.weight": "Q8_0", "blk.5.ffn_down_exps.weight": "Q8_0",
+             "blk.4.ffn_down_shexp.weight": "Q6_K", "blk.4.ffn_gate_inp.weight": "F32"},
+}
+
+
+@pytest.mark.parametrize("ftype", list(EXPECTED))
+def test_text_types_a3b_by_hand(ftype: str) -> None:
+    for name, want in EXPECTED[ftype].items():
+        got, reason = text_tensor_type(name, A3B[name], ftype, 27, n_expert=64)
+        assert got.value == want, (ftype, name, reason)
+        assert reason
+
+
+def test_text_reason_names_the_fallback() -> None:
+    _, reason = text_tensor_type("blk.5.ffn_down_exps.weight", (1408, 2048, 64), "Q4_K_M", 27, n_expert=64)
+    assert "use_more_bits" in reason and "ne0 1408 not a multiple of 256" in reason
+
+
+def test_text_plan_tied_embeddings_get_output_rule() -> None:
+    tensors = [(n, ne) for n, ne in A3B.items() if n != "output.weight"]
+    plan = text_plan(tensors, "Q4_K_M", 27, n_expert=64)
+    assert plan["token_embd.weight"][0] is QType.Q6_K
+    assert text_plan(A3B.items(), "Q4_K_M", 27, n_expert=64)["token_embd.weight"][0] is QType.Q4_K
+
+
+def test_text_rejects_short_names() -> None:
+    with pytest.raises(ValueError):
+        text_tensor_type("blk.0.attn_q", (2048, 3072), "Q8_0", 27)
+
+
+# ------------------------------------------------------------------------------------------------ mmproj
+
+
+@pytest.mark.parametrize(("name", "ne", "mtype", "want"), [
+    ("v.blk.0.ffn_down.weight", (4304, 1152), "q8_0", "F16"),
+    ("v.blk.0.ffn_down.weight", (4304, 1152), "q4_0", "F16"),
+    ("v.blk.0.ffn_down.weight", (4304, 1152), "f32", "F32"),
+    ("v.blk.0.ffn_up.weight", (1152, 4304), "q8_0", "Q8_0"),
+    ("v.blk.0.attn_q.weight", (1152, 1152), "q4_0", "Q4_0"),
+    ("v.blk.0.attn_q.bias", (1152,), "q4_0", "F32"),
+    ("v.blk.0.ln1.weight", (1152,), "q8_0", "F32"),
+    ("v.post_ln.weight", (1152,), "f16", "F32"),
+    ("mm.input_norm.weight", (1152,), "q8_0", "F32"),
+    ("v.position_embd.weight", (1152, 4096), "q8_0", "F32"),
+    ("v.patch_embd.weight", (14, 14, 3, 1152), "q8_0", "F16"),
+    ("v.patch_embd.weight", (14, 14, 3, 1152), "f32", "F32"),
+    ("mm.1.weight", (4608, 2048), "q4_0", "Q4_0"),
+    ("mm.2.weight", (2048, 2048), "f16", "F16"),
+])
+def test_mmproj_types(name: str, ne: tuple[int, ...], mtype: str, want: str) -> None:
+    assert mmproj_tensor_type(name, ne, mtype)[0].value == want
+
+
+def test_mmproj_rejects_unknown_type() -> None:
+    with pytest.raises(ValueError):
+        mmproj_tensor_type("mm.1.weight", (4608, 2048), "q4_k_m")
+
+
+# ------------------------------------------------------------------------------------------------ range safety
+
+
+def test_range_safe_thresholds() -> None:
+    a = np.zeros((2, 32), np.float32)
+
+    def with_max(v: float) -> np.ndarray:
+        b = a.copy()
+        b[1, 5] = v
+        return b
+
+    assert range_safe("F16", with_max(65504.0)) == (QType.F16, "")
+    t, reason = range_safe("F16", with_max(70000.0))
+    assert t is QType.BF16 and "70000" in reason
+    assert range_safe("F16", with_max(-70000.0), bf16_ok=False)[0] is QType.F32
+    # Q8_0 scale d = amax/127 stored as F16: 8e6/127 = 62992 fits, 1e7/127 = 78740 does not
+    assert range_safe("Q8_0", with_max(8e6))[0] is QType.Q8_0
+    assert range_safe("Q8_0", with_max(1e7))[0] is QType.BF16
+    # Q4_0 scale d = max/-8: 5e5/8 = 62500 fits, 6e5/8 = 75000 does not
+    assert range_safe("Q4_0", with_max(-5e5))[0] is QType.Q4_0
+    assert range_safe("Q4_0", with_max(-6e5))[0] is QType.BF16
+    # the max|x| alone decides for Q8_0/Q4_0 (the worst block holds it), so a 1-element summary is accepted
+    assert range_safe("Q8_0", np.array([8e6], np.float32))[0] is QType.Q8_0
+    assert range_safe("Q8_0", np.array([-1e7], np.float32))[0] is QType.BF16
+    assert range_safe("Q4_0", np.array([6e5], np.float32), bf16_ok=False)[0] is QType.F32
+    assert range_safe("BF16", with_max(3.4e38))[0] is QType.F32
+    assert range_safe("F32", with_max(3.4e38))[0] is QType.F32
+
+
+# ------------------------------------------------------------------------------------------------ llama.cpp oracle
+
+
+def _write_deepseek2(path: Path, *, n_layer: int, n_expert: int, ff_exp: int, tied: bool, legacy_kv_b: bool,
+                     n_embd: int = 256, n_head: int = 1, kv_lora: int = 256, nope: int = 128, rope: int = 64,
+                     v_head: int = 128, n_ff: int = 512, n_shared: int = 1, vocab: int = 300) -> None:
+    """A tiny deepseek2 GGUF with every key llama_model_quantize's hparams loader needs (no vocabulary: the
+    quantizer loads hparams only, not the tokenizer or tensors). F16 weights, F32 1-D/router tensors."""
+    w = gguf.GGUFWriter(str(path), "deepseek2")
+    w.add_context_length(4096)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(1 if not legacy_kv_b else n_head)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(800000.0)
+    w.add_rope_dimension_count(rope)
+    w.add_kv_lora_rank(kv_lora)
+    if not legacy_kv_b:
+        w.add_key_length(kv_lora + rope)
+        w.add_value_length(kv_lora)
+        w.add_key_length_mla(nope + rope)
+        w.add_value_length_mla(v_head)
+    if n_layer not in (26, 27):  # the "lite" layer counts are the only ones allowed to omit q_lora_rank
+        w.add_q_lora_rank(0)
+    w.add_expert_count(n_expert)
+    w.add_expert_used_count(2)
+    w.add_expert_shared_count(n_shared)
+    w.add_expert_feed_forward_length(ff_exp)
+    w.add_leading_dense_block_count(1)
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    w.add_expert_weights_scale(2.0)
+    w.add_expert_weights_norm(True)
+    w.add_vocab_size(vocab)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    rng = np.random.default_rng(0)
+
+    def add(name: str, ne: tuple[int, ...], f32: bool = False) -> None:
+        arr = rng.standard_normal(tuple(reversed(ne)), dtype=np.float32) * 0.02
+        w.add_tensor(name, arr if f32 else arr.astype(np.float16))
+
+    add("token_embd.weight", (n_embd, vocab))
+    add("output_norm.weight", (n_embd,), True)
+    if not tied:
+        add("output.weight", (n_embd, vocab))
+    for i in range(n_layer):
+        p = f"blk.{i}."
+        add(p + "attn_norm.weight", (n_embd,), True)
+        add(p + "attn_q.weight", (n_embd, n_head * (nope + rope)))
+        add(p + "attn_kv_a_mqa.weight", (n_embd, kv_lora + rope))
+        add(p + "attn_kv_a_norm.weight", (kv_lora,), True)
+        if legacy_kv_b:
+            add(p + "attn_kv_b.weight", (kv_lora, n_head * (nope + v_head)))
+        else:
+            add(p + "attn_k_b.weight", (nope, kv_lora, n_head))
+            add(p + "attn_v_b.weight", (kv_lora, v_head, n_head))
+        add(p + "attn_output.weight", (n_head * v_head, n_embd))
+        add(p + "ffn_norm.weight", (n_embd,), True)
+        if i == 0:
+            add(p + "ffn_gate.weight", (n_embd, n_ff))
+            add(p + "ffn_up.weight", (n_embd, n_ff))
+            add(p + "ffn_down.weight", (n_ff, n_embd))
+            continue
+        add(p + "ffn_gate_inp.weight", (n_embd, n_expert), True)
+        add(p + "exp_probs_b.bias", (n_expert,), True)
+        add(p + "ffn_gate_exps.weight", (n_embd, ff_exp, n_expert))
+        add(p + "ffn_up_exps.weight", (n_embd, ff_exp, n_expert))
+        add(p + "ffn_down_exps.weight", (ff_exp, n_embd, n_expert))
+        add(p + "ffn_gate_shexp.weight", (n_embd, ff_exp * n_shared))
+        add(p + "ffn_up_shexp.weight", (n_embd, ff_exp * n_shared))
+        add(p + "ffn_down_shexp.weight", (ff_exp * n_shared, n_embd))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+# name -> (n_layer, n_expert, ff_exp, tied, legacy_kv_b, n_head)
+MODELS = {
+    # Kimi-like: 27 layers (same use_more_bits pattern), split attn_k_b/attn_v_b (k_b ne0 128 as in A3B),
+    # expert width 96 (1408-like: a multiple of 32, not of 256), untied output
+    "kimi_like": (27, 4, 96, False, False, 2),
+    # 8 experts switch on llama.cpp's Mixtral rules; tied embeddings; expert width 72 (not even a multiple of 32)
+    "eight_experts_tied": (10, 8, 72, True, True, 1),
+    # legacy fused attn_kv_b: attn_v-like, picked by use_more_bits over the attn_v counter
+    "legacy_kv_b": (10, 6, 160, False, True, 1),
+}
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+    d = tmp_path_factory.mktemp("deepseek2")
+    files = {}
+    for name, (n_layer, n_expert, ff_exp, tied, legacy, n_head) in MODELS.items():
+        files[name] = d / f"{name}-f16.gguf"
+        _write_deepseek2(files[name], n_layer=n_layer, n_expert=n_expert, ff_exp=ff_exp, tied=tied,
+                         legacy_kv_b=legacy, n_head=n_head)
+    yield files
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q5_K_M", "Q6_K"])
+def test_kquant_plan_matches_llama_model_quantize(model_files: dict[str, Path], model: str, ftype: str,
+                                                  tmp_path: Path) -> None:
+    llama_cpp = pytest.importorskip("llama_cpp")
+    src = model_files[model]
+    dst = tmp_path / f"{model}-{ftype}.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    params.nthread = 2
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    assert rc == 0, "llama_model_quantize failed (see captured stderr)"
+
+    n_layer, n_expert = MODELS[model][0], MODELS[model][1]
+    reader = gguf.GGUFReader(str(src))
+    plan = text_plan([(t.name, [int(x) for x in t.shape]) for t in reader.tensors], ftype, n_layer,
+                     n_expert=n_expert, src_ftype="F16")
+    out = gguf.GGUFReader(str(dst))
+    actual = {t.name: t.tensor_type.name for t in out.tensors}
+    assert set(actual) == set(plan)
+    wrong = {n: (plan[n][0].value, actual[n], plan[n][1]) for n in actual if plan[n][0].value != actual[n]}
+    assert not wrong
+    # the file must exercise the interesting rules, or the comparison proves little
+    kinds = set(actual.values())
+    assert {"F32", "Q6_K"} <= kinds and ({"Q5_0", "Q5_1", "Q8_0"} & kinds)
