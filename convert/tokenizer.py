@@ -1,0 +1,265 @@
+"""Tokenizer metadata of the text GGUF: every ``tokenizer.ggml.*`` key plus ``tokenizer.chat_template``.
+
+Built from the checkpoint's files, read as data (reference doc §7, §8, §13.3–13.5): ``tiktoken.model`` (BPE ranks),
+``tokenizer_config.json`` (special-token names and ids), ``config.json`` (vocab_size, special ids, media
+placeholder), ``generation_config.json`` (stop ids) and the chat template. No checkpoint code is ever imported.
+
+The layout is the one llama.cpp loads for this tokenizer family (§8, §11 metadata): model ``gpt2``, pre-tokenizer
+``kimi-k2``; base tokens written as their bytes in the GPT-2 byte-to-unicode alphabet, special tokens by name,
+unused ids ``[PAD{i}]``; merges rebuilt from the ranks (a token whose lower-rank BPE gives exactly two parts yields
+the merge "a b", in rank order).
+
+End of generation (§7.3: stop on ``[EOS]`` and ``<|im_end|>``). In the llama.cpp vendored by llama-cpp-python
+0.3.36 (``src/llama-vocab.cpp``), the EOG set is the union of (1) the tokens whose *text* is in a fixed list
+(it contains ``[EOS]``, ``[EOT]`` and ``<|im_end|>``), (2) the FIM pad/rep/sep ids (``[PAD]`` is auto-detected as
+FIM pad, so it is EOG too), and (3) the ids written under ``tokenizer.ggml.eos_token_id``, ``eot_token_id`` and
+``eom_token_id``. The text list alone would cover the real names, but it depends on them; writing
+``eos_token_id`` = ``[EOS]`` and ``eot_token_id`` = ``<|im_end|>`` makes both EOG whatever they are called, and
+also pins EOT (llama.cpp's text detection would otherwise pick ``<|im_end|>`` or ``[EOT]`` in hash-map order). One
+further stop id listed by ``generation_config.json`` goes to ``eom_token_id``; more cannot be expressed.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from gguf import GGUFValueType, TokenType
+
+from ..config import KimiVLConfig
+from ..errors import CheckpointError
+from ..prompt import load_chat_template
+from ..tokenizer import read_special_tokens, read_tiktoken_model
+
+TOKENIZER_MODEL = "gpt2"
+TOKENIZER_PRE = "kimi-k2"
+PAD_NAME = "[PAD{}]"  # name of an id that neither the ranks nor the special tokens cover (§8)
+
+KV = dict[str, tuple[Any, GGUFValueType | None]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPT-2 byte-to-unicode alphabet
+
+def byte_alphabet() -> list[str]:
+    """GPT-2's byte -> character table: the 188 printable Latin-1 bytes ('!'..'~', '¡'..'¬', '®'..'ÿ') stand for
+    themselves; the other 68 bytes, in increasing order, get U+0100, U+0101, ... (so no token text holds a space or
+    a control character)."""
+    printable = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAC + 1)) | set(range(0xAE, 0xFF + 1))
+    table, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            table.append(chr(b))
+        else:
+            table.append(chr(256 + extra))
+            extra += 1
+    return table
+
+
+_ALPHABET = byte_alphabet()
+_LATIN1_TO_ALPHABET = {b: c for b, c in enumerate(_ALPHABET)}
+
+
+def token_text(token: bytes) -> str:
+    """A base token's bytes in the GPT-2 alphabet (one character per byte)."""
+    return token.decode("latin-1").translate(_LATIN1_TO_ALPHABET)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Merges
+
+def lower_rank_bpe(ranks: Mapping[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
+    """BPE of ``token`` with only the ranks below ``max_rank`` (§8): repeatedly merge the adjacent pair whose
+    concatenation has the lowest rank, leftmost first. Pair ranks are cached and only the two neighbours of a merge
+    are looked up again, so a token of n bytes costs O(n) lookups plus O(n^2) comparisons."""
+    parts = [token[i:i + 1] for i in range(len(token))]
+
+    def rank(a: bytes, b: bytes) -> int:
+        r = ranks.get(a + b, max_rank)
+        return r if r < max_rank else max_rank
+
+    pair = [rank(parts[i], parts[i + 1]) for i in range(len(parts) - 1)]
+    while pair:
+        best = min(pair)
+        if best >= max_rank:
+            break
+        i = pair.index(best)
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        del pair[i]
+        if i > 0:
+            pair[i - 1] = rank(parts[i - 1], parts[i])
+        if i < len(pair):
+            pair[i] = rank(parts[i], parts[i + 1])
+    return parts
+
+
+def rebuild_merges(ranks: Mapping[bytes, int]) -> tuple[list[str], list[int]]:
+    """llama.cpp merges from tiktoken ranks (§8): for each multi-byte token in rank order, its lower-rank BPE; exactly
+    two parts (a, b) give the merge "text(a) text(b)". Returns (merges, ranks of tokens that yield no merge: llama.cpp
+    can never produce those)."""
+    merges: list[str] = []
+    unreachable: list[int] = []
+    for token, r in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) < 2:
+            continue
+        if len(token) == 2:  # no lower-rank merge can apply inside two bytes
+            merges.append(f"{_ALPHABET[token[0]]} {_ALPHABET[token[1]]}")
+            continue
+        parts = lower_rank_bpe(ranks, token, r)
+        if len(parts) == 2:
+            merges.append(f"{token_text(parts[0])} {token_text(parts[1])}")
+        else:
+            unreachable.append(r)
+    return merges, unreachable
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Token list
+
+def gguf_vocab_tokens(ranks: Mapping[bytes, int], specials: Mapping[str, int],
+                      vocab_size: int) -> tuple[list[str], list[int]]:
+    """(token texts, token types) for ids 0..vocab_size-1 (§8): base ranks in the GPT-2 alphabet (NORMAL), special
+    tokens by name (CONTROL), any other id ``[PAD{i}]`` (UNUSED). Raises CheckpointError if an id falls outside
+    vocab_size or two ids would carry the same text (llama.cpp maps text -> id)."""
+    n_base = len(ranks)
+    top = max([n_base - 1, *specials.values()])
+    if top >= vocab_size:
+        raise CheckpointError(f"config.json vocab_size {vocab_size} is smaller than the tokenizer's "
+                              f"{n_base} base + special ids (highest id {top})")
+    texts: list[str | None] = [None] * vocab_size
+    types = [int(TokenType.UNUSED)] * vocab_size
+    for token, r in ranks.items():
+        texts[r] = token_text(token)
+    types[:n_base] = [int(TokenType.NORMAL)] * n_base
+    for name, tid in specials.items():
+        if texts[tid] is not None:
+            raise CheckpointError(f"special token {name!r} id {tid} collides with a base rank")
+        texts[tid] = name
+        types[tid] = int(TokenType.CONTROL)
+    out = [t if t is not None else PAD_NAME.format(i) for i, t in enumerate(texts)]
+    _check_unique(out)
+    return out, types
+
+
+def _check_unique(texts: Sequence[str]) -> None:
+    if len(set(texts)) == len(texts):
+        return
+    seen: dict[str, int] = {}
+    for i, t in enumerate(texts):
+        if t in seen:
+            raise CheckpointError(f"token text {t!r} appears twice in the vocabulary (ids {seen[t]} and {i})")
+        seen[t] = i
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Special ids
+
+def _named_id(tok_cfg: dict, key: str, specials: Mapping[str, int], required: bool) -> int | None:
+    """Id of tokenizer_config.json ``key`` ("bos_token", ...), a name or {"content": name} (§7.2)."""
+    entry = tok_cfg.get(key)
+    if isinstance(entry, dict):
+        entry = entry.get("content")
+    if entry is None:
+        if required:
+            raise CheckpointError(f"tokenizer_config.json: no {key}")
+        return None
+    if not isinstance(entry, str) or entry not in specials:
+        raise CheckpointError(f"tokenizer_config.json: {key} {entry!r} is not a special token of "
+                              f"added_tokens_decoder")
+    return specials[entry]
+
+
+def _check_config_ids(cfg: KimiVLConfig, ids: Mapping[str, int | None], specials: Mapping[str, int]) -> None:
+    """config.json must agree with tokenizer_config.json on the ids the model was trained with (§7.2, §10.4)."""
+    pairs = (("bos_token_id", cfg.text.bos_token_id, "bos"), ("eos_token_id", cfg.text.eos_token_id, "eos"),
+             ("pad_token_id", cfg.text.pad_token_id, "pad"))
+    for field, value, kind in pairs:
+        if ids.get(kind) is not None and value != ids[kind]:
+            raise CheckpointError(f"config.json text_config {field} {value} != {kind}_token id {ids[kind]} in "
+                                  f"tokenizer_config.json (renumbered specials?)")
+    media = specials["<|media_pad|>"]
+    if cfg.media_placeholder_token_id != media:
+        raise CheckpointError(f"config.json media_placeholder_token_id {cfg.media_placeholder_token_id} != "
+                              f"<|media_pad|> id {media} in tokenizer_config.json (renumbered specials?)")
+
+
+def _generation_stop_ids(ckpt: Path) -> list[int]:
+    path = ckpt / "generation_config.json"
+    if not path.is_file():
+        return []
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: not a valid JSON object ({e})") from None
+    values = value if isinstance(value, list) else [value] if value is not None else []
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise CheckpointError(f"{path}: eos_token_id must be an id or a list of ids, got {value!r}")
+    return values
+
+
+def stop_token_ids(ckpt_dir: str | Path, specials: Mapping[str, int], eos_id: int) -> tuple[int, int, int | None]:
+    """(eos, eot, eom) for llama.cpp (§7.3): eos = tokenizer_config eos_token, eot = <|im_end|>, eom = the one stop id
+    generation_config.json adds beyond those, or None."""
+    eot = specials["<|im_end|>"]
+    extra = [i for i in dict.fromkeys(_generation_stop_ids(Path(ckpt_dir))) if i not in (eos_id, eot)]
+    if len(extra) > 1:
+        raise CheckpointError(f"generation_config.json lists stop ids {extra} besides [EOS]/<|im_end|>; llama.cpp "
+                              f"metadata can mark only one more (eom_token_id)")
+    names = {v: k for k, v in specials.items()}
+    if extra and extra[0] not in names:
+        raise CheckpointError(f"generation_config.json stop id {extra[0]} is not a special token")
+    return eos_id, eot, (extra[0] if extra else None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public entry point
+
+def vocab_metadata(ckpt_dir: str | Path) -> KV:
+    """Every ``tokenizer.ggml.*`` key (and ``tokenizer.chat_template``) of the text GGUF, as key -> (value, type).
+
+    Lists carry type None (the writer infers the element type: str, or INT32 for token types). Raises
+    CheckpointError, one line, on inconsistent files: media placeholder not naming <|media_pad|>, config ids not
+    naming the tokenizer_config tokens, vocab_size below base + specials, duplicate token texts, a missing byte."""
+    d = Path(ckpt_dir)
+    cfg = KimiVLConfig.from_checkpoint(d)
+    ranks = read_tiktoken_model(d / "tiktoken.model")
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        raise CheckpointError(f"{d / 'tiktoken.model'}: single-byte tokens missing ({len(missing)}, first "
+                              f"0x{missing[0]:02x}); byte-level BPE needs all 256")
+    specials = read_special_tokens(d / "tokenizer_config.json", len(ranks))
+    tok_cfg = json.loads((d / "tokenizer_config.json").read_text(encoding="utf-8"))
+    ids = {
+        "bos": _named_id(tok_cfg, "bos_token", specials, required=True),
+        "eos": _named_id(tok_cfg, "eos_token", specials, required=True),
+        "pad": _named_id(tok_cfg, "pad_token", specials, required=False),
+        "unk": _named_id(tok_cfg, "unk_token", specials, required=False),
+    }
+    _check_config_ids(cfg, ids, specials)
+    tokens, types = gguf_vocab_tokens(ranks, specials, cfg.text.vocab_size)
+    merges, _ = rebuild_merges(ranks)
+    eos, eot, eom = stop_token_ids(d, specials, ids["eos"])
+
+    u32 = GGUFValueType.UINT32
+    kv: KV = {
+        "tokenizer.ggml.model": (TOKENIZER_MODEL, GGUFValueType.STRING),
+        "tokenizer.ggml.pre": (TOKENIZER_PRE, GGUFValueType.STRING),
+        "tokenizer.ggml.tokens": (tokens, None),
+        "tokenizer.ggml.token_type": (types, None),
+        "tokenizer.ggml.merges": (merges, None),
+        "tokenizer.ggml.bos_token_id": (ids["bos"], u32),
+        "tokenizer.ggml.eos_token_id": (eos, u32),
+        "tokenizer.ggml.eot_token_id": (eot, u32),
+    }
+    if eom is not None:
+        kv["tokenizer.ggml.eom_token_id"] = (eom, u32)
+    if ids["unk"] is not None:
+        kv["tokenizer.ggml.unknown_token_id"] = (ids["unk"], u32)
+    if ids["pad"] is not None:
+        kv["tokenizer.ggml.padding_token_id"] = (ids["pad"], u32)
+    # §7.1: the Kimi tokenizer adds nothing at either end (the template writes every special token itself).
+    kv["tokenizer.ggml.add_bos_token"] = (False, GGUFValueType.BOOL)
+    kv["tokenizer.ggml.add_eos_token"] = (False, GGUFValueType.BOOL)
+    kv["tokenizer.chat_template"] = (load_chat_template(d), GGUFValueType.STRING)
+    return kv
