@@ -13,6 +13,9 @@ from .errors import KimiVLError
 # verb -> (module, one-line help)
 VERBS = {
     "synth": ("kimivl_edge.synth", "write a synthetic checkpoint in the exact Hugging Face layout"),
+    "convert": ("kimivl_edge.convert.cli", "convert an HF checkpoint to a text GGUF + mmproj GGUF (quantized)"),
+    "run": ("kimivl_edge.run", "answer one prompt (with images), streamed"),
+    "chat": ("kimivl_edge.chat", "interactive chat with images (REPL)"),
     "demo": ("kimivl_edge.demo", "run the main job on the bundled tiny model"),
     "reference": ("kimivl_edge.reference.run", "answer with the fp32 torch reference (needs the reference extra)"),
 }

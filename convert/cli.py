@@ -1,0 +1,38 @@
+"""`kimivl-edge convert`: HF Kimi-VL checkpoint -> text GGUF + mmproj GGUF.
+
+    kimivl-edge convert CHECKPOINT [--outtype f32|f16|bf16|q8_0|q4_0|q4_k_m|q5_k_m|q6_k]
+                        [--mmproj-type f32|f16|q8_0|q4_0] [--outdir DIR] [--variant V] [--dry-run]
+
+CHECKPOINT is a directory or a Hugging Face repo id found in the local HF cache (no network).
+"""
+from __future__ import annotations
+
+import sys
+
+from . import MMPROJ_TYPES, TEXT_TYPES, convert_checkpoint, format_plan, plan_conversion
+
+
+def main(argv: list[str] | None = None) -> int:
+    from kimivl_edge.cli import OneLineParser
+
+    ap = OneLineParser(prog="kimivl-edge convert", description=__doc__.split("\n\n")[0])
+    ap.add_argument("checkpoint", help="checkpoint directory or HF repo id (offline, from the HF cache)")
+    ap.add_argument("--outtype", default="q8_0", type=str.lower, choices=TEXT_TYPES, metavar="TYPE",
+                    help=f"text GGUF type: {', '.join(TEXT_TYPES)} (default q8_0)")
+    ap.add_argument("--mmproj-type", default="f16", type=str.lower, choices=MMPROJ_TYPES, metavar="TYPE",
+                    help=f"mmproj GGUF type: {', '.join(MMPROJ_TYPES)} (default f16)")
+    ap.add_argument("--outdir", help="output directory (default: the checkpoint directory)")
+    ap.add_argument("--variant", help="instruct, thinking or thinking-2506 (default: from the path)")
+    ap.add_argument("--threads", type=int, help="threads for llama.cpp's K-quant quantizer")
+    ap.add_argument("--dry-run", action="store_true", help="print the per-tensor plan and sizes; write nothing")
+    args = ap.parse_args(argv)
+    if args.dry_run:
+        print(format_plan(plan_conversion(args.checkpoint, args.outtype, args.mmproj_type, args.outdir,
+                                          args.variant)))
+        return 0
+    r = convert_checkpoint(args.checkpoint, args.outtype, args.mmproj_type, args.outdir, args.variant,
+                           progress=sys.stderr.isatty(), threads=args.threads)
+    for p in (r.text_path, r.mmproj_path):
+        print(f"wrote {p}  {p.stat().st_size / 1e6:.1f} MB")
+    print(f"time {r.seconds:.1f} s, peak RSS {r.peak_rss_bytes / 2**20:.0f} MiB")
+    return 0
