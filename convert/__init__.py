@@ -219,6 +219,7 @@ class ConvertResult:
     mmproj_path: Path
     seconds: float
     peak_rss_bytes: int
+    plan: ConvertPlan
 
     def __iter__(self):  # so `text, mmproj = convert_checkpoint(...)` works
         return iter((self.text_path, self.mmproj_path))
@@ -255,4 +256,4 @@ def convert_checkpoint(checkpoint: str | os.PathLike, outtype: str = "q8_0", mmp
         if bar is not None:
             bar.close()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return ConvertResult(plan.text_path, plan.mmproj_path, time.perf_counter() - t0, rss)
+    return ConvertResult(plan.text_path, plan.mmproj_path, time.perf_counter() - t0, rss, plan)

@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     r = convert_checkpoint(args.checkpoint, args.outtype, args.mmproj_type, args.outdir, args.variant,
                            progress=sys.stderr.isatty(), threads=args.threads)
-    for p in (r.text_path, r.mmproj_path):
-        print(f"wrote {p}  {p.stat().st_size / 1e6:.1f} MB")
+    for p, n in ((r.text_path, r.plan.text.n_params), (r.mmproj_path, r.plan.mmproj.n_params)):
+        size = p.stat().st_size
+        print(f"wrote {p}  {size / 1e6:.1f} MB, {8 * size / n:.2f} bits/weight")
     print(f"time {r.seconds:.1f} s, peak RSS {r.peak_rss_bytes / 2**20:.0f} MiB")
     return 0

@@ -124,6 +124,10 @@ def _triple(d: dict, key: str, source: str, positive: bool) -> tuple[float, floa
 # Loading (§4 step 1)
 
 
+# Largest image decoded (2^27 px, e.g. 16384 x 8192): larger files are refused before any pixel is allocated.
+MAX_PIXELS = 1 << 27
+
+
 def load_image(src: ImageSource) -> Image.Image:
     """A PIL image from a file path, encoded bytes, a ``data:`` URI or a PIL image; decoded as stored (no EXIF
     transpose, §4 step 1). Unreadable input raises ImageError."""
@@ -153,7 +157,15 @@ def _decode(data: bytes, what: str) -> Image.Image:
     """Decode fully now, so that corrupt data fails here rather than halfway through preprocessing."""
     try:
         img = Image.open(io.BytesIO(data))
+        w, h = img.size
+        if w * h > MAX_PIXELS:  # refuse before allocating: a few KB of PNG can claim gigapixels
+            raise ImageError(f"{what}: {w}x{h} = {w * h} pixels exceeds the limit of {MAX_PIXELS} "
+                             "(possible decompression bomb)")
+        if w == 0 or h == 0:
+            raise ImageError(f"{what}: image has zero size")
         img.load()
+    except ImageError:
+        raise
     except UnidentifiedImageError:
         raise ImageError(f"{what}: not a recognised image format") from None
     except Image.DecompressionBombError as e:
