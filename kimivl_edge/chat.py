@@ -1,0 +1,77 @@
+"""`kimivl-edge chat`: an interactive REPL (llama-mtmd-cli style) with images and history.
+
+    kimivl-edge chat -m MODEL.gguf --mmproj MMPROJ.gguf [--temp T] ...
+
+Commands: /image PATH (attach to the next message), /clear (forget the conversation), /quit.
+The KV cache is reused across turns: a follow-up only evaluates the new tokens, and an image is encoded once.
+"""
+from __future__ import annotations
+
+import sys
+
+from .run import add_model_args, add_sampling_args, load_model, print_stream, sampling, user_message
+
+
+def repl(model, settings, inp=sys.stdin, out=sys.stdout, err=sys.stderr) -> None:
+    history: list[dict] = []
+    pending: list[str] = []
+    interactive = inp.isatty()
+    while True:
+        if interactive:
+            out.write("> ")
+            out.flush()
+        line = inp.readline()
+        if not line:
+            return
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            return
+        if line == "/clear":
+            history, pending = [], []
+            err.write("(conversation cleared)\n")
+            continue
+        if line.startswith("/image"):
+            path = line[len("/image"):].strip()
+            try:
+                from .image import load_image
+
+                load_image(path)
+            except Exception as e:  # report and keep the session
+                err.write(f"error: {e}\n")
+                continue
+            pending.append(path)
+            err.write(f"(image {path} attached to the next message)\n")
+            continue
+        if line.startswith("/"):
+            err.write("commands: /image PATH, /clear, /quit\n")
+            continue
+        msg = user_message(line, pending)
+        try:
+            answer, _ = print_stream(model, history + [msg], settings, out, err)
+        except Exception as e:
+            from .errors import KimiVLError
+
+            if not isinstance(e, KimiVLError):
+                raise
+            err.write(f"error: {e}\n")
+            continue
+        history += [msg, {"role": "assistant", "content": answer}]
+        pending = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .cli import OneLineParser
+
+    ap = OneLineParser(prog="kimivl-edge chat", description=__doc__.split("\n\n")[0])
+    add_model_args(ap)
+    add_sampling_args(ap)
+    args = ap.parse_args(argv)
+    settings = sampling(args)
+    model = load_model(args)
+    try:
+        repl(model, settings)
+    finally:
+        model.close()
+    return 0

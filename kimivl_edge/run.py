@@ -1,0 +1,103 @@
+"""`kimivl-edge run`: one question (with images) -> the answer, streamed to stdout.
+
+    kimivl-edge run -m MODEL.gguf --mmproj MMPROJ.gguf [--image PATH]... -p PROMPT [--temp T] [--max-tokens N]
+                    [--seed S] [--threads N] [--ctx N] [--vision-backend numpy|ggml] [--max-image-patches N]
+
+Thinking models: the reasoning goes to stderr, the answer to stdout.
+"""
+from __future__ import annotations
+
+import sys
+
+
+def add_model_args(ap) -> None:
+    ap.add_argument("-m", "--model", required=True, help="text GGUF (deepseek2) written by kimivl-edge convert")
+    ap.add_argument("--mmproj", help="vision GGUF (mmproj-*.gguf); needed for images")
+    ap.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    ap.add_argument("--ctx", type=int, default=4096, help="context size in tokens (default 4096, up to 131072)")
+    ap.add_argument("--kv-type", default="f16", choices=("f16", "f32", "q8_0", "bf16"), help="KV cache type")
+    ap.add_argument("--vision-backend", default="numpy", choices=("numpy", "ggml"),
+                    help="numpy (exact, default) or ggml (llama.cpp's clip; see README for its deviations)")
+    ap.add_argument("--max-image-patches", type=int, help="cap patches per image (speed knob; 4 patches = 1 token)")
+    ap.add_argument("--weight-cache", action="store_true", help="keep dequantized vision weights in RAM (faster)")
+    ap.add_argument("--flash-attn", action="store_true", help="llama.cpp flash attention (faster on long contexts, "
+                    "rounds through F16)")
+
+
+def add_sampling_args(ap) -> None:
+    ap.add_argument("--temp", type=float, help="temperature (default: the model's, Instruct 0.2 / Thinking 0.8)")
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--min-p", type=float, default=0.0)
+    ap.add_argument("--repeat-penalty", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-tokens", type=int, default=512)
+
+
+def load_model(args):
+    from .model import KimiVL
+
+    return KimiVL.load(args.model, args.mmproj, n_ctx=args.ctx, n_threads=args.threads, kv_type=args.kv_type,
+                       vision_backend=args.vision_backend, weight_cache=args.weight_cache, flash_attn=args.flash_attn,
+                       max_image_patches=args.max_image_patches)
+
+
+def sampling(args):
+    from .sampling import SamplingSettings
+
+    return SamplingSettings(temperature=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                            repeat_penalty=args.repeat_penalty, seed=args.seed, max_tokens=args.max_tokens).validate()
+
+
+def user_message(prompt: str, images: list[str]) -> dict:
+    if not images:
+        return {"role": "user", "content": prompt}
+    return {"role": "user", "content": [*({"type": "image", "image": i} for i in images),
+                                        {"type": "text", "text": prompt}]}
+
+
+def print_stream(model, messages, settings, out=sys.stdout, err=sys.stderr):
+    """Stream a turn: reasoning to ``err``, answer to ``out``. Returns the Generation-like text and stats."""
+    from .model import Stats
+
+    stats = Stats()
+    answer, reasoning = [], []
+    for piece in model.stream(messages, settings, stats):
+        if piece.kind == "reasoning":
+            reasoning.append(piece.text)
+            err.write(piece.text)
+            err.flush()
+        else:
+            if reasoning and not answer:
+                err.write("\n")
+            answer.append(piece.text)
+            out.write(piece.text)
+            out.flush()
+    out.write("\n")
+    out.flush()
+    return "".join(answer), stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .cli import OneLineParser
+
+    ap = OneLineParser(prog="kimivl-edge run", description=__doc__.split("\n\n")[0])
+    add_model_args(ap)
+    ap.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
+    ap.add_argument("-p", "--prompt", required=True)
+    add_sampling_args(ap)
+    ap.add_argument("--stats", action="store_true", help="print timings to stderr")
+    args = ap.parse_args(argv)
+    settings = sampling(args)
+    if args.image and not args.mmproj:
+        ap.error("--image needs --mmproj")
+    model = load_model(args)
+    try:
+        _, st = print_stream(model, [user_message(args.prompt, args.image)], settings)
+    finally:
+        model.close()
+    if args.stats:
+        print(f"image tokens {st.image_tokens}, encode {st.encode_seconds:.2f} s, prefill {st.evaluated_tokens} tok "
+              f"{st.prefill_tps:.1f} tok/s, decode {st.generated_tokens} tok {st.decode_tps:.1f} tok/s",
+              file=sys.stderr)
+    return 0

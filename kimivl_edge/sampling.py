@@ -1,0 +1,89 @@
+"""Sampling settings and llama.cpp's C sampler chain built from them.
+
+Defaults follow the model card (reference doc §1): the temperature comes from the GGUF (``general.sampling.temp``:
+Instruct 0.2, Thinking 0.8); ``temperature=0`` is greedy. The other filters are off by default, as in HF's
+generate(): top-p 1, top-k 0, min-p 0, no repetition penalty.
+"""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass, replace
+
+from .errors import UsageError
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    temperature: float | None = None  # None: the model's recommended temperature
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    seed: int = 0
+    max_tokens: int = 512
+
+    def validate(self) -> "SamplingSettings":
+        if self.temperature is not None and self.temperature < 0:
+            raise UsageError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise UsageError("top_p must be in (0, 1]")
+        if self.top_k < 0 or not 0 <= self.min_p <= 1:
+            raise UsageError("top_k must be >= 0 and min_p in [0, 1]")
+        if self.repeat_penalty <= 0:
+            raise UsageError("repeat_penalty must be > 0")
+        if self.max_tokens < 1:
+            raise UsageError("max_tokens must be >= 1")
+        return self
+
+    def resolved(self, default_temperature: float) -> "SamplingSettings":
+        t = default_temperature if self.temperature is None else self.temperature
+        return replace(self, temperature=float(t))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class SamplerChain:
+    """A llama.cpp sampler chain (penalties -> top-k -> top-p -> min-p -> temperature -> dist, or greedy)."""
+
+    def __init__(self, s: SamplingSettings):
+        import llama_cpp as lc
+
+        self._lc = lc
+        params = lc.llama_sampler_chain_default_params()
+        params.no_perf = True
+        self._chain = lc.llama_sampler_chain_init(params)
+        add = lambda smpl: lc.llama_sampler_chain_add(self._chain, smpl)  # noqa: E731
+        if s.repeat_penalty != 1.0:
+            add(lc.llama_sampler_init_penalties(s.repeat_last_n, s.repeat_penalty, 0.0, 0.0))
+        if s.greedy:
+            add(lc.llama_sampler_init_greedy())
+            return
+        if s.top_k > 0:
+            add(lc.llama_sampler_init_top_k(s.top_k))
+        if s.top_p < 1.0:
+            add(lc.llama_sampler_init_top_p(s.top_p, 1))
+        if s.min_p > 0.0:
+            add(lc.llama_sampler_init_min_p(s.min_p, 1))
+        add(lc.llama_sampler_init_temp(s.temperature))
+        add(lc.llama_sampler_init_dist(ctypes.c_uint32(s.seed & 0xFFFFFFFF).value))
+
+    def sample(self, ctx) -> int:
+        """Sample from the logits of the last evaluated position (and accept the token into the chain)."""
+        return int(self._lc.llama_sampler_sample(self._chain, ctx, -1))
+
+    def accept(self, token: int) -> None:
+        self._lc.llama_sampler_accept(self._chain, token)
+
+    def close(self) -> None:
+        if self._chain is not None:
+            self._lc.llama_sampler_free(self._chain)
+            self._chain = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
