@@ -1,51 +1,110 @@
-"""`kimivl-edge demo`: the main job on the bundled tiny model, end to end, in one command.
+"""`kimivl-edge demo`: the main job end to end on the bundled tiny model, in one command.
 
-Today that is: make the tiny checkpoint (`synth`, cached under ~/.cache/kimivl-edge), draw a test image, and answer
-a question about it with the fp32 reference. The tiny weights are random until the trained fixture lands, so the
-answer is not meaningful yet; every stage of the pipeline runs for real.
+Converts the tiny checkpoint (Q4_K_M text + Q8_0 mmproj) into a build folder, then answers questions about
+generated images through the runtime (numpy vision + llama.cpp decoder): one single-image question, one multi-image
+question, and one grounding question whose (x, y) answer is drawn as a marker on the image saved next to it.
+It prints the answers, image tokens, encode time, prefill and decode speed.
+
+Until the trained tiny model ships, the bundled checkpoint is a synthetic one with random weights (made by
+`synth` on first use): every stage runs for real, but the answers are noise.
 """
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("KIMIVL_EDGE_CACHE", Path.home() / ".cache" / "kimivl-edge"))
+def build_dir() -> Path:
+    return Path(os.environ.get("KIMIVL_EDGE_BUILD", "build/demo"))
 
 
-def demo_image(path: Path) -> Path:
+def bundled_checkpoint(root: Path) -> tuple[Path, bool]:
+    """The trained tiny checkpoint shipped as a package asset if present, else a synthetic one (random weights)."""
+    asset = Path(__file__).parent / "assets" / "kimi-vl-tiny"
+    if (asset / "config.json").is_file():
+        return asset, True
+    from .synth import synth
+
+    ckpt = root / "Kimi-VL-A3B-Instruct-tiny-random"
+    if not (ckpt / "model.safetensors.index.json").is_file():
+        synth(ckpt, "tiny", "instruct", seed=0, force=True)
+    return ckpt, False
+
+
+def demo_images(root: Path) -> dict[str, Path]:
     from PIL import Image, ImageDraw
 
-    img = Image.new("RGB", (300, 200), "white")
+    specs = {
+        "shapes.png": ((320, 200), [("ellipse", (30, 50, 130, 150), "red"), ("rectangle", (190, 60, 270, 140), "blue")]),
+        "one.png": ((224, 168), [("ellipse", (40, 40, 120, 120), "green")]),
+        "two.png": ((224, 168), [("ellipse", (20, 30, 80, 90), "green"), ("ellipse", (120, 60, 190, 130), "green")]),
+    }
+    out = {}
+    for name, (size, shapes) in specs.items():
+        img = Image.new("RGB", size, "white")
+        d = ImageDraw.Draw(img)
+        for kind, box, colour in shapes:
+            getattr(d, kind)(box, fill=colour)
+        img.save(root / name)
+        out[name] = root / name
+    return out
+
+
+def draw_point(image: Path, answer: str) -> Path | None:
+    m = re.search(r"\(\s*(\d+(?:\.\d+)?)\s*,\s*(\d+(?:\.\d+)?)\s*\)", answer)
+    if not m:
+        return None
+    from PIL import Image, ImageDraw
+
+    x, y = float(m.group(1)), float(m.group(2))
+    img = Image.open(image).convert("RGB")
     d = ImageDraw.Draw(img)
-    d.ellipse((30, 50, 130, 150), fill="red")
-    d.rectangle((180, 60, 260, 140), fill="blue")
-    img.save(path)
-    return path
+    d.line((x - 8, y, x + 8, y), fill="black", width=3)
+    d.line((x, y - 8, x, y + 8), fill="black", width=3)
+    out = image.with_name(image.stem + "-answer.png")
+    img.save(out)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     from .cli import OneLineParser
-    from .synth import synth
+    from .convert import convert_checkpoint
+    from .model import KimiVL, Stats
 
     ap = OneLineParser(prog="kimivl-edge demo", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=24)
     args = ap.parse_args(argv)
-    root = cache_dir()
+    root = build_dir()
     root.mkdir(parents=True, exist_ok=True)
-    ckpt = root / "Kimi-VL-A3B-Instruct-tiny"
-    if not (ckpt / "model.safetensors.index.json").is_file():
-        synth(ckpt, "tiny", "instruct", seed=0, force=True)
-        print(f"made the tiny checkpoint: {ckpt}")
-    image = demo_image(root / "demo.png")
-    question = "Which side is the red circle on?"
-    from .reference.model import ReferenceModel
-    from .reference.run import build_messages
-
-    model = ReferenceModel(ckpt)
-    prepared = model.prepare(build_messages(question, [str(image)]))
-    print(f"image {image} -> grid {prepared.grid_hws.tolist()}, prompt of {len(prepared.input_ids)} tokens")
-    answer = model.decode_answer(model.generate_ids(prepared, args.max_tokens))
-    print(f"Q: {question}\nA (fp32 reference, random tiny weights): {answer!r}")
+    ckpt, trained = bundled_checkpoint(root)
+    print(f"checkpoint: {ckpt}" + ("" if trained else "  (synthetic, random weights: answers are noise)"))
+    res = convert_checkpoint(ckpt, "q4_k_m", "q8_0", root)
+    for p in res:
+        print(f"converted:  {p}  ({p.stat().st_size / 1e6:.1f} MB)")
+    imgs = demo_images(root)
+    questions = [
+        ("single image", [imgs["shapes.png"]], "Which side is the red circle on?"),
+        ("two images", [imgs["one.png"], imgs["two.png"]], "Which image has more circles?"),
+        ("grounding", [imgs["shapes.png"]], "Where is the blue square? Answer with a point (x, y)."),
+    ]
+    with KimiVL.load(res.text_path, res.mmproj_path, n_ctx=2048) as model:
+        for title, images, q in questions:
+            msg = [{"role": "user", "content": [*({"type": "image", "image": str(i)} for i in images),
+                                                {"type": "text", "text": q}]}]
+            st = Stats()
+            answer = "".join(p.text for p in model.stream(msg, stats=st, max_tokens=args.max_tokens,
+                                                         temperature=0))
+            print(f"\n[{title}] {', '.join(i.name for i in images)}\nQ: {q}\nA: {answer!r}")
+            print(f"   {st.image_tokens} image tokens, encode {st.encode_seconds:.2f} s, prefill "
+                  f"{st.evaluated_tokens} tok at {st.prefill_tps:.0f} tok/s, decode {st.generated_tokens} tok at "
+                  f"{st.decode_tps:.0f} tok/s")
+            if title == "grounding":
+                marked = draw_point(images[0], answer)
+                print(f"   marker drawn on {marked}" if marked else "   (no (x, y) point in the answer)")
+    print("\nWith a real checkpoint (downloaded to the HF cache or a directory):\n"
+          "  .venv/bin/kimivl-edge convert moonshotai/Kimi-VL-A3B-Instruct --outtype q4_k_m --mmproj-type q8_0 "
+          "--outdir models\n"
+          "  .venv/bin/kimivl-edge chat -m models/Kimi-VL-A3B-Instruct-Q4_K_M.gguf "
+          "--mmproj models/mmproj-Kimi-VL-A3B-Instruct-Q8_0.gguf")
     return 0
