@@ -142,6 +142,8 @@ class KimiVL:
 
     def close(self) -> None:
         self.decoder.close()
+        if self.vision is not None and hasattr(self.vision, "close"):
+            self.vision.close()
 
     def __enter__(self) -> "KimiVL":
         return self

@@ -13,7 +13,6 @@ Independent sides:
 """
 from __future__ import annotations
 
-import ctypes
 import json
 from pathlib import Path
 
@@ -175,73 +174,34 @@ def source_view(gname: str, g: np.ndarray, src: np.ndarray, cfg: dict, permuted:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# llama.cpp's clip encoder through ctypes (tools/mtmd/clip.h, clip-impl.h of the vendored llama.cpp)
-
-class _ContextParams(ctypes.Structure):
-    """struct clip_context_params."""
-    _fields_ = [("use_gpu", ctypes.c_bool), ("device", ctypes.c_void_p), ("flash_attn_type", ctypes.c_int),
-                ("image_min_tokens", ctypes.c_int), ("image_max_tokens", ctypes.c_int), ("warmup", ctypes.c_bool),
-                ("cb_eval", ctypes.c_void_p), ("cb_eval_user_data", ctypes.c_void_p), ("no_alloc", ctypes.c_bool),
-                ("progress_callback", ctypes.c_void_p), ("progress_callback_user_data", ctypes.c_void_p)]
-
-
-class _InitResult(ctypes.Structure):
-    """struct clip_init_result."""
-    _fields_ = [("ctx_v", ctypes.c_void_p), ("ctx_a", ctypes.c_void_p), ("ctx_gen_a", ctypes.c_void_p)]
-
-
-class _VectorF(ctypes.Structure):
-    """libstdc++ std::vector<float>: begin, end, end of storage. Only ever read or written in place by clip."""
-    _fields_ = [("begin", ctypes.c_void_p), ("end", ctypes.c_void_p), ("cap", ctypes.c_void_p)]
-
-    @classmethod
-    def over(cls, a: np.ndarray) -> "_VectorF":
-        return cls(a.ctypes.data, a.ctypes.data + a.nbytes, a.ctypes.data + a.nbytes)
-
-
-class _ImageF32(ctypes.Structure):
-    """struct clip_image_f32: flags, lead_pad, anyres_info (4 ints), buf (RGBRGB... floats), nx_, ny_."""
-    _fields_ = [("add_viewsep", ctypes.c_bool), ("add_newline", ctypes.c_bool), ("lead_pad", ctypes.c_int32),
-                ("grid_x", ctypes.c_int), ("grid_y", ctypes.c_int), ("orig_nx", ctypes.c_int),
-                ("orig_ny", ctypes.c_int), ("buf", _VectorF), ("nx", ctypes.c_int), ("ny", ctypes.c_int)]
-
+# llama.cpp's clip encoder through ctypes: the binding of the ggml vision backend (kimivl_edge/vision_ggml.py,
+# struct layouts from tools/mtmd/clip.h, clip-impl.h of the vendored llama.cpp)
 
 def _clip_lib():
-    mtmd_cpp = pytest.importorskip("llama_cpp.mtmd_cpp")
-    lib = mtmd_cpp._libmtmd
-    f = {
-        "init": lib._Z9clip_initPKc19clip_context_params,
-        "free": lib._Z9clip_freeP8clip_ctx,
-        "n_embd": lib._Z18clip_n_mmproj_embdPK8clip_ctx,
-        "n_tokens": lib._Z20clip_n_output_tokensPK8clip_ctxPK14clip_image_f32,
-        "encode": lib._Z17clip_image_encodeP8clip_ctxiPK14clip_image_f32RSt6vectorIfSaIfEE,
-    }
-    f["init"].argtypes, f["init"].restype = [ctypes.c_char_p, _ContextParams], _InitResult
-    f["free"].argtypes, f["free"].restype = [ctypes.c_void_p], None
-    f["n_embd"].argtypes, f["n_embd"].restype = [ctypes.c_void_p], ctypes.c_int
-    f["n_tokens"].argtypes, f["n_tokens"].restype = [ctypes.c_void_p, ctypes.POINTER(_ImageF32)], ctypes.c_int
-    f["encode"].argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(_ImageF32), ctypes.POINTER(_VectorF)]
-    f["encode"].restype = ctypes.c_bool
-    return f
+    pytest.importorskip("llama_cpp.mtmd_cpp")
+    from kimivl_edge.vision_ggml import clip_library
+
+    return clip_library()
 
 
 def clip_encode(mmproj: Path, hwc: np.ndarray, expect_tokens: int, expect_embd: int) -> np.ndarray:
     """Load ``mmproj`` with clip_init (CPU, flash attention off, no warmup) and encode one normalized image
     [H, W, 3] float32; returns [tokens, n_embd]. The token/embd counts double as a check of the struct layout."""
-    f = _clip_lib()
-    params = _ContextParams(False, None, 0, -1, -1, False, None, None, False, None, None)
-    ctx = f["init"](str(mmproj).encode(), params).ctx_v
+    from kimivl_edge.vision_ggml import ClipImageF32
+
+    lib = _clip_lib()
+    ctx = lib.init(mmproj, flash_attn=False)
     assert ctx, f"llama.cpp's clip_init could not load {mmproj}"
     try:
         img = np.ascontiguousarray(hwc, dtype=np.float32)
-        im = _ImageF32(nx=img.shape[1], ny=img.shape[0], buf=_VectorF.over(img))
-        n, e = f["n_tokens"](ctx, ctypes.byref(im)), f["n_embd"](ctx)
+        im = ClipImageF32.over(img)
+        n, e = lib.n_output_tokens(ctx, im), lib.n_mmproj_embd(ctx)
         assert (n, e) == (expect_tokens, expect_embd)
         out = np.zeros((n, e), np.float32)
-        assert f["encode"](ctx, 2, ctypes.byref(im), ctypes.byref(_VectorF.over(out)))
+        assert lib.image_encode(ctx, 2, im, out)
         return out
     finally:
-        f["free"](ctx)
+        lib.free(ctx)
 
 
 @pytest.fixture(scope="module")
