@@ -1,0 +1,253 @@
+"""Read a Kimi-VL mmproj GGUF (arch ``clip``, projector ``kimivl``): hyper-parameters and memory-mapped tensors.
+
+Two producers are accepted:
+
+* our converter (``kimivl_edge.convert.mmproj``): llama.cpp's ``clip.*`` keys plus ``kimivl_edge.*`` keys for the
+  preprocessing budget (``in_token_limit``, ``pad_input``), the pos-emb grid, the projector GELU and the Q/K row
+  layout ``kimivl_edge.vision.rope_layout = "ggml_split"`` (reference doc §5.4);
+* llama.cpp's own converter: only the ``clip.*`` keys (reference doc §11), Q/K rows in the checkpoint's interleaved
+  order (§10.2a), so the layout is "hf_interleaved"; the pos-emb grid is the square root of the table's rows and
+  ``in_token_limit`` falls back to 4096 (see ``image_processor_config``).
+
+Tensor names are those ``tools/mtmd/clip.cpp`` loads for Kimi-VL (``v.patch_embd``, ``v.position_embd``,
+``v.blk.N.{ln1,attn_q,attn_k,attn_v,attn_out,ln2,ffn_up,ffn_down}``, ``v.post_ln``, ``mm.input_norm``, ``mm.1``,
+``mm.2``). Nothing is decoded at open time: ``tensor`` returns a view of the memory map, ``float32`` decodes it.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CheckpointError
+from .image import ImageProcessorConfig
+from .quant.codec import dequantize
+from .quant.types import as_qtype
+
+__all__ = ["MmprojError", "VisionHParams", "MmprojFile", "ROPE_LAYOUTS", "DEFAULT_IN_TOKEN_LIMIT"]
+
+ROPE_LAYOUTS = ("ggml_split", "hf_interleaved")
+"""Q/K row order within a head: ggml's split halves (column pairs, then row pairs) or MoonViT's interleaved pairs."""
+DEFAULT_IN_TOKEN_LIMIT = 4096
+"""Budget for files without ``kimivl_edge.vision.in_token_limit`` (llama.cpp-made): the Instruct / Thinking value of
+``preprocessor_config.json`` (reference doc §4). Thinking-2506 uses 16384; pass ``max_patches`` or rebuild the file
+with our converter to get it."""
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0")
+
+_OURS = "kimivl_edge."
+
+
+class MmprojError(CheckpointError):
+    """The file is not a usable Kimi-VL mmproj GGUF (one-line message)."""
+
+
+@dataclass(frozen=True)
+class VisionHParams:
+    """MoonViT + projector hyper-parameters read from the file (reference doc §2, §11)."""
+
+    hidden_size: int
+    num_heads: int
+    num_layers: int
+    intermediate_size: int
+    patch_size: int
+    layer_norm_eps: float
+    pos_emb_height: int
+    pos_emb_width: int
+    projection_dim: int
+    merge_size: int
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    in_token_limit: int | None
+    pad_input: bool | None
+    rope_layout: str
+    projector_gelu: str
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def merged_dim(self) -> int:
+        """Projector input width: merge_size² patch vectors side by side (reference doc §6)."""
+        return self.hidden_size * self.merge_size * self.merge_size
+
+
+class MmprojFile:
+    """A memory-mapped mmproj GGUF, validated as a Kimi-VL vision projector at open time."""
+
+    def __init__(self, path: str | os.PathLike):
+        import gguf
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise MmprojError(f"{self.path}: no such mmproj file")
+        try:
+            self._reader = gguf.GGUFReader(self.path, "r")
+        except Exception as e:  # gguf raises ValueError / struct errors / OSError on foreign or truncated files
+            raise MmprojError(f"{self.path}: not a readable GGUF file ({_one_line(e)})") from None
+        self._tensors = {t.name: t for t in self._reader.tensors}
+        self._check_kind()
+        self.hparams = self._read_hparams()
+        self._check_tensors()
+
+    # -- metadata -------------------------------------------------------------------------------------------------
+    def has_key(self, key: str) -> bool:
+        return key in self._reader.fields
+
+    def value(self, key: str, default: object = None) -> object:
+        """A metadata value (scalar, string or list), or ``default`` when the key is absent."""
+        field = self._reader.fields.get(key)
+        if field is None:
+            return default
+        return field.contents()
+
+    def _required(self, key: str) -> object:
+        v = self.value(key)
+        if v is None:
+            raise MmprojError(f"{self.path}: missing metadata key {key}")
+        return v
+
+    def _check_kind(self) -> None:
+        arch = self.value("general.architecture")
+        if arch != "clip":
+            raise MmprojError(f"{self.path}: a {arch or 'unknown'}-architecture GGUF, not a vision projector (mmproj) "
+                              "file")
+        ptype = self.value("clip.projector_type")
+        if ptype != "kimivl":
+            raise MmprojError(f"{self.path}: clip projector_type is {ptype!r}, expected 'kimivl' (not a Kimi-VL "
+                              "mmproj)")
+        if self.value("clip.has_vision_encoder", True) is not True:
+            raise MmprojError(f"{self.path}: the file has no vision encoder")
+
+    def _read_hparams(self) -> VisionHParams:
+        g = self._required
+        hidden, heads = int(g("clip.vision.embedding_length")), int(g("clip.vision.attention.head_count"))
+        if heads <= 0 or hidden % heads or (hidden // heads) % 4:
+            raise MmprojError(f"{self.path}: {hidden} hidden / {heads} heads: the head dim must be a multiple of 4")
+        layout = self.value(_OURS + "vision.rope_layout", "hf_interleaved")
+        if layout not in ROPE_LAYOUTS:
+            raise MmprojError(f"{self.path}: unknown {_OURS}vision.rope_layout {layout!r}")
+        gelu = self.value(_OURS + "projector.gelu", "erf")
+        if gelu != "erf":
+            raise MmprojError(f"{self.path}: projector GELU {gelu!r} is not supported (Kimi-VL uses erf)")
+        pos_h, pos_w = self._pos_grid()
+        limit = self.value(_OURS + "vision.in_token_limit")
+        pad = self.value(_OURS + "vision.pad_input")
+        return VisionHParams(
+            hidden_size=hidden, num_heads=heads,
+            num_layers=int(g("clip.vision.block_count")),
+            intermediate_size=int(g("clip.vision.feed_forward_length")),
+            patch_size=int(g("clip.vision.patch_size")),
+            layer_norm_eps=float(g("clip.vision.attention.layer_norm_epsilon")),
+            pos_emb_height=pos_h, pos_emb_width=pos_w,
+            projection_dim=int(g("clip.vision.projection_dim")),
+            merge_size=int(self.value("clip.vision.projector.scale_factor", 2)),
+            image_mean=_triple(g("clip.vision.image_mean"), "image_mean", self.path),
+            image_std=_triple(g("clip.vision.image_std"), "image_std", self.path),
+            in_token_limit=None if limit is None else int(limit),
+            pad_input=None if pad is None else bool(pad),
+            rope_layout=str(layout), projector_gelu=str(gelu),
+        )
+
+    def _pos_grid(self) -> tuple[int, int]:
+        """(H, W) of the pos-emb table: our keys, else the square root of its row count (llama.cpp assumes square)."""
+        h, w = self.value(_OURS + "vision.pos_emb_height"), self.value(_OURS + "vision.pos_emb_width")
+        if h is not None and w is not None:
+            return int(h), int(w)
+        t = self._tensors.get("v.position_embd.weight")
+        if t is None:
+            raise MmprojError(f"{self.path}: missing tensor v.position_embd.weight")
+        rows = int(t.shape[1]) if len(t.shape) > 1 else 1
+        side = math.isqrt(rows)
+        if side * side != rows:
+            raise MmprojError(f"{self.path}: position table has {rows} rows, not a square grid")
+        return side, side
+
+    # -- tensors --------------------------------------------------------------------------------------------------
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Numpy shape of every tensor the encoder reads (reference doc §3.1, §3.2 under the GGUF names)."""
+        hp = self.hparams
+        d, f, p, m = hp.hidden_size, hp.intermediate_size, hp.patch_size, hp.merged_dim
+        out: dict[str, tuple[int, ...]] = {
+            "v.patch_embd.weight": (d, 3, p, p), "v.patch_embd.bias": (d,),
+            "v.position_embd.weight": (hp.pos_emb_height * hp.pos_emb_width, d),
+            "v.post_ln.weight": (d,), "v.post_ln.bias": (d,),
+            "mm.input_norm.weight": (d,), "mm.input_norm.bias": (d,),
+            "mm.1.weight": (m, m), "mm.1.bias": (m,),
+            "mm.2.weight": (hp.projection_dim, m), "mm.2.bias": (hp.projection_dim,),
+        }
+        for i in range(hp.num_layers):
+            b = f"v.blk.{i}."
+            for norm in ("ln1", "ln2"):
+                out[b + norm + ".weight"] = out[b + norm + ".bias"] = (d,)
+            for lin, shape in (("attn_q", (d, d)), ("attn_k", (d, d)), ("attn_v", (d, d)), ("attn_out", (d, d)),
+                               ("ffn_up", (f, d)), ("ffn_down", (d, f))):
+                out[b + lin + ".weight"], out[b + lin + ".bias"] = shape, shape[:1]
+        return out
+
+    def _check_tensors(self) -> None:
+        for name, shape in self.expected_shapes().items():
+            t = self._tensors.get(name)
+            if t is None:
+                raise MmprojError(f"{self.path}: missing tensor {name}")
+            got = self._numpy_shape(t)
+            if got != shape:
+                raise MmprojError(f"{self.path}: tensor {name} has shape {list(got)}, expected {list(shape)}")
+            if t.tensor_type.name not in SUPPORTED_TYPES:
+                raise MmprojError(f"{self.path}: tensor {name} is {t.tensor_type.name}; supported: "
+                                  f"{', '.join(SUPPORTED_TYPES)}")
+
+    @staticmethod
+    def _numpy_shape(t) -> tuple[int, ...]:
+        """GGUF lists ggml ``ne`` (fastest axis first); numpy order is the reverse (reference doc §11)."""
+        shape = tuple(int(s) for s in reversed(t.shape))
+        while len(shape) > 1 and shape[0] == 1:  # a 1-D tensor may be stored with trailing ne = 1
+            shape = shape[1:]
+        return shape
+
+    @property
+    def tensor_names(self) -> list[str]:
+        return list(self._tensors)
+
+    def tensor(self, name: str) -> tuple[np.ndarray, str, tuple[int, ...]]:
+        """(raw data view of the memory map, ggml type name, numpy shape). No copy, no decoding."""
+        t = self._tensors.get(name)
+        if t is None:
+            raise MmprojError(f"{self.path}: missing tensor {name}")
+        return t.data, t.tensor_type.name, self._numpy_shape(t)
+
+    def float32(self, name: str) -> np.ndarray:
+        """The tensor decoded to float32 in its numpy shape; F32 data is returned as a read-only view of the map."""
+        raw, ttype, shape = self.tensor(name)
+        if ttype == "F32":
+            return np.asarray(raw, dtype=np.float32).reshape(shape)
+        return dequantize(raw, as_qtype(ttype), shape)
+
+    # -- preprocessing -----------------------------------------------------------------------------------------
+    def image_processor_config(self) -> ImageProcessorConfig:
+        """The pixel pipeline's settings from the file (reference doc §4): mean/std from the clip keys, budget from
+        ``kimivl_edge.vision.in_token_limit`` or ``DEFAULT_IN_TOKEN_LIMIT`` for llama.cpp-made files."""
+        hp = self.hparams
+        return ImageProcessorConfig(
+            patch_size=hp.patch_size, merge_kernel_size=(hp.merge_size, hp.merge_size),
+            in_token_limit=hp.in_token_limit if hp.in_token_limit is not None else DEFAULT_IN_TOKEN_LIMIT,
+            image_mean=hp.image_mean, image_std=hp.image_std,
+            pad_input=True if hp.pad_input is None else hp.pad_input)
+
+    def __repr__(self) -> str:
+        return f"MmprojFile({str(self.path)!r})"
+
+
+def _triple(v: object, key: str, path: Path) -> tuple[float, float, float]:
+    vals = list(v) if isinstance(v, (list, tuple)) else [v] * 3
+    if len(vals) != 3 or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in vals):
+        raise MmprojError(f"{path}: clip.vision.{key} must be three numbers, got {v!r}")
+    return float(vals[0]), float(vals[1]), float(vals[2])
+
+
+def _one_line(e: BaseException) -> str:
+    s = " ".join(str(e).split())
+    return s[:200] or type(e).__name__

@@ -1,0 +1,222 @@
+"""The runtime end to end (our GGUF pair -> numpy vision -> llama.cpp decoder -> sampler) against the fp32 reference,
+plus embedding injection, streaming, KV reuse, the thinking split and bad input.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from kimivl_edge.convert import convert_checkpoint
+from kimivl_edge.decoder import ImageBlock
+from kimivl_edge.errors import ImageError, KimiVLError, UsageError
+from kimivl_edge.model import KimiVL
+from kimivl_edge.synth import synth
+
+VARIANTS = ("instruct", "thinking", "thinking-2506")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, tuple[Path, Path, Path]]:
+    root = tmp_path_factory.mktemp("rt")
+    out = {}
+    for v in VARIANTS:
+        ck = synth(root / f"Kimi-VL-A3B-{v}", "tiny", v, seed=21)
+        text, mm = convert_checkpoint(ck, "f32", "f32", root / f"gguf-{v}")
+        out[v] = (ck, text, mm)
+    return out
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> list[str]:
+    d = tmp_path_factory.mktemp("img")
+    rng = np.random.default_rng(5)
+    paths = []
+    for w, h in [(100, 60), (168, 224)]:
+        a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        a[: h // 2] //= 3  # some structure so attention is not uniform
+        p = d / f"{w}x{h}.png"
+        Image.fromarray(a).save(p)
+        paths.append(str(p))
+    return paths
+
+
+def ask(images: list[str], text: str) -> list[dict]:
+    return [{"role": "user", "content": [*({"type": "image", "image": i} for i in images),
+                                         {"type": "text", "text": text}]}]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_end_to_end_matches_the_reference(files, images, variant):
+    import torch
+
+    from kimivl_edge.reference.model import ReferenceModel
+
+    ck, text, mm = files[variant]
+    messages = ask(images, "What is in the two pictures?")
+    ref = ReferenceModel(ck)
+    p = ref.prepare(messages)
+    with KimiVL.load(text, mm, kv_type="f32", n_ctx=512) as m:
+        segments, stats = m.build_prompt(messages)
+        keys = m.decoder.segment_keys(segments)
+        pad = ref.config.media_placeholder_token_id
+        assert [k if isinstance(k, int) else pad for k in keys] == p.input_ids  # same prompt, same framing
+        assert stats.image_tokens == p.input_ids.count(pad)
+        with torch.no_grad():
+            want = ref.logits(p)[-1].double().numpy()
+        got = m.logits(messages).astype(np.float64)
+        rel = np.abs(got - want).max() / np.abs(want).max()
+        assert rel <= 1e-4, f"first generated position: max relative logit error {rel:.2e}"
+        ref_ids = [t for t in ref.generate_ids(p, 32) if t not in ref.tokenizer.stop_ids]
+        out = m.generate(messages, temperature=0, max_tokens=32)
+        assert out.tokens == ref_ids[: len(out.tokens)] and len(out.tokens) == len(ref_ids)
+
+
+def test_embedding_rows_are_equivalent_to_tokens(files):
+    import gguf
+
+    _, text, _ = files["instruct"]
+    emb = {t.name: t for t in gguf.GGUFReader(text).tensors}["token_embd.weight"]
+    table = np.asarray(emb.data, dtype=np.float32).reshape(-1, emb.shape[0])
+    with KimiVL.load(text, kv_type="f32") as m:
+        ids = m.tokenize("<|im_user|>user<|im_middle|>Which side is the red circle on?<|im_end|>")
+        a = m.decoder.prompt([ids])
+        m.decoder.reset()
+        b = m.decoder.prompt([ids[:3], ImageBlock(table[ids[3:9]], "rows"), ids[9:]])
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * np.abs(a).max())
+
+
+def test_streaming_equals_generate_and_keeps_utf8_whole(files, images):
+    _, text, mm = files["instruct"]
+    messages = ask(images[:1], "Describe it.")
+    with KimiVL.load(text, mm, kv_type="f32") as m:
+        full = m.generate(messages, temperature=0.9, seed=3, max_tokens=24)
+        pieces = list(m.stream(messages, temperature=0.9, seed=3, max_tokens=24))
+    assert "".join(p.text for p in pieces) == full.text
+    assert all("\ufffd" not in p.text or "\ufffd" in full.text for p in pieces)
+
+
+def test_second_turn_reuses_the_kv_cache_and_the_image(files, images):
+    _, text, mm = files["instruct"]
+    first = ask(images[:1], "What is this?")
+    with KimiVL.load(text, mm, kv_type="f32") as m:
+        out = m.generate(first, temperature=0, max_tokens=6)
+        turn2 = first + [{"role": "assistant", "content": out.text}, {"role": "user", "content": "And the colour?"}]
+        segments, st = m.build_prompt(turn2)
+        assert st.encode_seconds == 0.0 or len(m._image_cache) == 1  # image not encoded again
+        before = m.decoder.n_evaluated
+        cached = m.decoder.n_past
+        got = m.decoder.prompt(segments)
+        evaluated = m.decoder.n_evaluated - before
+        assert evaluated < st.prompt_tokens - st.image_tokens  # neither the image nor the first turn again
+        assert evaluated <= st.prompt_tokens - cached + 8  # only the new tail (plus re-tokenized answer edges)
+    with KimiVL.load(text, mm, kv_type="f32") as fresh:
+        want = fresh.logits(turn2)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_thinking_split_while_streaming_with_markers_across_tokens(files, monkeypatch):
+    _, text, _ = files["thinking"]
+    with KimiVL.load(text) as m:
+        synthetic = "◁think▷ The circle is left of centre. ◁/think▷ Left."
+        raw = synthetic.encode()
+        # one token per byte: every marker (and every multi-byte character) is split across tokens
+        byte_ids = [m.tokenizer._enc.encode_single_token(bytes([b])) for b in raw]
+        monkeypatch.setattr(m, "stream_tokens", lambda *a, **k: iter(byte_ids))
+        pieces = list(m.stream([{"role": "user", "content": "x"}]))
+    reasoning = "".join(p.text for p in pieces if p.kind == "reasoning")
+    answer = "".join(p.text for p in pieces if p.kind == "answer")
+    assert reasoning == "The circle is left of centre." and answer == "Left."
+
+
+def test_thinking_history_keeps_only_the_answer(files):
+    _, text, _ = files["thinking"]
+    with KimiVL.load(text) as m:
+        msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "◁think▷ secret ◁/think▷ shown"},
+                {"role": "user", "content": "b"}]
+        segs, _ = m.build_prompt(msgs)
+        rendered = m.detokenize([t for s in segs for t in s])
+    assert "secret" not in rendered and "shown" in rendered
+
+
+# --- bad input ----------------------------------------------------------------------------------------------
+
+def run(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kimivl_edge", "run", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def bad_images(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("bad")
+    png = d / "ok.png"
+    Image.new("RGB", (40, 30), "red").save(png)
+    data = png.read_bytes()
+    out = {"truncated": d / "truncated.png", "empty": d / "empty.png", "text": d / "text.png",
+           "missing": d / "missing.png", "bomb": d / "bomb.png"}
+    out["truncated"].write_bytes(data[: len(data) // 2])
+    out["empty"].write_bytes(b"")
+    out["text"].write_text("not an image")
+    Image.new("1", (20000, 10000)).save(out["bomb"])  # 200 Mpx in a few KB
+    return out
+
+
+@pytest.mark.parametrize("kind", ["truncated", "empty", "text", "missing", "bomb"])
+def test_bad_images_exit_2(files, bad_images, kind):
+    _, text, mm = files["instruct"]
+    r = run("-m", str(text), "--mmproj", str(mm), "--image", str(bad_images[kind]), "-p", "hi")
+    assert r.returncode == 2, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_unusual_image_modes_work_like_the_hf_processor(files, tmp_path):
+    _, text, mm = files["instruct"]
+    paths = []
+    for mode in ("CMYK", "I;16", "P", "RGBA", "L"):
+        img = Image.new(mode, (50, 40))
+        p = tmp_path / f"{mode.replace(';', '')}.{'jpg' if mode == 'CMYK' else 'png'}"
+        img.save(p)
+        paths.append(str(p))
+    with KimiVL.load(text, mm, kv_type="f32") as m:
+        embs = m.encode_images(paths)
+    # 50x40 pads to 56x56: a 4x4 patch grid, 4 merged tokens (reference doc §4)
+    assert [e.shape for e in embs] == [(4, m.info.n_embd)] * 5
+    assert all(np.isfinite(e).all() for e in embs)
+
+
+def test_mismatched_and_foreign_files_are_refused(files, tmp_path):
+    from kimivl_edge.checkpoint import Checkpoint
+    from kimivl_edge.convert.gguf_out import write_gguf
+    from kimivl_edge.convert.mmproj import mmproj_plan
+
+    ck, text, mm = files["instruct"]
+    wrong = tmp_path / "mmproj-wrong.gguf"
+    write_gguf(wrong, mmproj_plan(Checkpoint(ck), "f32", extra_kv={"clip.vision.projection_dim": (999, None)}))
+    cases = [("-m", str(text), "--mmproj", str(wrong)),  # projection dim != n_embd
+             ("-m", str(mm), "--mmproj", str(mm)),  # an mmproj is not a text model
+             ("-m", str(text), "--mmproj", str(text)),  # a text model is not an mmproj
+             ("-m", str(tmp_path / "nope.gguf"))]
+    for args in cases:
+        r = run(*args, "-p", "hi")
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+
+
+def test_placeholder_count_and_context_overflow(files, images, tmp_path):
+    _, text, mm = files["instruct"]
+    big = tmp_path / "big.png"
+    Image.new("RGB", (560, 560), "blue").save(big)  # 40x40 patches = 400 image tokens
+    with KimiVL.load(text, mm, n_ctx=64) as m:
+        assert m.decoder.n_ctx < 400
+        with pytest.raises(UsageError, match="placeholder"):
+            m.build_prompt([{"role": "user", "content": [{"type": "image", "image": images[0]},
+                                                         {"type": "text", "text": "and <|media_pad|>"}]}])
+        with pytest.raises(UsageError, match="context"):
+            m.generate(ask([str(big)], "What is this?"))
+    with pytest.raises(KimiVLError):
+        KimiVL.load(text, mm, vision_backend="cuda")
+    with pytest.raises(ImageError):
+        KimiVL.load(text, mm).encode_images([b"garbage"])
