@@ -104,6 +104,8 @@ class KimiVL:
         self.max_image_patches = max_image_patches
         self._image_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self.image_cache_size = 16
+        # called as progress(layer_index, n_layers) during long image encodes (the CLI sets it on a terminal)
+        self.encode_progress = None
 
     # -- loading ----------------------------------------------------------------------------------------------
     @classmethod
@@ -189,7 +191,7 @@ class KimiVL:
         t0 = time.perf_counter()
         if todo:
             sel_pv = np.concatenate([pv[offsets[k]: offsets[k + 1]] for k in todo])
-            embs = vision.encode(sel_pv, grid[todo])
+            embs = vision.encode(sel_pv, grid[todo], progress=self.encode_progress)
             for k, e in zip(todo, embs):
                 out[k] = (e, keys[k])
                 self._image_cache[keys[k]] = e

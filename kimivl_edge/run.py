@@ -37,9 +37,18 @@ def add_sampling_args(ap) -> None:
 def load_model(args):
     from .model import KimiVL
 
-    return KimiVL.load(args.model, args.mmproj, n_ctx=args.ctx, n_threads=args.threads, kv_type=args.kv_type,
-                       vision_backend=args.vision_backend, weight_cache=args.weight_cache, flash_attn=args.flash_attn,
-                       max_image_patches=args.max_image_patches)
+    model = KimiVL.load(args.model, args.mmproj, n_ctx=args.ctx, n_threads=args.threads, kv_type=args.kv_type,
+                        vision_backend=args.vision_backend, weight_cache=args.weight_cache,
+                        flash_attn=args.flash_attn, max_image_patches=args.max_image_patches)
+    if sys.stderr.isatty():
+        model.encode_progress = _progress
+    return model
+
+
+def _progress(i: int, n: int) -> None:
+    """Per-layer progress of a long image encode, on the terminal only."""
+    sys.stderr.write(f"\rencoding image: layer {i + 1}/{n}" + ("\r\033[K" if i + 1 == n else ""))
+    sys.stderr.flush()
 
 
 def sampling(args):
