@@ -37,7 +37,7 @@ def _src(ck: Checkpoint, name: str) -> Callable[[], np.ndarray]:
 def _hf_tensors(ck: Checkpoint) -> list[tuple[str, tuple[int, ...], tuple[str, ...], Callable[[], np.ndarray]]]:
     """(gguf name, numpy shape, HF sources, make) for every text tensor, in llama.cpp's converter order."""
     t: TextConfig = ck.config.text
-    H, nh, r = t.hidden_size, t.num_attention_heads, t.kv_lora_rank
+    nh, r = t.num_attention_heads, t.kv_lora_rank
     nope, vd = t.qk_nope_head_dim, t.v_head_dim
     out = []
 

@@ -254,6 +254,29 @@ LAYER_TENSORS = ("ln1.weight", "ln1.bias", "attn_out.weight", "attn_out.bias", "
                  "ffn_up.weight", "ffn_up.bias", "ffn_down.weight", "ffn_down.bias")
 
 
+def check_patches(pixel_values: np.ndarray, grid_hws: object, p: int, m: int
+                  ) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Validate ``pixel_values`` [n, 3, p, p] (or [n, 3*p*p]) against an integer ``grid_hws`` [n_images, 2] whose
+    sides are multiples of the merge ``m`` within the RoPE table; returns [n, 3*p*p] float32 and the grids.
+    Shared by both vision backends."""
+    pv = np.asarray(pixel_values)
+    if pv.ndim not in (2, 4) or pv.shape[1:] not in ((3, p, p), (3 * p * p,)):
+        raise UsageError(f"pixel_values must be [n, 3, {p}, {p}], got {list(pv.shape)}")
+    g = np.asarray(grid_hws)
+    if g.size == 0:
+        g = np.zeros((0, 2), dtype=np.int64)
+    if g.ndim != 2 or g.shape[1] != 2 or not np.issubdtype(g.dtype, np.integer):
+        raise UsageError(f"grid_hws must be integer [n_images, 2], got {g.dtype} {list(g.shape)}")
+    grids = [(int(h), int(w)) for h, w in g]
+    for gh, gw in grids:
+        if gh < m or gw < m or gh % m or gw % m or gh > ROPE_MAX_GRID or gw > ROPE_MAX_GRID:
+            raise UsageError(f"grid {gh}x{gw}: sides must be multiples of {m} between {m} and {ROPE_MAX_GRID}")
+    total = sum(gh * gw for gh, gw in grids)
+    if total != pv.shape[0]:
+        raise UsageError(f"grid_hws hold {total} patches but pixel_values has {pv.shape[0]}")
+    return np.ascontiguousarray(pv.reshape(pv.shape[0], 3 * p * p), dtype=np.float32), grids
+
+
 class VisionEncoder:
     """MoonViT + merge + projector on a Kimi-VL mmproj GGUF (reference doc §5, §6), numpy float32.
 
@@ -307,24 +330,7 @@ class VisionEncoder:
 
     # -- checks ------------------------------------------------------------------------------------------------
     def _check_inputs(self, pixel_values: np.ndarray, grid_hws: object) -> tuple[np.ndarray, list[tuple[int, int]]]:
-        hp = self.hparams
-        p, m = hp.patch_size, hp.merge_size
-        pv = np.asarray(pixel_values)
-        if pv.ndim not in (2, 4) or pv.shape[1:] not in ((3, p, p), (3 * p * p,)):
-            raise UsageError(f"pixel_values must be [n, 3, {p}, {p}], got {list(pv.shape)}")
-        g = np.asarray(grid_hws)
-        if g.size == 0:
-            g = np.zeros((0, 2), dtype=np.int64)
-        if g.ndim != 2 or g.shape[1] != 2 or not np.issubdtype(g.dtype, np.integer):
-            raise UsageError(f"grid_hws must be integer [n_images, 2], got {g.dtype} {list(g.shape)}")
-        grids = [(int(h), int(w)) for h, w in g]
-        for gh, gw in grids:
-            if gh < m or gw < m or gh % m or gw % m or gh > ROPE_MAX_GRID or gw > ROPE_MAX_GRID:
-                raise UsageError(f"grid {gh}x{gw}: sides must be multiples of {m} between {m} and {ROPE_MAX_GRID}")
-        total = sum(gh * gw for gh, gw in grids)
-        if total != pv.shape[0]:
-            raise UsageError(f"grid_hws hold {total} patches but pixel_values has {pv.shape[0]}")
-        return np.ascontiguousarray(pv.reshape(pv.shape[0], 3 * p * p), dtype=np.float32), grids
+        return check_patches(pixel_values, grid_hws, self.hparams.patch_size, self.hparams.merge_size)
 
     # -- stages ------------------------------------------------------------------------------------------------
     def embed(self, patches: np.ndarray, grids: Sequence[tuple[int, int]]) -> np.ndarray:

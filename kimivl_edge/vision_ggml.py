@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import ctypes
 import importlib.metadata
-import importlib.util
 import os
 import sys
 from collections.abc import Callable
@@ -143,14 +142,12 @@ def _log(level: int, text: bytes | None, user_data: object) -> None:
 
 def library_path() -> Path:
     """Path of ``libmtmd`` inside the installed ``llama_cpp`` package (found without importing it)."""
-    spec = importlib.util.find_spec("llama_cpp")
-    if spec is None or not spec.submodule_search_locations:
-        raise GgmlBackendError("the ggml vision backend needs llama-cpp-python, which is not installed")
-    lib_dir = Path(next(iter(spec.submodule_search_locations))) / "lib"
-    for name in ("libmtmd.so", "libmtmd.dylib", "mtmd.dll"):
-        if (lib_dir / name).exists():
-            return lib_dir / name
-    raise GgmlBackendError(f"no libmtmd shared library under {lib_dir} (llama-cpp-python built without mtmd?)")
+    from .quant.ggml_c import find_llama_cpp_library
+
+    try:
+        return find_llama_cpp_library("mtmd")
+    except FileNotFoundError as e:
+        raise GgmlBackendError(f"the ggml vision backend needs llama-cpp-python with mtmd: {e}") from None
 
 
 def _check_version() -> None:
@@ -306,24 +303,10 @@ class GgmlVisionEncoder:
 
     # -- encoding ---------------------------------------------------------------------------------------------
     def _check_inputs(self, pixel_values: np.ndarray, grid_hws: object) -> tuple[np.ndarray, list[tuple[int, int]]]:
-        """Same rules as the numpy backend: [n, 3, p, p] patches, integer grid with sides multiple of the merge."""
-        p, m = self.hparams.patch_size, self.hparams.merge_size
-        pv = np.asarray(pixel_values)
-        if pv.ndim not in (2, 4) or pv.shape[1:] not in ((3, p, p), (3 * p * p,)):
-            raise UsageError(f"pixel_values must be [n, 3, {p}, {p}], got {list(pv.shape)}")
-        g = np.asarray(grid_hws)
-        if g.size == 0:
-            g = np.zeros((0, 2), np.int64)
-        if g.ndim != 2 or g.shape[1] != 2 or not np.issubdtype(g.dtype, np.integer):
-            raise UsageError(f"grid_hws must be integer [n_images, 2], got {g.dtype} {list(g.shape)}")
-        grids = [(int(h), int(w)) for h, w in g]
-        for gh, gw in grids:
-            if gh < m or gw < m or gh % m or gw % m or gh > ROPE_MAX_GRID or gw > ROPE_MAX_GRID:
-                raise UsageError(f"grid {gh}x{gw}: sides must be multiples of {m} between {m} and {ROPE_MAX_GRID}")
-        total = sum(gh * gw for gh, gw in grids)
-        if total != pv.shape[0]:
-            raise UsageError(f"grid_hws hold {total} patches but pixel_values has {pv.shape[0]}")
-        return pv.reshape(pv.shape[0], 3 * p * p), grids
+        """Same rules as the numpy backend."""
+        from .vision import check_patches
+
+        return check_patches(pixel_values, grid_hws, self.hparams.patch_size, self.hparams.merge_size)
 
     def encode_image(self, patches: np.ndarray, gh: int, gw: int) -> np.ndarray:
         """One image's patches [gh*gw, 3, p, p] -> [gh*gw/m², n_embd] float32 (reference doc §5, §6 as llama.cpp

@@ -43,16 +43,21 @@ class _TypeTraits(ctypes.Structure):
     ]
 
 
-def library_path() -> Path:
-    """Path of ``libggml-base.so`` inside the installed ``llama_cpp`` package (without importing it)."""
+def find_llama_cpp_library(stem: str) -> Path:
+    """Path of the shared library ``lib<stem>`` inside the installed ``llama_cpp`` package (without importing it)."""
     spec = importlib.util.find_spec("llama_cpp")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("llama_cpp (llama-cpp-python) is not installed")
     lib_dir = Path(next(iter(spec.submodule_search_locations))) / "lib"
-    for name in ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll"):
+    for name in (f"lib{stem}.so", f"lib{stem}.dylib", f"{stem}.dll"):
         if (lib_dir / name).exists():
             return lib_dir / name
-    raise FileNotFoundError(f"no libggml-base shared library under {lib_dir}")
+    raise FileNotFoundError(f"no lib{stem} shared library under {lib_dir}")
+
+
+def library_path() -> Path:
+    """Path of ``libggml-base`` inside the installed ``llama_cpp`` package."""
+    return find_llama_cpp_library("ggml-base")
 
 
 @lru_cache(maxsize=1)

@@ -6,7 +6,6 @@ Expected layouts are written here from reference doc §3.4 / §11, independently
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess

@@ -141,7 +141,7 @@ def _stream(chunks: list[str]) -> tuple[str | None, str, list[tuple[str, str]]]:
 STREAM_CASES = [(t, r, a) for t, r, a in THINK_CASES
                 if t.lstrip().startswith(OPEN) or (OPEN not in t and CLOSE not in t)] + [
     (f"{OPEN}\u4e2d\u6587 r{CLOSE}\u7b54 {OPEN}", "\u4e2d\u6587 r", f"\u7b54 {OPEN}"),
-    (f"\u25c1thin", None, "\u25c1thin"),                                         # partial open at the end
+    ("\u25c1thin", None, "\u25c1thin"),                                         # partial open at the end
     (f"\u25c1thinx {CLOSE[:3]}", None, f"\u25c1thinx {CLOSE[:3]}"),
 ]
 
