@@ -33,6 +33,9 @@ class PlannedTensor:
     reason: str                        # why this type ("policy: ...", "fallback: ...", "range: ...")
     make: Callable[[], np.ndarray] = field(repr=False)  # -> float32 array of `shape`
     sources: tuple[str, ...] = ()      # HF tensor names it is built from
+    # Optional: consecutive float32 row blocks [k, ne0] covering the tensor, so a large tensor (163840 x 2048
+    # embeddings, 64 stacked experts) never exists whole as float32. Without it, make() is called.
+    chunks: Callable[[], Iterator[np.ndarray]] | None = field(default=None, repr=False)
 
     @property
     def nbytes(self) -> int:
@@ -100,6 +103,30 @@ def _cleanup_on_signal(tmp: Path) -> Iterator[None]:
             signal.signal(signal.SIGTERM, old)
 
 
+CHUNK_BYTES = 64 << 20  # float32 rows quantized at a time
+
+
+def _row_blocks(t: PlannedTensor) -> Iterator[np.ndarray]:
+    """The tensor as consecutive float32 row blocks [k, ne0] (quantization blocks never cross a row)."""
+    ne0 = t.shape[-1] if t.shape else 1
+    if t.chunks is not None:
+        n = 0
+        for block in t.chunks():
+            block = np.ascontiguousarray(block, dtype=np.float32).reshape(-1, ne0)
+            n += block.shape[0]
+            yield block
+        if n * ne0 != int(np.prod(t.shape)):
+            raise AssertionError(f"{t.name}: chunks gave {n} rows of {ne0}, planned {t.shape}")
+        return
+    data = t.make()
+    if tuple(data.shape) != tuple(t.shape):
+        raise AssertionError(f"{t.name}: produced shape {data.shape}, planned {t.shape}")
+    rows = np.ascontiguousarray(data, dtype=np.float32).reshape(-1, ne0)
+    step = max(1, CHUNK_BYTES // (4 * ne0))
+    for a in range(0, rows.shape[0], step):
+        yield rows[a: a + step]
+
+
 def temp_path(final: Path) -> Path:
     return final.with_name(f".{final.name}.partial-{os.getpid()}")
 
@@ -117,15 +144,19 @@ def write_gguf(final: str | Path, plan: GGUFPlan, on_bytes: Callable[[int], None
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
+        fout = w.fout[0]
         for t in plan.tensors:
-            data = t.make()
-            if tuple(data.shape) != tuple(t.shape):
-                raise AssertionError(f"{t.name}: produced shape {data.shape}, planned {t.shape}")
-            raw = codec.quantize(np.ascontiguousarray(data, dtype=np.float32), t.qtype)
-            w.write_tensor_data(raw)
-            if on_bytes is not None:
-                on_bytes(raw.nbytes)
-            del data, raw
+            w.write_padding(fout, fout.tell())  # data alignment, as GGUFWriter.write_tensor_data does
+            written = 0
+            for rows in _row_blocks(t):
+                raw = codec.quantize(rows, t.qtype)
+                fout.write(memoryview(np.ascontiguousarray(raw)).cast("B"))
+                written += raw.nbytes
+                if on_bytes is not None:
+                    on_bytes(raw.nbytes)
+            if written != t.nbytes:
+                raise AssertionError(f"{t.name}: wrote {written} bytes, planned {t.nbytes}")
+            w.write_padding(fout, written)
         w.close()
         os.replace(tmp, final)
     return final

@@ -34,8 +34,9 @@ def _src(ck: Checkpoint, name: str) -> Callable[[], np.ndarray]:
     return lambda: ck.float32(name)
 
 
-def _hf_tensors(ck: Checkpoint) -> list[tuple[str, tuple[int, ...], tuple[str, ...], Callable[[], np.ndarray]]]:
-    """(gguf name, numpy shape, HF sources, make) for every text tensor, in llama.cpp's converter order."""
+def _hf_tensors(ck: Checkpoint) -> list[tuple]:
+    """(gguf name, numpy shape, HF sources, make, chunks) for every text tensor, in llama.cpp's converter order;
+    ``chunks`` (or None) streams float32 row blocks so large tensors are never widened whole."""
     t: TextConfig = ck.config.text
     nh, r = t.num_attention_heads, t.kv_lora_rank
     nope, vd = t.qk_nope_head_dim, t.v_head_dim
@@ -43,7 +44,7 @@ def _hf_tensors(ck: Checkpoint) -> list[tuple[str, tuple[int, ...], tuple[str, .
 
     def direct(gname: str, hf: str) -> None:
         shape = ck.shard(ck.weight_map[hf]).shape(hf)
-        out.append((gname, shape, (hf,), _src(ck, hf)))
+        out.append((gname, shape, (hf,), _src(ck, hf), lambda hf=hf: ck.row_blocks(hf)))
 
     direct("token_embd.weight", "language_model.model.embed_tokens.weight")
     for i in range(t.num_hidden_layers):
@@ -63,8 +64,8 @@ def _hf_tensors(ck: Checkpoint) -> list[tuple[str, tuple[int, ...], tuple[str, .
             w = ck.float32(kvb).reshape(nh, nope + vd, r)
             return np.ascontiguousarray(w[:, nope:, :])  # [H, v, r]
 
-        out.append((b + "attn_k_b.weight", (nh, r, nope), (kvb,), k_b))
-        out.append((b + "attn_v_b.weight", (nh, vd, r), (kvb,), v_b))
+        out.append((b + "attn_k_b.weight", (nh, r, nope), (kvb,), k_b, None))
+        out.append((b + "attn_v_b.weight", (nh, vd, r), (kvb,), v_b, None))
         direct(b + "attn_output.weight", L + "self_attn.o_proj.weight")
         direct(b + "ffn_norm.weight", L + "post_attention_layernorm.weight")
         if not t.is_moe_layer(i):
@@ -77,7 +78,8 @@ def _hf_tensors(ck: Checkpoint) -> list[tuple[str, tuple[int, ...], tuple[str, .
             names = tuple(L + f"mlp.experts.{e}.{p}_proj.weight" for e in range(t.n_routed_experts))
             shape = (t.n_routed_experts, *ck.shard(ck.weight_map[names[0]]).shape(names[0]))
             out.append((b + f"ffn_{p}_exps.weight", shape, names,
-                        lambda names=names: np.stack([ck.float32(n) for n in names])))
+                        lambda names=names: np.stack([ck.float32(n) for n in names]),
+                        lambda names=names: (blk for n in names for blk in ck.row_blocks(n))))
         for p in ("gate", "up", "down"):
             direct(b + f"ffn_{p}_shexp.weight", L + f"mlp.shared_experts.{p}_proj.weight")
     direct("output_norm.weight", "language_model.model.norm.weight")
@@ -92,7 +94,10 @@ def bf16_fits_f16(ck: Checkpoint, names: tuple[str, ...]) -> tuple[bool, float]:
     for n in names:
         raw = ck.raw(n)
         if ck.dtype(n) == "BF16":
-            bits = int(np.max(raw & np.uint16(0x7FFF))) if raw.size else 0
+            flat = raw.reshape(-1)
+            step = 1 << 24  # scan in pieces: no full-size temporary
+            bits = max((int(np.max(flat[a: a + step] & np.uint16(0x7FFF))) for a in range(0, flat.size, step)),
+                       default=0)
             finite = bits < 0x7F80
             ok &= (bits <= _BF16_F16_MAX_BITS) or not finite
             amax = max(amax, float(np.array([bits << 16], np.uint32).view(np.float32)[0]) if finite else amax)
@@ -150,17 +155,17 @@ def text_plan(ck: Checkpoint, outtype: str, kv: dict[str, tuple[object, object]]
     ft = as_ftype(outtype)
     tensors = _hf_tensors(ck)
     src_ft = FType.BF16 if ft.is_kquant_mix else ft
-    types = policy.text_plan([(n, tuple(reversed(s))) for n, s, _, _ in tensors], src_ft, t.num_hidden_layers,
+    types = policy.text_plan([(n, tuple(reversed(s))) for n, s, *_ in tensors], src_ft, t.num_hidden_layers,
                              n_expert=t.n_routed_experts)
     planned = []
-    for name, shape, sources, make in tensors:
+    for name, shape, sources, make, chunks in tensors:
         q, why = types[name]
         if q in (QType.F16, QType.Q8_0, QType.Q4_0, QType.Q5_0, QType.Q5_1, QType.IQ4_NL):
             ok, amax = bf16_fits_f16(ck, sources)
             if not ok:
                 q2, why2 = policy.range_safe(q, np.array([amax], np.float32))
                 q, why = q2, f"range: {why2 or f'|x| up to {amax:g} overflows {q.value}'}"
-        planned.append(PlannedTensor(name, shape, q, why, make, sources))
+        planned.append(PlannedTensor(name, shape, q, why, make, sources, chunks))
     return GGUFPlan(ARCH, dict(kv), planned)
 
 

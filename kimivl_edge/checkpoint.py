@@ -15,7 +15,7 @@ import numpy as np
 
 from .config import KimiVLConfig
 from .errors import CheckpointError
-from .safetensors_io import SafetensorsFile
+from .safetensors_io import SafetensorsFile, bf16_to_f32
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -166,6 +166,18 @@ class Checkpoint:
 
     def float32(self, name: str) -> np.ndarray:
         return self.shard(self.weight_map[name]).float32(name)
+
+    def row_blocks(self, name: str, max_bytes: int = 64 << 20):
+        """The tensor as float32 blocks of whole rows (last axis), at most ``max_bytes`` each: large tensors are
+        widened piece by piece from the memory-mapped shard, never whole."""
+        raw = self.raw(name)
+        ne0 = raw.shape[-1] if raw.ndim else 1
+        rows = raw.reshape(-1, ne0)
+        step = max(1, max_bytes // (4 * ne0))
+        bf16 = self.dtype(name) == "BF16"
+        for a in range(0, rows.shape[0], step):
+            block = rows[a: a + step]
+            yield bf16_to_f32(block) if bf16 else block.astype(np.float32)
 
     def read_json(self, filename: str) -> dict:
         p = self.path / filename
