@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -49,9 +49,24 @@ Kimi-VL is a vision-language model: mixture of experts, multi-head latent attent
 """
 
 
+# The trained tiny model's task (training/tasks.py): its answers, alone on a line as the assistant turn starts
+# without a space, and its questions, so that answers and prompts are short in tokens.
+_ANSWERS = ("red green blue yellow purple orange circle square triangle star left right first second "
+            "1 2 3").split()
+_QUESTIONS = """\
+What colour is the circle? What shape is the red one? How many shapes are there? Which image has more shapes?
+Is the blue star on the left or the right? Where is the green square? Answer with a point (x, y).
+What number is written in the image?
+"""
+
+
 def corpus() -> str:
     """Deterministic training text for the synthetic BPE: the words a small visual-question task needs."""
     lines = [_TEXT]
+    lines += [_QUESTIONS] * 8
+    lines += ["\n".join(_ANSWERS)] * 8
+    lines += [f"({x}, {x + 10})\n{x}" for x in range(0, 300, 10)] * 3
+    lines += [" ".join(str(n) for n in range(10, 100))] * 3
     for i, c in enumerate(_COLOURS):
         for j, sh in enumerate(_SHAPES):
             p = _PLACES[(i + j) % len(_PLACES)]
@@ -137,9 +152,36 @@ def _config_files(cfg: dict, variant: str, base: int) -> dict[str, object]:
     return {"config.json": cfg, "generation_config.json": gen, "preprocessor_config.json": pre}
 
 
-def write_checkpoint(outdir: Path, preset: str, variant: str, seed: int, progress: bool = False) -> None:
-    """Write the whole checkpoint into ``outdir`` (which must exist and be empty)."""
-    cfg_dict = preset_config_dict(preset, variant)
+def weight_chunks(spec: TensorSpec, weights: Mapping[str, np.ndarray], rope_theta: float) -> Iterator[np.ndarray]:
+    """The bf16 bits of a given (e.g. trained) float32 tensor; ``inv_freq`` buffers are computed as always."""
+    if spec.name.endswith("rotary_emb.inv_freq"):
+        yield from tensor_chunks(spec, 0, rope_theta)
+        return
+    x = np.asarray(weights[spec.name], dtype=np.float32)
+    if tuple(x.shape) != tuple(spec.shape):
+        raise ValueError(f"{spec.name}: given shape {list(x.shape)}, the layout needs {list(spec.shape)}")
+    yield f32_to_bf16(np.ascontiguousarray(x).reshape(-1))
+
+
+def scaled_config_dict(preset: str, variant: str, layers: int | None = None) -> dict:
+    """The preset's config.json; with ``layers``, the text and vision towers are ``layers`` deep (a scaled-down
+    model for benchmarks on small disks; every other dimension stays the preset's)."""
+    cfg = preset_config_dict(preset, variant)
+    if layers is not None:
+        if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+            raise UsageError(f"layers must be a positive integer, got {layers!r}")
+        cfg["text_config"]["num_hidden_layers"] = layers
+        cfg["vision_config"]["num_hidden_layers"] = layers
+    return cfg
+
+
+def write_checkpoint(outdir: Path, preset: str, variant: str, seed: int, progress: bool = False,
+                     weights: Mapping[str, np.ndarray] | None = None, layers: int | None = None) -> None:
+    """Write the whole checkpoint into ``outdir`` (which must exist and be empty).
+
+    ``weights`` (HF name -> float32 array) replaces the random values, rounded to bf16 (e.g. a trained model).
+    ``layers``: text and vision depth (default: the preset's), see ``scaled_config_dict``."""
+    cfg_dict = scaled_config_dict(preset, variant, layers)
     cfg = KimiVLConfig.from_dict(cfg_dict)
     base = PRESET_DIMS[preset]["base_vocab"]
     assert cfg.text.vocab_size == base + N_SPECIAL
@@ -152,9 +194,15 @@ def write_checkpoint(outdir: Path, preset: str, variant: str, seed: int, progres
     for f in REMOTE_CODE_FILES:
         (outdir / f).write_text('raise RuntimeError("synthetic kimivl-edge checkpoint: its remote code must never '
                                 'be imported or executed")\n')
-    (outdir / "README.md").write_text(
-        f"# Synthetic Kimi-VL-A3B-{variant.title()} ({preset})\n\nRandom weights in the Hugging Face layout, written "
-        f"by `kimivl-edge synth --preset {preset} --variant {variant} --seed {seed}`. Not a trained model.\n")
+    if weights is not None:
+        (outdir / "README.md").write_text(
+            f"# Trained tiny Kimi-VL-A3B-{variant.title()} ({preset})\n\nWeights trained on the synthetic visual "
+            "task of training/tasks.py by `python -m training.train`, written in the Hugging Face layout (bf16).\n")
+    else:
+        (outdir / "README.md").write_text(
+            f"# Synthetic Kimi-VL-A3B-{variant.title()} ({preset})\n\nRandom weights in the Hugging Face layout, "
+            f"written by `kimivl-edge synth --preset {preset} --variant {variant} --seed {seed}`. Not a trained "
+            "model.\n")
 
     specs = hf_tensor_specs(cfg)
     shards = plan_shards(specs, SHARD_BYTES[preset])
@@ -167,7 +215,9 @@ def write_checkpoint(outdir: Path, preset: str, variant: str, seed: int, progres
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="synth")
 
     def produce(name, shape, dtype, _specs={s.name: s for s in specs}):
-        for chunk in tensor_chunks(_specs[name], seed, cfg.text.rope_theta):
+        chunks = (tensor_chunks(_specs[name], seed, cfg.text.rope_theta) if weights is None else
+                  weight_chunks(_specs[name], weights, cfg.text.rope_theta))
+        for chunk in chunks:
             if bar is not None:
                 bar.update(chunk.nbytes)
             yield chunk
@@ -183,8 +233,11 @@ def write_checkpoint(outdir: Path, preset: str, variant: str, seed: int, progres
 
 
 def synth(outdir: str | Path, preset: str = "tiny", variant: str = "instruct", seed: int = 0,
-          force: bool = False, progress: bool = False) -> Path:
-    """Create a synthetic checkpoint at ``outdir`` atomically (temporary sibling directory, then rename)."""
+          force: bool = False, progress: bool = False, weights: Mapping[str, np.ndarray] | None = None,
+          layers: int | None = None) -> Path:
+    """Create a synthetic checkpoint at ``outdir`` atomically (temporary sibling directory, then rename); with
+    ``weights`` its tensors are those values (bf16) instead of random ones. ``layers`` scales the text and vision
+    depth down (random weights of the kept layers are those of the full-depth checkpoint: per seed and name)."""
     if preset not in PRESETS:
         raise UsageError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
     if variant not in VARIANTS:
@@ -198,14 +251,14 @@ def synth(outdir: str | Path, preset: str = "tiny", variant: str = "instruct", s
     if not parent.is_dir():
         raise UsageError(f"parent directory {parent} does not exist")
     need = sum(2 * int(np.prod(s.shape)) for s in hf_tensor_specs(KimiVLConfig.from_dict(
-        preset_config_dict(preset, variant))))
+        scaled_config_dict(preset, variant, layers))))
     free = shutil.disk_usage(parent).free
     if need > free:
         raise UsageError(f"not enough disk space in {parent}: need {need / 1e9:.1f} GB, {free / 1e9:.1f} GB free")
     tmp = parent / f".{out.name}.partial-{os.getpid()}"
     tmp.mkdir()
     try:
-        write_checkpoint(tmp, preset, variant, seed, progress=progress)
+        write_checkpoint(tmp, preset, variant, seed, progress=progress, weights=weights, layers=layers)
         if out.is_dir():
             shutil.rmtree(out)
         tmp.rename(out)
