@@ -18,6 +18,7 @@ VERBS = {
     "chat": ("kimivl_edge.chat", "interactive chat with images (REPL)"),
     "demo": ("kimivl_edge.demo", "run the main job on the bundled tiny model"),
     "reference": ("kimivl_edge.reference.run", "answer with the fp32 torch reference (needs the reference extra)"),
+    "bench": ("kimivl_edge.bench", "benchmarks side by side with llama.cpp"),
 }
 
 
