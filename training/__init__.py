@@ -1,0 +1,1 @@
+"""Training of the tiny Kimi-VL fixture (kimivl_edge/assets/kimi-vl-tiny): task, trainer, evaluation."""

@@ -1,0 +1,300 @@
+"""The synthetic visual task of the trained tiny Kimi-VL: Pillow scenes, chat questions, answers, a checker.
+
+A scene is 1-3 coloured shapes (distinct kinds and colours, so "the circle" and "the red one" are unambiguous) on a
+plain light background, or a rendered two-digit number. Image sizes are random in SIZE_RANGE (non-square, most not
+multiples of 28), so the preprocessing pads them and the 16x16 pos-emb table is resampled to 6..12-patch grids.
+
+Tasks (every answer is short and ends, in the chat template, with <|im_end|>):
+    colour  "What colour is the circle?"                       -> red | green | blue | yellow | purple | orange
+    shape   "What shape is the red one?"                       -> circle | square | triangle | star
+    count   "How many shapes are there?"                       -> 1 | 2 | 3
+    side    "Is the red circle on the left or the right?"      -> left | right
+    compare (two images) "Which image has more shapes?"        -> first | second
+    point   "Where is the red circle? Answer with a point (x, y)." -> "(x, y)" in image pixels, correct if inside
+    read    "What number is written in the image?"             -> 10..99
+The last two (EXTRA_TASKS) are generated and checked but not in the shipped model's training mix yet.
+
+Everything is a pure function of a numpy Generator, so a seed fixes the data exactly.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30), "green": (30, 160, 40), "blue": (30, 60, 220),
+    "yellow": (235, 200, 0), "purple": (140, 40, 180), "orange": (245, 130, 0),
+}
+KINDS = ("circle", "square", "triangle", "star")
+TASKS = ("colour", "shape", "count", "side", "compare")  # trained and evaluated (the shipped asset)
+EXTRA_TASKS = ("point", "read")  # generated and checked, but not learned within the CPU budget yet
+SIZE_RANGE = (84, 154)  # inclusive range of image widths and heights, in pixels (6..12-patch grids)
+RADIUS_RANGE = (14, 22)  # shape circumradius; >= 14 keeps a 5-pixel-rounded centre inside every kind
+POINT_STEP = 5  # point answers are the centre rounded to this many pixels
+CHANCE = {"colour": 1 / len(COLOURS), "shape": 1 / len(KINDS), "count": 1 / 3, "side": 1 / 2, "compare": 1 / 2,
+          "read": 1 / 90}  # "point": the area fraction of the shape, computed per question
+
+
+@dataclass(frozen=True)
+class Shape:
+    kind: str
+    colour: str
+    cx: int
+    cy: int
+    r: int
+
+
+@dataclass
+class Scene:
+    """One image: its size, background and either shapes or a number."""
+
+    width: int
+    height: int
+    background: tuple[int, int, int]
+    shapes: list[Shape] = field(default_factory=list)
+    number: int | None = None
+    number_colour: tuple[int, int, int] = (0, 0, 0)
+
+    def render(self, blank: bool = False) -> Image.Image:
+        """The RGB image; ``blank`` keeps only the background (the blind baseline's image)."""
+        img = Image.new("RGB", (self.width, self.height), self.background)
+        if blank:
+            return img
+        d = ImageDraw.Draw(img)
+        for s in self.shapes:
+            draw_shape(d, s, COLOURS[s.colour])
+        if self.number is not None:
+            font = number_font(self.height)
+            text = str(self.number)
+            l, t, r, b = d.textbbox((0, 0), text, font=font)
+            d.text(((self.width - (r - l)) / 2 - l, (self.height - (b - t)) / 2 - t), text, font=font,
+                   fill=self.number_colour)
+        return img
+
+
+@dataclass
+class Question:
+    """A question about one or two scenes, its reference answer and its task name."""
+
+    task: str
+    scenes: list[Scene]
+    text: str
+    answer: str
+    target: Shape | None = None  # the shape a "point" question asks about
+
+    def messages(self, blank: bool = False) -> list[dict]:
+        """A one-turn chat: the images first, then the question text (Kimi-VL's message format)."""
+        parts: list[dict] = [{"type": "image", "image": s.render(blank)} for s in self.scenes]
+        return [{"role": "user", "content": parts + [{"type": "text", "text": self.text}]}]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Drawing
+
+
+def shape_polygon(s: Shape) -> list[tuple[float, float]] | None:
+    """Vertices of a polygonal shape (None for the circle); all are inscribed in the circle (cx, cy, r)."""
+    if s.kind == "circle":
+        return None
+    if s.kind == "square":
+        a = s.r / math.sqrt(2)
+        return [(s.cx - a, s.cy - a), (s.cx + a, s.cy - a), (s.cx + a, s.cy + a), (s.cx - a, s.cy + a)]
+    if s.kind == "triangle":
+        return [(s.cx + s.r * math.cos(t), s.cy - s.r * math.sin(t))
+                for t in (math.pi / 2, math.pi / 2 + 2 * math.pi / 3, math.pi / 2 + 4 * math.pi / 3)]
+    if s.kind == "star":
+        pts = []
+        for k in range(10):
+            rad = s.r if k % 2 == 0 else 0.5 * s.r
+            t = math.pi / 2 + k * math.pi / 5
+            pts.append((s.cx + rad * math.cos(t), s.cy - rad * math.sin(t)))
+        return pts
+    raise ValueError(s.kind)
+
+
+def draw_shape(d: ImageDraw.ImageDraw, s: Shape, fill: tuple[int, int, int] | int) -> None:
+    poly = shape_polygon(s)
+    if poly is None:
+        d.ellipse((s.cx - s.r, s.cy - s.r, s.cx + s.r, s.cy + s.r), fill=fill)
+    else:
+        d.polygon(poly, fill=fill)
+
+
+def shape_mask(s: Shape, width: int, height: int) -> np.ndarray:
+    """Boolean [height, width] mask of the pixels the shape covers (rendered exactly as in the image)."""
+    m = Image.new("L", (width, height), 0)
+    draw_shape(ImageDraw.Draw(m), s, 255)
+    return np.asarray(m) > 0
+
+
+_FONTS: dict[int, ImageFont.FreeTypeFont] = {}
+
+
+def number_font(height: int) -> ImageFont.FreeTypeFont:
+    """Pillow's bundled scalable font (no system font needed), about half the image height."""
+    size = max(24, int(height * 0.5))
+    if size not in _FONTS:
+        _FONTS[size] = ImageFont.load_default(size=size)
+    return _FONTS[size]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scene generation
+
+
+def _size(rng: np.random.Generator) -> tuple[int, int]:
+    lo, hi = SIZE_RANGE
+    return int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
+
+
+def _background(rng: np.random.Generator) -> tuple[int, int, int]:
+    return tuple(int(v) for v in rng.integers(225, 256, size=3))
+
+
+def shape_scene(rng: np.random.Generator, n: int, side_of_first: str | None = None) -> Scene:
+    """A scene with ``n`` non-overlapping shapes of distinct kinds and colours; if ``side_of_first`` is given, the
+    first shape's centre lies in the outer 40 % of that side (so "left or right" has a clear answer)."""
+    while True:
+        w, h = _size(rng)
+        kinds = rng.permutation(len(KINDS))[:n]
+        colours = rng.permutation(len(COLOURS))[:n]
+        names = list(COLOURS)
+        shapes: list[Shape] = []
+        for k in range(n):
+            r = int(rng.integers(RADIUS_RANGE[0], RADIUS_RANGE[1] + 1))
+            x_lo, x_hi = r + 2, w - r - 3
+            if k == 0 and side_of_first == "left":
+                x_hi = min(x_hi, int(0.4 * w))
+            elif k == 0 and side_of_first == "right":
+                x_lo = max(x_lo, int(0.6 * w) + 1)
+            if x_hi < x_lo:
+                break
+            for _ in range(50):
+                cx = int(rng.integers(x_lo, x_hi + 1))
+                cy = int(rng.integers(r + 2, h - r - 2))
+                if all((cx - o.cx) ** 2 + (cy - o.cy) ** 2 > (r + o.r + 4) ** 2 for o in shapes):
+                    shapes.append(Shape(KINDS[kinds[k]], names[colours[k]], cx, cy, r))
+                    break
+            else:
+                break
+        if len(shapes) == n:
+            return Scene(w, h, _background(rng), shapes)
+
+
+def number_scene(rng: np.random.Generator) -> Scene:
+    w, h = _size(rng)
+    colour = tuple(int(v) for v in rng.integers(0, 90, size=3))
+    return Scene(w, h, _background(rng), number=int(rng.integers(10, 100)), number_colour=colour)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Questions
+
+
+def point_text(s: Shape) -> str:
+    """The reference answer of a point question: the centre rounded to POINT_STEP pixels."""
+    q = POINT_STEP
+    return f"({int(round(s.cx / q)) * q}, {int(round(s.cy / q)) * q})"
+
+
+def make_question(rng: np.random.Generator, task: str) -> Question:
+    """One question of ``task`` with balanced answers."""
+    if task == "count":
+        n = int(rng.integers(1, 4))
+        return Question(task, [shape_scene(rng, n)], "How many shapes are there?", str(n))
+    if task == "compare":
+        a, b = (int(v) + 1 for v in rng.permutation(3)[:2])
+        return Question(task, [shape_scene(rng, a), shape_scene(rng, b)], "Which image has more shapes?",
+                        "first" if a > b else "second")
+    if task == "read":
+        sc = number_scene(rng)
+        return Question(task, [sc], "What number is written in the image?", str(sc.number))
+    n = int(rng.integers(1, 4))
+    if task == "side":
+        side = ("left", "right")[int(rng.integers(2))]
+        sc = shape_scene(rng, n, side_of_first=side)
+        s = sc.shapes[0]
+        return Question(task, [sc], f"Is the {s.colour} {s.kind} on the left or the right?", side)
+    sc = shape_scene(rng, n)
+    s = sc.shapes[int(rng.integers(n))]
+    if task == "colour":
+        return Question(task, [sc], f"What colour is the {s.kind}?", s.colour)
+    if task == "shape":
+        return Question(task, [sc], f"What shape is the {s.colour} one?", s.kind)
+    if task == "point":
+        return Question(task, [sc], f"Where is the {s.colour} {s.kind}? Answer with a point (x, y).",
+                        point_text(s), target=s)
+    raise ValueError(f"unknown task {task!r}")
+
+
+def question_set(seed: int, n: int, tasks: tuple[str, ...] = TASKS) -> list[Question]:
+    """``n`` questions cycling through ``tasks`` in order, deterministic in ``seed``."""
+    rng = np.random.default_rng(seed)
+    return [make_question(rng, tasks[i % len(tasks)]) for i in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checking
+
+_POINT_RE = re.compile(r"^\s*\(\s*(-?\d+)\s*,\s*(-?\d+)\s*\)\s*$")
+
+
+def parse_point(text: str) -> tuple[int, int] | None:
+    m = _POINT_RE.match(text)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def is_correct(q: Question, answer: str) -> bool:
+    """Exact match (whitespace and case ignored), except point answers: right if the pixel lies inside the shape."""
+    if q.task == "point":
+        p = parse_point(answer)
+        if p is None or q.target is None:
+            return False
+        x, y = p
+        sc = q.scenes[0]
+        return 0 <= x < sc.width and 0 <= y < sc.height and bool(shape_mask(q.target, sc.width, sc.height)[y, x])
+    return answer.strip().lower() == q.answer.lower()
+
+
+def chance(q: Question) -> float:
+    """Expected accuracy of a guess that ignores the image: 1/(number of answers), the shape's area for points."""
+    if q.task == "point":
+        sc = q.scenes[0]
+        return float(shape_mask(q.target, sc.width, sc.height).mean())
+    return CHANCE[q.task]
+
+
+def make_conversation(rng: np.random.Generator, warmup: bool = False, tasks: tuple[str, ...] = TASKS
+                      ) -> tuple[list[Scene], list[tuple[str, str]]]:
+    """A training chat: scenes and (question, answer) turns about them. Shape scenes ask 2-5 questions of one image
+    (count, colour, shape, side, point), so one vision pass supervises several answers; the first turn has exactly
+    the form of a held-out question. ``warmup`` (the start of training): one shape, colour and shape questions
+    only, whose answers depend on the image alone, so the vision path is used from the start."""
+    if warmup:
+        sc = shape_scene(rng, 1)
+        s = sc.shapes[0]
+        turns = [(f"What colour is the {s.kind}?", s.colour), (f"What shape is the {s.colour} one?", s.kind)]
+        return [sc], [turns[i] for i in rng.permutation(2)]
+    if rng.random() < 0.2 and "compare" in tasks:
+        q = make_question(rng, "compare")
+        return q.scenes, [(q.text, q.answer)]
+    n = int(rng.integers(1, 4))
+    sc = shape_scene(rng, n)
+    pool: list[tuple[str, str]] = [("How many shapes are there?", str(n))] if "count" in tasks else []
+    for s in sc.shapes:
+        if "colour" in tasks:
+            pool.append((f"What colour is the {s.kind}?", s.colour))
+        if "shape" in tasks:
+            pool.append((f"What shape is the {s.colour} one?", s.kind))
+        if "point" in tasks:
+            pool.append((f"Where is the {s.colour} {s.kind}? Answer with a point (x, y).", point_text(s)))
+        if "side" in tasks and (s.cx < 0.4 * sc.width or s.cx > 0.6 * sc.width):
+            side = "left" if s.cx < 0.4 * sc.width else "right"
+            pool.append((f"Is the {s.colour} {s.kind} on the left or the right?", side))
+    k = min(len(pool), int(rng.integers(2, 6)))
+    turns = [pool[i] for i in rng.permutation(len(pool))[:k]]
+    return [sc], turns

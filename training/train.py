@@ -1,0 +1,393 @@
+"""Train the tiny Kimi-VL (the ``tiny`` preset, exactly the checkpoint architecture) on the task of tasks.py.
+
+    python -m training.train --out kimivl_edge/assets/kimi-vl-tiny --seed 0 [--steps N] [--minutes M]
+
+The model is the fp32 reference (kimivl_edge/reference), written batched: images are padded to the longest patch
+sequence with masked keys (attention stays per image, reference doc §5.3, §10.1), chats are right-padded (causal
+attention, so padding never reaches a real token, §9.3). ``forward_logits`` equals ``ReferenceModel.logits`` for
+each sample (tests/test_training.py checks it). MoE routing (§9.5) is the reference ``route``/``moe``: the top-k
+choice is not differentiable, but the chosen experts and the gate (through the sigmoid scores) get gradients;
+``e_score_correction_bias`` follows the auxiliary-loss-free balancing rule (bias += rate · sign(mean load − load)).
+
+Loss: cross entropy on the answer tokens (and the <|im_end|> that closes each answer) only. AdamW, linear warmup,
+cosine decay. Curriculum: training starts on easy chats (one shape; its colour and kind), whose answers need the
+image, and mixes in the full task gradually (``easy_fraction``); without it the decoder settles on answer priors and
+never starts to look at the image within the CPU budget. The initial weights are ``synth``'s random init for the seed, the data order is fixed by the seed and
+torch runs deterministic kernels, so a given (seed, steps) gives the same weights. ``--minutes`` is only a safety
+cap: if it stops the run early, the schedule is cut short and the log says so.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kimivl_edge.checkpoint import Checkpoint
+from kimivl_edge.config import KimiVLConfig, TextConfig, VisionConfig
+from kimivl_edge.image import ImageProcessorConfig, image_token_counts, preprocess
+from kimivl_edge.prompt import expand_media, load_chat_template, render
+from kimivl_edge.reference import text as T
+from kimivl_edge.reference import vision as V
+from kimivl_edge.synth import synth
+from kimivl_edge.tokenizer import Tokenizer
+
+from .tasks import TASKS, Scene, make_conversation
+
+sdpa = torch.nn.functional.scaled_dot_product_attention  # softmax(q kᵀ·scale + mask) v, fused
+
+PRESET = "tiny"
+VARIANT = "instruct"
+DEFAULT_STEPS = 1800
+BATCH = 8
+PEAK_LR = 5e-4  # 3e-3 collapses the image tokens into one large constant vector; 1e-3 never starts seeing
+CURRICULUM = 0.4  # the share of easy chats falls from 1 to EASY_FLOOR over this fraction of the steps
+EASY_FLOOR = 0.2
+WARMUP = 50
+WEIGHT_DECAY = 0.01
+BIAS_RATE = 1e-3  # aux-loss-free balancing step of e_score_correction_bias
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data: a chat -> token ids, answer mask, pixel values
+
+
+@dataclass
+class Example:
+    ids: list[int]  # media pads expanded
+    answer: list[bool]  # True where the token belongs to an answer (its loss is counted)
+    pixel_values: np.ndarray  # [sum gh*gw, 3, p, p]
+    grids: list[tuple[int, int]]
+
+
+class Encoder:
+    """Chat template + tokenizer + image preprocessing of a checkpoint directory (the same files the demo uses)."""
+
+    def __init__(self, ckpt_dir: str | Path):
+        self.tokenizer = Tokenizer.from_checkpoint(ckpt_dir)
+        self.template = load_chat_template(ckpt_dir)
+        self.image_config = ImageProcessorConfig.from_checkpoint(ckpt_dir)
+        self.im_end = self.tokenizer.id_of("<|im_end|>")
+
+    def encode(self, scenes: list[Scene], turns: list[tuple[str, str]]) -> Example:
+        """Token ids of the whole chat (rendered by the template) with the answer tokens marked."""
+        images = [s.render() for s in scenes]
+        msgs: list[dict] = [{"role": "user", "content": [{"type": "image", "image": im} for im in images]
+                             + [{"type": "text", "text": turns[0][0]}]}]
+        ids: list[int] = []
+        answer: list[bool] = []
+        for k, (q, a) in enumerate(turns):
+            if k:
+                msgs.append({"role": "user", "content": q})
+            prompt = self.tokenizer.encode(render(self.template, msgs, add_generation_prompt=True))
+            assert prompt[:len(ids)] == ids, "template rendering is not incremental"
+            new = prompt[len(ids):]
+            ans = self.tokenizer.encode(a) + [self.im_end]
+            ids += new + ans
+            answer += [False] * len(new) + [True] * len(ans)
+            msgs.append({"role": "assistant", "content": a})
+        pv, grid = preprocess(images, self.image_config)
+        counts = image_token_counts(grid)
+        pad = self.tokenizer.media_pad_id
+        ex_ids = expand_media(ids, pad, counts)
+        ex_ans: list[bool] = []
+        k = 0
+        for t, m in zip(ids, answer):
+            n = int(counts[k]) if t == pad else 1
+            k += t == pad
+            ex_ans += [m] * n
+        return Example(ex_ids, ex_ans, pv, [(int(h), int(w)) for h, w in grid])
+
+
+def easy_fraction(progress: float, curriculum: float = CURRICULUM) -> float:
+    """Share of easy warm-up chats at a point of training (0..1): all of them at first, then a gradual mix down to
+    EASY_FLOOR by CURRICULUM (an abrupt switch wipes out the vision path the easy chats have just built)."""
+    return max(EASY_FLOOR, 1.0 - (1.0 - EASY_FLOOR) * progress / curriculum)
+
+
+def training_examples(enc: Encoder, seed: int, total: int, tasks: tuple[str, ...] = TASKS,
+                      curriculum: float = CURRICULUM):
+    """The endless, seed-determined stream of training chats (``total`` = the number the run will use)."""
+    rng = np.random.default_rng([seed, 1])
+    k = 0
+    while True:
+        easy = bool(rng.random() < easy_fraction(k / max(1, total), curriculum))
+        yield enc.encode(*make_conversation(rng, warmup=easy, tasks=tasks))
+        k += 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batched forward = the reference model (reference doc §5, §6, §9)
+
+
+@lru_cache(maxsize=None)
+def _bicubic(n_in: int, n_out: int) -> torch.Tensor:
+    return V.bicubic_matrix(n_in, n_out)
+
+
+@lru_cache(maxsize=None)
+def _rope_cos_sin(gh: int, gw: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    a = V.rope2d_angles(gh, gw, head_dim, theta)
+    return torch.cos(a).float(), torch.sin(a).float()
+
+
+def _rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Adjacent-pair rotation (§5.4) of x [B, L, heads, d] by cos/sin [B, L, d/2]."""
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    a, b = x[..., 0::2], x[..., 1::2]
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
+
+
+def vision_forward(w: Mapping[str, torch.Tensor], cfg: VisionConfig, pixel_values: list[torch.Tensor],
+                   grids: list[tuple[int, int]]) -> torch.Tensor:
+    """MoonViT + merge + projector on a batch of images padded to the longest one (§5, §6): the image-token rows
+    [sum gh*gw/4, text_hidden], images in order."""
+    n = [gh * gw for gh, gw in grids]
+    B, L, C, H, d = len(grids), max(n), cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
+    pv = torch.zeros(B, L, pixel_values[0][0].numel())
+    cos, sin = torch.zeros(B, L, d // 2), torch.zeros(B, L, d // 2)
+    table = w[V.TOWER + "patch_embed.pos_emb.weight"]
+    pos = []
+    for b, (x, (gh, gw)) in enumerate(zip(pixel_values, grids)):
+        pv[b, :n[b]] = x.reshape(n[b], -1)
+        cos[b, :n[b]], sin[b, :n[b]] = _rope_cos_sin(gh, gw, d, cfg.rope_theta)
+        p = torch.einsum("ia,abc,jb->ijc", _bicubic(table.shape[0], gh), table.double(), _bicubic(table.shape[1], gw))
+        pos.append(torch.nn.functional.pad(p.reshape(gh * gw, C).float(), (0, 0, 0, L - n[b])))
+    pw = w[V.TOWER + "patch_embed.proj.weight"]
+    x = V.linear(pv, pw.reshape(pw.shape[0], -1), w[V.TOWER + "patch_embed.proj.bias"]) + torch.stack(pos)
+    valid = torch.arange(L)[None, :] < torch.tensor(n)[:, None]  # [B, L]
+    key_mask = torch.zeros(B, 1, 1, L).masked_fill(~valid[:, None, None, :], float("-inf"))
+    eps = cfg.layer_norm_eps
+    for i in range(cfg.num_hidden_layers):
+        p = V.BLOCK.format(i)
+        y = V.layer_norm(x, w[p + "norm0.weight"], w[p + "norm0.bias"], eps)
+        q, k, v = (t.reshape(B, L, H, d) for t in V.linear(y, w[p + "wqkv.weight"], w[p + "wqkv.bias"]).split(C, -1))
+        q, k = _rotate_pairs(q, cos, sin), _rotate_pairs(k, cos, sin)
+        o = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=key_mask,
+                 scale=1 / math.sqrt(d)).transpose(1, 2).reshape(B, L, C)
+        x = x + V.linear(o, w[p + "wo.weight"], w[p + "wo.bias"])
+        y = V.layer_norm(x, w[p + "norm1.weight"], w[p + "norm1.bias"], eps)
+        y = V.gelu_tanh(V.linear(y, w[p + "mlp.fc0.weight"], w[p + "mlp.fc0.bias"]))
+        x = x + V.linear(y, w[p + "mlp.fc1.weight"], w[p + "mlp.fc1.bias"])
+    x = V.layer_norm(x, w[V.TOWER + "encoder.final_layernorm.weight"], w[V.TOWER + "encoder.final_layernorm.bias"],
+                     eps)
+    feats = torch.cat([V.merge_2x2(x[b, :n[b]], gh, gw) for b, (gh, gw) in enumerate(grids)])
+    return V.projector(w, feats)
+
+
+def mla_batched(x: torch.Tensor, w: Mapping[str, torch.Tensor], prefix: str, cfg: TextConfig) -> torch.Tensor:
+    """``reference.text.mla`` (§9.3) on [B, T, hidden], positions 0..T-1 in every row, causal."""
+    B, S = x.shape[:2]
+    H, dn, dr, dv, r = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim,
+                        cfg.kv_lora_rank)
+    pos = torch.arange(S)
+    q = (x @ w[prefix + "q_proj.weight"].T).view(B, S, H, dn + dr)
+    a = x @ w[prefix + "kv_a_proj_with_mqa.weight"].T
+    c = T.rms_norm(a[..., :r], w[prefix + "kv_a_layernorm.weight"], cfg.kv_a_layernorm_eps)
+    kv = (c @ w[prefix + "kv_b_proj.weight"].T).view(B, S, H, dn + dv)
+    q_rope = T.rope_interleaved(q[..., dn:].transpose(0, 1), pos, cfg.rope_theta).transpose(0, 1)
+    k_rope = T.rope_interleaved(a[..., r:].transpose(0, 1), pos, cfg.rope_theta).transpose(0, 1)
+    qq = torch.cat([q[..., :dn], q_rope], -1).transpose(1, 2)  # q·k = q_nope·k_nope + q_rope·k_rope
+    kk = torch.cat([kv[..., :dn], k_rope[:, :, None, :].expand(B, S, H, dr)], -1).transpose(1, 2)
+    out = sdpa(qq, kk, kv[..., dn:].transpose(1, 2), is_causal=True, scale=cfg.qk_head_dim ** -0.5)
+    out = out.transpose(1, 2).reshape(B, S, H * dv)
+    return out @ w[prefix + "o_proj.weight"].T
+
+
+@dataclass
+class Batch:
+    ids: torch.Tensor  # [B, S] right-padded with the pad id
+    answer: torch.Tensor  # [B, S] bool
+    valid: torch.Tensor  # [B, S] bool, False on padding
+    pixel_values: list[torch.Tensor]  # one [gh*gw, 3, p, p] per image, in order
+    grids: list[tuple[int, int]]
+
+
+def collate(examples: list[Example], pad_id: int) -> Batch:
+    S = max(len(e.ids) for e in examples)
+    ids = torch.full((len(examples), S), pad_id, dtype=torch.long)
+    answer = torch.zeros(len(examples), S, dtype=torch.bool)
+    valid = torch.zeros(len(examples), S, dtype=torch.bool)
+    pvs, grids = [], []
+    for b, e in enumerate(examples):
+        ids[b, :len(e.ids)] = torch.tensor(e.ids)
+        answer[b, :len(e.ids)] = torch.tensor(e.answer)
+        valid[b, :len(e.ids)] = True
+        start = 0
+        for gh, gw in e.grids:
+            pvs.append(torch.from_numpy(e.pixel_values[start:start + gh * gw]))
+            grids.append((gh, gw))
+            start += gh * gw
+    return Batch(ids, answer, valid, pvs, grids)
+
+
+def hidden_states(w: Mapping[str, torch.Tensor], cfg: KimiVLConfig, batch: Batch,
+                  loads: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Final-normed hidden states [B, S, hidden] (§9.1, §9.2); ``loads`` collects each MoE layer's expert counts."""
+    tc = cfg.text
+    emb = vision_forward(w, cfg.vision, batch.pixel_values, batch.grids) if batch.grids else None
+    h = w[T.MODEL + "embed_tokens.weight"][batch.ids]
+    slots = batch.ids == cfg.media_placeholder_token_id
+    if emb is not None:
+        h = h.masked_scatter(slots[..., None], emb)
+    for i in range(tc.num_hidden_layers):
+        p = T.layer_prefix(i)
+        h = h + mla_batched(T.rms_norm(h, w[p + "input_layernorm.weight"], tc.rms_norm_eps), w, p + "self_attn.", tc)
+        x = T.rms_norm(h[batch.valid], w[p + "post_attention_layernorm.weight"], tc.rms_norm_eps)
+        if tc.is_moe_layer(i):
+            ffn = T.moe(x, w, p + "mlp.", tc)
+            if loads is not None:
+                with torch.no_grad():
+                    idx, _ = T.route(x, w[p + "mlp.gate.weight"], w[p + "mlp.gate.e_score_correction_bias"], tc)
+                    loads.append(torch.bincount(idx.reshape(-1), minlength=tc.n_routed_experts).float())
+        else:
+            ffn = T.dense_mlp(x, w, p + "mlp.")
+        h = h.masked_scatter(batch.valid[..., None], (h[batch.valid] + ffn))
+    return T.rms_norm(h, w[T.MODEL + "norm.weight"], tc.rms_norm_eps)
+
+
+def forward_logits(w: Mapping[str, torch.Tensor], cfg: KimiVLConfig, batch: Batch) -> torch.Tensor:
+    """Logits [B, S, vocab]; row b at its valid positions equals the reference model's logits of sample b."""
+    return hidden_states(w, cfg, batch) @ w[T.LM + "lm_head.weight"].T
+
+
+def answer_loss(w: Mapping[str, torch.Tensor], cfg: KimiVLConfig, batch: Batch,
+                loads: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Mean cross entropy of the answer tokens, each predicted from the position before it."""
+    h = hidden_states(w, cfg, batch, loads)
+    pred = batch.answer[:, 1:]
+    logits = h[:, :-1][pred] @ w[T.LM + "lm_head.weight"].T
+    return torch.nn.functional.cross_entropy(logits, batch.ids[:, 1:][pred])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Weights and optimisation
+
+
+def load_weights(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint as float32 torch tensors (the inv_freq buffers are left out: computed)."""
+    ck = Checkpoint(ckpt_dir)
+    return {n: torch.from_numpy(ck.float32(n).copy()) for n in ck.names if not n.endswith("inv_freq")}
+
+
+def is_trainable(name: str) -> bool:
+    return not name.endswith("e_score_correction_bias")
+
+
+def decays(name: str) -> bool:
+    """Weight decay on matrices only (not norms, biases, embeddings tables of positions)."""
+    return name.endswith(".weight") and "norm" not in name and "pos_emb" not in name
+
+
+def lr_at(step: int, total: int, peak: float = PEAK_LR, warmup: int = WARMUP) -> float:
+    """Linear warmup, then cosine decay to 5 % of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def update_router_bias(w: Mapping[str, torch.Tensor], cfg: TextConfig, loads: list[torch.Tensor]) -> None:
+    """Auxiliary-loss-free balancing: raise the bias of under-loaded experts, lower over-loaded ones."""
+    moe_layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
+    for i, load in zip(moe_layers, loads):
+        b = w[T.layer_prefix(i) + "mlp.gate.e_score_correction_bias"]
+        b += BIAS_RATE * torch.sign(load.mean() - load)
+
+
+def init_dir(seed: int, workdir: str | Path) -> Path:
+    """A synth checkpoint (config, tokenizer, random init) for the seed: the starting point of training."""
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    return synth(Path(workdir) / "init", PRESET, VARIANT, seed, force=True)
+
+
+def setup_torch(threads: int | None = None) -> None:
+    torch.use_deterministic_algorithms(True)
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def train(out: str | Path, seed: int = 0, steps: int = DEFAULT_STEPS, minutes: float | None = None,
+          batch_size: int = BATCH, log_every: int = 20, threads: int | None = None, peak_lr: float = PEAK_LR,
+          save_every: int = 0, tasks: tuple[str, ...] = TASKS, curriculum: float = CURRICULUM) -> dict:
+    """Train from synth's init and write the bf16 HF checkpoint to ``out``; returns a summary dict."""
+    setup_torch(threads)
+    torch.manual_seed(seed)
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        init = init_dir(seed, tmp)
+        cfg = KimiVLConfig.from_checkpoint(init)
+        enc = Encoder(init)
+        w = load_weights(init)
+    params = {n: t.requires_grad_() for n, t in w.items() if is_trainable(n)}
+    opt = torch.optim.AdamW(
+        [{"params": [t for n, t in params.items() if decays(n)], "weight_decay": WEIGHT_DECAY},
+         {"params": [t for n, t in params.items() if not decays(n)], "weight_decay": 0.0}],
+        lr=PEAK_LR, betas=(0.9, 0.95), eps=1e-8)
+    data = training_examples(enc, seed, steps * batch_size, tasks, curriculum)
+    pad = enc.tokenizer.id_of("[PAD]")
+    ema, done, cut = None, 0, False
+    for step in range(steps):
+        if minutes is not None and time.time() - t0 > 60 * minutes:
+            cut = True
+            break
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, peak_lr)
+        batch = collate([next(data) for _ in range(batch_size)], pad)
+        loads: list[torch.Tensor] = []
+        loss = answer_loss(w, cfg, batch, loads)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+        opt.step()
+        with torch.no_grad():
+            update_router_bias(w, cfg.text, loads)
+        done = step + 1
+        if save_every and done % save_every == 0 and done < steps:
+            synth(out, PRESET, VARIANT, seed, force=True, weights={n: t.detach().numpy() for n, t in w.items()})
+        lv = loss.item()
+        ema = lv if ema is None else 0.95 * ema + 0.05 * lv
+        if step % log_every == 0 or done == steps:
+            el = time.time() - t0
+            with torch.no_grad():  # how much image tokens differ from each other, relative to their size
+                emb = vision_forward(w, cfg.vision, batch.pixel_values, batch.grids)
+                spread = float(emb.std(0).mean() / emb.pow(2).mean().sqrt())
+            print(f"step {done}/{steps} loss {lv:.4f} ema {ema:.4f} lr {lr_at(step, steps, peak_lr):.2e} image spread {spread:.3f} "
+                  f"{el / 60:.1f} min ({done / el:.2f} steps/s)", flush=True)
+    if cut:
+        print(f"time cap of {minutes} min reached after {done} of {steps} steps: schedule cut short", flush=True)
+    final = {n: t.detach().numpy() for n, t in w.items()}
+    synth(out, PRESET, VARIANT, seed, force=True, weights=final)
+    return {"steps": done, "minutes": (time.time() - t0) / 60, "loss_ema": ema, "cut": cut}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="checkpoint directory to write (replaced if it exists)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    ap.add_argument("--minutes", type=float, default=None, help="safety time cap (cuts the schedule short)")
+    ap.add_argument("--batch", type=int, default=BATCH)
+    ap.add_argument("--lr", type=float, default=PEAK_LR, help="peak learning rate")
+    ap.add_argument("--save-every", type=int, default=0, help="also write the checkpoint every N steps")
+    ap.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of the tasks to train")
+    ap.add_argument("--curriculum", type=float, default=CURRICULUM, help="fraction of steps that mixes in the tasks")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy machine)")
+    args = ap.parse_args(argv)
+    summary = train(args.out, args.seed, args.steps, args.minutes, args.batch, threads=args.threads,
+                    peak_lr=args.lr, save_every=args.save_every, tasks=tuple(args.tasks.split(",")),
+                    curriculum=args.curriculum)
+    print(f"wrote {args.out}: {summary}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
