@@ -5,8 +5,9 @@ generated images through the runtime (numpy vision + llama.cpp decoder): one sin
 question, and one grounding question whose (x, y) answer is drawn as a marker on the image saved next to it.
 It prints the answers, image tokens, encode time, prefill and decode speed.
 
-Until the trained tiny model ships, the bundled checkpoint is a synthetic one with random weights (made by
-`synth` on first use): every stage runs for real, but the answers are noise.
+The bundled checkpoint (kimivl_edge/assets/kimi-vl-tiny) was trained on a small synthetic visual task
+(training/train.py): it counts shapes and compares two images reliably, names colours often, and has not learned
+grounding yet. Without the asset, a synthetic checkpoint with random weights is used and the answers are noise.
 """
 from __future__ import annotations
 
@@ -32,20 +33,27 @@ def bundled_checkpoint(root: Path) -> tuple[Path, bool]:
     return ckpt, False
 
 
+# The trained model's task (training/tasks.py): small images, 1-3 shapes of radius 14-22 px on a light background.
+_RGB = {"red": (220, 30, 30), "green": (30, 160, 40), "blue": (30, 60, 220)}
+
+
 def demo_images(root: Path) -> dict[str, Path]:
     from PIL import Image, ImageDraw
 
-    specs = {
-        "shapes.png": ((320, 200), [("ellipse", (30, 50, 130, 150), "red"), ("rectangle", (190, 60, 270, 140), "blue")]),
-        "one.png": ((224, 168), [("ellipse", (40, 40, 120, 120), "green")]),
-        "two.png": ((224, 168), [("ellipse", (20, 30, 80, 90), "green"), ("ellipse", (120, 60, 190, 130), "green")]),
+    specs = {  # name: (size, [(kind, centre x, centre y, radius, colour)])
+        "three.png": ((150, 110), [("circle", 35, 40, 18, "red"), ("square", 110, 35, 17, "blue"),
+                                   ("circle", 75, 85, 16, "green")]),
+        "one.png": ((120, 100), [("square", 60, 50, 20, "green")]),
+        "two.png": ((130, 100), [("circle", 35, 50, 18, "blue"), ("circle", 95, 50, 18, "red")]),
+        "circle.png": ((140, 96), [("circle", 40, 48, 20, "red")]),
     }
     out = {}
     for name, (size, shapes) in specs.items():
-        img = Image.new("RGB", size, "white")
+        img = Image.new("RGB", size, (240, 238, 232))
         d = ImageDraw.Draw(img)
-        for kind, box, colour in shapes:
-            getattr(d, kind)(box, fill=colour)
+        for kind, x, y, r, colour in shapes:
+            box = (x - r, y - r, x + r, y + r)
+            (d.ellipse if kind == "circle" else d.rectangle)(box, fill=_RGB[colour])
         img.save(root / name)
         out[name] = root / name
     return out
@@ -84,18 +92,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"converted:  {p}  ({p.stat().st_size / 1e6:.1f} MB)")
     imgs = demo_images(root)
     questions = [
-        ("single image", [imgs["shapes.png"]], "Which side is the red circle on?"),
-        ("two images", [imgs["one.png"], imgs["two.png"]], "Which image has more circles?"),
-        ("grounding", [imgs["shapes.png"]], "Where is the blue square? Answer with a point (x, y)."),
+        ("single image", [imgs["three.png"]], "How many shapes are there?", "3"),
+        ("single image", [imgs["circle.png"]], "What colour is the circle?", "red"),
+        ("two images", [imgs["one.png"], imgs["two.png"]], "Which image has more shapes?", "second"),
+        ("grounding", [imgs["three.png"]], "Where is the blue square? Answer with a point (x, y).", "(110, 35)"),
     ]
     with KimiVL.load(res.text_path, res.mmproj_path, n_ctx=2048) as model:
-        for title, images, q in questions:
+        for title, images, q, expected in questions:
             msg = [{"role": "user", "content": [*({"type": "image", "image": str(i)} for i in images),
                                                 {"type": "text", "text": q}]}]
             st = Stats()
             answer = "".join(p.text for p in model.stream(msg, stats=st, max_tokens=args.max_tokens,
                                                          temperature=0))
-            print(f"\n[{title}] {', '.join(i.name for i in images)}\nQ: {q}\nA: {answer!r}")
+            print(f"\n[{title}] {', '.join(i.name for i in images)}\nQ: {q}\nA: {answer!r}   (expected: {expected})")
             print(f"   {st.image_tokens} image tokens, encode {st.encode_seconds:.2f} s, prefill "
                   f"{st.evaluated_tokens} tok at {st.prefill_tps:.0f} tok/s, decode {st.generated_tokens} tok at "
                   f"{st.decode_tps:.0f} tok/s")
