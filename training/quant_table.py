@@ -40,6 +40,7 @@ class ReferenceData:
         from .evaluate import MAX_NEW_TOKENS
 
         torch.set_grad_enabled(False)
+        torch.set_num_threads(1)  # tiny matrices: more threads only oversubscribe the cores
         self.model = ref = ReferenceModel(ckpt)
         self.answer_ids, self.logits, self.embeds = [], [], []
         for q in questions:
@@ -63,7 +64,7 @@ def run_config(text: Path, mmproj: Path, questions, ref: ReferenceData, backend:
 
     kls, top1, cos, right = [], [], [], []
 
-    with KimiVL.load(text, mmproj, kv_type="f32", n_ctx=1024, vision_backend=backend) as m:
+    with KimiVL.load(text, mmproj, kv_type="f32", n_ctx=1024, vision_backend=backend, n_threads=1) as m:
         for q, forced, rlog, remb in zip(questions, ref.answer_ids, ref.logits, ref.embeds):
             msgs = q.messages()
             out = m.generate(msgs, temperature=0, max_tokens=MAX_NEW_TOKENS)
