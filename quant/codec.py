@@ -251,13 +251,8 @@ def _dequant_byte_rows_impl(rows: np.ndarray, t: GT) -> np.ndarray:
 
 def dequantize(raw: np.ndarray | bytes, qtype: QTypeLike, shape: Sequence[int]) -> np.ndarray:
     """Decode GGUF data of ``qtype`` into float32 of numpy ``shape`` (last axis = row)."""
-    t = as_ggml(qtype)
     shape = tuple(int(s) for s in shape) or (1,)
-    rows = _as_byte_rows(raw, t, shape[-1])
-    n_rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
-    if rows.shape[0] != n_rows:
-        raise ValueError(f"data holds {rows.shape[0]} rows, shape {shape} needs {n_rows}")
-    return _dequant_byte_rows(rows, t).reshape(shape)
+    return dequantize_rows(raw, qtype, shape).reshape(shape)
 
 
 def dequantize_rows(raw: np.ndarray | bytes, qtype: QTypeLike, shape: Sequence[int],
