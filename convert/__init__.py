@@ -3,8 +3,10 @@
     from kimivl_edge.convert import convert_checkpoint
     text_path, mmproj_path = convert_checkpoint("path/or/moonshotai/Kimi-VL-A3B-Instruct", outtype="q4_k_m")
 
-The checkpoint's files are read as data; no code from the checkpoint is imported. K-quant mixes (Q4_K_M, Q5_K_M,
-Q6_K) are made by llama.cpp's own quantizer from a BF16 intermediate file that is removed afterwards.
+The checkpoint's files are read as data; no code from the checkpoint is imported. Every file is written in one pass
+over the checkpoint: row blocks are widened, encoded on every core by ggml's own quantizer (``quant.kernels``; the
+K-quant mixes Q4_K_M / Q5_K_M / Q6_K get exactly the per-tensor types and bytes of llama.cpp's
+``llama_model_quantize``, without its intermediate file) and written in order.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import re
 import resource
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +25,7 @@ from kimivl_edge.config import VARIANTS
 from kimivl_edge.errors import CheckpointError, UsageError
 
 from ..quant.types import QType, as_ftype
-from .gguf_out import GGUFPlan, temp_path, write_gguf
+from .gguf_out import GGUFPlan, write_gguf
 
 TEXT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
 MMPROJ_TYPES = ("f32", "f16", "q8_0", "q4_0")
@@ -86,11 +88,11 @@ class ConvertPlan:
     mmproj: GGUFPlan
     text_path: Path
     mmproj_path: Path
-    text_final: dict = field(default_factory=dict)  # gguf name -> (type, reason) in the final file
 
     @property
-    def needs_llama_quantize(self) -> bool:
-        return as_ftype(self.outtype).is_kquant_mix
+    def text_final(self) -> dict:
+        """gguf name -> (type, reason) of every text tensor (after the write: range fallbacks included)."""
+        return {p.name: (p.qtype, p.reason) for p in self.text.tensors}
 
     def expected_text_bytes(self) -> int:
         from ..quant.types import nbytes
@@ -114,7 +116,7 @@ def plan_conversion(checkpoint: str | os.PathLike, outtype: str = "q8_0", mmproj
     import gguf
 
     from .mmproj import mmproj_plan
-    from .text import final_types, text_metadata, text_plan
+    from .text import text_metadata, text_plan
     from .tokenizer import vocab_metadata
 
     outtype, mmproj_type = outtype.lower(), mmproj_type.lower()
@@ -153,10 +155,8 @@ def plan_conversion(checkpoint: str | os.PathLike, outtype: str = "q8_0", mmproj
                "general.file_type": (ftype.llama_ftype, None), **text_metadata(ck), **vocab_metadata(path)}
     text = text_plan(ck, outtype, text_kv)
     mmproj = mmproj_plan(ck, mmproj_type, extra_kv=common)
-    plan = ConvertPlan(path, var, how, outtype, mmproj_type, text, mmproj,
+    return ConvertPlan(path, var, how, outtype, mmproj_type, text, mmproj,
                        out / f"{name}-{outtype.upper()}.gguf", out / f"mmproj-{name}-{mmproj_type.upper()}.gguf")
-    plan.text_final = final_types(text, outtype, t.num_hidden_layers, t.n_routed_experts)
-    return plan
 
 
 def format_plan(plan: ConvertPlan) -> str:
@@ -173,9 +173,7 @@ def format_plan(plan: ConvertPlan) -> str:
     tb, mb = plan.expected_text_bytes(), plan.mmproj.data_bytes
     lines.append(f"{plan.text_path}  ~{tb / 1e6:.1f} MB ({8 * tb / max(plan.text.n_params, 1):.2f} bits/weight)")
     lines.append(f"{plan.mmproj_path}  ~{mb / 1e6:.1f} MB ({8 * mb / max(plan.mmproj.n_params, 1):.2f} bits/weight)")
-    if plan.needs_llama_quantize:
-        lines.append(f"(plus a temporary BF16 intermediate of ~{plan.text.data_bytes / 1e6:.1f} MB, removed after "
-                     "llama.cpp quantizes it)")
+    lines.append("(a tensor with values past its type's range is kept BF16/F32 instead; that is found while writing)")
     return "\n".join(lines)
 
 
@@ -189,28 +187,10 @@ def _check_outdir(plan: ConvertPlan) -> None:
     if not out.is_dir() or not os.access(out, os.W_OK | os.X_OK):
         raise UsageError(f"output directory {out} is not writable")
     need = plan.expected_text_bytes() + plan.mmproj.data_bytes
-    if plan.needs_llama_quantize:
-        need += plan.text.data_bytes
     free = shutil.disk_usage(out).free
     if need > free:
         raise UsageError(f"not enough free disk in {out}: the conversion needs {need / 1e9:.2f} GB, "
                          f"{free / 1e9:.2f} GB free")
-
-
-def _llama_quantize(src: Path, dst: Path, outtype: str, threads: int) -> None:
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = as_ftype(outtype).llama_ftype
-    params.nthread = threads
-    tmp = temp_path(dst)
-    try:
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
-        if rc != 0:
-            raise CheckpointError(f"llama.cpp could not quantize to {outtype.upper()} (return code {rc})")
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @dataclass
@@ -228,7 +208,8 @@ class ConvertResult:
 def convert_checkpoint(checkpoint: str | os.PathLike, outtype: str = "q8_0", mmproj_type: str = "f16",
                        outdir: str | os.PathLike | None = None, variant: str | None = None,
                        progress: bool = False, threads: int | None = None) -> ConvertResult:
-    """Convert and quantize; returns the written paths (text GGUF, mmproj GGUF)."""
+    """Convert and quantize with ``threads`` encoder threads (default: every core); returns the written paths
+    (text GGUF, mmproj GGUF), the wall time and the process's peak RSS."""
     t0 = time.perf_counter()
     plan = plan_conversion(checkpoint, outtype, mmproj_type, outdir, variant)
     _check_outdir(plan)
@@ -240,18 +221,8 @@ def convert_checkpoint(checkpoint: str | os.PathLike, outtype: str = "q8_0", mmp
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="convert")
     on_bytes = bar.update if bar is not None else None
     try:
-        if plan.needs_llama_quantize:
-            inter = plan.text_path.with_name(f".{plan.text_path.stem}-BF16-intermediate-{os.getpid()}.gguf")
-            try:
-                write_gguf(inter, plan.text, on_bytes)
-                if bar is not None:
-                    bar.set_description(f"llama.cpp quantize {outtype.upper()}")
-                _llama_quantize(inter, plan.text_path, outtype, threads or os.cpu_count() or 1)
-            finally:
-                inter.unlink(missing_ok=True)
-        else:
-            write_gguf(plan.text_path, plan.text, on_bytes)
-        write_gguf(plan.mmproj_path, plan.mmproj, on_bytes)
+        write_gguf(plan.text_path, plan.text, on_bytes, threads)
+        write_gguf(plan.mmproj_path, plan.mmproj, on_bytes, threads)
     finally:
         if bar is not None:
             bar.close()

@@ -23,9 +23,11 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"mmproj GGUF type: {', '.join(MMPROJ_TYPES)} (default f16)")
     ap.add_argument("--outdir", help="output directory (default: the checkpoint directory)")
     ap.add_argument("--variant", help="instruct, thinking or thinking-2506 (default: from the path)")
-    ap.add_argument("--threads", type=int, help="threads for llama.cpp's K-quant quantizer")
+    ap.add_argument("--threads", type=int, help="encoder threads (default: every core)")
     ap.add_argument("--dry-run", action="store_true", help="print the per-tensor plan and sizes; write nothing")
     args = ap.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        ap.error(f"--threads must be at least 1, got {args.threads}")
     if args.dry_run:
         print(format_plan(plan_conversion(args.checkpoint, args.outtype, args.mmproj_type, args.outdir,
                                           args.variant)))

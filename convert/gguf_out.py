@@ -1,8 +1,9 @@
 """Writing one GGUF file from a per-tensor plan: streamed, atomic, bounded in memory.
 
 A plan is a list of ``PlannedTensor``: the GGUF name, the numpy shape (row-major; ggml's ne is its reverse), the chosen
-type and why, and a ``make()`` that reads the source tensors (memory-mapped) and returns float32 data in the final
-layout. Tensors are produced, quantized and written one at a time, so peak memory is one tensor, not the model.
+type and why, and a ``make()`` (or ``chunks()``) that reads the source tensors and returns float32 data in the final
+layout. Row blocks of at most 64 MB are read in order, encoded on a thread pool (``quant.kernels``: ggml's C
+quantizer, GIL released) and written in order, so memory stays a few blocks whatever the model size.
 
 The file is written to ``.<name>.partial-<pid>`` in the target directory and renamed only when complete; on an
 exception, Ctrl-C or SIGTERM the temporary is removed, and a SIGKILL leaves at most a dot-file, never a file at the
@@ -12,7 +13,9 @@ from __future__ import annotations
 
 import os
 import signal
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +24,7 @@ from typing import Any
 import gguf
 import numpy as np
 
-from ..quant import codec
+from ..quant import codec, kernels, policy
 from ..quant.types import as_ggml, nbytes
 
 
@@ -103,7 +106,8 @@ def _cleanup_on_signal(tmp: Path) -> Iterator[None]:
             signal.signal(signal.SIGTERM, old)
 
 
-CHUNK_BYTES = 64 << 20  # float32 rows quantized at a time
+CHUNK_BYTES = 64 << 20  # float32 rows read and widened at a time
+SLICE_BYTES = 8 << 20   # float32 rows per encode job: several per block, so every core works on every tensor
 
 
 def _row_blocks(t: PlannedTensor) -> Iterator[np.ndarray]:
@@ -127,36 +131,130 @@ def _row_blocks(t: PlannedTensor) -> Iterator[np.ndarray]:
         yield rows[a: a + step]
 
 
+def _slices(t: PlannedTensor) -> Iterator[np.ndarray]:
+    for block in _row_blocks(t):
+        step = max(1, SLICE_BYTES // (4 * block.shape[1]))
+        for a in range(0, block.shape[0], step):
+            yield block[a: a + step]
+
+
 def temp_path(final: Path) -> Path:
     return final.with_name(f".{final.name}.partial-{os.getpid()}")
 
 
-def write_gguf(final: str | Path, plan: GGUFPlan, on_bytes: Callable[[int], None] | None = None) -> Path:
-    """Write ``plan`` to ``final`` atomically. ``on_bytes(n)`` is called as tensor data is written."""
+class _Overflow(Exception):
+    """A slice of tensor ``index`` does not fit its planned type; the tensor is rewritten from ``offset``."""
+
+    def __init__(self, index: int, offset: int, amax: float):
+        super().__init__(index, offset, amax)
+        self.index, self.offset, self.amax = index, offset, amax
+
+
+def _encode(rows: np.ndarray, qtype: Any) -> tuple[np.ndarray | None, float]:
+    try:
+        return kernels.encode(rows, qtype), 0.0
+    except codec.QuantRangeError:
+        return None, codec.max_abs_finite(rows)
+
+
+def _stream_tensors(w: gguf.GGUFWriter, tensors: list[PlannedTensor], first: int, pool: ThreadPoolExecutor,
+                    depth: int, on_bytes: Callable[[int], None] | None) -> None:
+    """Encode tensors[first:] on the pool and write them in order (``depth`` slices in flight at most)."""
+    fout = w.fout[0]
+    pending: deque[tuple[int, Future | None]] = deque()  # (tensor index, encode job); None marks a tensor's end
+    start: dict[int, int] = {}
+    written: dict[int, int] = {}
+
+    def drain() -> None:
+        i, job = pending.popleft()
+        if i not in start:  # first output of tensor i: align, remember where it begins
+            w.write_padding(fout, fout.tell())
+            start[i], written[i] = fout.tell(), 0
+        if job is None:
+            if written[i] != tensors[i].nbytes:
+                raise AssertionError(f"{tensors[i].name}: wrote {written[i]} bytes, planned {tensors[i].nbytes}")
+            w.write_padding(fout, written[i])
+            return
+        raw, amax = job.result()
+        if raw is None:
+            for _, other in pending:
+                if other is not None and not other.cancel():
+                    other.result()
+            pending.clear()
+            raise _Overflow(i, start[i], amax)
+        fout.write(memoryview(raw).cast("B"))
+        written[i] += raw.nbytes
+        if on_bytes is not None:
+            on_bytes(raw.nbytes)
+
+    for i in range(first, len(tensors)):
+        t = tensors[i]
+        for rows in _slices(t):
+            pending.append((i, pool.submit(_encode, rows, t.qtype)))
+            while len(pending) > depth:
+                drain()
+        pending.append((i, None))
+    while pending:
+        drain()
+
+
+def _header_writer(path: Path, plan: GGUFPlan) -> gguf.GGUFWriter:
+    """A GGUFWriter on ``path`` with the plan's metadata and tensor infos (types and sizes as planned now)."""
+    w = gguf.GGUFWriter(path, plan.arch)
+    for key, (value, vtype) in plan.kv.items():
+        _add_kv(w, key, value, vtype)
+    for t in plan.tensors:
+        w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=as_ggml(t.qtype))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    return w
+
+
+def _rewrite_header(path: Path, plan: GGUFPlan) -> None:
+    """Write the header again after a tensor changed type while writing: tensor infos have a fixed size (the type
+    and offset are fixed-width fields), so the new header replaces the old one byte for byte."""
+    side = path.with_name(path.name + ".header")
+    try:
+        w = _header_writer(side, plan)
+        head_len = w.fout[0].tell()
+        w.close()
+        data = side.read_bytes()[:head_len]
+    finally:
+        side.unlink(missing_ok=True)
+    with open(path, "r+b") as f:
+        f.write(data)
+
+
+def write_gguf(final: str | Path, plan: GGUFPlan, on_bytes: Callable[[int], None] | None = None,
+               threads: int | None = None) -> Path:
+    """Write ``plan`` to ``final`` atomically. ``on_bytes(n)`` is called as tensor data is written.
+
+    Row blocks are read and widened in this thread and encoded on ``threads`` worker threads (default: every
+    core); output order is the plan's. A tensor whose values overflow its planned type (F16 past 65504, a block
+    scale past the F16 range) is rewritten in place as ``policy.range_safe`` decides (BF16 or F32), its
+    ``qtype``/``reason`` in ``plan`` updated and the header rewritten: one pass over the data in the usual case.
+    """
     final = Path(final)
     tmp = temp_path(final)
+    threads = max(1, threads or os.cpu_count() or 1)
     with _cleanup_on_signal(tmp):
-        w = gguf.GGUFWriter(tmp, plan.arch)
-        for key, (value, vtype) in plan.kv.items():
-            _add_kv(w, key, value, vtype)
-        for t in plan.tensors:
-            w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=as_ggml(t.qtype))
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        fout = w.fout[0]
-        for t in plan.tensors:
-            w.write_padding(fout, fout.tell())  # data alignment, as GGUFWriter.write_tensor_data does
-            written = 0
-            for rows in _row_blocks(t):
-                raw = codec.quantize(rows, t.qtype)
-                fout.write(memoryview(np.ascontiguousarray(raw)).cast("B"))
-                written += raw.nbytes
-                if on_bytes is not None:
-                    on_bytes(raw.nbytes)
-            if written != t.nbytes:
-                raise AssertionError(f"{t.name}: wrote {written} bytes, planned {t.nbytes}")
-            w.write_padding(fout, written)
+        w = _header_writer(tmp, plan)
+        changed = False
+        first = 0
+        with ThreadPoolExecutor(threads, thread_name_prefix="gguf-encode") as pool:
+            while True:
+                try:
+                    _stream_tensors(w, plan.tensors, first, pool, 2 * threads, on_bytes)
+                    break
+                except _Overflow as e:
+                    t = plan.tensors[e.index]
+                    q, why = policy.range_safe(t.qtype, np.array([e.amax], np.float32))
+                    t.qtype, t.reason, changed, first = q, f"range: {why}", True, e.index
+                    w.fout[0].seek(e.offset)
+                    w.fout[0].truncate()
         w.close()
+        if changed:
+            _rewrite_header(tmp, plan)
         os.replace(tmp, final)
     return final

@@ -20,14 +20,12 @@ from kimivl_edge.checkpoint import Checkpoint
 from kimivl_edge.config import TextConfig
 
 from ..quant import policy
-from ..quant.types import FType, QType, as_ftype
+from ..quant.types import FType, as_ftype
 from .gguf_out import GGUFPlan, PlannedTensor
 
 ARCH = "deepseek2"
 # Our own metadata keys (llama.cpp ignores unknown keys).
 KEY_PREFIX = "kimivl_edge"
-# Largest |x| a bf16 value may have and still be finite in F16: bf16 0x477F = 65280 <= 65504 < 0x4780 = 65536.
-_BF16_F16_MAX_BITS = 0x477F
 
 
 def _src(ck: Checkpoint, name: str) -> Callable[[], np.ndarray]:
@@ -87,27 +85,6 @@ def _hf_tensors(ck: Checkpoint) -> list[tuple]:
     return out
 
 
-def bf16_fits_f16(ck: Checkpoint, names: tuple[str, ...]) -> tuple[bool, float]:
-    """Whether every value of the (bf16 or wider) source tensors is finite in F16, and the largest |x|."""
-    amax = 0.0
-    ok = True
-    for n in names:
-        raw = ck.raw(n)
-        if ck.dtype(n) == "BF16":
-            flat = raw.reshape(-1)
-            step = 1 << 24  # scan in pieces: no full-size temporary
-            bits = max((int(np.max(flat[a: a + step] & np.uint16(0x7FFF))) for a in range(0, flat.size, step)),
-                       default=0)
-            finite = bits < 0x7F80
-            ok &= (bits <= _BF16_F16_MAX_BITS) or not finite
-            amax = max(amax, float(np.array([bits << 16], np.uint32).view(np.float32)[0]) if finite else amax)
-        else:
-            a = np.abs(raw[np.isfinite(raw)]).max(initial=0.0)
-            ok &= bool(a <= 65504.0)
-            amax = max(amax, float(a))
-    return ok, amax
-
-
 def text_metadata(ck: Checkpoint) -> dict[str, tuple[object, object]]:
     """The ``deepseek2.*`` hyper-parameters, as llama.cpp's converter writes them for Kimi-VL (§11)."""
     t = ck.config.text
@@ -149,33 +126,14 @@ def text_metadata(ck: Checkpoint) -> dict[str, tuple[object, object]]:
 
 
 def text_plan(ck: Checkpoint, outtype: str, kv: dict[str, tuple[object, object]]) -> GGUFPlan:
-    """The per-tensor plan of the text GGUF for ``outtype``. For K-quant mixes this is the plan of the BF16
-    intermediate file; the final types llama_model_quantize will choose are in ``final_types``."""
+    """The per-tensor plan of the text GGUF for ``outtype``. K-quant mixes get the types llama.cpp's
+    ``llama_model_quantize`` would choose from a BF16 file (``quant.policy``) and are quantized directly by ggml's
+    own C quantizer, no intermediate file. A value past a type's range is found while writing
+    (``gguf_out.write_gguf`` switches that tensor to BF16/F32 and says why)."""
     t = ck.config.text
-    ft = as_ftype(outtype)
     tensors = _hf_tensors(ck)
-    src_ft = FType.BF16 if ft.is_kquant_mix else ft
-    types = policy.text_plan([(n, tuple(reversed(s))) for n, s, *_ in tensors], src_ft, t.num_hidden_layers,
-                             n_expert=t.n_routed_experts)
-    planned = []
-    for name, shape, sources, make, chunks in tensors:
-        q, why = types[name]
-        if q in (QType.F16, QType.Q8_0, QType.Q4_0, QType.Q5_0, QType.Q5_1, QType.IQ4_NL):
-            ok, amax = bf16_fits_f16(ck, sources)
-            if not ok:
-                q2, why2 = policy.range_safe(q, np.array([amax], np.float32))
-                q, why = q2, f"range: {why2 or f'|x| up to {amax:g} overflows {q.value}'}"
-        planned.append(PlannedTensor(name, shape, q, why, make, sources, chunks))
+    types = policy.text_plan([(n, tuple(reversed(s))) for n, s, *_ in tensors], as_ftype(outtype),
+                             t.num_hidden_layers, n_expert=t.n_routed_experts, src_ftype=FType.BF16)
+    planned = [PlannedTensor(name, shape, *types[name], make, sources, chunks)
+               for name, shape, sources, make, chunks in tensors]
     return GGUFPlan(ARCH, dict(kv), planned)
-
-
-def final_types(plan: GGUFPlan, outtype: str, n_layers: int, n_expert: int) -> dict[str, tuple[QType, str]]:
-    """The types the final file will have: the plan's own for direct types, llama.cpp's recipe for K-quant mixes."""
-    ft = as_ftype(outtype)
-    if not ft.is_kquant_mix:
-        return {p.name: (p.qtype, p.reason) for p in plan.tensors}
-    src = {p.name: p.qtype for p in plan.tensors}
-    rec = policy.text_plan([(p.name, p.ne) for p in plan.tensors], ft, n_layers, n_expert=n_expert,
-                           src_ftype=FType.BF16)
-    # tensors llama.cpp leaves alone keep the intermediate's type (F32 norms, BF16 or F32 range-kept tensors)
-    return {n: ((src[n], r) if r.startswith("not quantized") else (q, r)) for n, (q, r) in rec.items()}

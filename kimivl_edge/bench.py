@@ -42,7 +42,7 @@ import numpy as np
 from .errors import KimiVLError, UsageError
 
 TEXT_TYPES = ("q8_0", "q4_k_m")
-CONVERT_ORDER = ("q4_k_m", "q8_0")  # the K-quant (and its BF16 intermediate) first, while the disk holds least
+CONVERT_ORDER = ("q4_k_m", "q8_0")  # smallest file first
 MMPROJ_FOR_TEXT = {"q8_0": "q8_0", "q4_k_m": "q4_0"}   # mmproj written by each conversion run
 MMPROJ_TYPES = ("f16", "q8_0", "q4_0")
 VISION_BACKENDS = ("numpy", "numpy-cached", "ggml")
@@ -697,14 +697,14 @@ def _checkpoint_files(ckpt: Path) -> list[Path]:
 
 def gguf_disk_peak(ckpt: Path, gguf_dir: Path, llama_convert: bool) -> int:
     """Peak bytes in ``gguf_dir`` during the conversions, in ``CONVERT_ORDER``: the files already written plus the
-    current step's outputs and, for a K-quant mix, its BF16 intermediate (removed after llama.cpp quantizes it)."""
+    current step's outputs (every conversion is one pass, no intermediate file)."""
     from .convert import plan_conversion
 
     held = peak = 0
     for outtype in CONVERT_ORDER:
         plan = plan_conversion(ckpt, outtype, MMPROJ_FOR_TEXT[outtype], gguf_dir)
         out = plan.expected_text_bytes() + plan.mmproj.data_bytes
-        peak = max(peak, held + out + (plan.text.data_bytes if plan.needs_llama_quantize else 0))
+        peak = max(peak, held + out)
         held += out
         if outtype == "q8_0":
             q8_text = plan.expected_text_bytes()
@@ -1116,8 +1116,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = OneLineParser(prog="kimivl-edge bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="a3b", choices=("a3b", "tiny"),
-                    help="a3b: the real dimensions (a full-depth run needs ~80 GB free disk: the 33 GB checkpoint, "
-                         "a 32 GB BF16 intermediate while llama.cpp makes the Q4_K_M, the GGUFs; and hours); "
+                    help="a3b: the real dimensions (a full-depth run needs ~62 GB free disk: the 33 GB checkpoint and "
+                         "the GGUFs; and about an hour); "
                          "tiny: a quick smoke run")
     ap.add_argument("--layers", type=int, help="scale the text and vision towers to N layers (N >= 2)")
     ap.add_argument("--threads", type=int, help="CPU threads for every engine (default: all cores)")

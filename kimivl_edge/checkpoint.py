@@ -168,15 +168,16 @@ class Checkpoint:
         return self.shard(self.weight_map[name]).float32(name)
 
     def row_blocks(self, name: str, max_bytes: int = 64 << 20):
-        """The tensor as float32 blocks of whole rows (last axis), at most ``max_bytes`` each: large tensors are
-        widened piece by piece from the memory-mapped shard, never whole."""
-        raw = self.raw(name)
-        ne0 = raw.shape[-1] if raw.ndim else 1
-        rows = raw.reshape(-1, ne0)
+        """The tensor as float32 blocks of whole rows (last axis), at most ``max_bytes`` each, read piece by piece
+        (pread, not the memory map: the resident set stays one block however large the checkpoint)."""
+        st = self.shard(self.weight_map[name])
+        shape = st.shape(name)
+        ne0 = int(shape[-1]) if shape else 1
+        n_rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
         step = max(1, max_bytes // (4 * ne0))
         bf16 = self.dtype(name) == "BF16"
-        for a in range(0, rows.shape[0], step):
-            block = rows[a: a + step]
+        for a in range(0, n_rows, step):
+            block = st.read_rows(name, a, min(a + step, n_rows))
             yield bf16_to_f32(block) if bf16 else block.astype(np.float32)
 
     def read_json(self, filename: str) -> dict:

@@ -1,7 +1,7 @@
 """GGUF tensor formats and numbers: types, numpy codec, per-tensor type policy, error metrics (reference doc §11).
 
-Knows nothing about Kimi-VL beyond GGUF tensor names. ``ggml_c`` (ctypes oracle over llama.cpp's libggml-base)
-is not imported here: it is for tests.
+Knows nothing about Kimi-VL beyond GGUF tensor names. ``ggml_c`` (ctypes over llama.cpp's libggml-base) and
+``kernels`` (the converter's encoder on top of it) are not imported here, so importing ``quant`` loads no C library.
 """
 from .codec import (
     F16_MAX,

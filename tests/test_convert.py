@@ -165,19 +165,44 @@ def test_q8_0_and_q4_0_blocks_are_bit_exact_with_ggml(ckpts, tmp_path):
         assert got["blk.0.attn_norm.weight"].tensor_type == GT.F32
 
 
-@pytest.mark.parametrize("outtype", ["q4_k_m", "q6_k"])
-def test_k_quants_load_in_llama_cpp_with_the_planned_types(ckpts, tmp_path, outtype):
+def _llama_quantize(src: Path, dst: Path, outtype: str) -> None:
+    """The oracle: llama.cpp's own quantizer (src/llama-quant.cpp) on a BF16 file."""
     import llama_cpp
 
-    plan = plan_conversion(ckpts["instruct"], outtype, "f16", tmp_path)
-    text, _ = convert_checkpoint(ckpts["instruct"], outtype, "f16", tmp_path)
-    got = {n: t.tensor_type.name for n, t in tensors(text).items()}
-    assert got == {n: q.value for n, (q, _) in plan.text_final.items()}
-    assert "Q5_0" in got.values() or "Q8_0" in got.values()  # 128-wide expert down rows fall back (like 1408)
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # intermediate removed
-    llm = llama_cpp.Llama(str(text), n_ctx=64, verbose=False)
+    from kimivl_edge.quant.types import as_ftype
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = as_ftype(outtype).llama_ftype
+    params.nthread = 2
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params) == 0
+
+
+@pytest.mark.parametrize("outtype", ["q4_k_m", "q5_k_m", "q6_k"])
+def test_k_quants_are_byte_identical_to_llama_model_quantize(ckpts, tmp_path, outtype):
+    """Our one-pass K-quant file == llama_model_quantize applied to our BF16 file: same types, same bytes."""
+    import llama_cpp
+
+    ours, _ = convert_checkpoint(ckpts["instruct"], outtype, "f16", tmp_path / "ours")
+    bf16, _ = convert_checkpoint(ckpts["instruct"], "bf16", "f16", tmp_path / "bf16")
+    _llama_quantize(bf16, tmp_path / "oracle.gguf", outtype)
+    got, want = tensors(ours), tensors(tmp_path / "oracle.gguf")
+    assert sorted(got) == sorted(want)  # llama.cpp writes its own tensor order; contents are compared by name
+    for name, t in want.items():
+        assert got[name].tensor_type == t.tensor_type, name
+        assert np.asarray(got[name].data).tobytes() == np.asarray(t.data).tobytes(), name
+    types = {t.tensor_type.name for t in got.values()}
+    assert types & {"Q5_0", "Q8_0"}  # 128-wide expert down rows fall back (like 1408)
+    assert not [p for p in (tmp_path / "ours").iterdir() if p.name.startswith(".")]  # no temporaries left
+    llm = llama_cpp.Llama(str(ours), n_ctx=64, verbose=False)
     assert len(llm.tokenize(b"hello", add_bos=False)) >= 1
     llm.close()
+
+
+def test_dry_run_plan_predicts_the_written_k_quant_types(ckpts, tmp_path):
+    plan = plan_conversion(ckpts["instruct"], "q4_k_m", "f16", tmp_path)
+    text, _ = convert_checkpoint(ckpts["instruct"], "q4_k_m", "f16", tmp_path)
+    assert {n: t.tensor_type.name for n, t in tensors(text).items()} == {
+        n: q.value for n, (q, _) in plan.text_final.items()}
 
 
 def test_f16_range_safety_keeps_out_of_range_tensors_in_bf16(ckpts, tmp_path):
@@ -192,14 +217,23 @@ def test_f16_range_safety_keeps_out_of_range_tensors_in_bf16(ckpts, tmp_path):
     with open(d / shard, "r+b") as fh:  # put bf16 1e5 (0x47C3) as the tensor's first value
         fh.seek(st._base + start)
         fh.write(np.array([0x47C3], np.uint16).tobytes())
-    plan = plan_conversion(d, "f16", "f16", tmp_path / "o")
-    p = {t.name: t for t in plan.text.tensors}["blk.1.attn_output.weight"]
-    assert p.qtype.value == "BF16" and p.reason.startswith("range")
-    text, _ = convert_checkpoint(d, "f16", "f16", tmp_path / "o")
-    t = tensors(text)["blk.1.attn_output.weight"]
-    assert t.tensor_type == GT.BF16
+    assert plan_conversion(d, "f16", "f16", tmp_path / "o").text_final["blk.1.attn_output.weight"][0].value == "F16"
+    r = convert_checkpoint(d, "f16", "f16", tmp_path / "o")  # found while writing: that tensor is rewritten
+    q, why = r.plan.text_final["blk.1.attn_output.weight"]
+    assert q.value == "BF16" and why.startswith("range") and "99840" in why  # bf16 0x47C3
+    got = tensors(r.text_path)
+    assert got["blk.1.attn_output.weight"].tensor_type == GT.BF16
+    # the header was rewritten for the new type: every other tensor still reads back exactly (F16 of the source)
+    ck = Checkpoint(d)
+    want = expected_text_tensors(ck)
+    for name in ("blk.1.ffn_norm.weight", "blk.1.ffn_down_exps.weight", "output.weight", "blk.2.attn_q.weight"):
+        w = want[name]
+        if got[name].tensor_type == GT.F16:
+            w = w.astype(np.float16)
+        assert np.array_equal(np.asarray(got[name].data).reshape(w.shape), w), name
+    assert float(np.asarray(got["blk.1.attn_output.weight"].data).view(np.uint16).reshape(-1)[0]) == 0x47C3
     assert all(np.isfinite(np.asarray(x.data, dtype=np.float32)).all() if x.tensor_type == GT.F16 else True
-               for x in tensors(text).values())
+               for x in got.values())
 
 
 def test_dry_run_prints_every_tensor_and_writes_nothing(ckpts, tmp_path):

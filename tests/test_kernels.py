@@ -1,0 +1,85 @@
+"""quant.kernels (the converter's encoder) against the numpy codec and ggml's C quantizer, and the parallel writer."""
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+
+from kimivl_edge.convert.gguf_out import GGUFPlan, PlannedTensor, write_gguf
+from kimivl_edge.quant import codec, ggml_c, kernels
+from kimivl_edge.quant.types import QType
+
+
+def _rows(seed: int, n: int = 96, ne0: int = 512) -> np.ndarray:
+    r = np.random.default_rng(seed)
+    a = (r.standard_normal((n, ne0)) * 0.05).astype(np.float32)
+    a[3, :64] = 0.0  # an all-zero block (signed-zero handling)
+    a[5, 7] = 2.5  # an outlier
+    return a
+
+
+@pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q5_0"])
+def test_encode_equals_the_numpy_codec(qtype):
+    a = _rows(1)
+    assert kernels.encode(a, qtype).tobytes() == codec.quantize(a, qtype).tobytes()
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K", "IQ4_NL"])
+def test_encode_k_quants_decode_close_to_the_input(qtype):
+    a = _rows(2)
+    raw = kernels.encode(a, qtype)
+    back = ggml_c.to_float(raw.reshape(-1), qtype, a.size).reshape(a.shape)
+    rel = np.linalg.norm(back - a) / np.linalg.norm(a)
+    assert rel < {"Q4_K": 0.12, "Q5_K": 0.06, "Q6_K": 0.03, "IQ4_NL": 0.12}[qtype]
+
+
+@pytest.mark.parametrize("qtype,bad", [("F16", 7e4), ("Q8_0", 1e7), ("Q4_0", 6e5)])
+def test_encode_refuses_values_that_overflow(qtype, bad):
+    a = _rows(3)
+    a[1, 1] = bad
+    with pytest.raises(codec.QuantRangeError):
+        kernels.encode(a, qtype)
+    a[1, 1] = np.inf  # non-finite values are not an overflow
+    kernels.encode(a, qtype)
+
+
+def test_amax_finite_ignores_nan_and_inf():
+    a = np.array([[1.0, -3.0, np.nan, np.inf, -np.inf]], np.float32)
+    assert kernels.amax_finite(a) == 3.0
+    assert kernels.amax_finite(np.array([[-2.0, 1.0]], np.float32)) == 2.0
+
+
+def _plan(tensors: dict[str, tuple[np.ndarray, QType]]) -> GGUFPlan:
+    return GGUFPlan("llama", {}, [PlannedTensor(n, a.shape, q, "test", (lambda a=a: a)) for n, (a, q) in tensors.items()])
+
+
+def test_parallel_writer_gives_the_same_file_as_one_thread(tmp_path, monkeypatch):
+    import kimivl_edge.convert.gguf_out as go
+
+    monkeypatch.setattr(go, "SLICE_BYTES", 4096)  # many slices per tensor, across tensor boundaries
+    monkeypatch.setattr(go, "CHUNK_BYTES", 16384)
+    ts = {f"t{i}": (_rows(10 + i, n=40 + 13 * i, ne0=256), q)
+          for i, q in enumerate([QType.Q8_0, QType.F16, QType.Q4_K, QType.F32, QType.Q4_0, QType.Q6_K])}
+    one = write_gguf(tmp_path / "one.gguf", _plan(ts), threads=1)
+    four = write_gguf(tmp_path / "four.gguf", _plan(ts), threads=4)
+    assert one.read_bytes() == four.read_bytes()
+    got = {t.name: t for t in gguf.GGUFReader(four).tensors}
+    for n, (a, q) in ts.items():
+        assert np.asarray(got[n].data).tobytes() == kernels.encode(a, q).tobytes(), n
+
+
+def test_writer_switches_an_overflowing_tensor_and_rewrites_the_header(tmp_path, monkeypatch):
+    import kimivl_edge.convert.gguf_out as go
+
+    monkeypatch.setattr(go, "SLICE_BYTES", 4096)
+    big = _rows(20, n=64, ne0=256)
+    big[50, 3] = 1e5  # past F16, found in a late slice, after earlier slices were written
+    ts = {"a": (_rows(21, ne0=256), QType.Q8_0), "b": (big, QType.F16), "c": (_rows(22, ne0=256), QType.Q4_0)}
+    plan = _plan(ts)
+    write_gguf(tmp_path / "x.gguf", plan, threads=2)
+    assert plan.tensors[1].qtype == QType.BF16 and plan.tensors[1].reason.startswith("range")
+    got = {t.name: t for t in gguf.GGUFReader(tmp_path / "x.gguf").tensors}
+    assert got["b"].tensor_type == gguf.GGMLQuantizationType.BF16
+    assert np.asarray(got["b"].data).tobytes() == codec.quantize(big, QType.BF16).tobytes()
+    for n in ("a", "c"):
+        assert np.asarray(got[n].data).tobytes() == kernels.encode(*ts[n]).tobytes()
