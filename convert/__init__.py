@@ -27,7 +27,7 @@ from kimivl_edge.errors import CheckpointError, UsageError
 from ..quant.types import QType, as_ftype
 from .gguf_out import GGUFPlan, write_gguf
 
-TEXT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
+TEXT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k", "q4_k_edge")
 MMPROJ_TYPES = ("f32", "f16", "q8_0", "q4_0")
 # Recommended sampling temperature per variant (reference doc §1), written as general.sampling.temp.
 TEMPERATURE = {"instruct": 0.2, "thinking": 0.8, "thinking-2506": 0.8}
@@ -152,7 +152,8 @@ def plan_conversion(checkpoint: str | os.PathLike, outtype: str = "q8_0", mmproj
     if (t.hidden_size, t.num_hidden_layers, t.n_routed_experts) == (2048, 27, 64):
         size_label = "16B-A3B"  # the label the model is known by
     text_kv = {**common, "general.size_label": (size_label, None),
-               "general.file_type": (ftype.llama_ftype, None), **text_metadata(ck), **vocab_metadata(path)}
+               "general.file_type": (ftype.llama_ftype, None), "kimivl_edge.file_type": (ftype.value, None),
+               **text_metadata(ck), **vocab_metadata(path)}
     text = text_plan(ck, outtype, text_kv)
     mmproj = mmproj_plan(ck, mmproj_type, extra_kv=common)
     return ConvertPlan(path, var, how, outtype, mmproj_type, text, mmproj,

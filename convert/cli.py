@@ -1,6 +1,6 @@
 """`kimivl-edge convert`: HF Kimi-VL checkpoint -> text GGUF + mmproj GGUF.
 
-    kimivl-edge convert CHECKPOINT [--outtype f32|f16|bf16|q8_0|q4_0|q4_k_m|q5_k_m|q6_k]
+    kimivl-edge convert CHECKPOINT [--outtype f32|f16|bf16|q8_0|q4_0|q4_k_m|q5_k_m|q6_k|q4_k_edge]
                         [--mmproj-type f32|f16|q8_0|q4_0] [--outdir DIR] [--variant V] [--dry-run]
 
 CHECKPOINT is a directory or a Hugging Face repo id found in the local HF cache (no network).

@@ -20,7 +20,7 @@ from kimivl_edge.checkpoint import Checkpoint
 from kimivl_edge.config import TextConfig
 
 from ..quant import policy
-from ..quant.types import FType, as_ftype
+from ..quant.types import FType, as_ftype, nbytes
 from .gguf_out import GGUFPlan, PlannedTensor
 
 ARCH = "deepseek2"
@@ -83,6 +83,39 @@ def _hf_tensors(ck: Checkpoint) -> list[tuple]:
     direct("output_norm.weight", "language_model.model.norm.weight")
     direct("output.weight", "language_model.lm_head.weight")
     return out
+
+
+def text_shapes(t: TextConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """(gguf name, numpy shape) of every text tensor, from the config alone (the same list ``_hf_tensors`` builds
+    from a checkpoint): sizes and type plans of the full model without its 32 GB of weights."""
+    H, r, E = t.num_attention_heads, t.kv_lora_rank, t.n_routed_experts
+    D, I, S = t.hidden_size, t.moe_intermediate_size, t.moe_intermediate_size * t.n_shared_experts
+    out: list[tuple[str, tuple[int, ...]]] = [("token_embd.weight", (t.vocab_size, D))]
+    for i in range(t.num_hidden_layers):
+        b = f"blk.{i}."
+        out += [(b + "attn_norm.weight", (D,)), (b + "attn_q.weight", (H * (t.qk_nope_head_dim + t.qk_rope_head_dim), D)),
+                (b + "attn_kv_a_mqa.weight", (r + t.qk_rope_head_dim, D)), (b + "attn_kv_a_norm.weight", (r,)),
+                (b + "attn_k_b.weight", (H, r, t.qk_nope_head_dim)), (b + "attn_v_b.weight", (H, t.v_head_dim, r)),
+                (b + "attn_output.weight", (D, H * t.v_head_dim)), (b + "ffn_norm.weight", (D,))]
+        if not t.is_moe_layer(i):
+            F = t.intermediate_size
+            out += [(b + "ffn_gate.weight", (F, D)), (b + "ffn_up.weight", (F, D)), (b + "ffn_down.weight", (D, F))]
+            continue
+        out += [(b + "ffn_gate_inp.weight", (E, D)), (b + "exp_probs_b.bias", (E,)),
+                (b + "ffn_gate_exps.weight", (E, I, D)), (b + "ffn_up_exps.weight", (E, I, D)),
+                (b + "ffn_down_exps.weight", (E, D, I)),
+                (b + "ffn_gate_shexp.weight", (S, D)), (b + "ffn_up_shexp.weight", (S, D)),
+                (b + "ffn_down_shexp.weight", (D, S))]
+    out += [("output_norm.weight", (D,)), ("output.weight", (t.vocab_size, D))]
+    return out
+
+
+def text_bytes(t: TextConfig, outtype: str) -> int:
+    """Tensor bytes of the text GGUF for ``outtype`` (no range fallbacks), from the config alone."""
+    shapes = text_shapes(t)
+    plan = policy.text_plan([(n, tuple(reversed(s))) for n, s in shapes], as_ftype(outtype), t.num_hidden_layers,
+                            n_expert=t.n_routed_experts, src_ftype=FType.BF16)
+    return sum(nbytes(plan[n][0], s) for n, s in shapes)
 
 
 def text_metadata(ck: Checkpoint) -> dict[str, tuple[object, object]]:

@@ -41,9 +41,9 @@ import numpy as np
 
 from .errors import KimiVLError, UsageError
 
-TEXT_TYPES = ("q8_0", "q4_k_m")
-CONVERT_ORDER = ("q4_k_m", "q8_0")  # smallest file first
-MMPROJ_FOR_TEXT = {"q8_0": "q8_0", "q4_k_m": "q4_0"}   # mmproj written by each conversion run
+TEXT_TYPES = ("q8_0", "q4_k_m", "q4_k_edge")
+CONVERT_ORDER = ("q4_k_edge", "q4_k_m", "q8_0")  # smallest file first
+MMPROJ_FOR_TEXT = {"q8_0": "q8_0", "q4_k_m": "q4_0", "q4_k_edge": "q8_0"}   # mmproj written by each conversion run
 MMPROJ_TYPES = ("f16", "q8_0", "q4_0")
 VISION_BACKENDS = ("numpy", "numpy-cached", "ggml")
 DECODE_METHODS = ("kimivl_edge", "llama_decode_loop", "llama_cpp_python")
@@ -67,15 +67,15 @@ JSON_FIELDS = {
     "limits": ("read_bandwidth_bytes_per_s", "read_bandwidth_method", "gemm_flops_per_s", "gemm_method"),
     "checkpoint": ("preset", "text_layers", "vision_layers", "bytes", "files", "synth_seconds",
                    "synth_peak_rss_bytes", "gguf_disk_peak_bytes"),
-    "conversion": ("raw_read", "q8_0", "q4_k_m", "mmproj_f16", "llama_convert"),
+    "conversion": ("raw_read", "q8_0", "q4_k_m", "q4_k_edge", "mmproj_f16", "llama_convert"),
     "conversion.raw_read": ("bytes", "seconds", "bytes_per_s", "page_cache_note"),
     "conversion.q8_0": ("text_type", "mmproj_type", "text_bytes", "mmproj_bytes", "seconds", "peak_rss_bytes",
                         "input_bytes_per_s", "fraction_of_raw_read"),
-    "decode": ("q8_0", "q4_k_m"),
+    "decode": ("q8_0", "q4_k_m", "q4_k_edge", "edge_vs_llama_q4_k_m"),
     "decode.q4_k_m": ("gguf_bytes", "n_ctx", "n_batch", "prompt_tokens", "decode_tokens", "methods",
                       "decode_vs_raw_loop", "prefill_vs_raw_loop"),
     "decode.q4_k_m.methods.kimivl_edge": ("prefill_tokens_per_s", "decode_tokens_per_s", "peak_rss_bytes"),
-    "roofline": ("q8_0", "q4_k_m"),
+    "roofline": ("q8_0", "q4_k_m", "q4_k_edge"),
     "roofline.q4_k_m": ("bytes_per_token", "kv_bytes_per_token", "kv_note", "read_bandwidth_bytes_per_s",
                         "ceiling_tokens_per_s", "achieved_tokens_per_s", "fraction_of_ceiling"),
     "roofline.q4_k_m.bytes_per_token": ("attention", "dense_ffn", "shared_experts", "routed_experts", "router",
@@ -818,6 +818,14 @@ def _decode(o: BenchOptions, ch: Children, gguf: Path) -> dict:
     }
 
 
+def _edge_vs_llama(decode: dict) -> dict:
+    """Issue 8's recipe target: our runtime on our Q4_K_EDGE file vs llama.cpp (raw llama_decode loop and
+    llama-cpp-python) on llama.cpp's own Q4_K_M recipe, decode tokens/s."""
+    ours = decode["q4_k_edge"]["methods"]["kimivl_edge"]["decode_tokens_per_s"]["median"]
+    theirs = decode["q4_k_m"]["methods"]
+    return {k: _ratio(ours, theirs[k]["decode_tokens_per_s"]["median"]) for k in ("llama_decode_loop", "llama_cpp_python")}
+
+
 def _roofline(gguf: Path, decode: dict, bandwidth: float) -> dict:
     """Section 3 for one text GGUF: the ceiling reads weights + the KV cache at the mean decode position."""
     infos, meta = gguf_tensor_infos(gguf)
@@ -949,6 +957,7 @@ def run_bench(o: BenchOptions, command: str = "kimivl-edge bench") -> dict:
             shutil.rmtree(ckpt)
 
         res["decode"] = {tt: _decode(o, ch, paths[tt]) for tt in TEXT_TYPES}
+        res["decode"]["edge_vs_llama_q4_k_m"] = _edge_vs_llama(res["decode"])
         res["roofline"] = {tt: _roofline(paths[tt], res["decode"][tt], bandwidth) for tt in TEXT_TYPES}
         res["vision"] = _vision(o, ch, paths, gemm)
         res["ttft"] = _ttft(o, ch, paths["q4_k_m"], paths["mmproj_q8_0"])
@@ -1050,6 +1059,9 @@ def render_markdown(r: dict) -> str:
                          f"{_fmt(v['prefill_tokens_per_s'], 1, 1)} | {_fmt(v['decode_tokens_per_s'], 1, 1)} | "
                          f"{_pct(d['decode_vs_raw_loop'][k])} | "
                          f"{_pct(d['prefill_vs_raw_loop'][k])} | {v['peak_rss_bytes'] / 1e9:.2f} |")
+    ev = r["decode"]["edge_vs_llama_q4_k_m"]
+    lines += ["", f"Our runtime on Q4_K_EDGE vs llama.cpp on its Q4_K_M, decode: {_pct(ev['llama_decode_loop'])} of the raw "
+              f"llama_decode loop, {_pct(ev['llama_cpp_python'])} of llama-cpp-python."]
     d0 = r["decode"][TEXT_TYPES[0]]
     lines += ["", f"Context {d0['n_ctx']}, batch {d0['n_batch']}, f16 KV cache, no flash attention, greedy; each run: "
               f"a new random {d0['prompt_tokens']}-token prompt, then {d0['decode_tokens']} decoded tokens.", ""]

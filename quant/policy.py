@@ -58,6 +58,12 @@ _NO_QUANT_SUBSTRINGS = (
     "mm.a.code_embd",
 )
 _NO_QUANT_EXACT = ("position_embd.weight", "token_types.weight")
+
+# Q4_K_EDGE = Q4_K_M except for FFN down projections whose rows do not fit K-quant super-blocks (Kimi-VL's
+# ffn_down_exps, rows of 1408): llama.cpp demotes Q4_K -> Q5_0 (5.5 bits) and, in its use_more_bits layers,
+# Q6_K -> Q8_0 (8.5 bits), 39 % of the A3B file. Here they get the 32-block type one step up from the K-quant's
+# bits instead (measured on the trained tiny model: docs/quant-recipe.md).
+EDGE_DOWN_TYPES = {GT.Q4_K: GT.IQ4_NL, GT.Q6_K: GT.Q5_0}
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.")
 
 
@@ -182,7 +188,7 @@ def _kquant_rule(gguf_name: str, ne: Sequence[int], ft: FType, n_layers: int, n_
     elif cat == "TOKEN_EMBD":
         pass
     elif _is_attn_v_like(cat):
-        if ft in (FType.Q4_K_M, FType.Q5_K_M) and use_more_bits(i_attn_v, n_attn_v):
+        if ft in (FType.Q4_K_M, FType.Q5_K_M, FType.Q4_K_EDGE) and use_more_bits(i_attn_v, n_attn_v):
             t = GT.Q6_K
             why.append(f"attn_v-like #{i_attn_v}/{n_attn_v} use_more_bits -> Q6_K")
         if n_expert == 8:
@@ -194,11 +200,11 @@ def _kquant_rule(gguf_name: str, ne: Sequence[int], ft: FType, n_layers: int, n_
             why.append("attn_k with 8 experts -> Q8_0")
     elif cat == "FFN_DOWN":
         i = _layer_of(gguf_name, n_layers)
-        if ft in (FType.Q4_K_M, FType.Q5_K_M) and use_more_bits(i, n_layers):
+        if ft in (FType.Q4_K_M, FType.Q5_K_M, FType.Q4_K_EDGE) and use_more_bits(i, n_layers):
             t = GT.Q6_K
             why.append(f"ffn_down layer {i}/{n_layers} use_more_bits -> Q6_K")
     elif cat == "ATTENTION_OUTPUT":
-        if n_expert == 8 and ft == FType.Q4_K_M:
+        if n_expert == 8 and ft in (FType.Q4_K_M, FType.Q4_K_EDGE):
             t = GT.Q5_K
             why.append("attn_output with 8 experts -> Q5_K")
     elif cat in ("FFN_GATE", "FFN_UP") and n_expert > 1:
@@ -230,6 +236,11 @@ def text_tensor_type(gguf_name: str, ne: Sequence[int], ftype: FTypeLike, n_laye
         t, why = _own_type(gguf_name, ne, src)
         return t, f"not quantized by llama.cpp; {why}"
     t, why = _kquant_rule(gguf_name, ne, ft, n_layers, n_expert, tied_embeddings, attn_v_index, n_attn_v)
+    if (ft == FType.Q4_K_EDGE and tensor_category(gguf_name) == "FFN_DOWN" and t in EDGE_DOWN_TYPES
+            and int(ne[0]) % block_size(t) != 0):
+        why.append(f"edge: ne0 {ne[0]} not a multiple of {block_size(t)} -> {EDGE_DOWN_TYPES[t].name} "
+                   f"(llama.cpp: {fallback(t, int(ne[0]))[0].name})")
+        t = EDGE_DOWN_TYPES[t]
     t2, fb = fallback(t, int(ne[0]))
     if fb:
         why.append(f"fallback: {fb}")

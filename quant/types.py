@@ -78,7 +78,8 @@ class QType(Enum):
 
 
 class FType(Enum):
-    """Whole-file recipes: the element/legacy types are ours (numpy), the K-quant mixes are llama.cpp's."""
+    """Whole-file recipes: element/legacy types, llama.cpp's K-quant mixes, and our shape-aware Q4_K_EDGE (llama.cpp's
+    Q4_K_M except where a K-quant does not fit a row, see ``quant.policy``)."""
 
     F32 = "F32"
     F16 = "F16"
@@ -88,10 +89,14 @@ class FType(Enum):
     Q4_K_M = "Q4_K_M"
     Q5_K_M = "Q5_K_M"
     Q6_K = "Q6_K"
+    Q4_K_EDGE = "Q4_K_EDGE"
 
     @property
     def llama_ftype(self) -> int:
-        """``enum llama_ftype`` number (as in gguf ``LlamaFileType`` / ``general.file_type``)."""
+        """``enum llama_ftype`` number (as in gguf ``LlamaFileType`` / ``general.file_type``); Q4_K_EDGE has none of
+        its own and is written as MOSTLY_Q4_K_M, the recipe it refines."""
+        if self is FType.Q4_K_EDGE:
+            return int(LlamaFileType.MOSTLY_Q4_K_M)
         name = "ALL_F32" if self is FType.F32 else f"MOSTLY_{self.value}"
         return int(LlamaFileType[name])
 
@@ -102,8 +107,8 @@ class FType(Enum):
 
     @property
     def is_kquant_mix(self) -> bool:
-        """True when the file must be produced by ``llama_model_quantize`` (gguf-py has no K-quant quantizer)."""
-        return self in (FType.Q4_K_M, FType.Q5_K_M, FType.Q6_K)
+        """True for the mixes whose per-tensor types follow llama.cpp's ``llama_tensor_get_type`` rules."""
+        return self in (FType.Q4_K_M, FType.Q5_K_M, FType.Q6_K, FType.Q4_K_EDGE)
 
 
 _FTYPE_DEFAULT = {
@@ -113,6 +118,7 @@ _FTYPE_DEFAULT = {
     FType.Q8_0: QType.Q8_0,
     FType.Q4_0: QType.Q4_0,
     FType.Q4_K_M: QType.Q4_K,
+    FType.Q4_K_EDGE: QType.Q4_K,
     FType.Q5_K_M: QType.Q5_K,
     FType.Q6_K: QType.Q6_K,
 }

@@ -74,7 +74,7 @@ def test_smoke_run_has_every_field(tiny_run):
     _stat(r["limits"]["gemm_flops_per_s"], "gemm")
     _has(r["checkpoint"], CHECKPOINT, "checkpoint")
     _has(r["conversion"]["raw_read"], RAW_READ, "raw_read")
-    for tt in ("q8_0", "q4_k_m"):
+    for tt in ("q8_0", "q4_k_m", "q4_k_edge"):
         c = r["conversion"][tt]
         _has(c, CONVERSION, f"conversion.{tt}")
         for k in ("seconds", "peak_rss_bytes", "input_bytes_per_s"):
@@ -90,6 +90,11 @@ def test_smoke_run_has_every_field(tiny_run):
         _has(f, ROOFLINE, f"roofline.{tt}")
         _has(f["bytes_per_token"], ROLES, f"roofline.{tt}.bytes_per_token")
         assert set(f["fraction_of_ceiling"]) == METHODS
+    ev = r["decode"]["edge_vs_llama_q4_k_m"]
+    assert ev["llama_decode_loop"] == pytest.approx(
+        r["decode"]["q4_k_edge"]["methods"]["kimivl_edge"]["decode_tokens_per_s"]["median"]
+        / r["decode"]["q4_k_m"]["methods"]["llama_decode_loop"]["decode_tokens_per_s"]["median"])
+    assert r["conversion"]["q4_k_edge"]["text_bytes"] < r["conversion"]["q4_k_m"]["text_bytes"]
     _has(r["conversion"]["mmproj_f16"], MMPROJ_ONLY, "mmproj_f16")
     assert "measured" in r["conversion"]["llama_convert"]
     _has(r["vision"], VISION, "vision")
@@ -117,7 +122,7 @@ def test_smoke_run_figures_are_consistent(tiny_run):
         cfg.text.num_hidden_layers, cfg.vision.num_hidden_layers)
     # conversion speed relative to the raw read: read seconds / conversion seconds
     read = r["conversion"]["raw_read"]
-    for tt in ("q8_0", "q4_k_m"):
+    for tt in ("q8_0", "q4_k_m", "q4_k_edge"):
         c = r["conversion"][tt]
         assert c["fraction_of_raw_read"] == pytest.approx(read["seconds"]["median"] / c["seconds"]["median"])
         assert c["input_bytes_per_s"]["median"] == pytest.approx(read["bytes"] / c["seconds"]["median"])

@@ -198,6 +198,39 @@ def test_k_quants_are_byte_identical_to_llama_model_quantize(ckpts, tmp_path, ou
     llm.close()
 
 
+def test_q4_k_edge_is_q4_k_m_but_for_the_unfit_down_projections(ckpts, tmp_path):
+    import llama_cpp
+
+    edge, _ = convert_checkpoint(ckpts["instruct"], "q4_k_edge", "f16", tmp_path / "edge")
+    q4km, _ = convert_checkpoint(ckpts["instruct"], "q4_k_m", "f16", tmp_path / "q4km")
+    got, ref = tensors(edge), tensors(q4km)
+    assert sorted(got) == sorted(ref)
+    differ = {}
+    for name, t in ref.items():
+        if got[name].tensor_type == t.tensor_type:
+            assert np.asarray(got[name].data).tobytes() == np.asarray(t.data).tobytes(), name
+        else:
+            differ[name] = (t.tensor_type.name, got[name].tensor_type.name)
+    # tiny: 3 layers (layer 2 is use_more_bits), expert and shared down rows of 128
+    assert differ == {"blk.1.ffn_down_exps.weight": ("Q5_0", "IQ4_NL"), "blk.1.ffn_down_shexp.weight": ("Q5_0", "IQ4_NL"),
+                      "blk.2.ffn_down_exps.weight": ("Q8_0", "Q5_0"), "blk.2.ffn_down_shexp.weight": ("Q8_0", "Q5_0")}
+    assert edge.stat().st_size < q4km.stat().st_size
+    meta = gguf.GGUFReader(edge).fields
+    assert meta["general.file_type"].parts[-1][0] == 15  # MOSTLY_Q4_K_M: llama.cpp has no number for ours
+    assert bytes(meta["kimivl_edge.file_type"].parts[-1]).decode() == "Q4_K_EDGE"
+    llm = llama_cpp.Llama(str(edge), n_ctx=64, verbose=False)
+    assert len(llm.tokenize(b"hello", add_bos=False)) >= 1
+    llm.close()
+
+
+def test_text_shapes_from_the_config_match_the_checkpoint_plan(ckpts, tmp_path):
+    from kimivl_edge.convert.text import text_shapes
+
+    plan = plan_conversion(ckpts["instruct"], "q8_0", "f16", tmp_path)
+    assert text_shapes(Checkpoint(ckpts["instruct"]).config.text) == [(t.name, tuple(t.shape))
+                                                                       for t in plan.text.tensors]
+
+
 def test_dry_run_plan_predicts_the_written_k_quant_types(ckpts, tmp_path):
     plan = plan_conversion(ckpts["instruct"], "q4_k_m", "f16", tmp_path)
     text, _ = convert_checkpoint(ckpts["instruct"], "q4_k_m", "f16", tmp_path)

@@ -111,6 +111,12 @@ EXPECTED = {
                "blk.4.ffn_down_exps.weight": "Q5_1", "blk.5.ffn_down_exps.weight": "Q8_0",
                "blk.4.ffn_down_shexp.weight": "Q5_K", "blk.5.ffn_down_shexp.weight": "Q6_K",
                "blk.4.attn_v_b.weight": "Q5_K"},
+    # ours: Q4_K_M except the FFN down projections whose rows of 1408 do not fit Q4_K/Q6_K super-blocks
+    "Q4_K_EDGE": {"token_embd.weight": "Q4_K", "output.weight": "Q6_K", "blk.0.ffn_down.weight": "Q6_K",
+                  "blk.4.attn_k_b.weight": "Q5_0", "blk.4.attn_v_b.weight": "Q4_K",
+                  "blk.4.ffn_down_exps.weight": "IQ4_NL", "blk.5.ffn_down_exps.weight": "Q5_0",
+                  "blk.4.ffn_down_shexp.weight": "Q4_K", "blk.5.ffn_down_shexp.weight": "Q6_K",
+                  "blk.4.ffn_up_exps.weight": "Q4_K", "blk.4.ffn_gate_inp.weight": "F32"},
     "Q6_K": {"token_embd.weight": "Q6_K", "output.weight": "Q6_K", "blk.4.attn_k_b.weight": "Q8_0",
              "blk.4.ffn_down_exps.weight": "Q8_0", "blk.5.ffn_down_exps.weight": "Q8_0",
              "blk.4.ffn_down_shexp.weight": "Q6_K", "blk.4.ffn_gate_inp.weight": "F32"},
@@ -325,3 +331,39 @@ def test_kquant_plan_matches_llama_model_quantize(model_files: dict[str, Path], 
     # the file must exercise the interesting rules, or the comparison proves little
     kinds = set(actual.values())
     assert {"F32", "Q6_K"} <= kinds and ({"Q5_0", "Q5_1", "Q8_0"} & kinds)
+
+
+# ------------------------------------------------------------------------------------------------ Q4_K_EDGE
+
+
+def _a3b_plans() -> tuple[dict, dict, dict]:
+    from kimivl_edge.config import preset_config
+    from kimivl_edge.convert.text import text_shapes
+
+    t = preset_config("a3b").text
+    shapes = text_shapes(t)
+    ne = [(n, tuple(reversed(s))) for n, s in shapes]
+    return (dict(shapes), text_plan(ne, "Q4_K_M", t.num_hidden_layers, n_expert=t.n_routed_experts, src_ftype="BF16"),
+            text_plan(ne, "Q4_K_EDGE", t.num_hidden_layers, n_expert=t.n_routed_experts, src_ftype="BF16"))
+
+
+def test_edge_recipe_changes_only_the_expert_down_projections() -> None:
+    shapes, q4km, edge = _a3b_plans()
+    changed = {n: (q4km[n][0].value, edge[n][0].value) for n in shapes if q4km[n][0] != edge[n][0]}
+    # use_more_bits MoE layers (by hand, see test_use_more_bits_27_layers; layer 0 is dense): Q8_0 -> Q5_0
+    more = {1, 2, 5, 8, 11, 14, 17, 20, 23, 24, 25, 26}
+    want = {f"blk.{i}.ffn_down_exps.weight": ("Q8_0", "Q5_0") if i in more else ("Q5_0", "IQ4_NL")
+            for i in range(1, 27)}
+    assert changed == want
+
+
+def test_a3b_file_sizes_llama_q4_k_m_and_edge() -> None:
+    """Tensor bytes from the plan vs the issue's measured llama.cpp Q4_K_M file (10.54 GB, 5.28 bits/weight; the
+    file also holds ~4 MB of vocabulary); Q4_K_EDGE must be <= 9.6 GB and <= 4.8 bits/weight."""
+    from kimivl_edge.quant.types import nbytes
+
+    shapes, q4km, edge = _a3b_plans()
+    n_params = sum(int(np.prod(s)) for s in shapes.values())
+    size = {k: sum(nbytes(p[n][0], s) for n, s in shapes.items()) for k, p in (("q4km", q4km), ("edge", edge))}
+    assert abs(size["q4km"] / 1e9 - 10.54) < 0.02 and abs(8 * size["q4km"] / n_params - 5.28) < 0.01
+    assert size["edge"] + 10e6 <= 9.6e9 and 8 * size["edge"] / n_params <= 4.8
