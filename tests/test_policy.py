@@ -111,8 +111,8 @@ EXPECTED = {
                "blk.4.ffn_down_exps.weight": "Q5_1", "blk.5.ffn_down_exps.weight": "Q8_0",
                "blk.4.ffn_down_shexp.weight": "Q5_K", "blk.5.ffn_down_shexp.weight": "Q6_K",
                "blk.4.attn_v_b.weight": "Q5_K"},
-    # ours: Q4_K_M except the FFN down projections whose rows of 1408 do not fit Q4_K/Q6_K super-blocks
-    "Q4_K_EDGE": {"token_embd.weight": "Q4_K", "output.weight": "Q6_K", "blk.0.ffn_down.weight": "Q6_K",
+    # ours: Q4_K_M except the expert down projections (rows of 1408 fit no Q4_K/Q6_K super-block) and token_embd
+    "Q4_K_EDGE": {"token_embd.weight": "Q8_0", "output.weight": "Q6_K", "blk.0.ffn_down.weight": "Q6_K",
                   "blk.4.attn_k_b.weight": "Q5_0", "blk.4.attn_v_b.weight": "Q4_K",
                   "blk.4.ffn_down_exps.weight": "IQ4_NL", "blk.5.ffn_down_exps.weight": "Q5_0",
                   "blk.4.ffn_down_shexp.weight": "Q4_K", "blk.5.ffn_down_shexp.weight": "Q6_K",
@@ -347,13 +347,14 @@ def _a3b_plans() -> tuple[dict, dict, dict]:
             text_plan(ne, "Q4_K_EDGE", t.num_hidden_layers, n_expert=t.n_routed_experts, src_ftype="BF16"))
 
 
-def test_edge_recipe_changes_only_the_expert_down_projections() -> None:
+def test_edge_recipe_changes_only_the_expert_down_projections_and_the_embedding() -> None:
     shapes, q4km, edge = _a3b_plans()
     changed = {n: (q4km[n][0].value, edge[n][0].value) for n in shapes if q4km[n][0] != edge[n][0]}
     # use_more_bits MoE layers (by hand, see test_use_more_bits_27_layers; layer 0 is dense): Q8_0 -> Q5_0
     more = {1, 2, 5, 8, 11, 14, 17, 20, 23, 24, 25, 26}
     want = {f"blk.{i}.ffn_down_exps.weight": ("Q8_0", "Q5_0") if i in more else ("Q5_0", "IQ4_NL")
             for i in range(1, 27)}
+    want["token_embd.weight"] = ("Q4_K", "Q8_0")
     assert changed == want
 
 
