@@ -4,38 +4,49 @@
     pixel_values, grid_hws = preprocess(images, enc.mmproj.image_processor_config())
     embeds = enc.encode(pixel_values, grid_hws)      # one [gh*gw/4, projection_dim] float32 array per image
 
-Everything is float32 on BLAS matmuls; quantized weights (F16, BF16, Q8_0, Q4_0) are decoded to float32 per tensor,
-either for each layer as it runs (default: at most two layers' weights in memory, the next one decoded in the
-background) or once and kept (``weight_cache=True``). Both paths run the same matmuls, so their outputs are equal.
+Everything is float32 on BLAS matmuls; quantized weights (F16, BF16, Q8_0, Q4_0) are decoded to float32 in
+cache-sized row steps, either for each layer while the previous one runs (default: two layers' buffers, reused) or
+once and kept (``weight_cache=True``). Both paths run the same matmuls, so their outputs are equal.
 
-Attention runs per image (block-diagonal, never a global mask: reference doc §5.3, §10.1) and in query blocks whose
-score matrix stays under ``max_score_bytes`` (64 MiB by default); the softmax is done in place on that block.
+Parallelism: a pool of ``threads`` workers; OpenBLAS is set to one thread for the duration of an encode (and set
+back after), so the pool is the only source of threads and BLAS never nests inside it. Row-wise work runs in chunks
+of patches; attention runs per image (block-diagonal, never a global mask: reference doc §5.3, §10.1), per head
+and per query block whose [rows, n] score block stays under ``max_score_bytes`` (4 MiB by default: one block per
+worker stays in the L3 cache; it measured faster than L2-sized blocks, whose matmuls are less efficient): the row
+max, exp and row sum of the softmax run in place on that block while it is in cache.
 RoPE follows the Q/K row layout the file declares (``MmprojFile.hparams.rope_layout``; reference doc §5.4).
 """
 from __future__ import annotations
 
+import ctypes
 import math
 import os
-from collections.abc import Callable, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from functools import lru_cache
 
 import numpy as np
 
 from .errors import UsageError
 from .mmproj import MmprojFile
+from .quant.codec import dequantize_rows
 
 __all__ = [
     "VisionEncoder", "bicubic_matrix", "resample_pos_emb", "rope_angles", "apply_rope", "erf", "gelu_erf",
-    "gelu_tanh", "layer_norm", "query_block_rows", "merge_2x2",
+    "gelu_tanh", "layer_norm", "query_block_rows", "attention_items", "attend", "merge_2x2", "row_chunks",
+    "worker_pool", "blas_thread_setter", "single_threaded_blas", "check_patches", "decode_rows_into", "STAGES",
 ]
 
 BICUBIC_A = -0.75           # PyTorch's bicubic coefficient (reference doc §5.2)
 ROPE_THETA = 10000.0        # MoonViT's 2-D RoPE base (reference doc §5.4; llama.cpp hard-codes it too)
 ROPE_MAX_GRID = 512         # the RoPE table's side in patches (reference doc §5.4): valid grids 1..512
 PROJECTOR_LN_EPS = 1e-5     # nn.LayerNorm default of the projector's pre_norm (reference doc §6)
-DEFAULT_SCORE_BYTES = 64 << 20
-MLP_ROWS = 4096             # tokens per MLP chunk: bounds the [rows, intermediate] activation
+DEFAULT_SCORE_BYTES = 4 << 20  # one attention score block per worker (256 query rows of a 4096-patch image)
+ROW_CHUNK = 512             # patches per row-wise work item (bounds the [rows, intermediate] MLP activation)
+MIN_PARTS, MIN_ROWS = 4, 64  # row-wise work of small images: up to 4 items of >= 64 rows (BLAS stays efficient)
 
 Progress = Callable[[int, int], None]
 
@@ -126,17 +137,25 @@ def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) 
     return y
 
 
+_GELU_C1 = -2.0 * math.sqrt(2.0 / math.pi)
+_GELU_C3 = _GELU_C1 * 0.044715
+
+
 def gelu_tanh(x: np.ndarray) -> np.ndarray:
-    """In place 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715x³))): the vision MLP activation (reference doc §5.3)."""
-    inner = x * x
-    inner *= np.float32(0.044715)
-    inner += 1.0
-    inner *= x
-    inner *= np.float32(math.sqrt(2.0 / math.pi))
-    np.tanh(inner, out=inner)
-    inner += 1.0
-    x *= 0.5
-    x *= inner
+    """In place 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715x³))): the vision MLP activation (reference doc §5.3).
+
+    Evaluated as x / (1 + exp(-2u)), u = √(2/π)·(x + 0.044715x³): the same function, as
+    1 + tanh u = 2 / (1 + e^{-2u}), in seven passes; exp overflows to inf for very negative x, giving -0.0 like the
+    tanh form.
+    """
+    t = x * x
+    t *= np.float32(_GELU_C3)
+    t += np.float32(_GELU_C1)
+    t *= x
+    with np.errstate(over="ignore"):
+        np.exp(t, out=t)
+    t += np.float32(1.0)
+    x /= t
     return x
 
 
@@ -194,57 +213,121 @@ def merge_2x2(x: np.ndarray, gh: int, gw: int, m: int = 2) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# §5.3 attention, per image, in query blocks
+# threads: BLAS runs single-threaded during an encode, so the worker pool is the only parallelism (no nesting)
+
+_BLAS_SETTERS = ("openblas_set_num_threads_local", "scipy_openblas_set_num_threads_local64_",
+                 "scipy_openblas_set_num_threads_local")
+
+
+def _loaded_openblas() -> list[str]:
+    """Paths of the OpenBLAS libraries mapped into this process (numpy's BLAS), from /proc/self/maps (Linux)."""
+    try:
+        with open("/proc/self/maps") as f:
+            fields = [line.split() for line in f]
+    except OSError:
+        return []
+    return sorted({p[-1] for p in fields if len(p) >= 6 and "openblas" in os.path.basename(p[-1]).lower()})
+
+
+@lru_cache(maxsize=1)
+def blas_thread_setter() -> Callable[[int], int] | None:
+    """``openblas_set_num_threads_local`` (OpenBLAS >= 0.3.27: sets the thread count, returns the previous one) of
+    the OpenBLAS numpy uses, or None (another BLAS, an older OpenBLAS, not Linux: BLAS then keeps its own threads
+    and may oversubscribe the workers). With OpenBLAS's pthreads server, as in numpy's wheels, the setting is
+    process-wide, hence ``single_threaded_blas``."""
+    for path in _loaded_openblas():
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in _BLAS_SETTERS:
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+                return fn
+    return None
+
+
+_blas_lock = threading.Lock()
+_blas_users = 0
+_blas_before = 0
+
+
+@contextmanager
+def single_threaded_blas() -> Iterator[None]:
+    """BLAS single-threaded while any encode runs; the previous thread count is restored when the last one ends."""
+    global _blas_users, _blas_before
+    setter = blas_thread_setter()
+    with _blas_lock:
+        if _blas_users == 0 and setter is not None:
+            _blas_before = setter(1)
+        _blas_users += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0 and setter is not None and _blas_before > 0:
+                setter(_blas_before)
+
+
+def worker_pool(threads: int) -> ThreadPoolExecutor:
+    """``threads`` workers (numpy ufuncs and BLAS release the GIL); use inside ``single_threaded_blas``."""
+    return ThreadPoolExecutor(threads, thread_name_prefix="kimivl-vision")
+
+
+def row_chunks(n_rows: int, max_rows: int) -> list[tuple[int, int]]:
+    """Near-equal [a, b) ranges covering ``n_rows``: at most ``max_rows`` rows each, and at least ``MIN_PARTS`` of
+    them while each keeps ``MIN_ROWS`` rows (so small images still feed several workers). They do not depend on the
+    number of threads, so neither does the result."""
+    k = max(-(-n_rows // max_rows), min(MIN_PARTS, n_rows // MIN_ROWS), 1)
+    cuts = np.linspace(0, n_rows, k + 1).round().astype(np.int64)
+    return [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# §5.3 attention, per image and head, in query blocks whose scores stay in cache
 
 def query_block_rows(n: int, max_score_bytes: int) -> int:
     """Query rows per block so one head's [rows, n] float32 score block fits ``max_score_bytes`` (at least 1)."""
     return max(1, min(n, max_score_bytes // (4 * n)))
 
 
-def _attention_items(n: int, heads: int, max_score_bytes: int) -> list[tuple[int, int, int, int]]:
-    """(head0, head1, row0, row1) blocks covering one image: several heads at once when whole [n, n] score matrices
-    fit the budget, else one head and ``query_block_rows`` query rows."""
-    full = 4 * n * n
-    if full <= max_score_bytes:
-        hb = max(1, min(heads, max_score_bytes // full))
-        return [(h, min(h + hb, heads), 0, n) for h in range(0, heads, hb)]
-    b = query_block_rows(n, max_score_bytes)
-    return [(h, h + 1, r, min(r + b, n)) for h in range(heads) for r in range(0, n, b)]
+def attention_items(grids: Sequence[tuple[int, int]], heads: int, max_score_bytes: int
+                    ) -> list[tuple[int, int, int, int, int]]:
+    """(image start, image patches, head, row0, row1) blocks covering every image (block-diagonal, §5.3): the
+    query rows [row0, row1) of one head of one image against all of that image's keys. Largest first."""
+    items, start = [], 0
+    for gh, gw in grids:
+        n = gh * gw
+        b = query_block_rows(n, max_score_bytes)
+        items += [(start, n, h, r, min(r + b, n)) for h in range(heads) for r in range(0, n, b)]
+        start += n
+    return sorted(items, key=lambda it: -(it[4] - it[3]) * it[1])
 
 
-PARALLEL_MIN_ELEMS = 1 << 18  # elementwise passes smaller than this stay in the calling thread
+class _Scratch(threading.local):
+    """One score buffer per worker thread, grown on demand."""
+    buf = np.empty(0, np.float32)
+
+    def get(self, rows: int, n: int) -> np.ndarray:
+        if self.buf.size < rows * n:
+            self.buf = np.empty(rows * n, np.float32)
+        return self.buf[:rows * n].reshape(rows, n)
 
 
-def _row_chunks(n_rows: int, parts: int) -> list[tuple[int, int]]:
-    cuts = np.linspace(0, n_rows, parts + 1).astype(np.int64)
-    return [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
-
-
-def _map_rows(fn: Callable[[np.ndarray], np.ndarray | None], a: np.ndarray, pool: ThreadPoolExecutor | None,
-              parts: int) -> list:
-    """Apply ``fn`` to row chunks of the 2-D array ``a`` (elementwise numpy only, which releases the GIL; BLAS is
-    never called from the pool, so it does not fight BLAS's own threads). Returns the per-chunk results in order."""
-    if pool is None or parts < 2 or a.size < PARALLEL_MIN_ELEMS or a.shape[0] < 2:
-        return [fn(a)]
-    return list(pool.map(lambda ab: fn(a[ab[0]:ab[1]]), _row_chunks(a.shape[0], parts)))
-
-
-def _softmax_numerators(s: np.ndarray) -> np.ndarray:
-    """In place s <- exp(s - rowmax(s)) for s [rows, n]; returns the row sums [rows, 1]."""
-    s -= s.max(axis=-1, keepdims=True)
+def attend(item: tuple[int, int, int, int, int], qh: np.ndarray, kh: np.ndarray, vh: np.ndarray,
+           out: np.ndarray, scratch: _Scratch) -> None:
+    """out[rows, head] = softmax(q kᵀ) v for one ``attention_items`` block; qh, kh, vh [heads, N, d] (q scaled by
+    1/√d). Scores live in the worker's scratch buffer: max, exp and sum run on it in place while it is in cache."""
+    s0, n, h, r0, r1 = item
+    s = scratch.get(r1 - r0, n)
+    np.matmul(qh[h, s0 + r0:s0 + r1], kh[h, s0:s0 + n].T, out=s)
+    s -= s.max(axis=1, keepdims=True)
     np.exp(s, out=s)
-    return s.sum(axis=-1, keepdims=True)
-
-
-def _attend_block(q: np.ndarray, k: np.ndarray, v: np.ndarray, pool: ThreadPoolExecutor | None = None,
-                  parts: int = 1) -> np.ndarray:
-    """softmax(q kᵀ) v for q [hb, b, d] (scaled by 1/√d already), k, v [hb, n, d]; softmax in place on scores."""
-    s = np.matmul(q, k.transpose(0, 2, 1))          # [hb, b, n]
-    hb, b, n = s.shape
-    denom = np.concatenate(_map_rows(_softmax_numerators, s.reshape(hb * b, n), pool, parts))
-    o = np.matmul(s, v)                              # [hb, b, d]
-    o /= denom.reshape(hb, b, 1)
-    return o
+    den = s.sum(axis=1, keepdims=True)
+    o = s @ vh[h, s0:s0 + n]
+    np.divide(o, den, out=out[s0 + r0:s0 + r1, h])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -252,6 +335,13 @@ def _attend_block(q: np.ndarray, k: np.ndarray, v: np.ndarray, pool: ThreadPoolE
 
 LAYER_TENSORS = ("ln1.weight", "ln1.bias", "attn_out.weight", "attn_out.bias", "ln2.weight", "ln2.bias",
                  "ffn_up.weight", "ffn_up.bias", "ffn_down.weight", "ffn_down.bias")
+EMBED_TENSORS = ("v.patch_embd.weight", "v.patch_embd.bias", "v.position_embd.weight")
+PROJECT_TENSORS = ("v.post_ln.weight", "v.post_ln.bias", "mm.input_norm.weight", "mm.input_norm.bias",
+                   "mm.1.weight", "mm.1.bias", "mm.2.weight", "mm.2.bias")
+DECODE_ELEMS = 1 << 16   # weight elements decoded per step (stays in cache)
+STAGES = ("decode_wait", "embed", "qkv", "attention", "mlp", "project")
+
+Weights = dict[str, np.ndarray]
 
 
 def check_patches(pixel_values: np.ndarray, grid_hws: object, p: int, m: int
@@ -277,141 +367,217 @@ def check_patches(pixel_values: np.ndarray, grid_hws: object, p: int, m: int
     return np.ascontiguousarray(pv.reshape(pv.shape[0], 3 * p * p), dtype=np.float32), grids
 
 
+def decode_rows_into(out: np.ndarray, raw: np.ndarray, ttype: str, shape: tuple[int, int], a: int, b: int) -> None:
+    """Rows [a, b) of a [rows, ne0] GGUF tensor decoded into the flat float32 ``out`` in one pass for F32, F16 and
+    Q8_0 (block_q8_0 = {f16 d; int8 qs[32]}, x = d·qs: ggml-common.h); other types through ``quant.codec``."""
+    rows, ne0 = shape
+    if ttype in ("F32", "F16"):
+        src = np.asarray(raw).reshape(-1).view(np.float32 if ttype == "F32" else np.float16)
+        np.copyto(out, src[a * ne0:b * ne0])
+    elif ttype == "Q8_0":
+        nb = ne0 // 32
+        blk = np.asarray(raw).reshape(-1).view(np.uint8).reshape(rows * nb, 34)[a * nb:b * nb]
+        d = blk[:, :2].copy().view(np.float16).astype(np.float32)
+        np.multiply(blk[:, 2:].view(np.int8), d, out=out.reshape(-1, 32))
+    else:
+        out[:] = dequantize_rows(raw, ttype, shape, slice(a, b)).reshape(-1)
+
+
 class VisionEncoder:
     """MoonViT + merge + projector on a Kimi-VL mmproj GGUF (reference doc §5, §6), numpy float32.
 
-    ``weight_cache``: keep every decoded weight (fast repeated encodes, ~4 bytes per parameter of RAM) instead of
-    decoding each layer when it runs. ``threads``: worker threads for the large elementwise passes (softmax, GELU)
-    and for decoding the next layer's weights in the background (default: all cores; 1 = none). Matmuls run in the
-    calling thread on BLAS's own threads, which are not limited here. ``max_score_bytes``: size bound of the one
-    attention score block that exists at a time.
+    ``threads``: worker threads (default: all cores), each running BLAS single-threaded, so ``threads`` is the
+    number of cores used. Row-wise work (LayerNorm, QKV + RoPE, output projection, MLP, projector) runs in chunks of
+    at most ``row_chunk`` patches; attention in (image, head, query block) items whose score block stays under
+    ``max_score_bytes`` (so the softmax works in cache). ``weight_cache``: keep every decoded weight (~4 bytes per
+    parameter of RAM) instead of decoding each layer while the previous one runs (into two layers' buffers, kept).
+
+    After each ``encode``, ``stats`` holds wall seconds per stage (``STAGES``; ``decode_wait`` = time spent waiting
+    for weights) and ``decode_seconds``, the workers' CPU seconds spent decoding weights (0 when all were cached).
     """
 
     def __init__(self, mmproj: MmprojFile | str | os.PathLike, weight_cache: bool = False,
-                 threads: int | None = None, max_score_bytes: int = DEFAULT_SCORE_BYTES):
+                 threads: int | None = None, max_score_bytes: int = DEFAULT_SCORE_BYTES,
+                 row_chunk: int = ROW_CHUNK):
         self.mmproj = mmproj if isinstance(mmproj, MmprojFile) else MmprojFile(mmproj)
         self.hparams = self.mmproj.hparams
         self.weight_cache = bool(weight_cache)
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-            raise UsageError(f"threads must be a positive integer, got {threads!r}")
-        self.threads = threads or os.cpu_count() or 1
-        if isinstance(max_score_bytes, bool) or not isinstance(max_score_bytes, int) or max_score_bytes < 4:
-            raise UsageError(f"max_score_bytes must be an integer >= 4, got {max_score_bytes!r}")
-        self.max_score_bytes = max_score_bytes
-        self._cache: dict[str, np.ndarray] = {}
+        self.threads = (os.cpu_count() or 1) if threads is None else threads
+        self.max_score_bytes, self.row_chunk = max_score_bytes, row_chunk
+        for name, v, low in (("threads", self.threads, 1), ("max_score_bytes", max_score_bytes, 4),
+                             ("row_chunk", row_chunk, 1)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise UsageError(f"{name} must be an integer >= {low}, got {v!r}")
+        self._cache: dict[object, Weights] = {}
+        self._buffers: dict[object, Weights] = {}
+        self._lock = threading.Lock()
+        self._scratch = _Scratch()
+        self.stats: dict[str, float] = {}
 
     # -- weights -----------------------------------------------------------------------------------------------
-    def _weight(self, name: str) -> np.ndarray:
-        w = self._cache.get(name)
-        if w is None:
-            w = self.mmproj.float32(name)
-            if self.weight_cache:
-                self._cache[name] = w
-        return w
+    def _sources(self, part: object) -> dict[str, list[str]]:
+        """Destination name -> file tensors (stacked along rows) of one part: "embed", a block index or "project".
+        Block Q, K, V are fused into one [3D, D] matrix (reference doc §3.4 row order)."""
+        if part == "embed":
+            return {t: [t] for t in EMBED_TENSORS}
+        if part == "project":
+            return {t: [t] for t in PROJECT_TENSORS}
+        p = f"v.blk.{part}."
+        out = {f"qkv.{s}": [p + f"attn_{x}.{s}" for x in "qkv"] for s in ("weight", "bias")}
+        return out | {t: [p + t] for t in LAYER_TENSORS}
 
-    def _layer_weights(self, i: int) -> dict[str, np.ndarray]:
-        """Block i's float32 weights; Q, K, V fused into one [3D, D] matrix (reference doc §3.4 row order)."""
-        key = f"v.blk.{i}.attn_qkv"
-        p = f"v.blk.{i}."
-        out = {t: self._weight(p + t) for t in LAYER_TENSORS}
-        qkv_w, qkv_b = self._cache.get(key + ".weight"), self._cache.get(key + ".bias")
-        if qkv_w is None:
-            qkv_w = np.concatenate([self.mmproj.float32(p + f"attn_{x}.weight") for x in "qkv"])
-            qkv_b = np.concatenate([self.mmproj.float32(p + f"attn_{x}.bias") for x in "qkv"])
-            if self.weight_cache:
-                self._cache[key + ".weight"], self._cache[key + ".bias"] = qkv_w, qkv_b
-        out["qkv.weight"], out["qkv.bias"] = qkv_w, qkv_b
+    def _buffer(self, part: object) -> Weights:
+        """Reused decode buffers of the per-layer mode, kept between encodes (their pages are touched once): one
+        each for "embed" and "project", two for the blocks (block i decodes into buffer i % 2 while i - 1 runs)."""
+        slot = part % 2 if isinstance(part, int) else part
+        if slot not in self._buffers:
+            self._buffers[slot] = self._empty(part)
+        return self._buffers[slot]
+
+    def _empty(self, part: object) -> Weights:
+        out = {}
+        for key, names in self._sources(part).items():
+            shapes = [self.mmproj.tensor(n)[2] for n in names]
+            rows = sum(s[0] for s in shapes)
+            out[key] = np.empty((rows,) + tuple(shapes[0][1:]), np.float32)
         return out
 
-    def pos_table(self) -> np.ndarray:
-        """The pos-emb table as [H, W, C] float32 (stored as [H*W, C], reference doc §5.2)."""
-        hp = self.hparams
-        return self._weight("v.position_embd.weight").reshape(hp.pos_emb_height, hp.pos_emb_width, hp.hidden_size)
+    def _decode_into(self, dst: np.ndarray, names: list[str]) -> float:
+        """Decode ``names`` stacked along rows into ``dst`` in cache-sized row steps; returns the CPU seconds taken
+        (this thread's, so other load on the machine does not count)."""
+        t0 = time.thread_time()
+        flat, off = dst.reshape(-1), 0
+        for name in names:
+            raw, ttype, shape = self.mmproj.tensor(name)
+            ne0 = shape[-1]
+            rows = math.prod(shape) // ne0
+            step = max(1, DECODE_ELEMS // ne0)
+            for a in range(0, rows, step):
+                b = min(a + step, rows)
+                decode_rows_into(flat[off + a * ne0:off + b * ne0], raw, ttype, (rows, ne0), a, b)
+            off += rows * ne0
+        return time.thread_time() - t0
+
+    def _submit_decode(self, part: object, pool: ThreadPoolExecutor) -> tuple[Weights, list[Future]]:
+        """Start decoding one part in the pool (one task per tensor); nothing to do when it is cached."""
+        if part in self._cache:
+            return self._cache[part], []
+        w = self._empty(part) if self.weight_cache else self._buffer(part)
+        futs = [pool.submit(self._decode_into, w[k], names) for k, names in self._sources(part).items()]
+        if self.weight_cache:
+            self._cache[part] = w
+        return w, futs
+
+    def _wait(self, futs: list[Future]) -> None:
+        t0 = time.perf_counter()
+        self.stats["decode_seconds"] += sum(f.result() for f in futs)
+        self.stats["decode_wait"] += time.perf_counter() - t0
 
     # -- checks ------------------------------------------------------------------------------------------------
     def _check_inputs(self, pixel_values: np.ndarray, grid_hws: object) -> tuple[np.ndarray, list[tuple[int, int]]]:
         return check_patches(pixel_values, grid_hws, self.hparams.patch_size, self.hparams.merge_size)
 
-    # -- stages ------------------------------------------------------------------------------------------------
-    def embed(self, patches: np.ndarray, grids: Sequence[tuple[int, int]]) -> np.ndarray:
-        """Patch embedding (conv as a matmul, §5.1) plus the bicubic-resampled position table (§5.2): [n, D]."""
-        w = self._weight("v.patch_embd.weight")
-        x = patches @ w.reshape(w.shape[0], -1).T
-        x += self._weight("v.patch_embd.bias")
-        table, start = self.pos_table(), 0
-        for gh, gw in grids:
-            x[start:start + gh * gw] += resample_pos_emb(table, gh, gw)
-            start += gh * gw
-        return x
+    # -- row-wise stages (one chunk of patches each, run in a worker) --------------------------------------------
+    def _embed_rows(self, ab: tuple[int, int], patches: np.ndarray, pos: np.ndarray, w: Weights,
+                    x: np.ndarray) -> None:
+        """Patch embedding (conv as a matmul, §5.1) plus the resampled position embedding (§5.2)."""
+        a, b = ab
+        wp = w["v.patch_embd.weight"]
+        np.matmul(patches[a:b], wp.reshape(wp.shape[0], -1).T, out=x[a:b])
+        x[a:b] += w["v.patch_embd.bias"]
+        x[a:b] += pos[a:b]
 
-    def _rope_tables(self, grids: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
-        """cos, sin [n, head_dim/2] float32 for all patches, in the file's Q/K layout (§5.4)."""
+    def _qkv_rows(self, ab: tuple[int, int], x: np.ndarray, w: Weights, cos: np.ndarray, sin: np.ndarray,
+                  qkvh: np.ndarray) -> None:
+        """LN, fused QKV projection and RoPE (§5.3, §5.4) of rows [a, b); q scaled by 1/√d; written head-major into
+        qkvh [3, heads, N, d]."""
+        a, b = ab
         hp = self.hparams
-        ang = np.concatenate([rope_angles(gh, gw, hp.head_dim, hp.rope_layout) for gh, gw in grids])
-        return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
-
-    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, grids: Sequence[tuple[int, int]],
-                  pool: ThreadPoolExecutor | None = None) -> np.ndarray:
-        """Block-diagonal attention (§5.3): q, k, v [n, heads, d] (RoPE applied) -> [n, heads*d] float32."""
-        n_tot, heads, d = q.shape
-        out = np.empty((n_tot, heads, d), dtype=np.float32)
-        scale = np.float32(1.0 / math.sqrt(d))
-        start = 0
-        for gh, gw in grids:
-            n = gh * gw
-            qi = np.ascontiguousarray(q[start:start + n].transpose(1, 0, 2)) * scale   # [heads, n, d]
-            ki = np.ascontiguousarray(k[start:start + n].transpose(1, 0, 2))
-            vi = np.ascontiguousarray(v[start:start + n].transpose(1, 0, 2))
-            for h0, h1, r0, r1 in _attention_items(n, heads, self.max_score_bytes):
-                o = _attend_block(qi[h0:h1, r0:r1], ki[h0:h1], vi[h0:h1], pool, self.threads)
-                out[start + r0:start + r1, h0:h1] = o.transpose(1, 0, 2)
-            start += n
-        return out.reshape(n_tot, heads * d)
-
-    def block(self, i: int, x: np.ndarray, weights: dict[str, np.ndarray], cos: np.ndarray, sin: np.ndarray,
-              grids: Sequence[tuple[int, int]], pool: ThreadPoolExecutor | None = None) -> np.ndarray:
-        """One pre-norm block (§5.3), updating x [n, D] in place: LN, QKV, RoPE, attention, wo, LN, GELU-tanh MLP."""
-        hp, w = self.hparams, weights
-        n = x.shape[0]
-        y = layer_norm(x, w["ln1.weight"], w["ln1.bias"], hp.layer_norm_eps)
+        y = layer_norm(x[a:b], w["ln1.weight"], w["ln1.bias"], hp.layer_norm_eps)
         qkv = y @ w["qkv.weight"].T
         qkv += w["qkv.bias"]
-        del y
-        qkv = qkv.reshape(n, 3, hp.num_heads, hp.head_dim)
-        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-        apply_rope(q, cos, sin)
-        apply_rope(k, cos, sin)
-        o = self.attention(q, k, v, grids, pool)
-        del qkv, q, k, v
-        x += o @ w["attn_out.weight"].T
-        x += w["attn_out.bias"]
-        del o
-        for s in range(0, n, MLP_ROWS):
-            xs = x[s:s + MLP_ROWS]
-            h = layer_norm(xs, w["ln2.weight"], w["ln2.bias"], hp.layer_norm_eps) @ w["ffn_up.weight"].T
-            h += w["ffn_up.bias"]
-            _map_rows(gelu_tanh, h, pool, self.threads)
-            xs += h @ w["ffn_down.weight"].T
-            xs += w["ffn_down.bias"]
+        qkv = qkv.reshape(b - a, 3, hp.num_heads, hp.head_dim)
+        apply_rope(qkv[:, 0], cos[a:b], sin[a:b])
+        apply_rope(qkv[:, 1], cos[a:b], sin[a:b])
+        qkv[:, 0] *= np.float32(1.0 / math.sqrt(hp.head_dim))
+        qkvh[:, :, a:b] = qkv.transpose(1, 2, 0, 3)
+
+    def _mlp_rows(self, ab: tuple[int, int], x: np.ndarray, attn: np.ndarray, w: Weights) -> None:
+        """Rows [a, b) of x += attn·Woᵀ + bo, then x += fc1(gelu_tanh(fc0(LN(x)))) (§5.3), in place."""
+        a, b = ab
+        xs = x[a:b]
+        xs += attn[a:b] @ w["attn_out.weight"].T
+        xs += w["attn_out.bias"]
+        h = layer_norm(xs, w["ln2.weight"], w["ln2.bias"], self.hparams.layer_norm_eps) @ w["ffn_up.weight"].T
+        h += w["ffn_up.bias"]
+        gelu_tanh(h)
+        xs += h @ w["ffn_down.weight"].T
+        xs += w["ffn_down.bias"]
+
+    def _norm_rows(self, ab: tuple[int, int], x: np.ndarray, w: Weights) -> None:
+        """Final LN (§5.3) then the projector's pre_norm (§6), in place on rows [a, b)."""
+        a, b = ab
+        eps = self.hparams.layer_norm_eps
+        y = layer_norm(x[a:b], w["v.post_ln.weight"], w["v.post_ln.bias"], eps)
+        x[a:b] = layer_norm(y, w["mm.input_norm.weight"], w["mm.input_norm.bias"], PROJECTOR_LN_EPS)
+
+    def _project_rows(self, ab: tuple[int, int], merged: np.ndarray, w: Weights, out: np.ndarray) -> None:
+        """Projector MLP (§6) on merged tokens [a, b): gelu_erf(h·W1ᵀ + b1)·W2ᵀ + b2."""
+        a, b = ab
+        h = merged[a:b] @ w["mm.1.weight"].T
+        h += w["mm.1.bias"]
+        gelu_erf(h)
+        np.matmul(h, w["mm.2.weight"].T, out=out[a:b])
+        out[a:b] += w["mm.2.bias"]
+
+    # -- whole stages ------------------------------------------------------------------------------------------
+    def _run(self, stage: str, pool: ThreadPoolExecutor, fn: Callable, items: Sequence, *args) -> None:
+        t0 = time.perf_counter()
+        for _ in pool.map(lambda it: fn(it, *args), items):
+            pass
+        self.stats[stage] += time.perf_counter() - t0
+
+    def _chunks(self, n: int) -> list[tuple[int, int]]:
+        return row_chunks(n, self.row_chunk)
+
+    def _attention(self, qkvh: np.ndarray, grids: Sequence[tuple[int, int]], pool: ThreadPoolExecutor,
+                   out: np.ndarray) -> None:
+        items = attention_items(grids, self.hparams.num_heads, self.max_score_bytes)
+        self._run("attention", pool, attend, items, qkvh[0], qkvh[1], qkvh[2], out, self._scratch)
+
+    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, grids: Sequence[tuple[int, int]]
+                  ) -> np.ndarray:
+        """Block-diagonal attention (§5.3) on its own: q, k, v [n, heads, d] (RoPE applied) -> [n, heads*d]."""
+        n, heads, d = q.shape
+        qkvh = np.ascontiguousarray(np.stack([q, k, v]).transpose(0, 2, 1, 3), dtype=np.float32)
+        qkvh[0] *= np.float32(1.0 / math.sqrt(d))
+        out = np.empty((n, heads, d), np.float32)
+        self.stats = dict.fromkeys(STAGES, 0.0)
+        with single_threaded_blas(), worker_pool(self.threads) as pool:
+            self._attention(qkvh, grids, pool, out)
+        return out.reshape(n, heads * d)
+
+    def _embed(self, patches: np.ndarray, grids: Sequence[tuple[int, int]], pool: ThreadPoolExecutor,
+               w: Weights) -> np.ndarray:
+        hp = self.hparams
+        table = w["v.position_embd.weight"].reshape(hp.pos_emb_height, hp.pos_emb_width, hp.hidden_size)
+        pos = np.concatenate([resample_pos_emb(table, gh, gw) for gh, gw in grids])
+        x = np.empty((patches.shape[0], hp.hidden_size), np.float32)
+        self._run("embed", pool, self._embed_rows, self._chunks(len(x)), patches, pos, w, x)
         return x
 
-    def project(self, x: np.ndarray, grids: Sequence[tuple[int, int]],
-                pool: ThreadPoolExecutor | None = None) -> list[np.ndarray]:
+    def _project(self, x: np.ndarray, grids: Sequence[tuple[int, int]], pool: ThreadPoolExecutor,
+                 w: Weights) -> list[np.ndarray]:
         """Final LN (§5.3), 2x2 merge (§5.5) and projector (§6): per image [gh*gw/4, projection_dim] float32."""
         hp = self.hparams
-        x = layer_norm(x, self._weight("v.post_ln.weight"), self._weight("v.post_ln.bias"), hp.layer_norm_eps)
-        x = layer_norm(x, self._weight("mm.input_norm.weight"), self._weight("mm.input_norm.bias"), PROJECTOR_LN_EPS)
+        self._run("project", pool, self._norm_rows, self._chunks(len(x)), x, w)
         merged, start = [], 0
         for gh, gw in grids:
             merged.append(merge_2x2(x[start:start + gh * gw], gh, gw, hp.merge_size))
             start += gh * gw
-        h = np.concatenate(merged) if merged else np.zeros((0, hp.merged_dim), np.float32)
-        del x, merged
-        h = h @ self._weight("mm.1.weight").T
-        h += self._weight("mm.1.bias")
-        _map_rows(gelu_erf, h, pool, self.threads)
-        out = h @ self._weight("mm.2.weight").T
-        out += self._weight("mm.2.bias")
+        m = np.concatenate(merged)
+        out = np.empty((len(m), hp.projection_dim), np.float32)
+        self._run("project", pool, self._project_rows, self._chunks(len(m)), m, w, out)
         sizes = np.cumsum([gh * gw // hp.merge_size ** 2 for gh, gw in grids])[:-1]
         return [np.ascontiguousarray(a) for a in np.split(out, sizes)]
 
@@ -423,26 +589,45 @@ class VisionEncoder:
         ``progress(i, n_layers)`` is called after block i (0-based) has finished.
         """
         patches, grids = self._check_inputs(pixel_values, grid_hws)
-        if not grids:
-            return []
-        n_layers = self.hparams.num_layers
-        pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+        with self._lock, single_threaded_blas():  # the weight buffers, the cache and the stats are shared by calls
+            self.stats = dict.fromkeys(STAGES, 0.0) | {"decode_seconds": 0.0}
+            return self._encode_locked(patches, grids, progress) if grids else []
+
+    def _encode_locked(self, patches: np.ndarray, grids: list[tuple[int, int]], progress: Progress | None
+                       ) -> list[np.ndarray]:
+        pool, cached = worker_pool(self.threads), set(self._cache)
         try:
-            x = self.embed(patches, grids)
-            cos, sin = self._rope_tables(grids)
-            nxt: Future | None = None
-            weights = self._layer_weights(0)
-            for i in range(n_layers):
-                if pool is not None and i + 1 < n_layers:
-                    nxt = pool.submit(self._layer_weights, i + 1)  # decode ahead while block i runs
-                self.block(i, x, weights, cos, sin, grids, pool)
-                if progress is not None:
-                    progress(i, n_layers)
-                if i + 1 < n_layers:
-                    weights = nxt.result() if nxt is not None else self._layer_weights(i + 1)
-                    nxt = None
-            del weights
-            return self.project(x, grids, pool)
+            return self._encode(patches, grids, pool, progress)
+        except BaseException:
+            for part in set(self._cache) - cached:  # possibly half decoded
+                del self._cache[part]
+            raise
         finally:
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _encode(self, patches: np.ndarray, grids: list[tuple[int, int]], pool: ThreadPoolExecutor,
+                progress: Progress | None) -> list[np.ndarray]:
+        hp = self.hparams
+        n, n_layers = patches.shape[0], hp.num_layers
+        w, futs = self._submit_decode("embed", pool)
+        cur, futs0 = self._submit_decode(0, pool)
+        self._wait(futs)
+        x = self._embed(patches, grids, pool, w)
+        ang = np.concatenate([rope_angles(gh, gw, hp.head_dim, hp.rope_layout) for gh, gw in grids])
+        cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+        qkvh = np.empty((3, hp.num_heads, n, hp.head_dim), np.float32)
+        attn = np.empty((n, hp.num_heads, hp.head_dim), np.float32)
+        chunks, futs = self._chunks(n), futs0
+        for i in range(n_layers):
+            self._wait(futs)
+            nxt = i + 1 if i + 1 < n_layers else "project"
+            w_next, futs = self._submit_decode(nxt, pool)
+            self._run("qkv", pool, self._qkv_rows, chunks, x, cur, cos, sin, qkvh)
+            self._attention(qkvh, grids, pool, attn)
+            self._run("mlp", pool, self._mlp_rows, chunks, x, attn.reshape(n, -1), cur)
+            if progress is not None:
+                progress(i, n_layers)
+            cur = w_next
+        self._wait(futs)
+        del qkvh, attn
+        return self._project(x, grids, pool, cur)

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from kimivl_edge import vision
 from kimivl_edge.config import KimiVLConfig
 from kimivl_edge.convert import convert_checkpoint
 from kimivl_edge.errors import KimiVLError, UsageError
@@ -352,7 +353,8 @@ def test_weight_cache_and_threads_identical(files, inputs):
     c = encode_all(VisionEncoder(files["q8_0"], weight_cache=False), pv, grid)
     d = encode_all(VisionEncoder(files["q8_0"], weight_cache=False, threads=1), pv, grid)
     for x, y, z, u in zip(a, b, c, d):
-        assert np.array_equal(x, y) and np.array_equal(x, z) and np.array_equal(x, u)
+        assert np.array_equal(x, y) and np.array_equal(x, z)
+        np.testing.assert_allclose(u, x, rtol=0, atol=1e-6 * np.abs(x).max())  # 1 vs 2 workers: float32 rounding
 
 
 def test_multi_image_call_equals_single_calls(files, inputs):
@@ -400,9 +402,11 @@ def test_blocked_encode_small_budget_matches_reference(files, inputs, ref_out):
 
 
 def test_default_budget_needs_blocks_and_equals_unblocked(files):
-    """66x64 = 4224 patches: one head's score matrix is 71.4 MB > the 64 MiB default, so >= 2 query blocks."""
+    """66x64 = 4224 patches: one head's score matrix is 71.4 MB > the default budget, so several query blocks
+    (the last one short: 4224 is not a multiple of the block rows)."""
     gh, gw = 66, 64
-    assert 4 * (gh * gw) ** 2 > 64 << 20
+    rows = vision.query_block_rows(gh * gw, vision.DEFAULT_SCORE_BYTES)
+    assert 1 < rows < gh * gw and (gh * gw) % rows
     pv = np.random.default_rng(5).uniform(-1, 1, (gh * gw, 3, 14, 14)).astype(np.float32)
     blocked = VisionEncoder(files["f32"]).encode(pv, np.array([[gh, gw]]))[0]
     whole = VisionEncoder(files["f32"], max_score_bytes=1 << 33).encode(pv, np.array([[gh, gw]]))[0]

@@ -1,0 +1,252 @@
+"""Work splitting of the numpy vision encoder (kimivl_edge/vision.py): query blocks, row chunks, worker threads,
+chunked weight decoding, the weight cache.
+
+Oracles: a float64 softmax attention written here; the fp32 torch reference (``ReferenceModel.image_embeds``,
+reference doc §5, §6); gguf-py's own ``gguf.quants.dequantize`` for the weights; torch's ``F.gelu`` (tanh).
+Splitting must not change results beyond float32 rounding, whatever the block sizes, chunk sizes or threads.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from kimivl_edge import vision
+from kimivl_edge.convert import convert_checkpoint
+from kimivl_edge.synth import synth
+from kimivl_edge.vision import STAGES, VisionEncoder, attention_items, gelu_tanh, row_chunks
+
+torch = pytest.importorskip("torch")
+import torch.nn.functional as F  # noqa: E402
+
+from kimivl_edge.reference.model import ReferenceModel  # noqa: E402
+
+torch.set_num_threads(1)
+
+# Three images of different grids; 10x30 = 300 patches is not a multiple of the block or chunk sizes used below.
+GRIDS = [(10, 30), (6, 8), (4, 4)]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("vision_blocks")
+
+
+@pytest.fixture(scope="module")
+def ckpt(work) -> Path:
+    return synth(work / "ckpt", "tiny", "instruct", 1)
+
+
+@pytest.fixture(scope="module")
+def files(ckpt, work) -> dict[str, Path]:
+    out = {}
+    for t in ("f32", "f16", "q8_0", "q4_0"):
+        _, mmproj = convert_checkpoint(ckpt, "f32", t, work / "out")
+        out[t] = Path(mmproj)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pixels() -> tuple[np.ndarray, np.ndarray]:
+    n = sum(h * w for h, w in GRIDS)
+    pv = np.random.default_rng(11).uniform(-1, 1, (n, 3, 14, 14)).astype(np.float32)
+    return pv, np.array(GRIDS)
+
+
+@pytest.fixture(scope="module")
+def ref_out(ckpt, pixels) -> np.ndarray:
+    return ReferenceModel(ckpt).image_embeds(*pixels).numpy()
+
+
+def token_cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+
+
+def softmax_attention_f64(q, k, v, grids) -> np.ndarray:
+    out, start = [], 0
+    d = q.shape[-1]
+    for gh, gw in grids:
+        m = gh * gw
+        qi, ki, vi = (t[start:start + m].astype(np.float64).transpose(1, 0, 2) for t in (q, k, v))
+        s = qi @ ki.transpose(0, 2, 1) / math.sqrt(d)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        out.append((p @ vi).transpose(1, 0, 2).reshape(m, -1))
+        start += m
+    return np.concatenate(out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# pieces
+
+@pytest.mark.parametrize("budget", [4, 4 * 300 * 7, 4 * 300 * 64, 4 * 300 * 300, 1 << 30])
+def test_attention_items_cover_each_query_once(budget):
+    heads = 3
+    items = attention_items(GRIDS, heads, budget)
+    seen = {}
+    starts = np.cumsum([0] + [h * w for h, w in GRIDS])
+    for s0, n, h, r0, r1 in items:
+        img = list(starts).index(s0)
+        assert n == GRIDS[img][0] * GRIDS[img][1] and 0 <= r0 < r1 <= n
+        assert 4 * (r1 - r0) * n <= max(budget, 4 * n)  # within the budget, or one row when a row is larger
+        for r in range(r0, r1):
+            seen[(s0 + r, h)] = seen.get((s0 + r, h), 0) + 1
+    assert seen == {(r, h): 1 for r in range(int(starts[-1])) for h in range(heads)}
+
+
+@pytest.mark.parametrize("n,max_rows", [(1, 256), (63, 256), (64, 256), (256, 256), (300, 256), (1024, 256),
+                                        (4096, 256), (1000, 37)])
+def test_row_chunks(n, max_rows):
+    ch = row_chunks(n, max_rows)
+    assert ch[0][0] == 0 and ch[-1][1] == n and all(a < b for a, b in ch)
+    assert all(b1 == a2 for (_, b1), (a2, _) in zip(ch[:-1], ch[1:]))
+    assert max(b - a for a, b in ch) <= max_rows
+    if n >= 4 * 64:  # small images are still split for several workers
+        assert len(ch) >= 4
+    if max_rows >= 64 and n >= 64:
+        assert min(b - a for a, b in ch) >= 64
+
+
+@pytest.mark.parametrize("budget,threads", [(4 * 300 * 70, 1), (4 * 300 * 70, 2), (4 * 300 * 1, 3),
+                                            (4 * 300 * 299, 2), (1 << 30, 2)])
+def test_blocked_attention_against_float64(files, budget, threads):
+    """Query blocks that do not divide the image (70 rows of 300, 299 rows), one-row blocks, whole images; three
+    images of different grids in one call; 1-3 workers."""
+    enc = VisionEncoder(files["f32"], max_score_bytes=budget, threads=threads)
+    rng = np.random.default_rng(3)
+    n, heads, d = sum(h * w for h, w in GRIDS), 2, 64
+    q, k, v = (rng.standard_normal((n, heads, d)).astype(np.float32) * s for s in (2.0, 2.0, 1.0))
+    got = enc.attention(q, k, v, GRIDS)
+    np.testing.assert_allclose(got, softmax_attention_f64(q, k, v, GRIDS), rtol=0, atol=2e-5)
+
+
+def test_gelu_tanh_matches_torch():
+    a = np.random.default_rng(0).normal(0, 4, (64, 700)).astype(np.float32)
+    a[0, :5] = [-200.0, -30.0, 0.0, 30.0, 200.0]  # exp overflow side and the saturated ends
+    want = F.gelu(torch.from_numpy(a).double(), approximate="tanh").numpy()
+    got = gelu_tanh(a.copy())
+    assert np.abs(got - want).max() <= 2e-7 * np.abs(a).max()
+    assert got[0, 0] == 0 and got[0, 4] == 200.0
+
+
+@pytest.mark.parametrize("mtype", ["f32", "f16", "q8_0", "q4_0"])
+def test_chunked_decode_matches_gguf_py(files, monkeypatch, mtype):
+    """Weights decoded in row steps (here 100 elements: steps that do not divide the rows) into the fused QKV
+    buffer equal gguf-py's dequantization of the three tensors, for every mmproj type."""
+    monkeypatch.setattr(vision, "DECODE_ELEMS", 100)
+    enc = VisionEncoder(files[mtype], weight_cache=True, threads=2)
+    with vision.worker_pool(2) as pool:
+        parts = {p: enc._submit_decode(p, pool) for p in ("embed", 0, "project")}
+        for _, futs in parts.values():
+            for f in futs:
+                f.result()
+    rd = {t.name: t for t in gguf.GGUFReader(files[mtype]).tensors}
+
+    def ref(name):
+        t = rd[name]
+        return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+
+    assert rd["v.blk.0.attn_q.weight"].tensor_type.name == mtype.upper()
+    w = parts[0][0]
+    want = np.concatenate([ref(f"v.blk.0.attn_{x}.weight") for x in "qkv"])
+    assert np.array_equal(w["qkv.weight"], want.reshape(w["qkv.weight"].shape))
+    for key in ("ffn_down.weight", "ffn_up.weight", "ln1.bias"):
+        assert np.array_equal(w[key], ref("v.blk.0." + key).reshape(w[key].shape)), key
+    for part, key in (("embed", "v.patch_embd.weight"), ("project", "mm.1.weight"), ("project", "mm.2.bias")):
+        got = parts[part][0][key]
+        assert np.array_equal(got, ref(key).reshape(got.shape)), key
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# whole encodes
+
+@pytest.mark.parametrize("threads,row_chunk,budget", [(1, 256, 1 << 20), (2, 256, 1 << 20), (3, 37, 4 * 300 * 41),
+                                                      (2, 1000, 1 << 30)])
+def test_encode_splits_against_reference(files, pixels, ref_out, threads, row_chunk, budget):
+    """Row chunks that straddle image boundaries (37 rows), one chunk for everything, small and whole attention
+    blocks, 1-3 workers: every split matches the fp32 reference (same bound as test_vision.py's F32 case)."""
+    enc = VisionEncoder(files["f32"], threads=threads, row_chunk=row_chunk, max_score_bytes=budget)
+    out = np.concatenate(enc.encode(*pixels))
+    assert out.shape == ref_out.shape
+    cos = token_cos(out, ref_out)
+    rel = np.linalg.norm(out - ref_out, axis=-1) / np.linalg.norm(ref_out, axis=-1)
+    assert cos.min() >= 0.99999 and rel.max() <= 2e-5, (cos.min(), rel.max())
+
+
+def test_threads_do_not_change_the_result(files, pixels):
+    outs = [np.concatenate(VisionEncoder(files["q4_0"], threads=t).encode(*pixels)) for t in (1, 2, 3)]
+    for o in outs[1:]:
+        np.testing.assert_allclose(o, outs[0], rtol=0, atol=1e-6 * np.abs(outs[0]).max())
+
+
+def test_stats_and_weight_cache(files, pixels):
+    enc = VisionEncoder(files["q4_0"], weight_cache=True, threads=2)
+    first = enc.encode(*pixels)
+    assert set(STAGES) <= set(enc.stats) and enc.stats["decode_seconds"] > 0
+    assert all(enc.stats[s] > 0 for s in ("embed", "qkv", "attention", "mlp", "project"))
+    second = enc.encode(*pixels)
+    assert enc.stats["decode_seconds"] == 0  # everything came from the cache
+    for a, b in zip(first, second):
+        assert np.array_equal(a, b)
+    plain = VisionEncoder(files["q4_0"], threads=2)
+    for _ in range(2):  # the per-layer mode decodes again on each call, into the same buffers
+        again = plain.encode(*pixels)
+        assert plain.stats["decode_seconds"] > 0
+        for a, b in zip(first, again):
+            assert np.array_equal(a, b)
+
+
+def test_interrupted_encode_leaves_no_half_decoded_cache(files, pixels):
+    enc = VisionEncoder(files["q4_0"], weight_cache=True, threads=2)
+
+    def stop(i, n):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        enc.encode(*pixels, progress=stop)
+    again = enc.encode(*pixels)
+    fresh = VisionEncoder(files["q4_0"], threads=2).encode(*pixels)
+    for a, b in zip(again, fresh):
+        assert np.array_equal(a, b)
+
+
+def _openblas_get_threads():
+    import ctypes
+
+    for path in vision._loaded_openblas():
+        lib = ctypes.CDLL(path)
+        for name in ("openblas_get_num_threads", "scipy_openblas_get_num_threads64_", "openblas_get_num_threads64_"):
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                fn.restype = ctypes.c_int
+                return fn
+    return None
+
+
+def test_blas_single_threaded_during_encode_then_restored(files, pixels):
+    """OpenBLAS's own getter: one thread while the workers run (no nested BLAS threads), the old count after."""
+    get = _openblas_get_threads()
+    if vision.blas_thread_setter() is None or get is None:
+        pytest.skip("numpy's BLAS is not an OpenBLAS with openblas_set_num_threads_local")
+    setter = vision.blas_thread_setter()
+    before = setter(2)
+    try:
+        seen = []
+        VisionEncoder(files["f32"], threads=2).encode(*pixels, progress=lambda i, n: seen.append(get()))
+        assert seen and set(seen) == {1}
+        assert get() == 2
+    finally:
+        setter(before)
+
+
+def test_bad_settings(files):
+    from kimivl_edge.errors import UsageError
+
+    for kw in ({"threads": 0}, {"threads": True}, {"row_chunk": 0}, {"max_score_bytes": 3}, {"threads": 1.5}):
+        with pytest.raises(UsageError) as e:
+            VisionEncoder(files["f32"], **kw)
+        assert "\n" not in str(e.value)
