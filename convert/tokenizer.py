@@ -28,7 +28,7 @@ from typing import Any
 from gguf import GGUFValueType, TokenType
 
 from ..config import KimiVLConfig
-from ..errors import CheckpointError
+from ..errors import CheckpointError, read_json_object
 from ..prompt import load_chat_template
 from ..tokenizer import read_special_tokens, read_tiktoken_model
 
@@ -188,10 +188,7 @@ def _generation_stop_ids(ckpt: Path) -> list[int]:
     path = ckpt / "generation_config.json"
     if not path.is_file():
         return []
-    try:
-        value = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-        raise CheckpointError(f"{path}: not a valid JSON object ({e})") from None
+    value = read_json_object(path).get("eos_token_id")
     values = value if isinstance(value, list) else [value] if value is not None else []
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
         raise CheckpointError(f"{path}: eos_token_id must be an id or a list of ids, got {value!r}")

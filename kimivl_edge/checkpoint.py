@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import KimiVLConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, read_json_object
 from .safetensors_io import SafetensorsFile, bf16_to_f32
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -182,9 +182,6 @@ class Checkpoint:
 
     def read_json(self, filename: str) -> dict:
         p = self.path / filename
-        try:
-            return json.loads(p.read_text())
-        except FileNotFoundError:
-            raise CheckpointError(f"{self.path}: missing {filename}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{p}: not valid JSON ({e})") from None
+        if not p.is_file():
+            raise CheckpointError(f"{self.path}: missing {filename}")
+        return read_json_object(p)

@@ -10,7 +10,7 @@ import json
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
-from .errors import CheckpointError
+from .errors import CheckpointError, read_json_object
 
 VARIANTS = ("instruct", "thinking", "thinking-2506")
 PRESETS = ("tiny", "a3b")
@@ -120,13 +120,7 @@ class KimiVLConfig:
         path = Path(ckpt_dir) / "config.json"
         if not path.is_file():
             raise CheckpointError(f"{ckpt_dir}: no config.json (not a Hugging Face checkpoint directory)")
-        try:
-            d = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(d, dict):
-            raise CheckpointError(f"{path}: not a JSON object")
-        return cls.from_dict(d)
+        return cls.from_dict(read_json_object(path))
 
 
 def _required(cls, d: dict) -> dict:

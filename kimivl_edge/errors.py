@@ -1,4 +1,8 @@
 """Errors a user can act on. The CLI prints them as one line and exits with code 2."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
 
 
 class KimiVLError(Exception):
@@ -11,6 +15,21 @@ class CheckpointError(KimiVLError):
 
 class UsageError(KimiVLError):
     """Bad command-line or API arguments."""
+
+
+def read_json_object(path: Path) -> dict:
+    """A checkpoint's JSON file that must hold an object; every failure is a one-line ``CheckpointError``."""
+    try:
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({' '.join(str(e).split())})") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    return d
 
 
 class ImageError(KimiVLError):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import json
 import math
 import urllib.parse
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from typing import Any, Sequence, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import CheckpointError, ImageError, UsageError
+from .errors import CheckpointError, ImageError, UsageError, read_json_object
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
 POS_EMB_MAX = 512  # MoonViT's 2-D RoPE table is 512x512 patches (§2); a grid side must stay below it (§4 step 4)
@@ -86,11 +85,7 @@ class ImageProcessorConfig:
         path = Path(ckpt_dir) / PREPROCESSOR_FILE
         if not path.is_file():
             raise CheckpointError(f"{ckpt_dir}: no {PREPROCESSOR_FILE}")
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: not valid JSON ({_one_line(e)})") from None
-        return cls.from_dict(d, source=str(path))
+        return cls.from_dict(read_json_object(path), source=str(path))
 
 
 def _positive_int(d: dict, key: str, source: str) -> int:

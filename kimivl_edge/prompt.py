@@ -6,11 +6,10 @@ then repeats that id once per image token.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import CheckpointError, UsageError
+from .errors import CheckpointError, UsageError, read_json_object
 
 # §7.1: Instruct's chat_template.jinja, verbatim (data). The rendered prompt has no newlines and no [BOS].
 KIMI_VL_CHAT_TEMPLATE = """\
@@ -63,11 +62,7 @@ def load_chat_template(ckpt_dir: str | Path) -> str:
         return jinja_file.read_text(encoding="utf-8")
     cfg_file = d / "tokenizer_config.json"
     if cfg_file.is_file():
-        try:
-            cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
-        tpl = cfg.get("chat_template") if isinstance(cfg, dict) else None
+        tpl = read_json_object(cfg_file).get("chat_template")
         if isinstance(tpl, list):  # HF's named-template form: [{"name": ..., "template": ...}]
             named = {t.get("name"): t.get("template") for t in tpl if isinstance(t, dict)}
             tpl = named.get("default")

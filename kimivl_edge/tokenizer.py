@@ -20,7 +20,7 @@ from pathlib import Path
 import tiktoken
 
 from .config import N_SPECIAL, SPECIAL_TOKEN_OFFSETS
-from .errors import CheckpointError
+from .errors import CheckpointError, read_json_object
 
 # §8: the Kimi pre-tokenizer, eight branches joined with "|" (data, verbatim; the fifth starts with a space).
 PAT_BRANCHES: tuple[str, ...] = (
@@ -363,15 +363,7 @@ def read_special_tokens(path: str | Path, n_base: int) -> dict[str, int]:
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing")
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{path}: not a JSON object")
-    return d
+    return read_json_object(path)
 
 
 def _ids_of(value: object) -> list[int]:
