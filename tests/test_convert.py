@@ -213,7 +213,7 @@ def test_q4_k_edge_is_q4_k_m_but_for_the_unfit_down_projections(ckpts, tmp_path)
             differ[name] = (t.tensor_type.name, got[name].tensor_type.name)
     # tiny: 3 layers (layer 2 is use_more_bits), expert down rows of 128 (shared ones too, but they keep Q4_K_M's
     # types: in the real model their rows of 2816 take K-quants, so only the routed experts change)
-    assert differ == {"blk.1.ffn_down_exps.weight": ("Q5_0", "IQ4_NL"), "blk.2.ffn_down_exps.weight": ("Q8_0", "Q5_0"),
+    assert differ == {"blk.1.ffn_down_exps.weight": ("Q5_0", "Q4_0"), "blk.2.ffn_down_exps.weight": ("Q8_0", "Q5_0"),
                       "token_embd.weight": ("Q4_K", "Q8_0")}
     meta = gguf.GGUFReader(edge).fields
     assert meta["general.file_type"].parts[-1][0] == 15  # MOSTLY_Q4_K_M: llama.cpp has no number for ours

@@ -114,7 +114,7 @@ EXPECTED = {
     # ours: Q4_K_M except the expert down projections (rows of 1408 fit no Q4_K/Q6_K super-block) and token_embd
     "Q4_K_EDGE": {"token_embd.weight": "Q8_0", "output.weight": "Q6_K", "blk.0.ffn_down.weight": "Q6_K",
                   "blk.4.attn_k_b.weight": "Q5_0", "blk.4.attn_v_b.weight": "Q4_K",
-                  "blk.4.ffn_down_exps.weight": "IQ4_NL", "blk.5.ffn_down_exps.weight": "Q5_0",
+                  "blk.4.ffn_down_exps.weight": "Q4_0", "blk.5.ffn_down_exps.weight": "Q5_0",
                   "blk.4.ffn_down_shexp.weight": "Q4_K", "blk.5.ffn_down_shexp.weight": "Q6_K",
                   "blk.4.ffn_up_exps.weight": "Q4_K", "blk.4.ffn_gate_inp.weight": "F32"},
     "Q6_K": {"token_embd.weight": "Q6_K", "output.weight": "Q6_K", "blk.4.attn_k_b.weight": "Q8_0",
@@ -352,7 +352,7 @@ def test_edge_recipe_changes_only_the_expert_down_projections_and_the_embedding(
     changed = {n: (q4km[n][0].value, edge[n][0].value) for n in shapes if q4km[n][0] != edge[n][0]}
     # use_more_bits MoE layers (by hand, see test_use_more_bits_27_layers; layer 0 is dense): Q8_0 -> Q5_0
     more = {1, 2, 5, 8, 11, 14, 17, 20, 23, 24, 25, 26}
-    want = {f"blk.{i}.ffn_down_exps.weight": ("Q8_0", "Q5_0") if i in more else ("Q5_0", "IQ4_NL")
+    want = {f"blk.{i}.ffn_down_exps.weight": ("Q8_0", "Q5_0") if i in more else ("Q5_0", "Q4_0")
             for i in range(1, 27)}
     want["token_embd.weight"] = ("Q4_K", "Q8_0")
     assert changed == want
