@@ -94,7 +94,6 @@ def test_smoke_run_has_every_field(tiny_run):
     assert ev["llama_decode_loop"] == pytest.approx(
         r["decode"]["q4_k_edge"]["methods"]["kimivl_edge"]["decode_tokens_per_s"]["median"]
         / r["decode"]["q4_k_m"]["methods"]["llama_decode_loop"]["decode_tokens_per_s"]["median"])
-    assert r["conversion"]["q4_k_edge"]["text_bytes"] < r["conversion"]["q4_k_m"]["text_bytes"]
     _has(r["conversion"]["mmproj_f16"], MMPROJ_ONLY, "mmproj_f16")
     assert "measured" in r["conversion"]["llama_convert"]
     _has(r["vision"], VISION, "vision")
