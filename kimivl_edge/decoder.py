@@ -7,6 +7,15 @@ chunked to ``n_batch``, with continuous positions 0..T-1 (1-D RoPE over image ro
 KV reuse: the decoder remembers a key per cached position (the token id, or (image key, row) for an embedding row).
 A new prompt that starts with the cached prefix evaluates only what follows, so a follow-up question about an image
 costs only the new tokens.
+
+Memory: llama.cpp's CPU backend repacks some weight types (Q4_0, Q4_K, IQ4_NL, ... on this instruction set) into
+interleaved copies (the CPU_REPACK buffer). With the file memory-mapped, the pages read to build those copies stay
+mapped, so the process holds the file *and* the repacked copy (up to ≈ 1.5× the file for Q4_K_M). By default
+(``mmap=None``) a file with tensors llama.cpp would repack is therefore read into llama.cpp's own buffers instead
+(``LLAMA_LOAD_MODE_NONE``: peak RSS ≈ file size, same kernels, same speed; loading costs a copy of the file);
+any other file is memory-mapped. ``repack=False`` is the other way to the same memory: the file is mapped and the
+weights are used in their file layout (fastest load, llama.cpp's non-repacked kernels: on a Q4_K_M MoE file here,
+1 thread, prefill 1.17x and decode 0.98x the repacked speed, the latter within this machine's noise).
 """
 from __future__ import annotations
 
@@ -14,6 +23,7 @@ import ctypes
 import os
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +31,14 @@ import numpy as np
 from .errors import KimiVLError, UsageError
 
 KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "q4_0": 2, "bf16": 30}
+LOAD_MODE_NONE, LOAD_MODE_MMAP = 0, 1  # enum llama_load_mode
+
+# ggml types that ggml-cpu/repack.cpp (llama.cpp of llama-cpp-python 0.3.36) can repack for MUL_MAT / MUL_MAT_ID,
+# by instruction set: x86 needs AVX2 (Q2_K: AVX-512); ARM and others repack more types.
+_Q4_0, _Q8_0, _Q2_K, _Q4_K, _Q5_K, _Q6_K, _IQ4_NL, _MXFP4, _Q1_0 = 2, 8, 10, 12, 13, 14, 20, 39, 41
+_REPACK_AVX2 = frozenset({_Q4_0, _Q4_K, _IQ4_NL, _MXFP4})
+_REPACK_ANY = frozenset({_Q4_0, _Q8_0, _Q2_K, _Q4_K, _Q5_K, _Q6_K, _IQ4_NL, _MXFP4, _Q1_0})
+_NOT_MATMUL = ("token_embd.weight",)  # read with get_rows: never repacked
 
 
 @dataclass(frozen=True)
@@ -42,6 +60,8 @@ class DecoderSettings:
     n_threads: int | None = None
     kv_type: str = "f16"  # llama.cpp's default; tests use f32 (an F16 KV cache moves logits visibly)
     flash_attn: bool = False
+    mmap: bool | None = None  # None: mmap unless llama.cpp would repack weights (see the module docstring)
+    repack: bool = True       # llama.cpp's interleaved CPU_REPACK weights (use_extra_bufts); False keeps file layout
 
     def __post_init__(self):
         if self.kv_type not in KV_TYPES:
@@ -63,6 +83,56 @@ def _log(level, text, user_data):
         sys.stderr.write(text.decode("utf-8", "replace"))
 
 
+def _repack_types(system_info: str) -> frozenset[int]:
+    """Weight types llama.cpp's CPU backend repacks here, from its system info ("AVX2 = 1 | ... | REPACK = 1")."""
+    flags = {f.split("=")[0].strip() for f in system_info.split("|") if f.strip().endswith("= 1")}
+    if "REPACK" not in flags:
+        return frozenset()
+    if "AVX2" in flags:
+        return _REPACK_AVX2 | ({_Q2_K} if "AVX512" in flags else set())
+    return _REPACK_ANY  # other instruction sets: every type repack.cpp knows (when unsure, do not map)
+
+
+class _GgufInitParams(ctypes.Structure):
+    _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.c_void_p)]
+
+
+@lru_cache(maxsize=1)
+def _gguf_api():
+    """llama.cpp's gguf reader, found through libllama's handle (i.e. in the very ggml-base it links)."""
+    import llama_cpp.llama_cpp as lcc
+
+    lib, p, i64 = lcc._lib, ctypes.c_void_p, ctypes.c_int64
+    for name, args, res in (("gguf_init_from_file", [ctypes.c_char_p, _GgufInitParams], p),
+                            ("gguf_get_n_tensors", [p], i64), ("gguf_get_tensor_name", [p, i64], ctypes.c_char_p),
+                            ("gguf_get_tensor_type", [p, i64], ctypes.c_int), ("gguf_free", [p], None)):
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, res
+    return lib
+
+
+def tensor_types(path: str | Path) -> dict[str, int] | None:
+    """Tensor name -> ggml type from the GGUF's tensor index (llama.cpp's own parser); None if it cannot read it."""
+    lib = _gguf_api()
+    g = lib.gguf_init_from_file(os.fsencode(path), _GgufInitParams(True, None))
+    if not g:
+        return None
+    try:
+        return {lib.gguf_get_tensor_name(g, i).decode("utf-8", "replace"): int(lib.gguf_get_tensor_type(g, i))
+                for i in range(lib.gguf_get_n_tensors(g))}
+    finally:
+        lib.gguf_free(g)
+
+
+def repacked_tensors(path: str | Path) -> list[str]:
+    """Weights of ``path`` of a type llama.cpp's CPU backend repacks (CPU_REPACK buffers) on this machine; an upper
+    bound (row counts and ops are not checked: e.g. 3-D attn_v_b stays in the CPU buffer)."""
+    lc = _backend()
+    types = _repack_types(lc.llama_print_system_info().decode("utf-8", "replace"))
+    found = tensor_types(path) or {}
+    return [n for n, t in found.items() if t in types and n not in _NOT_MATMUL]
+
+
 def _backend():
     global _LOG_CB
     import llama_cpp
@@ -82,6 +152,9 @@ class Decoder:
         self.settings = s = settings or DecoderSettings()
         mp = lc.llama_model_default_params()
         mp.n_gpu_layers = 0
+        mp.use_extra_bufts = s.repack
+        self.mmap = s.mmap if s.mmap is not None else not (s.repack and repacked_tensors(model_path))
+        mp.load_mode = LOAD_MODE_MMAP if self.mmap else LOAD_MODE_NONE
         self._model = lc.llama_model_load_from_file(str(model_path).encode(), mp)
         if not self._model:
             raise KimiVLError(f"llama.cpp could not load {model_path} (set KIMIVL_EDGE_VERBOSE=1 for its log)")
@@ -107,6 +180,9 @@ class Decoder:
         self.n_evaluated = 0             # positions evaluated by llama_decode since load (for tests and stats)
         self._tok_batch = lc.llama_batch_init(self.n_batch, 0, 1)
         self._emb_batch = lc.llama_batch_init(self.n_batch, self.n_embd, 1)
+        self._one = lc.llama_batch_init(1, 0, 1)  # append(): only token[0] and pos[0] change per call
+        self._one.n_tokens, self._one.n_seq_id[0], self._one.seq_id[0][0], self._one.logits[0] = 1, 1, 0, 1
+        self._one_token, self._one_pos = self._one.token, self._one.pos
 
     # -- lifecycle --------------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -114,6 +190,7 @@ class Decoder:
         if getattr(self, "_ctx", None):
             lc.llama_batch_free(self._tok_batch)
             lc.llama_batch_free(self._emb_batch)
+            lc.llama_batch_free(self._one)
             lc.llama_free(self._ctx)
             lc.llama_model_free(self._model)
             self._ctx = self._model = None
@@ -237,11 +314,25 @@ class Decoder:
                 out.append(self._logits(n - 1))
         return out
 
-    def append(self, token: int) -> np.ndarray:
-        """Evaluate one generated token at the end of the cache; returns its logits."""
-        if len(self._keys) >= self.n_ctx:
+    def append(self, token: int, logits: bool = False) -> np.ndarray | None:
+        """Evaluate one generated token at the end of the cache (the per-token step of generation: no Python work
+        beyond two batch fields and ``llama_decode``); with ``logits``, return a copy of its logits ([n_vocab])."""
+        keys = self._keys
+        n = len(keys)
+        if n >= self.n_ctx:
             raise KimiVLError(f"context of {self.n_ctx} tokens is full")
-        return self._eval_tokens([int(token)], len(self._keys), False)[0]
+        token = int(token)
+        self._one_token[0], self._one_pos[0] = token, n
+        rc = self._lc.llama_decode(self._ctx, self._one)
+        if rc != 0:
+            raise KimiVLError(f"llama_decode failed (code {rc}); the context may be full")
+        keys.append(token)
+        self.n_evaluated += 1
+        return self._logits(0) if logits else None
+
+    def last_logits(self) -> np.ndarray:
+        """A copy of the logits of the last evaluated position ([n_vocab])."""
+        return self._logits(-1)
 
     @property
     def ctx(self):

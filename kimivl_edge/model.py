@@ -112,8 +112,11 @@ class KimiVL:
     def load(cls, model_gguf: str | Path, mmproj_gguf: str | Path | None = None, *, n_ctx: int = 4096,
              n_threads: int | None = None, kv_type: str = "f16", n_batch: int = 512, flash_attn: bool = False,
              vision_backend: str = "numpy", weight_cache: bool = False,
-             max_image_patches: int | None = None) -> "KimiVL":
-        """Load the pair. ``max_image_patches`` caps patches per image (a speed knob; resizes like the processor)."""
+             max_image_patches: int | None = None, mmap: bool | None = None, repack: bool = True) -> "KimiVL":
+        """Load the pair. ``max_image_patches`` caps patches per image (a speed knob; resizes like the processor).
+        ``mmap``: memory-map the text GGUF (True), read it into llama.cpp's buffers (False), or None: mmap unless
+        llama.cpp repacks some of its weights, which would keep both the mapped file and the repacked copy resident.
+        ``repack=False``: no repacked copies (llama.cpp's CPU_REPACK buffers); the mapped file is used as it is."""
         if vision_backend not in VISION_BACKENDS:
             raise UsageError(f"unknown vision backend {vision_backend!r} (choose from {', '.join(VISION_BACKENDS)})")
         if max_image_patches is not None and max_image_patches < 4:
@@ -137,7 +140,8 @@ class KimiVL:
 
                 vision = GgmlVisionEncoder(mmproj_gguf, threads=n_threads)
         decoder = Decoder(model_gguf, DecoderSettings(n_ctx=n_ctx, n_threads=n_threads, kv_type=kv_type,
-                                                      n_batch=n_batch, n_ubatch=n_batch, flash_attn=flash_attn))
+                                                      n_batch=n_batch, n_ubatch=n_batch, flash_attn=flash_attn,
+                                                      mmap=mmap, repack=repack))
         if decoder.n_embd != info.n_embd:
             raise ModelFileError(f"{model_gguf}: llama.cpp reports n_embd {decoder.n_embd}, metadata {info.n_embd}")
         return cls(info, decoder, vision, image_config, max_image_patches)
@@ -256,21 +260,23 @@ class KimiVL:
         self.decoder.prompt(segments)
         st.prefill_seconds = time.perf_counter() - t0
         st.evaluated_tokens = self.decoder.n_evaluated - before
-        chain = SamplerChain(s)
-        t0 = time.perf_counter()
+        dec, stops, n_ctx = self.decoder, frozenset(self.tokenizer.stop_ids), self.decoder.n_ctx
+        chain = SamplerChain(s, dec.n_vocab)
+        sample, append, ctx, clock = chain.sample, dec.append, dec.ctx, time.perf_counter
+        t0 = clock()
         try:
             for _ in range(s.max_tokens):
-                if self.decoder.n_past >= self.decoder.n_ctx:
+                if dec.n_past >= n_ctx:
                     st.finish_reason = "length"
                     return
-                tok = chain.sample(self.decoder.ctx)
-                if tok in self.tokenizer.stop_ids:
+                tok = sample(ctx)
+                if tok in stops:
                     st.finish_reason = "stop"
                     return
                 st.generated_tokens += 1
                 yield tok
-                self.decoder.append(tok)
-                st.decode_seconds = time.perf_counter() - t0
+                append(tok)
+                st.decode_seconds = clock() - t0
             st.finish_reason = "length"
         finally:
             st.decode_seconds = time.perf_counter() - t0

@@ -2,12 +2,15 @@
 
     kimivl-edge run -m MODEL.gguf --mmproj MMPROJ.gguf [--image PATH]... -p PROMPT [--temp T] [--max-tokens N]
                     [--seed S] [--threads N] [--ctx N] [--vision-backend numpy|ggml] [--max-image-patches N]
+                    [--mmap auto|on|off] [--no-repack]
 
 Thinking models: the reasoning goes to stderr, the answer to stdout.
 """
 from __future__ import annotations
 
 import sys
+
+MMAP_CHOICES = {"auto": None, "on": True, "off": False}
 
 
 def add_model_args(ap) -> None:
@@ -22,6 +25,11 @@ def add_model_args(ap) -> None:
     ap.add_argument("--weight-cache", action="store_true", help="keep dequantized vision weights in RAM (faster)")
     ap.add_argument("--flash-attn", action="store_true", help="llama.cpp flash attention (faster on long contexts, "
                     "rounds through F16)")
+    ap.add_argument("--mmap", default="auto", choices=tuple(MMAP_CHOICES),
+                    help="memory-map the text GGUF: auto (default) maps it unless llama.cpp repacks weights (Q4_K, "
+                    "Q4_0, IQ4_NL on x86), which would keep the file and the repacked copy in RAM")
+    ap.add_argument("--no-repack", action="store_true", help="use weights in their file layout, no repacked copies "
+                    "(with --mmap auto the file is then mapped: fastest load, same memory)")
 
 
 def add_sampling_args(ap) -> None:
@@ -39,7 +47,8 @@ def load_model(args):
 
     model = KimiVL.load(args.model, args.mmproj, n_ctx=args.ctx, n_threads=args.threads, kv_type=args.kv_type,
                         vision_backend=args.vision_backend, weight_cache=args.weight_cache,
-                        flash_attn=args.flash_attn, max_image_patches=args.max_image_patches)
+                        flash_attn=args.flash_attn, max_image_patches=args.max_image_patches,
+                        mmap=MMAP_CHOICES[args.mmap], repack=not args.no_repack)
     if sys.stderr.isatty():
         model.encode_progress = _progress
     return model

@@ -48,7 +48,8 @@ class SamplingSettings:
 class SamplerChain:
     """A llama.cpp sampler chain (penalties -> top-k -> top-p -> min-p -> temperature -> dist, or greedy)."""
 
-    def __init__(self, s: SamplingSettings):
+    def __init__(self, s: SamplingSettings, n_vocab: int = 0):
+        """``n_vocab``: the model's vocabulary size (llama.cpp's penalties sampler records it)."""
         import llama_cpp as lc
 
         self._lc = lc
@@ -57,7 +58,7 @@ class SamplerChain:
         self._chain = lc.llama_sampler_chain_init(params)
         add = lambda smpl: lc.llama_sampler_chain_add(self._chain, smpl)  # noqa: E731
         if s.repeat_penalty != 1.0:
-            add(lc.llama_sampler_init_penalties(s.repeat_last_n, s.repeat_penalty, 0.0, 0.0))
+            add(lc.llama_sampler_init_penalties(n_vocab, s.repeat_last_n, s.repeat_penalty, 0.0, 0.0))
         if s.greedy:
             add(lc.llama_sampler_init_greedy())
             return

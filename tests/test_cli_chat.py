@@ -36,6 +36,19 @@ def test_run_streams_an_answer(pair):
     assert "image tokens 15" in r.stderr  # 120x80 pads to 140x84: 6x10 patches, 60/4 = 15 tokens (§4)
 
 
+def test_run_mmap_choices_give_the_same_answer(pair):
+    text, _, _ = pair
+    outs = []
+    for choice in ("auto", "on", "off"):
+        r = kimivl("run", "-m", str(text), "-p", "Hi", "--temp", "0", "--max-tokens", "6", "--mmap", choice,
+                   "--repeat-penalty", "1.3")
+        assert r.returncode == 0, r.stderr
+        outs.append(r.stdout)
+    assert outs[0] == outs[1] == outs[2]
+    r = kimivl("run", "-m", str(text), "-p", "Hi", "--temp", "0", "--max-tokens", "6", "--no-repack")
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
+
+
 def test_chat_repl_commands_and_history(pair):
     text, mm, img = pair
     script = f"/image {img}\nWhat colour is it?\n/image /nonexistent.png\nAnd now?\n/help\n/clear\nHello\n/quit\n"
@@ -61,6 +74,7 @@ def test_chat_without_mmproj_refuses_images_but_keeps_going(pair):
     ["run", "-m", "nope.gguf", "-p", "x"],                # missing file
     ["run", "-m", "{text}", "-p", "x", "--temp", "-1"],   # bad sampling value
     ["run", "-m", "{text}", "-p", "x", "--image", "{img}"],  # image without mmproj
+    ["run", "-m", "{text}", "-p", "x", "--mmap", "maybe"],   # unknown mmap choice
 ])
 def test_run_bad_arguments_exit_2(pair, args):
     text, _, img = pair

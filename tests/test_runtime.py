@@ -119,6 +119,32 @@ def test_second_turn_reuses_the_kv_cache_and_the_image(files, images):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
+def test_append_evaluates_the_next_position(files):
+    """The one-token fast path of generation against llama.cpp evaluating the whole sequence in one batch."""
+    _, text, _ = files["instruct"]
+    with KimiVL.load(text, kv_type="f32", n_ctx=128) as m:
+        ids = m.tokenize("<|im_user|>user<|im_middle|>Count to five.<|im_end|><|im_assistant|>assistant")
+        m.decoder.prompt([ids])
+        assert m.decoder.append(7) is None
+        got = m.decoder.append(9, logits=True)
+        np.testing.assert_array_equal(m.decoder.last_logits(), got)
+        assert m.decoder.n_past == len(ids) + 2
+        m.decoder.reset()
+        want = m.decoder.prompt([ids + [7, 9]])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_repetition_penalty_keeps_greedy_tokens_distinct(files):
+    _, text, _ = files["instruct"]
+    msgs = [{"role": "user", "content": "Say something."}]
+    with KimiVL.load(text, kv_type="f32") as m:
+        m.tokenizer.stop_ids = ()  # generate the full length
+        plain = m.generate(msgs, temperature=0, max_tokens=64).tokens
+        penalized = m.generate(msgs, temperature=0, max_tokens=64, repeat_penalty=1e4).tokens
+    assert len(set(plain)) < len(plain)  # the random model repeats itself without the penalty
+    assert len(penalized) == 64 and len(set(penalized)) == 64
+
+
 def test_thinking_split_while_streaming_with_markers_across_tokens(files, monkeypatch):
     _, text, _ = files["thinking"]
     with KimiVL.load(text) as m:
