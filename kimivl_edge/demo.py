@@ -6,11 +6,13 @@ question, and one grounding question whose (x, y) answer is drawn as a marker on
 It prints the answers, image tokens, encode time, prefill and decode speed.
 
 The bundled checkpoint (kimivl_edge/assets/kimi-vl-tiny) was trained on a small synthetic visual task
-(training/train.py): it counts shapes and compares two images reliably, names colours often, and has not learned
-grounding yet. Without the asset, a synthetic checkpoint with random weights is used and the answers are noise.
+(training/train.py): it names colours, counts and compares two images reliably, tells shape kinds and left from
+right less reliably (README), and has not learned grounding. Without the asset, a synthetic checkpoint with random
+weights is used and the answers are noise.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -33,27 +35,38 @@ def bundled_checkpoint(root: Path) -> tuple[Path, bool]:
     return ckpt, False
 
 
-# The trained model's task (training/tasks.py): small images, 1-3 shapes of radius 14-22 px on a light background.
-_RGB = {"red": (220, 30, 30), "green": (30, 160, 40), "blue": (30, 60, 220)}
+# The trained model's task (training/tasks.py): small non-square images on a light background; one larger shape
+# (radius 18-26 px) for colour, kind and side questions, 1-3 shapes of distinct kinds and colours (radius 14-22 px)
+# for counting and comparison. Squares and triangles are inscribed in the circle of that radius, as in training.
+_RGB = {"red": (220, 30, 30), "green": (30, 160, 40), "blue": (30, 60, 220), "yellow": (235, 200, 0)}
+
+
+def _polygon(kind: str, x: float, y: float, r: float) -> list[tuple[float, float]]:
+    if kind == "square":
+        a = r / math.sqrt(2)
+        return [(x - a, y - a), (x + a, y - a), (x + a, y + a), (x - a, y + a)]
+    return [(x + r * math.cos(t), y - r * math.sin(t)) for t in (math.pi / 2, 7 * math.pi / 6, 11 * math.pi / 6)]
 
 
 def demo_images(root: Path) -> dict[str, Path]:
     from PIL import Image, ImageDraw
 
     specs = {  # name: (size, [(kind, centre x, centre y, radius, colour)])
-        "three.png": ((150, 110), [("circle", 35, 40, 18, "red"), ("square", 110, 35, 17, "blue"),
-                                   ("circle", 75, 85, 16, "green")]),
+        "three.png": ((150, 110), [("circle", 35, 40, 18, "red"), ("square", 110, 35, 20, "blue"),
+                                   ("triangle", 75, 82, 18, "green")]),
         "one.png": ((120, 100), [("square", 60, 50, 20, "green")]),
-        "two.png": ((130, 100), [("circle", 35, 50, 18, "blue"), ("circle", 95, 50, 18, "red")]),
-        "circle.png": ((140, 96), [("circle", 40, 48, 20, "red")]),
+        "two.png": ((130, 100), [("circle", 35, 50, 18, "blue"), ("triangle", 95, 50, 18, "red")]),
+        "triangle.png": ((140, 96), [("triangle", 105, 50, 24, "yellow")]),
     }
     out = {}
     for name, (size, shapes) in specs.items():
         img = Image.new("RGB", size, (240, 238, 232))
         d = ImageDraw.Draw(img)
         for kind, x, y, r, colour in shapes:
-            box = (x - r, y - r, x + r, y + r)
-            (d.ellipse if kind == "circle" else d.rectangle)(box, fill=_RGB[colour])
+            if kind == "circle":
+                d.ellipse((x - r, y - r, x + r, y + r), fill=_RGB[colour])
+            else:
+                d.polygon(_polygon(kind, x, y, r), fill=_RGB[colour])
         img.save(root / name)
         out[name] = root / name
     return out
@@ -93,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     imgs = demo_images(root)
     questions = [
         ("single image", [imgs["three.png"]], "How many shapes are there?", "3"),
-        ("single image", [imgs["circle.png"]], "What colour is the circle?", "red"),
+        ("single image", [imgs["triangle.png"]], "What colour is the triangle?", "yellow"),
+        ("single image", [imgs["triangle.png"]], "What shape is the yellow one?", "triangle"),
+        ("single image", [imgs["triangle.png"]], "Is the yellow triangle on the left or the right?", "right"),
         ("two images", [imgs["one.png"], imgs["two.png"]], "Which image has more shapes?", "second"),
         ("grounding", [imgs["three.png"]], "Where is the blue square? Answer with a point (x, y).", "(110, 35)"),
     ]

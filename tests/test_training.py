@@ -16,8 +16,8 @@ from kimivl_edge.checkpoint import Checkpoint  # noqa: E402
 from kimivl_edge.reference.model import Prepared, ReferenceModel  # noqa: E402
 from training import tasks  # noqa: E402
 from training.evaluate import answer_all, score  # noqa: E402
-from training.train import (Encoder, answer_loss, collate, forward_logits, init_dir, is_trainable,  # noqa: E402
-                            load_weights, setup_torch)
+from training.train import (MIN_COVER, Encoder, answer_loss, cell_labels, collate, forward_logits,  # noqa: E402
+                            init_dir, is_trainable, load_weights, setup_torch)
 
 ASSET = Path(__file__).resolve().parents[1] / "kimivl_edge" / "assets" / "kimi-vl-tiny"
 ASSET_SEED = 2024  # neither the training stream nor the evaluate.py default seed
@@ -102,6 +102,34 @@ def test_checker_on_hand_made_scenes():
                                            star), "(43, 43)")
 
 
+def test_cell_labels_agree_with_pixels():
+    """The auxiliary head's targets, recomputed from the rendered image: each 28x28 cell of the zero-padded image is
+    labelled with the colour (and that shape's kind) filling the largest share of it, if at least MIN_COVER."""
+    palette = {v: k for k, v in tasks.COLOURS.items()}
+    names = list(tasks.COLOURS)
+    for seed in range(6):
+        sc = tasks.shape_scene(np.random.default_rng(seed), 1 + seed % 3)
+        cells, where = cell_labels(sc)
+        a = np.zeros((-(-sc.height // 28) * 28, -(-sc.width // 28) * 28, 3), np.uint8)
+        a[:sc.height, :sc.width] = np.asarray(sc.render())
+        gh, gw = a.shape[0] // 28, a.shape[1] // 28
+        assert cells.shape == (gh * gw, 3) and where.shape == (gh * gw, 2)
+        kind_of = {s.colour: s.kind for s in sc.shapes}
+        for i in range(gh):
+            for j in range(gw):
+                block = a[28 * i:28 * i + 28, 28 * j:28 * j + 28].reshape(-1, 3)
+                share = {palette[c]: np.all(block == c, axis=1).mean() for c in palette}
+                best = max(share, key=share.get)
+                kind, colour, inside = cells[i * gw + j]
+                if share[best] > MIN_COVER + 0.02:
+                    assert names[colour - 1] == best and tasks.KINDS[kind - 1] == kind_of[best]
+                elif share[best] < MIN_COVER - 0.02:
+                    assert kind == 0 and colour == 0
+                x, y = where[i * gw + j]
+                assert abs(x * sc.width - (28 * j + 14)) < 1e-3 and abs(y * sc.height - (28 * i + 14)) < 1e-3
+                assert inside == (28 * j + 14 < sc.width and 28 * i + 14 < sc.height)
+
+
 # -------------------------------------------------------------------------------------------------------------
 # Training forward and learning
 
@@ -174,15 +202,14 @@ def test_asset_is_a_valid_bf16_checkpoint():
     assert 2e6 < size < 20e6
 
 
-LEARNED = ("colour", "count", "compare")  # measured on 500 held-out questions: 72 %, 97 %, 98 % (blind 19/40/53 %)
-
-
 def test_asset_sees():
-    """Held-out questions of the tasks the shipped model has learned: the reference answers most of them, and far
-    fewer once the images are blank (the answer comes through the vision path)."""
+    """Held-out questions of every trained task (36, a seed neither training nor evaluate.py uses): the reference
+    answers most of them (500-question figures in the README), and far fewer once the images are blank (the answer
+    comes through the vision path; chance is about 35 %)."""
     model = ReferenceModel(ASSET)
-    qs = tasks.question_set(ASSET_SEED, 36, LEARNED)
+    qs = tasks.question_set(ASSET_SEED, 36, tasks.TASKS)
     seeing = score(qs, answer_all(model, qs))["all"]
     blind = score(qs, answer_all(model, qs, blind=True))["all"]
-    assert seeing >= 0.75, seeing
-    assert seeing - blind >= 0.30, (seeing, blind)
+    assert seeing >= 0.8, seeing
+    assert blind <= 0.5, blind
+    assert seeing - blind >= 0.4, (seeing, blind)

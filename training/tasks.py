@@ -1,8 +1,10 @@
 """The synthetic visual task of the trained tiny Kimi-VL: Pillow scenes, chat questions, answers, a checker.
 
 A scene is 1-3 coloured shapes (distinct kinds and colours, so "the circle" and "the red one" are unambiguous) on a
-plain light background, or a rendered two-digit number. Image sizes are random in SIZE_RANGE (non-square, most not
-multiples of 28), so the preprocessing pads them and the 16x16 pos-emb table is resampled to 6..12-patch grids.
+plain light background, or a rendered two-digit number. Colour, shape and side questions are asked about a single,
+larger shape (SINGLE_RADIUS); counting and comparison scenes hold 1-3 shapes (RADIUS_RANGE). Image sizes are
+random in SIZE_RANGE (non-square, most not multiples of 28), so the preprocessing pads them and the 16x16 pos-emb
+table is resampled to 6..12-patch grids.
 
 Tasks (every answer is short and ends, in the chat template, with <|im_end|>):
     colour  "What colour is the circle?"                       -> red | green | blue | yellow | purple | orange
@@ -34,6 +36,7 @@ TASKS = ("colour", "shape", "count", "side", "compare")  # trained and evaluated
 EXTRA_TASKS = ("point", "read")  # generated and checked, but not learned within the CPU budget yet
 SIZE_RANGE = (84, 154)  # inclusive range of image widths and heights, in pixels (6..12-patch grids)
 RADIUS_RANGE = (14, 22)  # shape circumradius; >= 14 keeps a 5-pixel-rounded centre inside every kind
+SINGLE_RADIUS = (18, 26)  # one-shape scenes (colour, shape, side): larger, so the kind spans 2-4 patches a side
 POINT_STEP = 5  # point answers are the centre rounded to this many pixels
 CHANCE = {"colour": 1 / len(COLOURS), "shape": 1 / len(KINDS), "count": 1 / 3, "side": 1 / 2, "compare": 1 / 2,
           "read": 1 / 90}  # "point": the area fraction of the shape, computed per question
@@ -155,7 +158,8 @@ def _background(rng: np.random.Generator) -> tuple[int, int, int]:
     return tuple(int(v) for v in rng.integers(225, 256, size=3))
 
 
-def shape_scene(rng: np.random.Generator, n: int, side_of_first: str | None = None) -> Scene:
+def shape_scene(rng: np.random.Generator, n: int, side_of_first: str | None = None,
+                radius: tuple[int, int] = RADIUS_RANGE) -> Scene:
     """A scene with ``n`` non-overlapping shapes of distinct kinds and colours; if ``side_of_first`` is given, the
     first shape's centre lies in the outer 40 % of that side (so "left or right" has a clear answer)."""
     while True:
@@ -165,7 +169,7 @@ def shape_scene(rng: np.random.Generator, n: int, side_of_first: str | None = No
         names = list(COLOURS)
         shapes: list[Shape] = []
         for k in range(n):
-            r = int(rng.integers(RADIUS_RANGE[0], RADIUS_RANGE[1] + 1))
+            r = int(rng.integers(radius[0], radius[1] + 1))
             x_lo, x_hi = r + 2, w - r - 3
             if k == 0 and side_of_first == "left":
                 x_hi = min(x_hi, int(0.4 * w))
@@ -213,14 +217,18 @@ def make_question(rng: np.random.Generator, task: str) -> Question:
     if task == "read":
         sc = number_scene(rng)
         return Question(task, [sc], "What number is written in the image?", str(sc.number))
-    n = int(rng.integers(1, 4))
     if task == "side":
         side = ("left", "right")[int(rng.integers(2))]
-        sc = shape_scene(rng, n, side_of_first=side)
+        sc = shape_scene(rng, 1, side_of_first=side, radius=SINGLE_RADIUS)
         s = sc.shapes[0]
         return Question(task, [sc], f"Is the {s.colour} {s.kind} on the left or the right?", side)
-    sc = shape_scene(rng, n)
-    s = sc.shapes[int(rng.integers(n))]
+    if task == "point":
+        n = int(rng.integers(1, 4))
+        sc = shape_scene(rng, n)
+        s = sc.shapes[int(rng.integers(n))]
+    else:
+        sc = shape_scene(rng, 1, radius=SINGLE_RADIUS)
+        s = sc.shapes[0]
     if task == "colour":
         return Question(task, [sc], f"What colour is the {s.kind}?", s.colour)
     if task == "shape":
@@ -270,22 +278,26 @@ def chance(q: Question) -> float:
 
 def make_conversation(rng: np.random.Generator, warmup: bool = False, tasks: tuple[str, ...] = TASKS
                       ) -> tuple[list[Scene], list[tuple[str, str]]]:
-    """A training chat: scenes and (question, answer) turns about them. Shape scenes ask 2-5 questions of one image
-    (count, colour, shape, side, point), so one vision pass supervises several answers; the first turn has exactly
-    the form of a held-out question. ``warmup`` (the start of training): one shape, colour and shape questions
-    only, whose answers depend on the image alone, so the vision path is used from the start."""
+    """A training chat: scenes and (question, answer) turns about them. A one-shape scene asks 2-4 questions of one
+    image (count, colour, shape, side, point), so one vision pass supervises several answers; a 2-3-shape scene asks
+    the count; 20 % of chats compare two images. The first turn has exactly the form of a held-out question.
+    ``warmup`` (the start of training): one shape, its colour, kind and side only, whose answers depend on the image
+    alone, so the vision path is used from the start."""
     if warmup:
-        sc = shape_scene(rng, 1)
+        sc = shape_scene(rng, 1, radius=SINGLE_RADIUS)
         s = sc.shapes[0]
         turns = [(f"What colour is the {s.kind}?", s.colour), (f"What shape is the {s.colour} one?", s.kind)]
-        return [sc], [turns[i] for i in rng.permutation(2)]
+        if s.cx < 0.4 * sc.width or s.cx > 0.6 * sc.width:
+            turns.append((f"Is the {s.colour} {s.kind} on the left or the right?",
+                          "left" if s.cx < 0.4 * sc.width else "right"))
+        return [sc], [turns[i] for i in rng.permutation(len(turns))]
     if rng.random() < 0.2 and "compare" in tasks:
         q = make_question(rng, "compare")
         return q.scenes, [(q.text, q.answer)]
-    n = int(rng.integers(1, 4))
-    sc = shape_scene(rng, n)
+    n = 1 if rng.random() < 0.6 else int(rng.integers(2, 4))
+    sc = shape_scene(rng, n, radius=SINGLE_RADIUS if n == 1 else RADIUS_RANGE)
     pool: list[tuple[str, str]] = [("How many shapes are there?", str(n))] if "count" in tasks else []
-    for s in sc.shapes:
+    for s in sc.shapes[:1] if n == 1 else []:
         if "colour" in tasks:
             pool.append((f"What colour is the {s.kind}?", s.colour))
         if "shape" in tasks:
@@ -295,6 +307,6 @@ def make_conversation(rng: np.random.Generator, warmup: bool = False, tasks: tup
         if "side" in tasks and (s.cx < 0.4 * sc.width or s.cx > 0.6 * sc.width):
             side = "left" if s.cx < 0.4 * sc.width else "right"
             pool.append((f"Is the {s.colour} {s.kind} on the left or the right?", side))
-    k = min(len(pool), int(rng.integers(2, 6)))
+    k = min(len(pool), int(rng.integers(2, 5)))
     turns = [pool[i] for i in rng.permutation(len(pool))[:k]]
     return [sc], turns

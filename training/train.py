@@ -9,12 +9,15 @@ each sample (tests/test_training.py checks it). MoE routing (§9.5) is the refer
 choice is not differentiable, but the chosen experts and the gate (through the sigmoid scores) get gradients;
 ``e_score_correction_bias`` follows the auxiliary-loss-free balancing rule (bias += rate · sign(mean load − load)).
 
-Loss: cross entropy on the answer tokens (and the <|im_end|> that closes each answer) only. AdamW, linear warmup,
-cosine decay. Curriculum: training starts on easy chats (one shape; its colour and kind), whose answers need the
-image, and mixes in the full task gradually (``easy_fraction``); without it the decoder settles on answer priors and
-never starts to look at the image within the CPU budget. The initial weights are ``synth``'s random init for the seed, the data order is fixed by the seed and
-torch runs deterministic kernels, so a given (seed, steps) gives the same weights. ``--minutes`` is only a safety
-cap: if it stops the run early, the schedule is cut short and the log says so.
+Loss: cross entropy on the answer tokens (and the <|im_end|> that closes each answer), plus an auxiliary dense loss
+on the image tokens (``aux_loss``: a throw-away linear probe reads each token's shape kind, colour and position, so
+the tiny vision tower gets a direct gradient; the checkpoint is unaffected). AdamW, linear warmup, cosine decay.
+Curriculum: training starts on easy chats (one shape; its colour, kind and side), whose answers need the image, and
+mixes in the full task gradually (``easy_fraction``); without it the decoder settles on answer priors and never
+starts to look at the image within the CPU budget. The initial weights are ``synth``'s random init for the seed, the
+data order is fixed by the seed and torch runs deterministic kernels, so a given (seed, steps) gives the same
+weights. ``--minutes`` is only a safety cap: if it stops the run early, the schedule is cut short and the log says
+so.
 """
 from __future__ import annotations
 
@@ -40,13 +43,13 @@ from kimivl_edge.reference import vision as V
 from kimivl_edge.synth import synth
 from kimivl_edge.tokenizer import Tokenizer
 
-from .tasks import TASKS, Scene, make_conversation
+from .tasks import COLOURS, KINDS, TASKS, Scene, make_conversation, shape_mask
 
 sdpa = torch.nn.functional.scaled_dot_product_attention  # softmax(q kᵀ·scale + mask) v, fused
 
 PRESET = "tiny"
 VARIANT = "instruct"
-DEFAULT_STEPS = 1800
+DEFAULT_STEPS = 1700
 BATCH = 8
 PEAK_LR = 5e-4  # 3e-3 collapses the image tokens into one large constant vector; 1e-3 never starts seeing
 CURRICULUM = 0.4  # the share of easy chats falls from 1 to EASY_FLOOR over this fraction of the steps
@@ -54,6 +57,11 @@ EASY_FLOOR = 0.2
 WARMUP = 50
 WEIGHT_DECAY = 0.01
 BIAS_RATE = 1e-3  # aux-loss-free balancing step of e_score_correction_bias
+AUX_WEIGHT = 1.0  # weight of the auxiliary per-image-token loss (see aux_loss)
+VISION_LR_MULT = 1.0  # learning rate of the vision tower and projector, as a multiple of the decoder's
+POS_INIT = "synth"  # initial pos-emb: synth's random table, or "sincos" (sincos_pos_table)
+POS_INIT_SCALE = 0.5  # amplitude of the sine-cosine initial pos-emb (patch embeddings start at about unit scale)
+MIN_COVER = 0.15  # a cell is labelled with a shape when the shape covers at least this share of it
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -66,6 +74,8 @@ class Example:
     answer: list[bool]  # True where the token belongs to an answer (its loss is counted)
     pixel_values: np.ndarray  # [sum gh*gw, 3, p, p]
     grids: list[tuple[int, int]]
+    cells: np.ndarray  # [image tokens, 3] int: kind class, colour class (0 = none), in-image flag
+    where: np.ndarray  # [image tokens, 2] float: cell centre (x, y) as a fraction of the image width/height
 
 
 class Encoder:
@@ -104,7 +114,28 @@ class Encoder:
             n = int(counts[k]) if t == pad else 1
             k += t == pad
             ex_ans += [m] * n
-        return Example(ex_ids, ex_ans, pv, [(int(h), int(w)) for h, w in grid])
+        cells, where = zip(*(cell_labels(s, self.image_config.pad_multiple[0]) for s in scenes))
+        return Example(ex_ids, ex_ans, pv, [(int(h), int(w)) for h, w in grid], np.concatenate(cells),
+                       np.concatenate(where))
+
+
+def cell_labels(scene: Scene, cell: int = 28) -> tuple[np.ndarray, np.ndarray]:
+    """Per image token (a cell x cell pixel block of the padded image, row-major): the kind and colour of the shape
+    covering most of it (class 0 when shapes cover under MIN_COVER of it), whether it lies in the image, and its
+    centre as a fraction of the image size. Targets of the auxiliary head only (see ``aux_loss``)."""
+    gh, gw = -(-scene.height // cell), -(-scene.width // cell)
+    cover = np.zeros((len(scene.shapes) + 1, gh * cell, gw * cell), np.float32)
+    cover[0] = MIN_COVER
+    for k, s in enumerate(scene.shapes):
+        cover[k + 1, :scene.height, :scene.width] = shape_mask(s, scene.width, scene.height)
+    best = cover.reshape(len(cover), gh, cell, gw, cell).mean((2, 4)).argmax(0).reshape(-1)
+    kind = np.array([0] + [1 + KINDS.index(s.kind) for s in scene.shapes])[best]
+    colour = np.array([0] + [1 + list(COLOURS).index(s.colour) for s in scene.shapes])[best]
+    ys, xs = np.meshgrid((np.arange(gh) + 0.5) * cell / scene.height, (np.arange(gw) + 0.5) * cell / scene.width,
+                         indexing="ij")
+    inside = (xs < 1) & (ys < 1)
+    cells = np.stack([kind, colour, inside.reshape(-1)], 1).astype(np.int64)
+    return cells, np.stack([xs.reshape(-1), ys.reshape(-1)], 1).astype(np.float32)
 
 
 def easy_fraction(progress: float, curriculum: float = CURRICULUM) -> float:
@@ -209,6 +240,8 @@ class Batch:
     valid: torch.Tensor  # [B, S] bool, False on padding
     pixel_values: list[torch.Tensor]  # one [gh*gw, 3, p, p] per image, in order
     grids: list[tuple[int, int]]
+    cells: torch.Tensor  # [image tokens, 3] labels of the auxiliary head (Example.cells, all images in order)
+    where: torch.Tensor  # [image tokens, 2]
 
 
 def collate(examples: list[Example], pad_id: int) -> Batch:
@@ -226,14 +259,17 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
             pvs.append(torch.from_numpy(e.pixel_values[start:start + gh * gw]))
             grids.append((gh, gw))
             start += gh * gw
-    return Batch(ids, answer, valid, pvs, grids)
+    return Batch(ids, answer, valid, pvs, grids, torch.from_numpy(np.concatenate([e.cells for e in examples])),
+                 torch.from_numpy(np.concatenate([e.where for e in examples])))
 
 
 def hidden_states(w: Mapping[str, torch.Tensor], cfg: KimiVLConfig, batch: Batch,
-                  loads: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """Final-normed hidden states [B, S, hidden] (§9.1, §9.2); ``loads`` collects each MoE layer's expert counts."""
+                  loads: list[torch.Tensor] | None = None, emb: torch.Tensor | None = None) -> torch.Tensor:
+    """Final-normed hidden states [B, S, hidden] (§9.1, §9.2); ``loads`` collects each MoE layer's expert counts;
+    ``emb``: the image tokens if already computed."""
     tc = cfg.text
-    emb = vision_forward(w, cfg.vision, batch.pixel_values, batch.grids) if batch.grids else None
+    if emb is None and batch.grids:
+        emb = vision_forward(w, cfg.vision, batch.pixel_values, batch.grids)
     h = w[T.MODEL + "embed_tokens.weight"][batch.ids]
     slots = batch.ids == cfg.media_placeholder_token_id
     if emb is not None:
@@ -260,12 +296,39 @@ def forward_logits(w: Mapping[str, torch.Tensor], cfg: KimiVLConfig, batch: Batc
 
 
 def answer_loss(w: Mapping[str, torch.Tensor], cfg: KimiVLConfig, batch: Batch,
-                loads: list[torch.Tensor] | None = None) -> torch.Tensor:
+                loads: list[torch.Tensor] | None = None, emb: torch.Tensor | None = None) -> torch.Tensor:
     """Mean cross entropy of the answer tokens, each predicted from the position before it."""
-    h = hidden_states(w, cfg, batch, loads)
+    h = hidden_states(w, cfg, batch, loads, emb)
     pred = batch.answer[:, 1:]
     logits = h[:, :-1][pred] @ w[T.LM + "lm_head.weight"].T
     return torch.nn.functional.cross_entropy(logits, batch.ids[:, 1:][pred])
+
+
+def aux_head_init(cfg: KimiVLConfig, seed: int) -> dict[str, torch.Tensor]:
+    """A linear probe on the image tokens (not part of the checkpoint): kind and colour classes and (x, y)."""
+    g = torch.Generator().manual_seed(seed)
+    n_out = 1 + len(KINDS) + 1 + len(COLOURS) + 2
+    d = cfg.text.hidden_size
+    return {"aux.weight": (torch.randn(n_out, d, generator=g) * d ** -0.5).requires_grad_(),
+            "aux.bias": torch.zeros(n_out).requires_grad_()}
+
+
+def aux_loss(aux: Mapping[str, torch.Tensor], emb: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Dense supervision of the image tokens: a linear probe must read, from every token, the kind and colour of
+    the shape covering its cell (or none) and, for shape cells, the cell's position relative to the image centre
+    (background cells: 0, so a plain average over the image tokens already tells the side). It gives the tiny vision
+    tower a direct gradient towards the features the questions need (the answer loss reaches it only through the
+    decoder's attention). The probe is thrown away; the checkpoint has exactly the Kimi-VL layout."""
+    out = emb @ aux["aux.weight"].T + aux["aux.bias"]
+    nk = 1 + len(KINDS)
+    ce = torch.nn.functional.cross_entropy
+    inside = batch.cells[:, 2].bool()
+    loss = ce(out[:, :nk], batch.cells[:, 0]) + ce(out[:, nk:-2], batch.cells[:, 1])
+    # position, centred and only on shape cells (background cells: 0), so that even a plain average over the image
+    # tokens says on which side of the centre the shapes are
+    on_shape = (batch.cells[:, 0] > 0).float()[:, None]
+    target = 2 * (batch.where - 0.5) * on_shape
+    return loss + (out[inside, -2:] - target[inside]).pow(2).mean()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -278,8 +341,26 @@ def load_weights(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
     return {n: torch.from_numpy(ck.float32(n).copy()) for n in ck.names if not n.endswith("inv_freq")}
 
 
+def sincos_pos_table(h: int, w: int, dim: int, scale: float = POS_INIT_SCALE) -> torch.Tensor:
+    """A [h, w, dim] 2-D sine-cosine position table (half the channels encode the row, half the column, at
+    geometric frequencies, as in MAE's fixed ViT embedding): the training's initial pos-emb, so that every patch
+    knows where it is from the first step (synth's random table carries no smooth notion of left and right)."""
+    q = dim // 4
+    freq = 1.0 / 10000 ** (torch.arange(q, dtype=torch.float64) / q)
+    rows = torch.arange(h, dtype=torch.float64)[:, None] * freq
+    cols = torch.arange(w, dtype=torch.float64)[:, None] * freq
+    row_part = torch.cat([rows.sin(), rows.cos()], 1)[:, None, :].expand(h, w, 2 * q)
+    col_part = torch.cat([cols.sin(), cols.cos()], 1)[None, :, :].expand(h, w, 2 * q)
+    return (scale * torch.cat([row_part, col_part], -1)).float()
+
+
 def is_trainable(name: str) -> bool:
     return not name.endswith("e_score_correction_bias")
+
+
+def is_vision(name: str) -> bool:
+    """The vision tower and the projector (they may learn at a multiple of the decoder's rate)."""
+    return name.startswith((V.TOWER, V.PROJ))
 
 
 def decays(name: str) -> bool:
@@ -317,7 +398,8 @@ def setup_torch(threads: int | None = None) -> None:
 
 def train(out: str | Path, seed: int = 0, steps: int = DEFAULT_STEPS, minutes: float | None = None,
           batch_size: int = BATCH, log_every: int = 20, threads: int | None = None, peak_lr: float = PEAK_LR,
-          save_every: int = 0, tasks: tuple[str, ...] = TASKS, curriculum: float = CURRICULUM) -> dict:
+          save_every: int = 0, tasks: tuple[str, ...] = TASKS, curriculum: float = CURRICULUM,
+          aux_weight: float = AUX_WEIGHT, vision_lr_mult: float = VISION_LR_MULT, pos_init: str = POS_INIT) -> dict:
     """Train from synth's init and write the bf16 HF checkpoint to ``out``; returns a summary dict."""
     setup_torch(threads)
     torch.manual_seed(seed)
@@ -327,11 +409,19 @@ def train(out: str | Path, seed: int = 0, steps: int = DEFAULT_STEPS, minutes: f
         cfg = KimiVLConfig.from_checkpoint(init)
         enc = Encoder(init)
         w = load_weights(init)
+    if pos_init == "sincos":
+        table = w[V.TOWER + "patch_embed.pos_emb.weight"]
+        w[V.TOWER + "patch_embed.pos_emb.weight"] = sincos_pos_table(*table.shape)
     params = {n: t.requires_grad_() for n, t in w.items() if is_trainable(n)}
-    opt = torch.optim.AdamW(
-        [{"params": [t for n, t in params.items() if decays(n)], "weight_decay": WEIGHT_DECAY},
-         {"params": [t for n, t in params.items() if not decays(n)], "weight_decay": 0.0}],
-        lr=PEAK_LR, betas=(0.9, 0.95), eps=1e-8)
+    aux = aux_head_init(cfg, seed)
+    groups = []
+    for vis in (False, True):
+        mine = {n: t for n, t in params.items() if is_vision(n) == vis}
+        groups += [{"params": [t for n, t in mine.items() if decays(n)], "weight_decay": WEIGHT_DECAY,
+                    "lr_mult": vision_lr_mult if vis else 1.0},
+                   {"params": [t for n, t in mine.items() if not decays(n)] + (list(aux.values()) if vis else []),
+                    "weight_decay": 0.0, "lr_mult": vision_lr_mult if vis else 1.0}]
+    opt = torch.optim.AdamW(groups, lr=PEAK_LR, betas=(0.9, 0.95), eps=1e-8)
     data = training_examples(enc, seed, steps * batch_size, tasks, curriculum)
     pad = enc.tokenizer.id_of("[PAD]")
     ema, done, cut = None, 0, False
@@ -340,12 +430,14 @@ def train(out: str | Path, seed: int = 0, steps: int = DEFAULT_STEPS, minutes: f
             cut = True
             break
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, peak_lr)
+            g["lr"] = lr_at(step, steps, peak_lr) * g["lr_mult"]
         batch = collate([next(data) for _ in range(batch_size)], pad)
         loads: list[torch.Tensor] = []
-        loss = answer_loss(w, cfg, batch, loads)
+        emb = vision_forward(w, cfg.vision, batch.pixel_values, batch.grids)
+        loss = answer_loss(w, cfg, batch, loads, emb)
+        aux_l = aux_loss(aux, emb, batch)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + aux_weight * aux_l).backward()
         torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
         opt.step()
         with torch.no_grad():
@@ -358,9 +450,10 @@ def train(out: str | Path, seed: int = 0, steps: int = DEFAULT_STEPS, minutes: f
         if step % log_every == 0 or done == steps:
             el = time.time() - t0
             with torch.no_grad():  # how much image tokens differ from each other, relative to their size
-                emb = vision_forward(w, cfg.vision, batch.pixel_values, batch.grids)
-                spread = float(emb.std(0).mean() / emb.pow(2).mean().sqrt())
-            print(f"step {done}/{steps} loss {lv:.4f} ema {ema:.4f} lr {lr_at(step, steps, peak_lr):.2e} image spread {spread:.3f} "
+                e = emb.detach()
+                spread = float(e.std(0).mean() / e.pow(2).mean().sqrt())
+            print(f"step {done}/{steps} loss {lv:.4f} ema {ema:.4f} aux {aux_l.item():.3f} "
+                  f"lr {lr_at(step, steps, peak_lr):.2e} image spread {spread:.3f} "
                   f"{el / 60:.1f} min ({done / el:.2f} steps/s)", flush=True)
     if cut:
         print(f"time cap of {minutes} min reached after {done} of {steps} steps: schedule cut short", flush=True)
@@ -380,11 +473,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--save-every", type=int, default=0, help="also write the checkpoint every N steps")
     ap.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of the tasks to train")
     ap.add_argument("--curriculum", type=float, default=CURRICULUM, help="fraction of steps that mixes in the tasks")
+    ap.add_argument("--aux", type=float, default=AUX_WEIGHT, help="weight of the auxiliary image-token loss")
+    ap.add_argument("--vision-lr-mult", type=float, default=VISION_LR_MULT,
+                    help="vision tower + projector learning rate as a multiple of --lr")
+    ap.add_argument("--pos-init", choices=("synth", "sincos"), default=POS_INIT,
+                    help="initial position table: synth's random one or a 2-D sine-cosine one")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy machine)")
     args = ap.parse_args(argv)
     summary = train(args.out, args.seed, args.steps, args.minutes, args.batch, threads=args.threads,
                     peak_lr=args.lr, save_every=args.save_every, tasks=tuple(args.tasks.split(",")),
-                    curriculum=args.curriculum)
+                    curriculum=args.curriculum, aux_weight=args.aux,
+                    vision_lr_mult=args.vision_lr_mult, pos_init=args.pos_init)
     print(f"wrote {args.out}: {summary}")
     return 0
 
