@@ -126,9 +126,10 @@ def main(argv: list[str] | None = None) -> int:
             if title == "grounding":
                 marked = draw_point(images[0], answer)
                 print(f"   marker drawn on {marked}" if marked else "   (no (x, y) point in the answer)")
-    print("\nWith a real checkpoint (downloaded to the HF cache or a directory):\n"
-          "  .venv/bin/kimivl-edge convert moonshotai/Kimi-VL-A3B-Instruct --outtype q4_k_m --mmproj-type q8_0 "
+    print("\nWith a real checkpoint (downloaded to the HF cache or a directory; q4_k_edge is 9.55 GB against Q4_K_M's "
+          "10.5 GB, see the README):\n"
+          "  .venv/bin/kimivl-edge convert moonshotai/Kimi-VL-A3B-Instruct --outtype q4_k_edge --mmproj-type q8_0 "
           "--outdir models\n"
-          "  .venv/bin/kimivl-edge chat -m models/Kimi-VL-A3B-Instruct-Q4_K_M.gguf "
+          "  .venv/bin/kimivl-edge chat -m models/Kimi-VL-A3B-Instruct-Q4_K_EDGE.gguf "
           "--mmproj models/mmproj-Kimi-VL-A3B-Instruct-Q8_0.gguf")
     return 0
