@@ -110,12 +110,18 @@ def text_shapes(t: TextConfig) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
+def text_types(t: TextConfig, shapes: list[tuple[str, tuple[int, ...]]], outtype: str) -> dict[str, tuple]:
+    """{gguf name: (type, reason)} for (gguf name, numpy shape) pairs: ``quant.policy`` on a bf16 source (K-quant
+    mixes get llama.cpp's ``llama_model_quantize`` types, quantized directly)."""
+    return policy.text_plan([(n, tuple(reversed(s))) for n, s in shapes], as_ftype(outtype), t.num_hidden_layers,
+                            n_expert=t.n_routed_experts, src_ftype=FType.BF16)
+
+
 def text_bytes(t: TextConfig, outtype: str) -> int:
     """Tensor bytes of the text GGUF for ``outtype`` (no range fallbacks), from the config alone."""
     shapes = text_shapes(t)
-    plan = policy.text_plan([(n, tuple(reversed(s))) for n, s in shapes], as_ftype(outtype), t.num_hidden_layers,
-                            n_expert=t.n_routed_experts, src_ftype=FType.BF16)
-    return sum(nbytes(plan[n][0], s) for n, s in shapes)
+    types = text_types(t, shapes, outtype)
+    return sum(nbytes(types[n][0], s) for n, s in shapes)
 
 
 def text_metadata(ck: Checkpoint) -> dict[str, tuple[object, object]]:
@@ -165,8 +171,7 @@ def text_plan(ck: Checkpoint, outtype: str, kv: dict[str, tuple[object, object]]
     (``gguf_out.write_gguf`` switches that tensor to BF16/F32 and says why)."""
     t = ck.config.text
     tensors = _hf_tensors(ck)
-    types = policy.text_plan([(n, tuple(reversed(s))) for n, s, *_ in tensors], as_ftype(outtype),
-                             t.num_hidden_layers, n_expert=t.n_routed_experts, src_ftype=FType.BF16)
+    types = text_types(t, [(n, s) for n, s, *_ in tensors], outtype)
     planned = [PlannedTensor(name, shape, *types[name], make, sources, chunks)
                for name, shape, sources, make, chunks in tensors]
     return GGUFPlan(ARCH, dict(kv), planned)

@@ -335,7 +335,7 @@ def write_tokenizer_config(path: str | Path, base_vocab_size: int, chat_template
 def read_special_tokens(path: str | Path, n_base: int) -> dict[str, int]:
     """name -> id from ``added_tokens_decoder`` (§7.2); every id must lie above the base ranks and names be unique.
     Unnamed ids of the 256-block get <|reserved_token_{id}|>."""
-    cfg = _read_json(Path(path))
+    cfg = read_json_object(Path(path))
     dec = cfg.get("added_tokens_decoder")
     if not isinstance(dec, dict) or not dec:
         raise CheckpointError(f"{path}: no added_tokens_decoder")
@@ -360,10 +360,6 @@ def read_special_tokens(path: str | Path, n_base: int) -> dict[str, int]:
     if missing:
         raise CheckpointError(f"{path}: added_tokens_decoder lacks {', '.join(missing)}")
     return specials
-
-
-def _read_json(path: Path) -> dict:
-    return read_json_object(path)
 
 
 def _ids_of(value: object) -> list[int]:
@@ -421,10 +417,10 @@ class Tokenizer:
         specials = read_special_tokens(d / "tokenizer_config.json", len(ranks))
         extra: list[int] = []
         if (d / "generation_config.json").is_file():
-            extra = _ids_of(_read_json(d / "generation_config.json").get("eos_token_id"))
+            extra = _ids_of(read_json_object(d / "generation_config.json").get("eos_token_id"))
         tok = cls(ranks, specials, extra_stop_ids=extra)
         if (d / "config.json").is_file():
-            media = _read_json(d / "config.json").get("media_placeholder_token_id")
+            media = read_json_object(d / "config.json").get("media_placeholder_token_id")
             if media is not None and media != tok.media_pad_id:
                 raise CheckpointError(f"{d}: config.json media_placeholder_token_id {media} != <|media_pad|> "
                                       f"id {tok.media_pad_id} in tokenizer_config.json (renumbered specials?)")
