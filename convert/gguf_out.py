@@ -2,8 +2,8 @@
 
 A plan is a list of ``PlannedTensor``: the GGUF name, the numpy shape (row-major; ggml's ne is its reverse), the chosen
 type and why, and a ``make()`` (or ``chunks()``) that reads the source tensors and returns float32 data in the final
-layout. Row blocks of at most 64 MB are read in order, encoded on a thread pool (``quant.kernels``: ggml's C
-quantizer, GIL released) and written in order, so memory stays a few blocks whatever the model size.
+layout. Row blocks of about 8 MB are read, widened and encoded on a thread pool (pread and ``quant.kernels``:
+ggml's C quantizer, both release the GIL) and written in order, so memory stays a few blocks whatever the model size.
 
 The file is written to ``.<name>.partial-<pid>`` in the target directory and renamed only when complete; on an
 exception, Ctrl-C or SIGTERM the temporary is removed, and a SIGKILL leaves at most a dot-file, never a file at the
@@ -36,9 +36,10 @@ class PlannedTensor:
     reason: str                        # why this type ("policy: ...", "fallback: ...", "range: ...")
     make: Callable[[], np.ndarray] = field(repr=False)  # -> float32 array of `shape`
     sources: tuple[str, ...] = ()      # HF tensor names it is built from
-    # Optional: consecutive float32 row blocks [k, ne0] covering the tensor, so a large tensor (163840 x 2048
-    # embeddings, 64 stacked experts) never exists whole as float32. Without it, make() is called.
-    chunks: Callable[[], Iterator[np.ndarray]] | None = field(default=None, repr=False)
+    # Optional: consecutive deferred row blocks covering the tensor, each a function returning float32 [k, ne0],
+    # so a large tensor (163840 x 2048 embeddings, 64 stacked experts) never exists whole as float32 and its blocks
+    # are read and widened on the encoder threads. Without it, make() is called (in the writing thread).
+    blocks: Callable[[], Iterator[Callable[[], np.ndarray]]] | None = field(default=None, repr=False)
 
     @property
     def nbytes(self) -> int:
@@ -106,36 +107,23 @@ def _cleanup_on_signal(tmp: Path) -> Iterator[None]:
             signal.signal(signal.SIGTERM, old)
 
 
-CHUNK_BYTES = 64 << 20  # float32 rows read and widened at a time
-SLICE_BYTES = 8 << 20   # float32 rows per encode job: several per block, so every core works on every tensor
+SLICE_BYTES = 8 << 20  # float32 rows per encode job: several per tensor, so every core works on every tensor
 
 
-def _row_blocks(t: PlannedTensor) -> Iterator[np.ndarray]:
-    """The tensor as consecutive float32 row blocks [k, ne0] (quantization blocks never cross a row)."""
+def _jobs(t: PlannedTensor) -> Iterator[Callable[[], np.ndarray]]:
+    """The tensor as consecutive functions returning float32 row blocks [k, ne0] of at most about SLICE_BYTES
+    (quantization blocks never cross a row); deferred blocks are read when a worker calls them."""
     ne0 = t.shape[-1] if t.shape else 1
-    if t.chunks is not None:
-        n = 0
-        for block in t.chunks():
-            block = np.ascontiguousarray(block, dtype=np.float32).reshape(-1, ne0)
-            n += block.shape[0]
-            yield block
-        if n * ne0 != int(np.prod(t.shape)):
-            raise AssertionError(f"{t.name}: chunks gave {n} rows of {ne0}, planned {t.shape}")
+    if t.blocks is not None:
+        yield from t.blocks()
         return
     data = t.make()
     if tuple(data.shape) != tuple(t.shape):
         raise AssertionError(f"{t.name}: produced shape {data.shape}, planned {t.shape}")
     rows = np.ascontiguousarray(data, dtype=np.float32).reshape(-1, ne0)
-    step = max(1, CHUNK_BYTES // (4 * ne0))
+    step = max(1, SLICE_BYTES // (4 * ne0))
     for a in range(0, rows.shape[0], step):
-        yield rows[a: a + step]
-
-
-def _slices(t: PlannedTensor) -> Iterator[np.ndarray]:
-    for block in _row_blocks(t):
-        step = max(1, SLICE_BYTES // (4 * block.shape[1]))
-        for a in range(0, block.shape[0], step):
-            yield block[a: a + step]
+        yield (lambda r=rows[a: a + step]: r)
 
 
 def temp_path(final: Path) -> Path:
@@ -150,7 +138,9 @@ class _Overflow(Exception):
         self.index, self.offset, self.amax = index, offset, amax
 
 
-def _encode(rows: np.ndarray, qtype: Any) -> tuple[np.ndarray | None, float]:
+def _encode(block: Callable[[], np.ndarray], ne0: int, qtype: Any) -> tuple[np.ndarray | None, float]:
+    """Run on a worker: read/widen the block, then encode it (None and max|x| if it overflows ``qtype``)."""
+    rows = np.ascontiguousarray(block(), dtype=np.float32).reshape(-1, ne0)
     try:
         return kernels.encode(rows, qtype), 0.0
     except codec.QuantRangeError:
@@ -189,8 +179,9 @@ def _stream_tensors(w: gguf.GGUFWriter, tensors: list[PlannedTensor], first: int
 
     for i in range(first, len(tensors)):
         t = tensors[i]
-        for rows in _slices(t):
-            pending.append((i, pool.submit(_encode, rows, t.qtype)))
+        ne0 = t.shape[-1] if t.shape else 1
+        for block in _jobs(t):
+            pending.append((i, pool.submit(_encode, block, ne0, t.qtype)))
             while len(pending) > depth:
                 drain()
         pending.append((i, None))
@@ -230,8 +221,8 @@ def write_gguf(final: str | Path, plan: GGUFPlan, on_bytes: Callable[[int], None
                threads: int | None = None) -> Path:
     """Write ``plan`` to ``final`` atomically. ``on_bytes(n)`` is called as tensor data is written.
 
-    Row blocks are read and widened in this thread and encoded on ``threads`` worker threads (default: every
-    core); output order is the plan's. A tensor whose values overflow its planned type (F16 past 65504, a block
+    Row blocks are read, widened and encoded on ``threads`` worker threads (default: every core); this thread
+    only plans the jobs and writes their output in the plan's order. A tensor whose values overflow its planned type (F16 past 65504, a block
     scale past the F16 range) is rewritten in place as ``policy.range_safe`` decides (BF16 or F32), its
     ``qtype``/``reason`` in ``plan`` updated and the header rewritten: one pass over the data in the usual case.
     """

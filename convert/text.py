@@ -21,7 +21,7 @@ from kimivl_edge.config import TextConfig
 
 from ..quant import policy
 from ..quant.types import FType, as_ftype, nbytes
-from .gguf_out import GGUFPlan, PlannedTensor
+from .gguf_out import SLICE_BYTES, GGUFPlan, PlannedTensor
 
 ARCH = "deepseek2"
 # Our own metadata keys (llama.cpp ignores unknown keys).
@@ -33,8 +33,8 @@ def _src(ck: Checkpoint, name: str) -> Callable[[], np.ndarray]:
 
 
 def _hf_tensors(ck: Checkpoint) -> list[tuple]:
-    """(gguf name, numpy shape, HF sources, make, chunks) for every text tensor, in llama.cpp's converter order;
-    ``chunks`` (or None) streams float32 row blocks so large tensors are never widened whole."""
+    """(gguf name, numpy shape, HF sources, make, blocks) for every text tensor, in llama.cpp's converter order;
+    ``blocks`` (or None) gives deferred float32 row blocks so large tensors are never widened whole."""
     t: TextConfig = ck.config.text
     nh, r = t.num_attention_heads, t.kv_lora_rank
     nope, vd = t.qk_nope_head_dim, t.v_head_dim
@@ -42,7 +42,7 @@ def _hf_tensors(ck: Checkpoint) -> list[tuple]:
 
     def direct(gname: str, hf: str) -> None:
         shape = ck.shard(ck.weight_map[hf]).shape(hf)
-        out.append((gname, shape, (hf,), _src(ck, hf), lambda hf=hf: ck.row_blocks(hf)))
+        out.append((gname, shape, (hf,), _src(ck, hf), lambda hf=hf: ck.row_blocks(hf, SLICE_BYTES)))
 
     direct("token_embd.weight", "language_model.model.embed_tokens.weight")
     for i in range(t.num_hidden_layers):
@@ -77,7 +77,7 @@ def _hf_tensors(ck: Checkpoint) -> list[tuple]:
             shape = (t.n_routed_experts, *ck.shard(ck.weight_map[names[0]]).shape(names[0]))
             out.append((b + f"ffn_{p}_exps.weight", shape, names,
                         lambda names=names: np.stack([ck.float32(n) for n in names]),
-                        lambda names=names: (blk for n in names for blk in ck.row_blocks(n))))
+                        lambda names=names: (blk for n in names for blk in ck.row_blocks(n, SLICE_BYTES))))
         for p in ("gate", "up", "down"):
             direct(b + f"ffn_{p}_shexp.weight", L + f"mlp.shared_experts.{p}_proj.weight")
     direct("output_norm.weight", "language_model.model.norm.weight")
@@ -172,6 +172,6 @@ def text_plan(ck: Checkpoint, outtype: str, kv: dict[str, tuple[object, object]]
     t = ck.config.text
     tensors = _hf_tensors(ck)
     types = text_types(t, [(n, s) for n, s, *_ in tensors], outtype)
-    planned = [PlannedTensor(name, shape, *types[name], make, sources, chunks)
-               for name, shape, sources, make, chunks in tensors]
+    planned = [PlannedTensor(name, shape, *types[name], make, sources, blocks)
+               for name, shape, sources, make, blocks in tensors]
     return GGUFPlan(ARCH, dict(kv), planned)

@@ -6,7 +6,9 @@ checkpoint: the ``*.py`` files of a download are never read.
 """
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -167,18 +169,23 @@ class Checkpoint:
     def float32(self, name: str) -> np.ndarray:
         return self.shard(self.weight_map[name]).float32(name)
 
-    def row_blocks(self, name: str, max_bytes: int = 64 << 20):
-        """The tensor as float32 blocks of whole rows (last axis), at most ``max_bytes`` each, read piece by piece
-        (pread, not the memory map: the resident set stays one block however large the checkpoint)."""
+    def row_blocks(self, name: str, max_bytes: int = 8 << 20) -> Iterator[Callable[[], np.ndarray]]:
+        """The tensor as deferred float32 blocks of whole rows (last axis), at most ``max_bytes`` each: every item is
+        a function that reads its rows with pread (not the memory map: the resident set stays a few blocks however
+        large the checkpoint) and widens them. The caller decides which thread does the work."""
         st = self.shard(self.weight_map[name])
         shape = st.shape(name)
         ne0 = int(shape[-1]) if shape else 1
         n_rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
         step = max(1, max_bytes // (4 * ne0))
         bf16 = self.dtype(name) == "BF16"
+
+        def block(a: int, b: int) -> np.ndarray:
+            rows = st.read_rows(name, a, b)
+            return bf16_to_f32(rows) if bf16 else rows.astype(np.float32)
+
         for a in range(0, n_rows, step):
-            block = st.read_rows(name, a, min(a + step, n_rows))
-            yield bf16_to_f32(block) if bf16 else block.astype(np.float32)
+            yield functools.partial(block, a, min(a + step, n_rows))
 
     def read_json(self, filename: str) -> dict:
         p = self.path / filename

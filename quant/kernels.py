@@ -9,8 +9,9 @@
   Q4_0 / Q4_1 / Q5_0 / Q5_1 only).
 
 ctypes drops the GIL during the C call and numpy during its large loops, so several threads encode in parallel
-(``convert.gguf_out`` runs a pool). Every call checks first that no finite value overflows the type
-(``codec.QuantRangeError``), so a caller can fall back to a wider type for that tensor.
+(``convert.gguf_out`` runs a pool). Every call checks that no finite value overflows the type
+(``codec.QuantRangeError``), so a caller can fall back to a wider type for that tensor: for Q8_0 / Q4_0 / Q5_0 from
+the F16 block scales ggml wrote (no extra pass over the input unless one is near the limit), else from max|x|.
 """
 from __future__ import annotations
 
@@ -51,10 +52,29 @@ def _fits(rows: np.ndarray, t: GT) -> bool:
     return codec.fits_type(rows, t)
 
 
+# Legacy types whose every block starts with its F16 scale d (ggml's block_q8_0 / block_q4_0 / block_q5_0).
+_D_FIRST = {GT.Q8_0: 34, GT.Q4_0: 18, GT.Q5_0: 22}  # block bytes
+
+
+def _scales_below_f16_max(raw: np.ndarray, block_bytes: int) -> bool:
+    """True if every block's F16 scale has |d| < 65504: then no finite input overflowed (d comes from the block's
+    max|x|, so a finite d below the F16 maximum means the block's finite values fit), found without another pass
+    over the float32 input."""
+    d = raw.reshape(-1, block_bytes)[:, :2].copy().view(np.float16)
+    return bool((np.abs(d) < np.float16(65504)).all())
+
+
 def encode(rows: np.ndarray, qtype: QTypeLike) -> np.ndarray:
     """``rows`` float32 [n, ne0] -> uint8 [n, row_bytes]; raises ``codec.QuantRangeError`` on overflow."""
     t = as_ggml(qtype)
     rows = np.ascontiguousarray(rows, dtype=np.float32)
+    if t in _D_FIRST and c_quantizer_available():  # quantize first, check the written scales (the usual case)
+        from . import ggml_c
+
+        raw = ggml_c.quantize(rows, t)
+        if _scales_below_f16_max(raw, _D_FIRST[t]) or _fits(rows, t):  # else: the exact check decides
+            return raw
+        raise codec.QuantRangeError(f"values up to |x|={codec.max_abs_finite(rows):.6g} overflow {t.name}")
     if not _fits(rows, t):
         raise codec.QuantRangeError(f"values up to |x|={codec.max_abs_finite(rows):.6g} overflow {t.name}")
     if t in _FLOATS or not c_quantizer_available():

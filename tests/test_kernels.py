@@ -43,25 +43,47 @@ def test_encode_refuses_values_that_overflow(qtype, bad):
     kernels.encode(a, qtype)
 
 
+@pytest.mark.parametrize("qtype,div", [("Q8_0", 127), ("Q4_0", 8), ("Q5_0", 16)])
+@pytest.mark.parametrize("d", [65000.0, 65503.0, 65504.0, 65510.0, 65519.0, 65520.0, 70000.0])
+def test_encode_range_check_agrees_with_the_formula_near_the_f16_limit(qtype, div, d):
+    """encode checks the F16 scales ggml wrote; near the limit it must decide as codec.fits_type's formula
+    (d = max|x| / div in float32, held to 65504) does, whichever sign the extreme value has."""
+    for sign in (1.0, -1.0):
+        a = _rows(4)
+        a[2, 9] = sign * np.float32(d) * np.float32(div)
+        if codec.fits_type(a, qtype):
+            assert kernels.encode(a, qtype).tobytes() == codec.quantize(a, qtype).tobytes()
+        else:
+            with pytest.raises(codec.QuantRangeError):
+                kernels.encode(a, qtype)
+
+
 def test_amax_finite_ignores_nan_and_inf():
     a = np.array([[1.0, -3.0, np.nan, np.inf, -np.inf]], np.float32)
     assert kernels.amax_finite(a) == 3.0
     assert kernels.amax_finite(np.array([[-2.0, 1.0]], np.float32)) == 2.0
 
 
-def _plan(tensors: dict[str, tuple[np.ndarray, QType]]) -> GGUFPlan:
-    return GGUFPlan("llama", {}, [PlannedTensor(n, a.shape, q, "test", (lambda a=a: a)) for n, (a, q) in tensors.items()])
+def _deferred(a: np.ndarray, rows: int):
+    """``a`` as deferred row blocks of ``rows`` rows (the converter's reading path), widened only when called."""
+    return lambda: ((lambda s=s: a[s: s + rows].copy()) for s in range(0, a.shape[0], rows))
+
+
+def _plan(tensors: dict[str, tuple[np.ndarray, QType]], deferred: int = 0) -> GGUFPlan:
+    """Every other tensor given as deferred blocks of ``deferred`` rows (if nonzero), the rest through make()."""
+    return GGUFPlan("llama", {}, [PlannedTensor(n, a.shape, q, "test", (lambda a=a: a),
+                                                blocks=_deferred(a, deferred) if deferred and i % 2 else None)
+                                  for i, (n, (a, q)) in enumerate(tensors.items())])
 
 
 def test_parallel_writer_gives_the_same_file_as_one_thread(tmp_path, monkeypatch):
     import kimivl_edge.convert.gguf_out as go
 
     monkeypatch.setattr(go, "SLICE_BYTES", 4096)  # many slices per tensor, across tensor boundaries
-    monkeypatch.setattr(go, "CHUNK_BYTES", 16384)
     ts = {f"t{i}": (_rows(10 + i, n=40 + 13 * i, ne0=256), q)
           for i, q in enumerate([QType.Q8_0, QType.F16, QType.Q4_K, QType.F32, QType.Q4_0, QType.Q6_K])}
     one = write_gguf(tmp_path / "one.gguf", _plan(ts), threads=1)
-    four = write_gguf(tmp_path / "four.gguf", _plan(ts), threads=4)
+    four = write_gguf(tmp_path / "four.gguf", _plan(ts, deferred=7), threads=4)  # blocks read on the workers
     assert one.read_bytes() == four.read_bytes()
     got = {t.name: t for t in gguf.GGUFReader(four).tensors}
     for n, (a, q) in ts.items():
@@ -75,7 +97,7 @@ def test_writer_switches_an_overflowing_tensor_and_rewrites_the_header(tmp_path,
     big = _rows(20, n=64, ne0=256)
     big[50, 3] = 1e5  # past F16, found in a late slice, after earlier slices were written
     ts = {"a": (_rows(21, ne0=256), QType.Q8_0), "b": (big, QType.F16), "c": (_rows(22, ne0=256), QType.Q4_0)}
-    plan = _plan(ts)
+    plan = _plan(ts, deferred=9)  # "b" comes in deferred blocks: the overflow is found on a worker
     write_gguf(tmp_path / "x.gguf", plan, threads=2)
     assert plan.tensors[1].qtype == QType.BF16 and plan.tensors[1].reason.startswith("range")
     got = {t.name: t for t in gguf.GGUFReader(tmp_path / "x.gguf").tensors}
