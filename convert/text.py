@@ -12,6 +12,7 @@ Tensor transforms (numpy shapes; ggml ne is the reverse):
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import gguf
 import numpy as np
@@ -28,86 +29,74 @@ ARCH = "deepseek2"
 KEY_PREFIX = "kimivl_edge"
 
 
-def _src(ck: Checkpoint, name: str) -> Callable[[], np.ndarray]:
-    return lambda: ck.float32(name)
+@dataclass(frozen=True)
+class TextTensor:
+    """One tensor of the text GGUF: its GGUF name, numpy shape, the HF tensors it is built from, and how."""
+
+    name: str
+    shape: tuple[int, ...]
+    sources: tuple[str, ...]
+    how: str = "copy"  # "copy" (one source), "stack" (routed experts along a new first axis), "k_b" / "v_b"
 
 
-def _hf_tensors(ck: Checkpoint) -> list[tuple]:
-    """(gguf name, numpy shape, HF sources, make, blocks) for every text tensor, in llama.cpp's converter order;
-    ``blocks`` (or None) gives deferred float32 row blocks so large tensors are never widened whole."""
-    t: TextConfig = ck.config.text
-    nh, r = t.num_attention_heads, t.kv_lora_rank
-    nope, vd = t.qk_nope_head_dim, t.v_head_dim
-    out = []
-
-    def direct(gname: str, hf: str) -> None:
-        shape = ck.shard(ck.weight_map[hf]).shape(hf)
-        out.append((gname, shape, (hf,), _src(ck, hf), lambda hf=hf: ck.row_blocks(hf, SLICE_BYTES)))
-
-    direct("token_embd.weight", "language_model.model.embed_tokens.weight")
+def text_tensors(t: TextConfig) -> list[TextTensor]:
+    """Every text tensor in llama.cpp's converter order, from the config alone: the checkpoint plan, and the sizes
+    and type plans of the full model without its 32 GB of weights (``text_bytes``)."""
+    H, r, E = t.num_attention_heads, t.kv_lora_rank, t.n_routed_experts
+    D, I, S = t.hidden_size, t.moe_intermediate_size, t.moe_intermediate_size * t.n_shared_experts
+    nope, rope, vd = t.qk_nope_head_dim, t.qk_rope_head_dim, t.v_head_dim
+    M = "language_model.model."
+    out = [TextTensor("token_embd.weight", (t.vocab_size, D), (M + "embed_tokens.weight",))]
     for i in range(t.num_hidden_layers):
-        L = f"language_model.model.layers.{i}."
-        b = f"blk.{i}."
-        direct(b + "attn_norm.weight", L + "input_layernorm.weight")
-        direct(b + "attn_q.weight", L + "self_attn.q_proj.weight")
-        direct(b + "attn_kv_a_mqa.weight", L + "self_attn.kv_a_proj_with_mqa.weight")
-        direct(b + "attn_kv_a_norm.weight", L + "self_attn.kv_a_layernorm.weight")
-        kvb = L + "self_attn.kv_b_proj.weight"
-
-        def k_b(kvb=kvb):
-            w = ck.float32(kvb).reshape(nh, nope + vd, r)
-            return np.ascontiguousarray(w[:, :nope, :].transpose(0, 2, 1))  # [H, r, nope]
-
-        def v_b(kvb=kvb):
-            w = ck.float32(kvb).reshape(nh, nope + vd, r)
-            return np.ascontiguousarray(w[:, nope:, :])  # [H, v, r]
-
-        out.append((b + "attn_k_b.weight", (nh, r, nope), (kvb,), k_b, None))
-        out.append((b + "attn_v_b.weight", (nh, vd, r), (kvb,), v_b, None))
-        direct(b + "attn_output.weight", L + "self_attn.o_proj.weight")
-        direct(b + "ffn_norm.weight", L + "post_attention_layernorm.weight")
+        b, L = f"blk.{i}.", f"{M}layers.{i}."
+        kvb = (L + "self_attn.kv_b_proj.weight",)
+        out += [TextTensor(b + "attn_norm.weight", (D,), (L + "input_layernorm.weight",)),
+                TextTensor(b + "attn_q.weight", (H * (nope + rope), D), (L + "self_attn.q_proj.weight",)),
+                TextTensor(b + "attn_kv_a_mqa.weight", (r + rope, D), (L + "self_attn.kv_a_proj_with_mqa.weight",)),
+                TextTensor(b + "attn_kv_a_norm.weight", (r,), (L + "self_attn.kv_a_layernorm.weight",)),
+                TextTensor(b + "attn_k_b.weight", (H, r, nope), kvb, "k_b"),
+                TextTensor(b + "attn_v_b.weight", (H, vd, r), kvb, "v_b"),
+                TextTensor(b + "attn_output.weight", (D, H * vd), (L + "self_attn.o_proj.weight",)),
+                TextTensor(b + "ffn_norm.weight", (D,), (L + "post_attention_layernorm.weight",))]
         if not t.is_moe_layer(i):
-            for p in ("gate", "up", "down"):
-                direct(b + f"ffn_{p}.weight", L + f"mlp.{p}_proj.weight")
+            F = t.intermediate_size
+            out += [TextTensor(b + f"ffn_{p}.weight", shp, (L + f"mlp.{p}_proj.weight",))
+                    for p, shp in (("gate", (F, D)), ("up", (F, D)), ("down", (D, F)))]
             continue
-        direct(b + "ffn_gate_inp.weight", L + "mlp.gate.weight")
-        direct(b + "exp_probs_b.bias", L + "mlp.gate.e_score_correction_bias")
-        for p in ("gate", "up", "down"):
-            names = tuple(L + f"mlp.experts.{e}.{p}_proj.weight" for e in range(t.n_routed_experts))
-            shape = (t.n_routed_experts, *ck.shard(ck.weight_map[names[0]]).shape(names[0]))
-            out.append((b + f"ffn_{p}_exps.weight", shape, names,
-                        lambda names=names: np.stack([ck.float32(n) for n in names]),
-                        lambda names=names: (blk for n in names for blk in ck.row_blocks(n, SLICE_BYTES))))
-        for p in ("gate", "up", "down"):
-            direct(b + f"ffn_{p}_shexp.weight", L + f"mlp.shared_experts.{p}_proj.weight")
-    direct("output_norm.weight", "language_model.model.norm.weight")
-    direct("output.weight", "language_model.lm_head.weight")
+        out += [TextTensor(b + "ffn_gate_inp.weight", (E, D), (L + "mlp.gate.weight",)),
+                TextTensor(b + "exp_probs_b.bias", (E,), (L + "mlp.gate.e_score_correction_bias",))]
+        out += [TextTensor(b + f"ffn_{p}_exps.weight", (E, *shp),
+                           tuple(L + f"mlp.experts.{e}.{p}_proj.weight" for e in range(E)), "stack")
+                for p, shp in (("gate", (I, D)), ("up", (I, D)), ("down", (D, I)))]
+        out += [TextTensor(b + f"ffn_{p}_shexp.weight", shp, (L + f"mlp.shared_experts.{p}_proj.weight",))
+                for p, shp in (("gate", (S, D)), ("up", (S, D)), ("down", (D, S)))]
+    out += [TextTensor("output_norm.weight", (D,), (M + "norm.weight",)),
+            TextTensor("output.weight", (t.vocab_size, D), ("language_model.lm_head.weight",))]
     return out
 
 
 def text_shapes(t: TextConfig) -> list[tuple[str, tuple[int, ...]]]:
-    """(gguf name, numpy shape) of every text tensor, from the config alone (the same list ``_hf_tensors`` builds
-    from a checkpoint): sizes and type plans of the full model without its 32 GB of weights."""
-    H, r, E = t.num_attention_heads, t.kv_lora_rank, t.n_routed_experts
-    D, I, S = t.hidden_size, t.moe_intermediate_size, t.moe_intermediate_size * t.n_shared_experts
-    out: list[tuple[str, tuple[int, ...]]] = [("token_embd.weight", (t.vocab_size, D))]
-    for i in range(t.num_hidden_layers):
-        b = f"blk.{i}."
-        out += [(b + "attn_norm.weight", (D,)), (b + "attn_q.weight", (H * (t.qk_nope_head_dim + t.qk_rope_head_dim), D)),
-                (b + "attn_kv_a_mqa.weight", (r + t.qk_rope_head_dim, D)), (b + "attn_kv_a_norm.weight", (r,)),
-                (b + "attn_k_b.weight", (H, r, t.qk_nope_head_dim)), (b + "attn_v_b.weight", (H, t.v_head_dim, r)),
-                (b + "attn_output.weight", (D, H * t.v_head_dim)), (b + "ffn_norm.weight", (D,))]
-        if not t.is_moe_layer(i):
-            F = t.intermediate_size
-            out += [(b + "ffn_gate.weight", (F, D)), (b + "ffn_up.weight", (F, D)), (b + "ffn_down.weight", (D, F))]
-            continue
-        out += [(b + "ffn_gate_inp.weight", (E, D)), (b + "exp_probs_b.bias", (E,)),
-                (b + "ffn_gate_exps.weight", (E, I, D)), (b + "ffn_up_exps.weight", (E, I, D)),
-                (b + "ffn_down_exps.weight", (E, D, I)),
-                (b + "ffn_gate_shexp.weight", (S, D)), (b + "ffn_up_shexp.weight", (S, D)),
-                (b + "ffn_down_shexp.weight", (D, S))]
-    out += [("output_norm.weight", (D,)), ("output.weight", (t.vocab_size, D))]
-    return out
+    """(gguf name, numpy shape) of every text tensor, from the config alone."""
+    return [(x.name, x.shape) for x in text_tensors(t)]
+
+
+def _readers(ck: Checkpoint, x: TextTensor) -> tuple[Callable[[], np.ndarray], Callable | None]:
+    """(make, blocks) of one tensor (``PlannedTensor``): blocks stream the copied and stacked tensors in deferred
+    row blocks so they are never widened whole; the kv_b_proj split is small and made whole."""
+    t = ck.config.text
+    if x.how in ("k_b", "v_b"):
+        nope, vd, r = t.qk_nope_head_dim, t.v_head_dim, t.kv_lora_rank
+
+        def split() -> np.ndarray:
+            w = ck.float32(x.sources[0]).reshape(t.num_attention_heads, nope + vd, r)
+            if x.how == "k_b":
+                return np.ascontiguousarray(w[:, :nope, :].transpose(0, 2, 1))  # [H, r, nope] (W_UK, transposed)
+            return np.ascontiguousarray(w[:, nope:, :])  # [H, v, r]
+        return split, None
+    if x.how == "stack":
+        return (lambda: np.stack([ck.float32(n) for n in x.sources]),
+                lambda: (blk for n in x.sources for blk in ck.row_blocks(n, SLICE_BYTES)))
+    return (lambda: ck.float32(x.sources[0])), (lambda: ck.row_blocks(x.sources[0], SLICE_BYTES))
 
 
 def text_types(t: TextConfig, shapes: list[tuple[str, tuple[int, ...]]], outtype: str) -> dict[str, tuple]:
@@ -170,8 +159,10 @@ def text_plan(ck: Checkpoint, outtype: str, kv: dict[str, tuple[object, object]]
     own C quantizer, no intermediate file. A value past a type's range is found while writing
     (``gguf_out.write_gguf`` switches that tensor to BF16/F32 and says why)."""
     t = ck.config.text
-    tensors = _hf_tensors(ck)
-    types = text_types(t, [(n, s) for n, s, *_ in tensors], outtype)
-    planned = [PlannedTensor(name, shape, *types[name], make, sources, blocks)
-               for name, shape, sources, make, blocks in tensors]
+    tensors = text_tensors(t)  # shapes from the config: the checkpoint's loader checked its tensors against it
+    types = text_types(t, [(x.name, x.shape) for x in tensors], outtype)
+    planned = []
+    for x in tensors:
+        make, blocks = _readers(ck, x)
+        planned.append(PlannedTensor(x.name, x.shape, *types[x.name], make, x.sources, blocks))
     return GGUFPlan(ARCH, dict(kv), planned)

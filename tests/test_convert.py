@@ -223,12 +223,25 @@ def test_q4_k_edge_is_q4_k_m_but_for_the_unfit_down_projections(ckpts, tmp_path)
     llm.close()
 
 
-def test_text_shapes_from_the_config_match_the_checkpoint_plan(ckpts, tmp_path):
-    from kimivl_edge.convert.text import text_shapes
-
+def test_text_plan_shapes_match_the_stored_tensors_and_the_written_file(ckpts, tmp_path):
+    """The plan's shapes come from the config (convert.text.text_tensors); they must be those of the checkpoint's
+    own safetensors (experts stacked, kv_b_proj split per head) and of the GGUF llama.cpp's reader sees."""
+    ck = Checkpoint(ckpts["instruct"])
+    t = ck.config.text
     plan = plan_conversion(ckpts["instruct"], "q8_0", "f16", tmp_path)
-    assert text_shapes(Checkpoint(ckpts["instruct"]).config.text) == [(t.name, tuple(t.shape))
-                                                                       for t in plan.text.tensors]
+    for x in plan.text.tensors:
+        stored = [tuple(ck.shard(ck.weight_map[n]).shape(n)) for n in x.sources]
+        if x.name.endswith(("attn_k_b.weight", "attn_v_b.weight")):
+            H, nope, v, r = t.num_attention_heads, t.qk_nope_head_dim, t.v_head_dim, t.kv_lora_rank
+            assert stored == [(H * (nope + v), r)]
+            assert tuple(x.shape) == ((H, r, nope) if "k_b" in x.name else (H, v, r)), x.name
+        elif "_exps." in x.name:
+            assert len(set(stored)) == 1 and tuple(x.shape) == (len(stored), *stored[0]), x.name
+        else:
+            assert stored == [tuple(x.shape)], x.name
+    text, _ = convert_checkpoint(ckpts["instruct"], "q8_0", "f16", tmp_path)
+    assert {n: tuple(reversed(g.shape.tolist())) for n, g in tensors(text).items()} == {
+        x.name: tuple(x.shape) for x in plan.text.tensors}
 
 
 def test_dry_run_plan_predicts_the_written_k_quant_types(ckpts, tmp_path):
