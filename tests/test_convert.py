@@ -17,6 +17,7 @@ import gguf
 import numpy as np
 import pytest
 
+from checkpoint_edits import edit_json, shards
 from kimivl_edge.checkpoint import Checkpoint
 from kimivl_edge.convert import convert_checkpoint, plan_conversion, resolve_checkpoint
 from kimivl_edge.errors import UsageError
@@ -310,33 +311,23 @@ def run_cli(*args: str, **kw) -> subprocess.CompletedProcess:
                           timeout=300, **kw)
 
 
-def _shards(d: Path) -> list[Path]:
-    return sorted(d.glob("model-*-of-*.safetensors"))
-
-
-def _edit_json(path: Path, fn) -> None:
-    d = json.loads(path.read_text())
-    fn(d)
-    path.write_text(json.dumps(d))
-
-
 def _break(kind: str, d: Path) -> None:
     if kind == "no-config":
         (d / "config.json").unlink()
     elif kind == "arch":
-        _edit_json(d / "config.json", lambda c: c.update(architectures=["LlamaForCausalLM"]))
+        edit_json(d / "config.json", lambda c: c.update(architectures=["LlamaForCausalLM"]))
     elif kind == "missing-shard":
-        _shards(d)[1].unlink()
+        shards(d)[1].unlink()
     elif kind == "truncated":
-        p = _shards(d)[-1]
+        p = shards(d)[-1]
         p.write_bytes(p.read_bytes()[:-4096])
     elif kind == "corrupt":
-        p = _shards(d)[0]
+        p = shards(d)[0]
         p.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}" + p.read_bytes()[24:])
     elif kind == "shape":
-        _edit_json(d / "config.json", lambda c: c["text_config"].update(moe_intermediate_size=64))
+        edit_json(d / "config.json", lambda c: c["text_config"].update(moe_intermediate_size=64))
     elif kind == "media-id":
-        _edit_json(d / "config.json", lambda c: c.update(media_placeholder_token_id=c["media_placeholder_token_id"] + 1))
+        edit_json(d / "config.json", lambda c: c.update(media_placeholder_token_id=c["media_placeholder_token_id"] + 1))
     elif kind == "no-tokenizer":
         (d / "tiktoken.model").unlink()
     elif kind == "pickle":

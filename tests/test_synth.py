@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from checkpoint_edits import edit_json, shards
 from kimivl_edge import synth as synth_mod
 from kimivl_edge.checkpoint import Checkpoint, hf_tensor_specs
 from kimivl_edge.config import preset_config, preset_config_dict
@@ -111,7 +112,7 @@ def tiny(tmp_path_factory) -> Path:
     return synth_mod.synth(tmp_path_factory.mktemp("ck") / "Kimi-VL-A3B-Instruct", "tiny", "instruct", seed=7)
 
 
-def test_tiny_files_and_shards(tiny: Path):
+def test_tiny_files_andshards(tiny: Path):
     names = {p.name for p in tiny.iterdir()}
     assert {"config.json", "model.safetensors.index.json", "tiktoken.model", "tokenizer_config.json",
             "chat_template.jinja", "preprocessor_config.json", "generation_config.json"} <= names
@@ -168,7 +169,7 @@ def test_remote_code_files_refuse_to_run(tiny: Path):
 def test_synth_is_deterministic(tmp_path: Path, tiny: Path):
     again = synth_mod.synth(tmp_path / "again", "tiny", "instruct", seed=7)
     other = synth_mod.synth(tmp_path / "other", "tiny", "instruct", seed=8)
-    f = _shards(tiny)[0].name
+    f = shards(tiny)[0].name
     assert (again / f).read_bytes() == (tiny / f).read_bytes()
     assert (other / f).read_bytes() != (tiny / f).read_bytes()
 
@@ -248,30 +249,20 @@ def _copy(src: Path, dst: Path) -> Path:
 
 @pytest.mark.parametrize("breakage, msg", [
     (lambda d: (d / "tiktoken.model").unlink(), "missing tiktoken.model"),
-    (lambda d: _shards(d)[1].unlink(), "missing shard"),
+    (lambda d: shards(d)[1].unlink(), "missing shard"),
     (lambda d: (d / "config.json").write_text("{not json"), "not valid JSON"),
-    (lambda d: _edit_json(d / "config.json", lambda c: c["text_config"].update(hidden_size=512)), "shape"),
-    (lambda d: _edit_json(d / "config.json", lambda c: c["text_config"].pop("kv_lora_rank")), "kv_lora_rank"),
-    (lambda d: _edit_json(d / "config.json", lambda c: c.update(model_type="llama")), "model_type"),
-    (lambda d: _edit_json(d / "model.safetensors.index.json",
+    (lambda d: edit_json(d / "config.json", lambda c: c["text_config"].update(hidden_size=512)), "shape"),
+    (lambda d: edit_json(d / "config.json", lambda c: c["text_config"].pop("kv_lora_rank")), "kv_lora_rank"),
+    (lambda d: edit_json(d / "config.json", lambda c: c.update(model_type="llama")), "model_type"),
+    (lambda d: edit_json(d / "model.safetensors.index.json",
                           lambda c: c["weight_map"].pop("language_model.lm_head.weight")), "lm_head.weight missing"),
-    (lambda d: _truncate(_shards(d)[-1]), "truncated"),
+    (lambda d: _truncate(shards(d)[-1]), "truncated"),
 ])
 def test_checkpoint_loader_rejects_broken_dirs(tmp_path: Path, tiny: Path, breakage, msg):
     d = _copy(tiny, tmp_path / "ck")
     breakage(d)
     with pytest.raises(CheckpointError, match=msg):
         Checkpoint(d)
-
-
-def _shards(d: Path) -> list[Path]:
-    return sorted(d.glob("model-*-of-*.safetensors"))
-
-
-def _edit_json(path: Path, fn) -> None:
-    d = json.loads(path.read_text())
-    fn(d)
-    path.write_text(json.dumps(d))
 
 
 def _truncate(path: Path) -> None:
