@@ -16,8 +16,8 @@ from kimivl_edge.checkpoint import Checkpoint  # noqa: E402
 from kimivl_edge.reference.model import Prepared, ReferenceModel  # noqa: E402
 from training import tasks  # noqa: E402
 from training.evaluate import answer_all, score  # noqa: E402
-from training.train import (MIN_COVER, Encoder, answer_loss, cell_labels, collate, forward_logits,  # noqa: E402
-                            init_dir, is_trainable, load_weights, setup_torch)
+from training.train import (MIN_COVER, Encoder, answer_loss, cell_centres, cell_labels, collate,  # noqa: E402
+                            forward_logits, init_dir, is_trainable, load_weights, setup_torch)
 
 ASSET = Path(__file__).resolve().parents[1] / "kimivl_edge" / "assets" / "kimi-vl-tiny"
 ASSET_SEED = 2024  # neither the training stream nor the evaluate.py default seed
@@ -128,6 +128,47 @@ def test_cell_labels_agree_with_pixels():
                 x, y = where[i * gw + j]
                 assert abs(x * sc.width - (28 * j + 14)) < 1e-3 and abs(y * sc.height - (28 * i + 14)) < 1e-3
                 assert inside == (28 * j + 14 < sc.width and 28 * i + 14 < sc.height)
+
+
+def test_point_training_chats_point_into_the_named_shape():
+    """With "point" trained, every point answer of the training chats (one- and multi-shape scenes) lands on a pixel
+    of the named colour in the rendered image; without it, no chat asks for a point."""
+    rng = np.random.default_rng(11)
+    multi = 0
+    for k in range(80):
+        scenes, turns = tasks.make_conversation(rng, warmup=k < 20, tasks=tasks.TASKS + ("point",))
+        img = np.asarray(scenes[0].render())
+        for q, a in turns:
+            if q.startswith("Where is the"):
+                colour = q.split()[3]
+                x, y = tasks.parse_point(a)
+                assert tuple(img[y, x]) == tasks.COLOURS[colour], (q, a)
+                multi += len(scenes[0].shapes) > 1
+    assert multi > 10
+    rng = np.random.default_rng(11)
+    assert not any(q.startswith("Where") for k in range(80)
+                   for q, _ in tasks.make_conversation(rng, warmup=k < 20)[1])
+
+
+def test_cell_centres_name_the_covering_shape():
+    """The point task's auxiliary target: on a cell whose largest colour share is a shape's, the centre of that shape
+    (found by its colour in the rendered image); 0 on background cells."""
+    for seed in range(4):
+        sc = tasks.shape_scene(np.random.default_rng(seed), 2 + seed % 2)
+        by_colour = {s.colour: (s.cx / 100, s.cy / 100) for s in sc.shapes}
+        a = np.zeros((-(-sc.height // 28) * 28, -(-sc.width // 28) * 28, 3), np.uint8)
+        a[:sc.height, :sc.width] = np.asarray(sc.render())
+        gw = a.shape[1] // 28
+        got = cell_centres(sc)
+        for i in range(a.shape[0] // 28):
+            for j in range(gw):
+                block = a[28 * i:28 * i + 28, 28 * j:28 * j + 28].reshape(-1, 3)
+                share = {k: np.all(block == c, axis=1).mean() for k, c in tasks.COLOURS.items()}
+                best = max(share, key=share.get)
+                if share[best] > MIN_COVER + 0.02:
+                    assert np.allclose(got[i * gw + j], by_colour[best])
+                elif share[best] < MIN_COVER - 0.02:
+                    assert np.all(got[i * gw + j] == 0)
 
 
 # -------------------------------------------------------------------------------------------------------------

@@ -14,7 +14,10 @@ Tasks (every answer is short and ends, in the chat template, with <|im_end|>):
     compare (two images) "Which image has more shapes?"        -> first | second
     point   "Where is the red circle? Answer with a point (x, y)." -> "(x, y)" in image pixels, correct if inside
     read    "What number is written in the image?"             -> 10..99
-The last two (EXTRA_TASKS) are generated and checked but not in the shipped model's training mix yet.
+The last two (EXTRA_TASKS) are generated and checked but not in the shipped model's training mix. "point" can be
+trained (``python -m training.train --tasks colour,shape,count,side,compare,point``): the model then finds a lone
+shape (94 %) but not which of 2-3 shapes is named (point 33 % overall, all six tasks 86.2 %, below the 90 % target),
+so the shipped model is trained on TASKS only; "read" has not been tried.
 
 Everything is a pure function of a numpy Generator, so a seed fixes the data exactly.
 """
@@ -33,7 +36,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 KINDS = ("circle", "square", "triangle", "star")
 TASKS = ("colour", "shape", "count", "side", "compare")  # trained and evaluated (the shipped asset)
-EXTRA_TASKS = ("point", "read")  # generated and checked, but not learned within the CPU budget yet
+EXTRA_TASKS = ("point", "read")  # generated and checked, not in the shipped asset's training mix (see above)
 SIZE_RANGE = (84, 154)  # inclusive range of image widths and heights, in pixels (6..12-patch grids)
 RADIUS_RANGE = (14, 22)  # shape circumradius; >= 14 keeps a 5-pixel-rounded centre inside every kind
 SINGLE_RADIUS = (18, 26)  # one-shape scenes (colour, shape, side): larger, so the kind spans 2-4 patches a side
@@ -205,6 +208,11 @@ def point_text(s: Shape) -> str:
     return f"({int(round(s.cx / q)) * q}, {int(round(s.cy / q)) * q})"
 
 
+def point_turn(s: Shape) -> tuple[str, str]:
+    """The (question, answer) of a point question about shape ``s``."""
+    return f"Where is the {s.colour} {s.kind}? Answer with a point (x, y).", point_text(s)
+
+
 def make_question(rng: np.random.Generator, task: str) -> Question:
     """One question of ``task`` with balanced answers."""
     if task == "count":
@@ -234,8 +242,7 @@ def make_question(rng: np.random.Generator, task: str) -> Question:
     if task == "shape":
         return Question(task, [sc], f"What shape is the {s.colour} one?", s.kind)
     if task == "point":
-        return Question(task, [sc], f"Where is the {s.colour} {s.kind}? Answer with a point (x, y).",
-                        point_text(s), target=s)
+        return Question(task, [sc], *point_turn(s), target=s)
     raise ValueError(f"unknown task {task!r}")
 
 
@@ -280,9 +287,10 @@ def make_conversation(rng: np.random.Generator, warmup: bool = False, tasks: tup
                       ) -> tuple[list[Scene], list[tuple[str, str]]]:
     """A training chat: scenes and (question, answer) turns about them. A one-shape scene asks 2-4 questions of one
     image (count, colour, shape, side, point), so one vision pass supervises several answers; a 2-3-shape scene asks
-    the count; 20 % of chats compare two images. The first turn has exactly the form of a held-out question.
-    ``warmup`` (the start of training): one shape, its colour, kind and side only, whose answers depend on the image
-    alone, so the vision path is used from the start."""
+    the count (and, if "point" is trained, where each shape is); 20 % of chats compare two images. The first turn
+    has exactly the form of a held-out question. ``warmup`` (the start of training): one shape, its colour, kind and
+    side (and point) only, whose answers depend on the image alone, so the vision path is used from the start. Tasks
+    not in ``tasks`` draw nothing from ``rng``: the point code leaves the default (TASKS) stream unchanged."""
     if warmup:
         sc = shape_scene(rng, 1, radius=SINGLE_RADIUS)
         s = sc.shapes[0]
@@ -290,6 +298,8 @@ def make_conversation(rng: np.random.Generator, warmup: bool = False, tasks: tup
         if s.cx < 0.4 * sc.width or s.cx > 0.6 * sc.width:
             turns.append((f"Is the {s.colour} {s.kind} on the left or the right?",
                           "left" if s.cx < 0.4 * sc.width else "right"))
+        if "point" in tasks:
+            turns.append(point_turn(s))
         return [sc], [turns[i] for i in rng.permutation(len(turns))]
     if rng.random() < 0.2 and "compare" in tasks:
         q = make_question(rng, "compare")
@@ -303,10 +313,12 @@ def make_conversation(rng: np.random.Generator, warmup: bool = False, tasks: tup
         if "shape" in tasks:
             pool.append((f"What shape is the {s.colour} one?", s.kind))
         if "point" in tasks:
-            pool.append((f"Where is the {s.colour} {s.kind}? Answer with a point (x, y).", point_text(s)))
+            pool.append(point_turn(s))
         if "side" in tasks and (s.cx < 0.4 * sc.width or s.cx > 0.6 * sc.width):
             side = "left" if s.cx < 0.4 * sc.width else "right"
             pool.append((f"Is the {s.colour} {s.kind} on the left or the right?", side))
+    if "point" in tasks and n > 1:
+        pool += [point_turn(s) for s in sc.shapes]
     k = min(len(pool), int(rng.integers(2, 5)))
     turns = [pool[i] for i in rng.permutation(len(pool))[:k]]
     return [sc], turns

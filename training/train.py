@@ -11,13 +11,20 @@ choice is not differentiable, but the chosen experts and the gate (through the s
 
 Loss: cross entropy on the answer tokens (and the <|im_end|> that closes each answer), plus an auxiliary dense loss
 on the image tokens (``aux_loss``: a throw-away linear probe reads each token's shape kind, colour and position, so
-the tiny vision tower gets a direct gradient; the checkpoint is unaffected). AdamW, linear warmup, cosine decay.
+the tiny vision tower gets a direct gradient; the checkpoint is unaffected; when "point" is trained, the probe also
+reads the pixel centre of the token's shape). AdamW, linear warmup, cosine decay.
 Curriculum: training starts on easy chats (one shape; its colour, kind and side), whose answers need the image, and
 mixes in the full task gradually (``easy_fraction``); without it the decoder settles on answer priors and never
 starts to look at the image within the CPU budget. The initial weights are ``synth``'s random init for the seed, the
 data order is fixed by the seed and torch runs deterministic kernels, so a given (seed, steps) gives the same
 weights. ``--minutes`` is only a safety cap: if it stops the run early, the schedule is cut short and the log says
 so.
+
+The shipped asset is ``--seed 0`` with the defaults (tasks.TASKS, DEFAULT_STEPS). The end of the cosine schedule
+matters: at step 2000 of 3000 side is still ~80 %, at 3000 it is 99 % (500 held-out questions, all tasks 97.6 %).
+Grounding is not in the default mix: ``--tasks colour,shape,count,side,compare,point`` (same 3000 steps) answers
+single-shape point questions (94 %) but in 2-3-shape scenes mostly points at the wrong shape (12-28 %): point 33 %,
+all six tasks 86.2 % on 600 held-out questions, under the 90 % target, so it is not shipped.
 """
 from __future__ import annotations
 
@@ -49,7 +56,7 @@ sdpa = torch.nn.functional.scaled_dot_product_attention  # softmax(q kᵀ·scale
 
 PRESET = "tiny"
 VARIANT = "instruct"
-DEFAULT_STEPS = 1700
+DEFAULT_STEPS = 3000  # the shipped asset: 23.4 min with --threads 1 on a 2-core machine (44 min under load ~4)
 BATCH = 8
 PEAK_LR = 5e-4  # 3e-3 collapses the image tokens into one large constant vector; 1e-3 never starts seeing
 CURRICULUM = 0.4  # the share of easy chats falls from 1 to EASY_FLOOR over this fraction of the steps
@@ -62,6 +69,7 @@ VISION_LR_MULT = 1.0  # learning rate of the vision tower and projector, as a mu
 POS_INIT = "synth"  # initial pos-emb: synth's random table, or "sincos" (sincos_pos_table)
 POS_INIT_SCALE = 0.5  # amplitude of the sine-cosine initial pos-emb (patch embeddings start at about unit scale)
 MIN_COVER = 0.15  # a cell is labelled with a shape when the shape covers at least this share of it
+CENTRE_SCALE = 100.0  # pixel coordinates of the auxiliary centre target are divided by this
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -76,6 +84,7 @@ class Example:
     grids: list[tuple[int, int]]
     cells: np.ndarray  # [image tokens, 3] int: kind class, colour class (0 = none), in-image flag
     where: np.ndarray  # [image tokens, 2] float: cell centre (x, y) as a fraction of the image width/height
+    centre: np.ndarray  # [image tokens, 2] float: centre (x, y) of the cell's shape in pixels / CENTRE_SCALE
 
 
 class Encoder:
@@ -114,9 +123,10 @@ class Encoder:
             n = int(counts[k]) if t == pad else 1
             k += t == pad
             ex_ans += [m] * n
-        cells, where = zip(*(cell_labels(s, self.image_config.pad_multiple[0]) for s in scenes))
+        cell = self.image_config.pad_multiple[0]
+        cells, where = zip(*(cell_labels(s, cell) for s in scenes))
         return Example(ex_ids, ex_ans, pv, [(int(h), int(w)) for h, w in grid], np.concatenate(cells),
-                       np.concatenate(where))
+                       np.concatenate(where), np.concatenate([cell_centres(s, cell) for s in scenes]))
 
 
 def cell_labels(scene: Scene, cell: int = 28) -> tuple[np.ndarray, np.ndarray]:
@@ -124,11 +134,7 @@ def cell_labels(scene: Scene, cell: int = 28) -> tuple[np.ndarray, np.ndarray]:
     covering most of it (class 0 when shapes cover under MIN_COVER of it), whether it lies in the image, and its
     centre as a fraction of the image size. Targets of the auxiliary head only (see ``aux_loss``)."""
     gh, gw = -(-scene.height // cell), -(-scene.width // cell)
-    cover = np.zeros((len(scene.shapes) + 1, gh * cell, gw * cell), np.float32)
-    cover[0] = MIN_COVER
-    for k, s in enumerate(scene.shapes):
-        cover[k + 1, :scene.height, :scene.width] = shape_mask(s, scene.width, scene.height)
-    best = cover.reshape(len(cover), gh, cell, gw, cell).mean((2, 4)).argmax(0).reshape(-1)
+    best = cell_owners(scene, cell)
     kind = np.array([0] + [1 + KINDS.index(s.kind) for s in scene.shapes])[best]
     colour = np.array([0] + [1 + list(COLOURS).index(s.colour) for s in scene.shapes])[best]
     ys, xs = np.meshgrid((np.arange(gh) + 0.5) * cell / scene.height, (np.arange(gw) + 0.5) * cell / scene.width,
@@ -136,6 +142,24 @@ def cell_labels(scene: Scene, cell: int = 28) -> tuple[np.ndarray, np.ndarray]:
     inside = (xs < 1) & (ys < 1)
     cells = np.stack([kind, colour, inside.reshape(-1)], 1).astype(np.int64)
     return cells, np.stack([xs.reshape(-1), ys.reshape(-1)], 1).astype(np.float32)
+
+
+def cell_owners(scene: Scene, cell: int = 28) -> np.ndarray:
+    """Per image token (row-major): 1 + the index of the shape covering most of its cell, 0 when shapes cover under
+    MIN_COVER of it."""
+    gh, gw = -(-scene.height // cell), -(-scene.width // cell)
+    cover = np.zeros((len(scene.shapes) + 1, gh * cell, gw * cell), np.float32)
+    cover[0] = MIN_COVER
+    for k, s in enumerate(scene.shapes):
+        cover[k + 1, :scene.height, :scene.width] = shape_mask(s, scene.width, scene.height)
+    return cover.reshape(len(cover), gh, cell, gw, cell).mean((2, 4)).argmax(0).reshape(-1)
+
+
+def cell_centres(scene: Scene, cell: int = 28) -> np.ndarray:
+    """Per image token: the pixel centre (x, y) of the shape covering its cell, divided by CENTRE_SCALE (0 on cells
+    without a shape). Target of the auxiliary head when the point task is trained."""
+    table = np.array([[0.0, 0.0]] + [[s.cx, s.cy] for s in scene.shapes]) / CENTRE_SCALE
+    return table[cell_owners(scene, cell)].astype(np.float32)
 
 
 def easy_fraction(progress: float, curriculum: float = CURRICULUM) -> float:
@@ -242,6 +266,7 @@ class Batch:
     grids: list[tuple[int, int]]
     cells: torch.Tensor  # [image tokens, 3] labels of the auxiliary head (Example.cells, all images in order)
     where: torch.Tensor  # [image tokens, 2]
+    centre: torch.Tensor  # [image tokens, 2]
 
 
 def collate(examples: list[Example], pad_id: int) -> Batch:
@@ -259,8 +284,10 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
             pvs.append(torch.from_numpy(e.pixel_values[start:start + gh * gw]))
             grids.append((gh, gw))
             start += gh * gw
-    return Batch(ids, answer, valid, pvs, grids, torch.from_numpy(np.concatenate([e.cells for e in examples])),
-                 torch.from_numpy(np.concatenate([e.where for e in examples])))
+    def cat(field: str) -> torch.Tensor:
+        return torch.from_numpy(np.concatenate([getattr(e, field) for e in examples]))
+
+    return Batch(ids, answer, valid, pvs, grids, cat("cells"), cat("where"), cat("centre"))
 
 
 def hidden_states(w: Mapping[str, torch.Tensor], cfg: KimiVLConfig, batch: Batch,
@@ -304,10 +331,11 @@ def answer_loss(w: Mapping[str, torch.Tensor], cfg: KimiVLConfig, batch: Batch,
     return torch.nn.functional.cross_entropy(logits, batch.ids[:, 1:][pred])
 
 
-def aux_head_init(cfg: KimiVLConfig, seed: int) -> dict[str, torch.Tensor]:
-    """A linear probe on the image tokens (not part of the checkpoint): kind and colour classes and (x, y)."""
+def aux_head_init(cfg: KimiVLConfig, seed: int, centre: bool = False) -> dict[str, torch.Tensor]:
+    """A linear probe on the image tokens (not part of the checkpoint): kind and colour classes and (x, y); with
+    ``centre``, also the pixel centre of the token's shape."""
     g = torch.Generator().manual_seed(seed)
-    n_out = 1 + len(KINDS) + 1 + len(COLOURS) + 2
+    n_out = 1 + len(KINDS) + 1 + len(COLOURS) + 2 + (2 if centre else 0)
     d = cfg.text.hidden_size
     return {"aux.weight": (torch.randn(n_out, d, generator=g) * d ** -0.5).requires_grad_(),
             "aux.bias": torch.zeros(n_out).requires_grad_()}
@@ -318,17 +346,24 @@ def aux_loss(aux: Mapping[str, torch.Tensor], emb: torch.Tensor, batch: Batch) -
     the shape covering its cell (or none) and, for shape cells, the cell's position relative to the image centre
     (background cells: 0, so a plain average over the image tokens already tells the side). It gives the tiny vision
     tower a direct gradient towards the features the questions need (the answer loss reaches it only through the
-    decoder's attention). The probe is thrown away; the checkpoint has exactly the Kimi-VL layout."""
+    decoder's attention). A probe with two more outputs (``aux_head_init(centre=True)``, when the point task is
+    trained) also reads, from each shape cell, the pixel centre of its shape: what a point answer says. The probe is
+    thrown away; the checkpoint has exactly the Kimi-VL layout."""
     out = emb @ aux["aux.weight"].T + aux["aux.bias"]
-    nk = 1 + len(KINDS)
+    nk, nc = 1 + len(KINDS), 1 + len(COLOURS)
     ce = torch.nn.functional.cross_entropy
     inside = batch.cells[:, 2].bool()
-    loss = ce(out[:, :nk], batch.cells[:, 0]) + ce(out[:, nk:-2], batch.cells[:, 1])
+    loss = ce(out[:, :nk], batch.cells[:, 0]) + ce(out[:, nk:nk + nc], batch.cells[:, 1])
     # position, centred and only on shape cells (background cells: 0), so that even a plain average over the image
     # tokens says on which side of the centre the shapes are
     on_shape = (batch.cells[:, 0] > 0).float()[:, None]
     target = 2 * (batch.where - 0.5) * on_shape
-    return loss + (out[inside, -2:] - target[inside]).pow(2).mean()
+    xy = nk + nc
+    loss = loss + (out[inside, xy:xy + 2] - target[inside]).pow(2).mean()
+    if out.shape[1] > xy + 2:
+        shape_cells = batch.cells[:, 0] > 0
+        loss = loss + (out[shape_cells, xy + 2:] - batch.centre[shape_cells]).pow(2).mean()
+    return loss
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -413,7 +448,7 @@ def train(out: str | Path, seed: int = 0, steps: int = DEFAULT_STEPS, minutes: f
         table = w[V.TOWER + "patch_embed.pos_emb.weight"]
         w[V.TOWER + "patch_embed.pos_emb.weight"] = sincos_pos_table(*table.shape)
     params = {n: t.requires_grad_() for n, t in w.items() if is_trainable(n)}
-    aux = aux_head_init(cfg, seed)
+    aux = aux_head_init(cfg, seed, centre="point" in tasks)
     groups = []
     for vis in (False, True):
         mine = {n: t for n, t in params.items() if is_vision(n) == vis}
