@@ -17,7 +17,7 @@ import gguf
 import numpy as np
 import pytest
 
-from checkpoint_edits import edit_json, shards
+from shared import edit_json, shards
 from kimivl_edge.checkpoint import Checkpoint
 from kimivl_edge.convert import convert_checkpoint, plan_conversion, resolve_checkpoint
 from kimivl_edge.errors import UsageError

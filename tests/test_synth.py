@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from checkpoint_edits import edit_json, shards
+from shared import edit_json, shards
 from kimivl_edge import synth as synth_mod
 from kimivl_edge.checkpoint import Checkpoint, hf_tensor_specs
 from kimivl_edge.config import preset_config, preset_config_dict

@@ -28,7 +28,7 @@ from PIL import Image
 
 from kimivl_edge import vision
 from kimivl_edge.config import KimiVLConfig
-from kimivl_edge.convert import convert_checkpoint
+from shared import mmproj_files
 from kimivl_edge.errors import KimiVLError, UsageError
 from kimivl_edge.image import preprocess
 from kimivl_edge.mmproj import MmprojError, MmprojFile
@@ -71,12 +71,7 @@ def ckpt(work) -> Path:
 
 @pytest.fixture(scope="module")
 def files(ckpt, work) -> dict[str, Path]:
-    out = {}
-    for t in TYPES:
-        text, mmproj = convert_checkpoint(ckpt, "f32", t, work / "out")
-        out[t] = Path(mmproj)
-    out["text"] = Path(text)
-    return out
+    return mmproj_files(ckpt, TYPES, work / "out")
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from kimivl_edge import vision
-from kimivl_edge.convert import convert_checkpoint
+from shared import mmproj_files
 from kimivl_edge.synth import synth
 from kimivl_edge.vision import STAGES, VisionEncoder, attention_items, gelu_tanh, row_chunks
 
@@ -42,11 +42,7 @@ def ckpt(work) -> Path:
 
 @pytest.fixture(scope="module")
 def files(ckpt, work) -> dict[str, Path]:
-    out = {}
-    for t in ("f32", "f16", "q8_0", "q4_0"):
-        _, mmproj = convert_checkpoint(ckpt, "f32", t, work / "out")
-        out[t] = Path(mmproj)
-    return out
+    return mmproj_files(ckpt, ("f32", "f16", "q8_0", "q4_0"), work / "out")
 
 
 @pytest.fixture(scope="module")

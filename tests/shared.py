@@ -1,0 +1,29 @@
+"""Helpers the tests share: editing a generated checkpoint in place (to break it on purpose), converting it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def shards(d: Path) -> list[Path]:
+    """The checkpoint's safetensors shards, in order."""
+    return sorted(d.glob("model-*-of-*.safetensors"))
+
+
+def edit_json(path: Path, fn) -> None:
+    """Load a JSON file, let ``fn`` change the object in place, write it back."""
+    d = json.loads(path.read_text())
+    fn(d)
+    path.write_text(json.dumps(d))
+
+
+def mmproj_files(ckpt: Path, types, out: Path) -> dict[str, Path]:
+    """The checkpoint converted once per mmproj type (F32 text): {type: mmproj path, "text": the text GGUF}."""
+    from kimivl_edge.convert import convert_checkpoint
+
+    files: dict[str, Path] = {}
+    for t in types:
+        text, mmproj = convert_checkpoint(ckpt, "f32", t, out)
+        files[t] = Path(mmproj)
+    files["text"] = Path(text)
+    return files
