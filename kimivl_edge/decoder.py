@@ -315,19 +315,16 @@ class Decoder:
         return out
 
     def append(self, token: int, logits: bool = False) -> np.ndarray | None:
-        """Evaluate one generated token at the end of the cache (the per-token step of generation: no Python work
-        beyond two batch fields and ``llama_decode``); with ``logits``, return a copy of its logits ([n_vocab])."""
+        """Evaluate one generated token at the end of the cache (the per-token step of generation: a preset one-token
+        batch, only its token and position change); with ``logits``, return a copy of its logits ([n_vocab])."""
         keys = self._keys
         n = len(keys)
         if n >= self.n_ctx:
             raise KimiVLError(f"context of {self.n_ctx} tokens is full")
         token = int(token)
         self._one_token[0], self._one_pos[0] = token, n
-        rc = self._lc.llama_decode(self._ctx, self._one)
-        if rc != 0:
-            raise KimiVLError(f"llama_decode failed (code {rc}); the context may be full")
+        self._decode(self._one, 1)
         keys.append(token)
-        self.n_evaluated += 1
         return self._logits(0) if logits else None
 
     def last_logits(self) -> np.ndarray:
