@@ -68,7 +68,8 @@ _NO_QUANT_EXACT = ("position_embd.weight", "token_types.weight")
 # down-projection change alone is 9-12 % above Q4_K_M; with token_embd at Q6_K the sets disagree (-22 % .. +14 %);
 # with Q8_0 all four sets are below Q4_K_M (-16 % .. -73 %). IQ4_NL instead of Q4_0 measured no better (-13 % ..
 # -62 %) and ggml quantizes it at 3 M weights per CPU-second against Q4_0's 250 M (14 min more for the full model).
-# tests/test_quant_recipe.py guards it.
+# On the retrained tiny model (grounding added) the same recipe measures 1.37x Q4_K_M's KLD on one set of 200
+# questions: the gain did not carry over. tests/test_quant_recipe.py bounds it at 1.5x.
 EDGE_DOWN_TYPES = {GT.Q4_K: GT.Q4_0, GT.Q6_K: GT.Q5_0}
 EDGE_TOKEN_EMBD = GT.Q8_0
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.")
