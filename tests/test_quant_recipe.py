@@ -4,8 +4,8 @@ four held-out sets, but not on the retrained one that points, 1.37x Q4_K_M's KLD
 now: KLD within 1.5x, top-1 within 1 point, accuracy within 3 points; the size is checked on the full A3B dimensions in tests/test_policy.py, since
 the tiny model's 1024 x 256 embedding, upgraded to Q6_K, is a large share of its few MB). Both are converted by our CLI code and run through our runtime with an F32 KV
 cache; KLD is KL(fp32 reference || quantized) of the next-token distributions, teacher-forced over the reference
-answers of held-out questions (training.quant_table). The 500-question figures are in docs/quant-accuracy.md
-(`python -m training.quant_table --n 500 --out docs`).
+answers of held-out questions (training.quant_table). The 600-question figures are in docs/quant-accuracy.md
+(`python -m training.quant_table --n 600 --out docs`).
 """
 from __future__ import annotations
 

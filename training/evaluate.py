@@ -1,6 +1,6 @@
 """Held-out accuracy of a checkpoint with the fp32 reference model, and the blind baseline.
 
-    python -m training.evaluate kimivl_edge/assets/kimi-vl-tiny [--n 500] [--seed 1000]
+    python -m training.evaluate kimivl_edge/assets/kimi-vl-tiny [--n 600] [--seed 1000]
 
 Questions come from tasks.question_set with a seed the training never uses (training draws from
 default_rng([seed, 1])). Answers are greedy (ReferenceModel.generate). The blind baseline asks the same questions
@@ -44,7 +44,7 @@ def chance_levels(questions: list[Question]) -> dict[str, float]:
     return {t: sum(v) / len(v) for t, v in per.items()}
 
 
-def evaluate(ckpt_dir: str | Path, n: int = 500, seed: int = EVAL_SEED, tasks: tuple[str, ...] = TASKS) -> dict:
+def evaluate(ckpt_dir: str | Path, n: int = 600, seed: int = EVAL_SEED, tasks: tuple[str, ...] = TASKS) -> dict:
     """{"reference": {task: acc}, "blind": {task: acc}, "chance": {task: acc}, "n": n} on ``n`` held-out questions."""
     import torch
 
@@ -71,7 +71,7 @@ def format_table(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0])
     ap.add_argument("ckpt", help="checkpoint directory (HF layout)")
-    ap.add_argument("--n", type=int, default=500)
+    ap.add_argument("--n", type=int, default=600)
     ap.add_argument("--seed", type=int, default=EVAL_SEED)
     ap.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks (cycled in this order)")
     args = ap.parse_args(argv)

@@ -1,6 +1,6 @@
 """Accuracy of every quantization of the trained tiny model, against the fp32 reference (issue 5's table).
 
-    .venv/bin/python -m training.quant_table [--ckpt kimivl_edge/assets/kimi-vl-tiny] [--n 500] [--out docs]
+    .venv/bin/python -m training.quant_table [--ckpt kimivl_edge/assets/kimi-vl-tiny] [--n 600] [--out docs]
 
 For each text type (F16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0) x mmproj type (F16, Q8_0, Q4_0), converted by our CLI
 code and run through our runtime (numpy vision, llama.cpp decoder, F32 KV cache so only the weights differ), on the
@@ -167,7 +167,7 @@ def chart(table: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.quant_table", description=__doc__.split("\n\n")[0])
     ap.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT)
-    ap.add_argument("--n", type=int, default=500)
+    ap.add_argument("--n", type=int, default=600)
     ap.add_argument("--out", type=Path, default=Path("docs"))
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -149,6 +149,8 @@ class Encoder:
                 s = scenes[0].shapes[named]
                 words = np.array([i + shift for i in range(q0, a0) if ids[i] != pad
                                   and self.tokenizer.decode([ids[i]]).strip() in (s.colour, s.kind)])
+                if not len(words):  # the naming word merged into a larger token: nothing to look up
+                    continue
                 keys = image_pos[owners == named + 1]
                 # the positions that predict the answer's tokens (not the closing <|im_end|>)
                 focus += [(t, keys, words) for t in range(a0 + shift - 1, a1 + shift - 2)]
