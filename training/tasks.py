@@ -214,6 +214,18 @@ def point_turn(s: Shape) -> tuple[str, str]:
     return f"Where is the {s.colour} {s.kind}? Answer with a point (x, y).", point_text(s)
 
 
+def colour_turn(s: Shape) -> tuple[str, str]:
+    return f"What colour is the {s.kind}?", s.colour
+
+
+def shape_turn(s: Shape) -> tuple[str, str]:
+    return f"What shape is the {s.colour} one?", s.kind
+
+
+def side_turn(s: Shape, side: str) -> tuple[str, str]:
+    return f"Is the {s.colour} {s.kind} on the left or the right?", side
+
+
 def make_question(rng: np.random.Generator, task: str) -> Question:
     """One question of ``task`` with balanced answers."""
     if task == "count":
@@ -230,7 +242,7 @@ def make_question(rng: np.random.Generator, task: str) -> Question:
         side = ("left", "right")[int(rng.integers(2))]
         sc = shape_scene(rng, 1, side_of_first=side, radius=SINGLE_RADIUS)
         s = sc.shapes[0]
-        return Question(task, [sc], f"Is the {s.colour} {s.kind} on the left or the right?", side)
+        return Question(task, [sc], *side_turn(s, side))
     if task == "point":
         n = int(rng.integers(1, 4))
         sc = shape_scene(rng, n)
@@ -239,9 +251,9 @@ def make_question(rng: np.random.Generator, task: str) -> Question:
         sc = shape_scene(rng, 1, radius=SINGLE_RADIUS)
         s = sc.shapes[0]
     if task == "colour":
-        return Question(task, [sc], f"What colour is the {s.kind}?", s.colour)
+        return Question(task, [sc], *colour_turn(s))
     if task == "shape":
-        return Question(task, [sc], f"What shape is the {s.colour} one?", s.kind)
+        return Question(task, [sc], *shape_turn(s))
     if task == "point":
         return Question(task, [sc], *point_turn(s), target=s)
     raise ValueError(f"unknown task {task!r}")
@@ -289,17 +301,15 @@ def make_conversation(rng: np.random.Generator, warmup: bool = False, tasks: tup
     """A training chat: scenes and (question, answer) turns about them. A one-shape scene asks 2-4 questions of one
     image (count, colour, shape, side, point), so one vision pass supervises several answers; a 2-3-shape scene asks
     the count (and, if "point" is trained, where each shape is, its colour and its kind); 20 % of chats compare two
-    images. The first turn
-    has exactly the form of a held-out question. ``warmup`` (the start of training): one shape, its colour, kind and
+    images. The first turn has exactly the form of a held-out question. ``warmup`` (the start of training): one shape, its colour, kind and
     side (and point) only, whose answers depend on the image alone, so the vision path is used from the start. Tasks
     not in ``tasks`` draw nothing from ``rng``."""
     if warmup:
         sc = shape_scene(rng, 1, radius=SINGLE_RADIUS)
         s = sc.shapes[0]
-        turns = [(f"What colour is the {s.kind}?", s.colour), (f"What shape is the {s.colour} one?", s.kind)]
+        turns = [colour_turn(s), shape_turn(s)]
         if s.cx < 0.4 * sc.width or s.cx > 0.6 * sc.width:
-            turns.append((f"Is the {s.colour} {s.kind} on the left or the right?",
-                          "left" if s.cx < 0.4 * sc.width else "right"))
+            turns.append(side_turn(s, "left" if s.cx < 0.4 * sc.width else "right"))
         if "point" in tasks:
             turns.append(point_turn(s))
         return [sc], [turns[i] for i in rng.permutation(len(turns))]
@@ -311,18 +321,16 @@ def make_conversation(rng: np.random.Generator, warmup: bool = False, tasks: tup
     pool: list[tuple[str, str]] = [("How many shapes are there?", str(n))] if "count" in tasks else []
     for s in sc.shapes[:1] if n == 1 else []:
         if "colour" in tasks:
-            pool.append((f"What colour is the {s.kind}?", s.colour))
+            pool.append(colour_turn(s))
         if "shape" in tasks:
-            pool.append((f"What shape is the {s.colour} one?", s.kind))
+            pool.append(shape_turn(s))
         if "point" in tasks:
             pool.append(point_turn(s))
         if "side" in tasks and (s.cx < 0.4 * sc.width or s.cx > 0.6 * sc.width):
-            side = "left" if s.cx < 0.4 * sc.width else "right"
-            pool.append((f"Is the {s.colour} {s.kind} on the left or the right?", side))
+            pool.append(side_turn(s, "left" if s.cx < 0.4 * sc.width else "right"))
     if "point" in tasks and n > 1:  # which of several shapes is named: point at it, or name its colour or kind
         for s in sc.shapes:
-            pool += [point_turn(s), (f"What colour is the {s.kind}?", s.colour),
-                     (f"What shape is the {s.colour} one?", s.kind)]
+            pool += [point_turn(s), colour_turn(s), shape_turn(s)]
     k = min(len(pool), int(rng.integers(2, 5)))
     turns = [pool[i] for i in rng.permutation(len(pool))[:k]]
     return [sc], turns

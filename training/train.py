@@ -372,8 +372,10 @@ def hidden_states(w: Mapping[str, torch.Tensor], cfg: KimiVLConfig, batch: Batch
         h = h.masked_scatter(slots[..., None], emb)
     for i in range(tc.num_hidden_layers):
         p = T.layer_prefix(i)
-        sup = None if focus is None else (batch.focus_rows, batch.focus_keys, focus, range(FOCUS_HEADS)) if i else (
-            batch.focus_rows, batch.focus_words, focus, range(1, 2))
+        sup = None
+        if focus is not None:  # layer 0 looks up the naming words, the later layers the shape's image tokens
+            keys, heads = (batch.focus_keys, range(FOCUS_HEADS)) if i else (batch.focus_words, range(1, 2))
+            sup = (batch.focus_rows, keys, focus, heads)
         h = h + mla_batched(T.rms_norm(h, w[p + "input_layernorm.weight"], tc.rms_norm_eps), w, p + "self_attn.", tc,
                             sup)
         x = T.rms_norm(h[batch.valid], w[p + "post_attention_layernorm.weight"], tc.rms_norm_eps)
