@@ -17,6 +17,16 @@ class UsageError(KimiVLError):
     """Bad command-line or API arguments."""
 
 
+class GGUFFileError(KimiVLError):
+    """A GGUF file that cannot be read, or is not the file it claims to be (text GGUF or mmproj)."""
+
+
+def one_line(e: BaseException, limit: int = 200) -> str:
+    """An exception's message folded to one line (for errors that wrap a library's message)."""
+    s = " ".join(str(e).split())
+    return s[:limit] or type(e).__name__
+
+
 def read_json_object(path: Path) -> dict:
     """A checkpoint's JSON file that must hold an object; every failure is a one-line ``CheckpointError``."""
     try:

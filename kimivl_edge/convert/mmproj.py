@@ -35,8 +35,8 @@ from collections.abc import Callable
 import gguf
 import numpy as np
 
-from kimivl_edge.checkpoint import Checkpoint
-from kimivl_edge.image import ImageProcessorConfig
+from ..checkpoint import Checkpoint
+from ..image import ImageProcessorConfig
 
 from ..quant.policy import MMPROJ_TYPES, mmproj_tensor_type, range_safe
 from ..quant.types import QType, as_ftype

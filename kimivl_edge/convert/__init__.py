@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kimivl_edge.checkpoint import Checkpoint
-from kimivl_edge.config import VARIANTS
-from kimivl_edge.errors import CheckpointError, UsageError
+from ..checkpoint import Checkpoint
+from ..config import VARIANTS
+from ..errors import CheckpointError, UsageError
 
 from ..quant.types import QType, as_ftype
 from .gguf_out import GGUFPlan, write_gguf

@@ -13,7 +13,7 @@ from . import MMPROJ_TYPES, TEXT_TYPES, convert_checkpoint, format_plan, plan_co
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kimivl_edge.cli import OneLineParser
+    from ..cli import OneLineParser
 
     ap = OneLineParser(prog="kimivl-edge convert", description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoint", help="checkpoint directory or HF repo id (offline, from the HF cache)")

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import gguf
 import numpy as np
 
-from kimivl_edge.checkpoint import Checkpoint
-from kimivl_edge.config import TextConfig
+from ..checkpoint import Checkpoint
+from ..config import TextConfig
 
 from ..quant import policy
 from ..quant.types import FType, as_ftype, nbytes
