@@ -3,9 +3,10 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.setup-stamp
-LLAMA   := llama-cpp-python==0.3.36
+# llama-cpp-python is pinned once, in pyproject.toml; it is installed first so that its build gets both cores.
+LLAMA   := $(shell grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test lint clean
 
 setup: $(STAMP)
 
@@ -21,6 +22,10 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	$(BIN)/kimivl-edge demo
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 test: setup
 	$(BIN)/python -m pytest -q -n 2 tests
