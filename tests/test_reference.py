@@ -6,8 +6,6 @@ checks that the stages are wired together as the reference doc says (§4 token c
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +16,11 @@ from PIL import Image
 from kimivl_edge.errors import CheckpointError
 from kimivl_edge.reference.model import ReferenceModel
 from kimivl_edge.reference.run import build_messages
-from kimivl_edge.synth import synth
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return synth(tmp_path_factory.mktemp("ref") / "ck", "tiny", "instruct", seed=3)
+def ckpt(tiny_checkpoint) -> Path:
+    return tiny_checkpoint("instruct", seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -96,10 +93,9 @@ def test_mismatched_media_placeholder_is_refused(ckpt: Path, tmp_path: Path):
         ReferenceModel(d)
 
 
-def test_reference_cli_one_line_errors(tmp_path: Path, ckpt: Path):
+def test_reference_cli_one_line_errors(tmp_path: Path, ckpt: Path, cli):
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "kimivl_edge", "reference", *args], capture_output=True,
-                              text=True, timeout=300)
+        return cli("reference", *args)
 
     r = run(str(tmp_path), "--prompt", "hi")
     assert r.returncode == 2 and "missing" in r.stderr and len(r.stderr.strip().splitlines()) == 1

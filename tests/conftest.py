@@ -1,0 +1,72 @@
+"""Session fixtures the test modules share: tiny checkpoints, their converted GGUF pairs, and the CLI.
+
+Checkpoints and pairs are made once per session (per xdist worker) and cached by their arguments, so modules
+that need the same tiny model do not synthesize or convert it again. They are shared: a test that breaks a
+checkpoint on purpose copies it first (``copy_checkpoint``).
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+CKPT_NAMES = {"instruct": "Kimi-VL-A3B-Instruct", "thinking": "Kimi-VL-A3B-Thinking",
+              "thinking-2506": "Kimi-VL-A3B-Thinking-2506"}
+
+
+def run_cli(*args: str, stdin: str | None = None, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    """``python -m kimivl_edge ARGS`` as a user runs it: text output captured, never raises on a non-zero exit."""
+    return subprocess.run([sys.executable, "-m", "kimivl_edge", *args], input=stdin, capture_output=True,
+                          text=True, timeout=timeout, **kw)
+
+
+@pytest.fixture(scope="session")
+def cli() -> Callable[..., subprocess.CompletedProcess]:
+    return run_cli
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Callable[..., Path]:
+    """``tiny_checkpoint(variant="instruct", seed=0)``: a synthetic tiny checkpoint in the real HF layout, named
+    like the real download (the variant is detected from the name). Shared: do not modify it."""
+    from kimivl_edge.synth import synth
+
+    root = tmp_path_factory.mktemp("ckpts")
+    made: dict[tuple[str, int], Path] = {}
+
+    def get(variant: str = "instruct", seed: int = 0) -> Path:
+        key = (variant, seed)
+        if key not in made:
+            made[key] = Path(synth(root / f"seed{seed}" / CKPT_NAMES[variant], "tiny", variant, seed=seed))
+        return made[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory) -> Callable[..., tuple[Path, Path]]:
+    """``converted(ckpt, text_type, mmproj_type)``: the checkpoint's (text GGUF, mmproj GGUF), made once."""
+    from kimivl_edge.convert import convert_checkpoint
+
+    root = tmp_path_factory.mktemp("gguf")
+    made: dict[tuple[str, str, str], tuple[Path, Path]] = {}
+
+    def get(ckpt: Path, text_type: str = "f32", mmproj_type: str = "f32") -> tuple[Path, Path]:
+        key = (str(ckpt), text_type, mmproj_type)
+        if key not in made:
+            out = root / f"{len(made)}-{text_type}-{mmproj_type}"
+            text, mmproj = convert_checkpoint(ckpt, text_type, mmproj_type, out)
+            made[key] = (Path(text), Path(mmproj))
+        return made[key]
+
+    return get
+
+
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    """A private copy of a shared checkpoint, for tests that edit or break it."""
+    shutil.copytree(src, dst)
+    return dst
