@@ -11,44 +11,9 @@ from pathlib import Path
 
 from .errors import CheckpointError, UsageError, read_json_object
 
-# §7.1: Instruct's chat_template.jinja, verbatim (data). The rendered prompt has no newlines and no [BOS].
-KIMI_VL_CHAT_TEMPLATE = """\
-{%- for message in messages -%}
-  {%- if loop.first and messages[0]['role'] != 'system' -%}
-    {{'<|im_system|>system<|im_middle|>You are a helpful assistant<|im_end|>'}}
-  {%- endif -%}
-  {%- if message['role'] == 'system' -%}
-    {{'<|im_system|>'}}
-  {%- endif -%}
-  {%- if message['role'] == 'user' -%}
-    {{'<|im_user|>'}}
-  {%- endif -%}
-  {%- if message['role'] == 'assistant' -%}
-    {{'<|im_assistant|>'}}
-  {%- endif -%}
-  {{- message['role'] -}}
-  {{'<|im_middle|>'}}
-  {%- if message['content'] is string -%}
-    {{- message['content'] + '<|im_end|>' -}}
-  {%- else -%}
-    {%- for content in message['content'] -%}
-      {%- if content['type'] == 'image' or 'image' in content or 'image_url' in content -%}
-        {{'<|media_start|>image<|media_content|><|media_pad|><|media_end|>'}}
-      {%- else -%}
-        {{content['text']}}
-      {%- endif -%}
-    {%- endfor -%}
-    {{'<|im_end|>'}}
-  {%- endif -%}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-  {{'<|im_assistant|>assistant<|im_middle|>'}}
-{%- endif -%}"""
-
 # §7.4: plain-text markers (several BPE tokens each) around the reasoning of Thinking models.
 THINK_OPEN = "\u25c1think\u25b7"  # ◁think▷
 THINK_CLOSE = "\u25c1/think\u25b7"  # ◁/think▷
-HOLDBACK_CHARS = max(len(THINK_OPEN), len(THINK_CLOSE)) - 1  # 7: longest proper prefix of a marker
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ import pytest
 
 from kimivl_edge.errors import CheckpointError, KimiVLError
 from kimivl_edge.prompt import (
-    KIMI_VL_CHAT_TEMPLATE,
     ThinkingStreamSplitter,
     count_images,
     expand_media,
@@ -15,6 +14,7 @@ from kimivl_edge.prompt import (
     render,
     split_thinking,
 )
+from kimivl_edge.synth import KIMI_VL_CHAT_TEMPLATE
 
 # §7.1, copied from the reference doc: the rendered example.
 DOME_EXPECTED = (
