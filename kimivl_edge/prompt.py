@@ -6,10 +6,14 @@ then repeats that id once per image token.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import CheckpointError, UsageError, read_json_object
+
+if TYPE_CHECKING:
+    from .image import ImageSource
 
 # §7.4: plain-text markers (several BPE tokens each) around the reasoning of Thinking models.
 THINK_OPEN = "\u25c1think\u25b7"  # ◁think▷
@@ -96,6 +100,15 @@ def render(template: str, messages: Sequence[dict], add_generation_prompt: bool 
 def is_image_part(part: dict) -> bool:
     """The §7.1 template's test for an image part."""
     return part.get("type") == "image" or "image" in part or "image_url" in part
+
+
+def user_message(text: str, images: Iterable[ImageSource] = ()) -> dict:
+    """A user turn: its images first (one image part each, in order), then the text, as Kimi-VL's processor lays
+    them out (§7.1); without images the content is the plain string."""
+    parts: list[dict] = [{"type": "image", "image": im} for im in images]
+    if not parts:
+        return {"role": "user", "content": text}
+    return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
 
 
 def image_parts(messages: Sequence[dict]) -> list[dict]:
