@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import sys
 
-from .run import add_model_args, add_sampling_args, load_model, print_stream, sampling, user_message
+from .prompt import user_message
+from .run import add_model_args, add_sampling_args, load_model, print_stream, sampling
 
 
 def repl(model, settings, inp=sys.stdin, out=sys.stdout, err=sys.stderr) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import KimiVLConfig
-from .errors import CheckpointError, read_json_object
+from .errors import CheckpointError
 from .safetensors_io import SafetensorsFile, bf16_to_f32
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -186,9 +186,3 @@ class Checkpoint:
 
         for a in range(0, n_rows, step):
             yield functools.partial(block, a, min(a + step, n_rows))
-
-    def read_json(self, filename: str) -> dict:
-        p = self.path / filename
-        if not p.is_file():
-            raise CheckpointError(f"{self.path}: missing {filename}")
-        return read_json_object(p)

@@ -1,19 +1,21 @@
 """Model configuration: small dataclasses built once from a checkpoint's config.json.
 
 Values the code needs are read from the files (reference doc §2, §13); the dataclass defaults are never used to
-fill in a missing key of a real checkpoint: a missing key is a CheckpointError.
-Two presets describe the synthetic checkpoints: ``a3b`` (the real Kimi-VL-A3B dimensions) and ``tiny``.
+fill in a missing key of a real checkpoint: a missing key is a CheckpointError. The presets of the synthetic
+checkpoints (``tiny``, ``a3b``) live in ``kimivl_edge.synth.presets``.
 """
 from __future__ import annotations
 
-import json
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 from .errors import CheckpointError, read_json_object
 
-VARIANTS = ("instruct", "thinking", "thinking-2506")
-PRESETS = ("tiny", "a3b")
+# The three Kimi-VL-A3B variants and their recommended sampling temperature (reference doc §1); the converter
+# writes it as general.sampling.temp.
+TEMPERATURE = {"instruct": 0.2, "thinking": 0.8, "thinking-2506": 0.8}
+VARIANTS = tuple(TEMPERATURE)
 
 
 @dataclass(frozen=True)
@@ -149,92 +151,11 @@ def _check(v: VisionConfig, t: TextConfig) -> None:
         raise CheckpointError("config.json: " + "; ".join(problems))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Presets for synthetic checkpoints. a3b = the real dimensions (reference doc §2); tiny = every structural feature
-# at a few MB: >= 3 vision layers, a pos-emb grid that real images resample, >= 2 MoE layers after one dense layer,
-# 8 routed experts top-2, a shared expert, MLA without q LoRA, untied head. Text matrices have rows that are
-# multiples of 256 so K-quants apply, while the expert down projection (128) and attn_k_b (32) fall back like the
-# real 1408 and 128; the vision MLP width (304 = 9.5 x 32) forces vision ffn_down to F16 like the real 4304.
+def __getattr__(name: str) -> Any:
+    """Transition shim: ``PRESETS`` / ``PRESET_DIMS`` moved to ``kimivl_edge.synth.presets``; imported lazily so that
+    the runtime never loads synth data. Remove once bench.py imports them from there."""
+    if name in ("PRESETS", "PRESET_DIMS"):
+        from .synth import presets
 
-_A3B = dict(
-    vision=dict(patch_size=14, hidden_size=1152, num_hidden_layers=27, num_attention_heads=16,
-                intermediate_size=4304, init_pos_emb_height=64, init_pos_emb_width=64),
-    text=dict(vocab_size=163840, hidden_size=2048, intermediate_size=11264, moe_intermediate_size=1408,
-              num_hidden_layers=27, num_attention_heads=16, n_shared_experts=2, n_routed_experts=64,
-              num_experts_per_tok=6, routed_scaling_factor=2.446, kv_lora_rank=512, qk_nope_head_dim=128,
-              qk_rope_head_dim=64, v_head_dim=128, max_position_embeddings=131072),
-    base_vocab=163584,
-)
-
-_TINY = dict(
-    vision=dict(patch_size=14, hidden_size=128, num_hidden_layers=3, num_attention_heads=2,
-                intermediate_size=304, init_pos_emb_height=16, init_pos_emb_width=16),
-    text=dict(vocab_size=1024, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
-              num_hidden_layers=3, num_attention_heads=8, n_shared_experts=1, n_routed_experts=8,
-              num_experts_per_tok=2, routed_scaling_factor=2.446, kv_lora_rank=256, qk_nope_head_dim=32,
-              qk_rope_head_dim=16, v_head_dim=32, max_position_embeddings=4096),
-    base_vocab=768,
-)
-
-PRESET_DIMS = {"a3b": _A3B, "tiny": _TINY}
-
-# Offsets of the named special tokens from the first special id (= the base vocabulary size), as in the real
-# tokenizer_config.json; every other id of the 256-token special block is <|reserved_token_{id}|>.
-SPECIAL_TOKEN_OFFSETS = {
-    "[BOS]": 0, "[EOS]": 1, "<|im_end|>": 2, "<|im_user|>": 3, "<|im_assistant|>": 4,
-    "<|start_header_id|>": 6, "<|end_header_id|>": 7, "[EOT]": 9, "<|im_system|>": 10,
-    "<|im_middle|>": 17, "<|media_start|>": 18, "<|media_content|>": 19, "<|media_end|>": 20,
-    "<|media_pad|>": 21, "[UNK]": 254, "[PAD]": 255,
-}
-N_SPECIAL = 256
-
-
-def preset_config_dict(preset: str, variant: str = "instruct") -> dict:
-    """The full config.json of a synthetic checkpoint, with every key of the real file."""
-    if preset not in PRESET_DIMS:
-        raise ValueError(preset)
-    if variant not in VARIANTS:
-        raise ValueError(variant)
-    p = PRESET_DIMS[preset]
-    base = p["base_vocab"]
-    text = dict(
-        p["text"],
-        num_key_value_heads=p["text"]["num_attention_heads"],
-        q_lora_rank=None, first_k_dense_replace=1, moe_layer_freq=1, n_group=1, topk_group=1,
-        norm_topk_prob=True, scoring_func="sigmoid", topk_method="noaux_tc", rms_norm_eps=1e-5,
-        rope_theta=800000.0, rope_scaling=None, hidden_act="silu", tie_word_embeddings=False,
-        bos_token_id=base + SPECIAL_TOKEN_OFFSETS["[BOS]"], eos_token_id=base + SPECIAL_TOKEN_OFFSETS["[EOS]"],
-        pad_token_id=base + SPECIAL_TOKEN_OFFSETS["[PAD]"],
-        ep_size=1, aux_loss_alpha=0.001, seq_aux=True, attention_bias=False, attention_dropout=0.0,
-        initializer_range=0.02, pretraining_tp=1, use_cache=True, torch_dtype="bfloat16",
-    )
-    assert text["vocab_size"] == base + N_SPECIAL
-    vision = dict(p["vision"], model_type="moonvit", merge_kernel_size=[2, 2], torch_dtype="bfloat16")
-    return {
-        "architectures": ["KimiVLForConditionalGeneration"],
-        "auto_map": {
-            "AutoConfig": "configuration_kimi_vl.KimiVLConfig",
-            "AutoModel": "modeling_kimi_vl.KimiVLForConditionalGeneration",
-            "AutoModelForCausalLM": "modeling_kimi_vl.KimiVLForConditionalGeneration",
-        },
-        "model_type": "kimi_vl",
-        "vision_config": vision,
-        "text_config": text,
-        "ignore_index": -100,
-        "media_placeholder_token_id": base + SPECIAL_TOKEN_OFFSETS["<|media_pad|>"],
-        "vocab_size": text["vocab_size"],
-        "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16",
-        "transformers_version": "4.50.3",
-    }
-
-
-def preset_config(preset: str, variant: str = "instruct") -> KimiVLConfig:
-    return KimiVLConfig.from_dict(preset_config_dict(preset, variant))
-
-
-def as_json(cfg: KimiVLConfig) -> str:
-    return json.dumps(cfg.raw, indent=2)
-
-
-__all__ = ["VisionConfig", "TextConfig", "KimiVLConfig", "preset_config", "preset_config_dict", "asdict"]
+        return getattr(presets, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

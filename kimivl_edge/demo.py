@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     from .cli import OneLineParser
     from .convert import convert_checkpoint
     from .model import KimiVL, Stats
+    from .prompt import user_message
 
     ap = OneLineParser(prog="kimivl-edge demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--max-tokens", type=int, default=24)
@@ -114,8 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     with KimiVL.load(res.text_path, res.mmproj_path, n_ctx=2048) as model:
         for title, images, q, expected in questions:
-            msg = [{"role": "user", "content": [*({"type": "image", "image": str(i)} for i in images),
-                                                {"type": "text", "text": q}]}]
+            msg = [user_message(q, [str(i) for i in images])]
             st = Stats()
             answer = "".join(p.text for p in model.stream(msg, stats=st, max_tokens=args.max_tokens,
                                                          temperature=0))

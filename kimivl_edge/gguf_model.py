@@ -13,7 +13,6 @@ from __future__ import annotations
 import mmap
 import struct
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import numpy as np
 from gguf import GGUF_MAGIC, GGUFValueType
 
 from .errors import KimiVLError
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, decode_byte_alphabet
 
 TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED = 1, 3, 4, 5
 
@@ -30,28 +29,12 @@ class ModelFileError(KimiVLError):
     """A GGUF that is not (or not a consistent) Kimi-VL file."""
 
 
-@lru_cache(maxsize=1)
-def _to_latin1() -> dict[int, str]:
-    """str.translate table from GPT-2's byte-to-unicode alphabet to Latin-1 (one character per byte): printable
-    bytes stand for themselves, the other 68 are U+0100 + n; those 68 raw characters map to U+FFFF so that encoding
-    the result as Latin-1 fails (they never appear in a token's text)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    table, n = {}, 0
-    for b in range(256):
-        if b not in printable:
-            table[256 + n] = chr(b)
-            table[b] = "\uffff"
-            n += 1
-    return table
-
-
 def token_bytes(text: str) -> bytes:
     """A base token's bytes from its GGUF text (GPT-2 byte-to-unicode form)."""
     try:
-        return text.translate(_to_latin1()).encode("latin-1")
-    except UnicodeEncodeError:
-        raise ModelFileError(f"token {text!r} is not in GPT-2 byte form") from None
+        return decode_byte_alphabet(text)
+    except ValueError as e:
+        raise ModelFileError(str(e)) from None
 
 
 # GGUF scalar types -> little-endian struct format (the GGUF spec's value types; arrays hold these or strings).

@@ -6,49 +6,18 @@ then repeats that id once per image token.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import CheckpointError, UsageError, read_json_object
 
-# §7.1: Instruct's chat_template.jinja, verbatim (data). The rendered prompt has no newlines and no [BOS].
-KIMI_VL_CHAT_TEMPLATE = """\
-{%- for message in messages -%}
-  {%- if loop.first and messages[0]['role'] != 'system' -%}
-    {{'<|im_system|>system<|im_middle|>You are a helpful assistant<|im_end|>'}}
-  {%- endif -%}
-  {%- if message['role'] == 'system' -%}
-    {{'<|im_system|>'}}
-  {%- endif -%}
-  {%- if message['role'] == 'user' -%}
-    {{'<|im_user|>'}}
-  {%- endif -%}
-  {%- if message['role'] == 'assistant' -%}
-    {{'<|im_assistant|>'}}
-  {%- endif -%}
-  {{- message['role'] -}}
-  {{'<|im_middle|>'}}
-  {%- if message['content'] is string -%}
-    {{- message['content'] + '<|im_end|>' -}}
-  {%- else -%}
-    {%- for content in message['content'] -%}
-      {%- if content['type'] == 'image' or 'image' in content or 'image_url' in content -%}
-        {{'<|media_start|>image<|media_content|><|media_pad|><|media_end|>'}}
-      {%- else -%}
-        {{content['text']}}
-      {%- endif -%}
-    {%- endfor -%}
-    {{'<|im_end|>'}}
-  {%- endif -%}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-  {{'<|im_assistant|>assistant<|im_middle|>'}}
-{%- endif -%}"""
+if TYPE_CHECKING:
+    from .image import ImageSource
 
 # §7.4: plain-text markers (several BPE tokens each) around the reasoning of Thinking models.
 THINK_OPEN = "\u25c1think\u25b7"  # ◁think▷
 THINK_CLOSE = "\u25c1/think\u25b7"  # ◁/think▷
-HOLDBACK_CHARS = max(len(THINK_OPEN), len(THINK_CLOSE)) - 1  # 7: longest proper prefix of a marker
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -131,6 +100,15 @@ def render(template: str, messages: Sequence[dict], add_generation_prompt: bool 
 def is_image_part(part: dict) -> bool:
     """The §7.1 template's test for an image part."""
     return part.get("type") == "image" or "image" in part or "image_url" in part
+
+
+def user_message(text: str, images: Iterable[ImageSource] = ()) -> dict:
+    """A user turn: its images first (one image part each, in order), then the text, as Kimi-VL's processor lays
+    them out (§7.1); without images the content is the plain string."""
+    parts: list[dict] = [{"type": "image", "image": im} for im in images]
+    if not parts:
+        return {"role": "user", "content": text}
+    return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
 
 
 def image_parts(messages: Sequence[dict]) -> list[dict]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import sys
 
+from .prompt import user_message
+
 MMAP_CHOICES = {"auto": None, "on": True, "off": False}
 
 
@@ -65,13 +67,6 @@ def sampling(args):
 
     return SamplingSettings(temperature=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                             repeat_penalty=args.repeat_penalty, seed=args.seed, max_tokens=args.max_tokens).validate()
-
-
-def user_message(prompt: str, images: list[str]) -> dict:
-    if not images:
-        return {"role": "user", "content": prompt}
-    return {"role": "user", "content": [*({"type": "image", "image": i} for i in images),
-                                        {"type": "text", "text": prompt}]}
 
 
 def print_stream(model, messages, settings, out=sys.stdout, err=sys.stderr):

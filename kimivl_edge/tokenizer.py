@@ -1,25 +1,21 @@
 """Kimi tokenizer: tiktoken-format BPE + 256 named special tokens (reference doc §7.2, §7.3, §8, §10.4, §13.3–13.4).
 
 Runtime module: needs ``tiktoken`` only. A checkpoint's files are read as data; no code is ever imported from it.
-
-Also holds the small deterministic byte-level BPE trainer used to build synthetic checkpoints, and the writers of
-``tiktoken.model`` / ``tokenizer_config.json`` in the real layout.
+Also the tokenizer facts the converter shares: lower-rank BPE (how llama.cpp rebuilds merges from the ranks) and
+the GPT-2 byte-to-unicode alphabet of GGUF token texts. The synthetic-checkpoint trainer and the writers of
+``tiktoken.model`` / ``tokenizer_config.json`` live in ``kimivl_edge.synth.vocab``.
 """
 from __future__ import annotations
 
 import base64
 import binascii
 import codecs
-import heapq
-import json
-import re
-from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import sys
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import tiktoken
 
-from .config import N_SPECIAL, SPECIAL_TOKEN_OFFSETS
 from .errors import CheckpointError, read_json_object
 
 # §8: the Kimi pre-tokenizer, eight branches joined with "|" (data, verbatim; the fifth starts with a space).
@@ -42,11 +38,8 @@ REQUIRED_SPECIALS: tuple[str, ...] = (
     "[BOS]", "[EOS]", "<|im_end|>", "<|media_pad|>", "<|media_start|>", "<|media_content|>", "<|media_end|>",
     "<|im_user|>", "<|im_assistant|>", "<|im_system|>", "<|im_middle|>",
 )
-# Special tokens the §7.1 chat template writes (tokenizer_config.json "additional_special_tokens").
-TEMPLATE_SPECIALS: tuple[str, ...] = (
-    "<|im_end|>", "<|im_user|>", "<|im_assistant|>", "<|im_system|>", "<|im_middle|>",
-    "<|media_start|>", "<|media_content|>", "<|media_end|>", "<|media_pad|>",
-)
+# §7.2: the special block is 256 ids right after the base vocabulary; unnamed ones are <|reserved_token_{id}|>.
+N_SPECIAL = 256
 # §8: inputs are encoded in pieces of at most 400 000 characters, none holding a run of more than 25 000
 # consecutive whitespace or non-whitespace characters (guards the regex/BPE against pathological inputs).
 MAX_ENCODE_CHARS = 400_000
@@ -103,234 +96,78 @@ def _parse_rank_line(path: Path, lineno: int, line: bytes) -> tuple[bytes, int]:
     return token, rank
 
 
-def write_tiktoken_model(path: str | Path, ranks: Mapping[bytes, int] | Sequence[bytes]) -> None:
-    """Write ``tiktoken.model`` sorted by rank. ``ranks`` is {bytes: rank} or the token list in rank order."""
-    pairs = sorted(ranks.items(), key=lambda kv: kv[1]) if isinstance(ranks, Mapping) else \
-        [(t, r) for r, t in enumerate(ranks)]
-    lines = [f"{base64.b64encode(t).decode('ascii')} {r}\n" for t, r in pairs]
-    Path(path).write_text("".join(lines), encoding="ascii")
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# Pre-tokenization without the `regex` module (used by the trainer; Tokenizer.encode lets tiktoken split).
-#
-# tiktoken compiles PAT_STR with its Rust engine but exposes no "split" call. Three facts give the split exactly:
-#  (1) tiktoken's encoder only encodes regex *matches* (unmatched text is skipped), so with the pattern anchored by
-#      \A only the match at offset 0 is encoded; with a vocabulary of the 256 single bytes (rank = byte value) the
-#      returned ids are the bytes of that first piece;
-#  (2) PAT_STR has no look-behind, \b or ^/$ anchors, and its pieces tile any text, so after a piece boundary p the
-#      pieces of text[p:] are the remaining pieces of the text: pieces can be peeled off one at a time;
-#  (3) some positions c are boundaries whose left side is also split the same way when the text ends there
-#      ("safe cuts"): a U+0020 space after a non-whitespace character (no branch runs from a non-space character
-#      into a space; the space starts the next piece), and a non-whitespace character after "\n" (no branch runs
-#      from a newline into a non-whitespace character, and `\s*[\r\n]+` wins over the look-ahead branch there).
-#      "Non-whitespace" uses str.isspace, a superset of the regex's \s, so it errs on the safe side.
-# The text is cut at the safe cuts (words, lines) and each segment is peeled piece by piece, so a call never scans
-# more than one segment. (Greedy-then-backtrack branches such as [A]*[B]+ can back off arbitrarily far, so a
-# fixed-size window would not be exact.)
-
-_SAFE_CUT = re.compile(r"(?<=\S)(?= )|(?<=\n)(?=\S)")
-_BYTE_RANKS = {bytes([b]): b for b in range(256)}
-
-
-class PreTokenizer:
-    """Splits text into PAT_STR pieces (§8) using tiktoken's regex engine."""
-
-    def __init__(self, pat_str: str = PAT_STR):
-        self._first = tiktoken.Encoding("kimi-first-piece", pat_str=rf"\A(?:{pat_str})",
-                                        mergeable_ranks=_BYTE_RANKS, special_tokens={})
-
-    def first_piece(self, text: str) -> str:
-        """The piece PAT_STR matches at the start of non-empty ``text``."""
-        piece = bytes(self._first.encode_ordinary(text)).decode("utf-8")
-        if not piece:
-            raise ValueError(f"pre-tokenizer matched nothing at {text[:20]!r}")
-        return piece
-
-    def split(self, text: str) -> list[str]:
-        """All pieces of ``text`` in order; their concatenation is ``text``."""
-        pieces: list[str] = []
-        cuts = [m.start() for m in _SAFE_CUT.finditer(text)] + [len(text)]
-        start = 0
-        for cut in cuts:
-            segment = text[start:cut]
-            while segment:
-                piece = self.first_piece(segment)
-                pieces.append(piece)
-                segment = segment[len(piece):]
-            start = cut
-        return pieces
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# BPE trainer for synthetic checkpoints
+# Lower-rank BPE (§8)
 
 def bpe_parts(ranks: Mapping[bytes, int], token: bytes, max_rank: int | None = None) -> list[bytes]:
-    """tiktoken-style BPE of ``token``: repeatedly merge the adjacent pair whose concatenation has the lowest rank
-    (only ranks < ``max_rank`` if given). llama.cpp rebuilds each merge as bpe_parts(ranks, t, rank(t)) and needs
-    exactly two parts (§8)."""
+    """tiktoken-style BPE of ``token``: repeatedly merge the adjacent pair whose concatenation has the lowest rank,
+    leftmost first (only ranks < ``max_rank`` if given). llama.cpp rebuilds each merge as
+    ``bpe_parts(ranks, t, rank(t))`` and needs exactly two parts (§8). Pair ranks are cached and only the two
+    neighbours of a merge are looked up again, so a token of n bytes costs O(n) lookups plus O(n^2) comparisons."""
+    limit = sys.maxsize if max_rank is None else max_rank
     parts = [token[i:i + 1] for i in range(len(token))]
-    while len(parts) > 1:
-        best, best_i = None, -1
-        for i in range(len(parts) - 1):
-            r = ranks.get(parts[i] + parts[i + 1])
-            if r is not None and (max_rank is None or r < max_rank) and (best is None or r < best):
-                best, best_i = r, i
-        if best is None:
+
+    def rank(a: bytes, b: bytes) -> int:
+        r = ranks.get(a + b, limit)
+        return r if r < limit else limit
+
+    pair = [rank(parts[i], parts[i + 1]) for i in range(len(parts) - 1)]
+    while pair:
+        best = min(pair)
+        if best >= limit:
             break
-        parts[best_i:best_i + 2] = [parts[best_i] + parts[best_i + 1]]
+        i = pair.index(best)
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        del pair[i]
+        if i > 0:
+            pair[i - 1] = rank(parts[i - 1], parts[i])
+        if i < len(pair):
+            pair[i] = rank(parts[i], parts[i + 1])
     return parts
 
 
-class _PairCounter:
-    """Weighted pair counts over the distinct pieces of a corpus, updated incrementally as merges are applied."""
+# ---------------------------------------------------------------------------------------------------------------
+# GPT-2 byte-to-unicode alphabet (§8: how GGUF token texts spell a base token's bytes)
 
-    def __init__(self, words: dict[bytes, int]):
-        self.words = [list(w) for w in words]  # byte values = initial token ids
-        self.freq = list(words.values())
-        self.counts: Counter[tuple[int, int]] = Counter()
-        self.where: dict[tuple[int, int], set[int]] = {}
-        for wi, w in enumerate(self.words):
-            for pair in zip(w, w[1:]):
-                self.counts[pair] += self.freq[wi]
-                self.where.setdefault(pair, set()).add(wi)
-        self.heap = [(-c, p) for p, c in self.counts.items()]
-        heapq.heapify(self.heap)
-
-    def best(self, banned: set[tuple[int, int]]) -> tuple[int, int] | None:
-        """Most frequent pair; ties go to the smallest (left id, right id)."""
-        while self.heap:
-            negc, pair = self.heap[0]
-            if -negc != self.counts.get(pair, 0) or pair in banned or negc == 0:
-                heapq.heappop(self.heap)
-                continue
-            return pair
-        return None
-
-    def merge(self, pair: tuple[int, int], new_id: int) -> None:
-        """Replace every non-overlapping left-to-right occurrence of ``pair`` by ``new_id``."""
-        a, b = pair
-        for wi in sorted(self.where.pop(pair, ())):
-            w, f = self.words[wi], self.freq[wi]
-            for p in zip(w, w[1:]):
-                self._add(p, -f, wi)
-            out, i = [], 0
-            while i < len(w):
-                if i + 1 < len(w) and w[i] == a and w[i + 1] == b:
-                    out.append(new_id)
-                    i += 2
-                else:
-                    out.append(w[i])
-                    i += 1
-            self.words[wi] = out
-            for p in zip(out, out[1:]):
-                self._add(p, f, wi)
-        self.counts.pop(pair, None)
-
-    def _add(self, pair: tuple[int, int], delta: int, wi: int) -> None:
-        c = self.counts[pair] + delta
-        if delta > 0:
-            self.where.setdefault(pair, set()).add(wi)
-        if c > 0:
-            self.counts[pair] = c
-            heapq.heappush(self.heap, (-c, pair))  # lazy heap: stale entries are skipped in best()
+def _byte_alphabet() -> tuple[str, ...]:
+    """GPT-2's byte -> character table: the 188 printable Latin-1 bytes ('!'..'~', '¡'..'¬', '®'..'ÿ') stand for
+    themselves; the other 68 bytes, in increasing order, get U+0100, U+0101, ... (so no token text holds a space or
+    a control character)."""
+    printable = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) | \
+        set(range(ord("®"), ord("ÿ") + 1))
+    table: list[str] = []
+    extra = 0
+    for b in range(256):
+        if b in printable:
+            table.append(chr(b))
         else:
-            del self.counts[pair]
+            table.append(chr(0x100 + extra))
+            extra += 1
+    return tuple(table)
 
 
-def train_bpe(corpus: Iterable[str], n_merges: int) -> list[bytes]:
-    """Deterministic byte-level BPE; returns 256 + n_merges token byte strings in rank order (first 256 = bytes).
-
-    Text is split with PAT_STR (§8, see PreTokenizer); pair counts are weighted by piece frequency and never cross
-    a piece. Each step merges the most frequent pair (ties: smallest left id, then right id). A merge is kept only
-    if the new token t is new and bpe_parts(ranks, t, rank(t)) gives exactly two parts, as llama.cpp's merge
-    reconstruction requires; a pair whose bytes already form a token is still merged in the counts (tiktoken would
-    merge it too) but adds no token. When the corpus has no pairs left, the vocabulary is completed with checked
-    synthetic tokens (see extend_vocab).
-    """
-    if n_merges < 0:
-        raise ValueError("n_merges must be >= 0")
-    pre = PreTokenizer()
-    words: Counter[bytes] = Counter()
-    for text in corpus:
-        words.update(p.encode("utf-8") for p in pre.split(text))
-    tokens = [bytes([b]) for b in range(256)]
-    ranks = {t: i for i, t in enumerate(tokens)}
-    counter = _PairCounter(dict(sorted(words.items())))
-    banned: set[tuple[int, int]] = set()
-    while len(tokens) < 256 + n_merges:
-        pair = counter.best(banned)
-        if pair is None:
-            break
-        merged = tokens[pair[0]] + tokens[pair[1]]
-        if merged in ranks:
-            counter.merge(pair, ranks[merged])
-        elif len(bpe_parts(ranks, merged)) == 2:
-            ranks[merged] = len(tokens)
-            tokens.append(merged)
-            counter.merge(pair, ranks[merged])
-        else:
-            banned.add(pair)
-    return extend_vocab(tokens, 256 + n_merges)
+BYTE_ALPHABET: tuple[str, ...] = _byte_alphabet()  # byte value -> its character
+_TO_ALPHABET = dict(enumerate(BYTE_ALPHABET))  # str.translate: Latin-1 character (= byte) -> alphabet character
+# str.translate back to Latin-1; a raw character the alphabet replaces maps to U+FFFF, so Latin-1 encoding fails.
+_FROM_ALPHABET = {ord(c): chr(b) for b, c in enumerate(BYTE_ALPHABET)} | \
+    {b: "\uffff" for b, c in enumerate(BYTE_ALPHABET) if ord(c) != b}
 
 
-def extend_vocab(tokens: Sequence[bytes], n_total: int) -> list[bytes]:
-    """``tokens`` completed to ``n_total`` entries with deterministic synthetic tokens: token + one byte, over the
-    tokens in rank order and bytes 0..255, keeping only new strings whose lower-rank BPE gives exactly two parts
-    (so every token stays a valid merge for llama.cpp, §8)."""
-    out = list(tokens)
-    ranks = {t: i for i, t in enumerate(out)}
-    if len(ranks) != len(out):
-        raise ValueError("duplicate tokens")
-    x = 0
-    while len(out) < n_total:
-        head = out[x]
-        for y in range(256):
-            if len(out) >= n_total:
-                break
-            t = head + bytes([y])
-            if t not in ranks and len(bpe_parts(ranks, t)) == 2:
-                ranks[t] = len(out)
-                out.append(t)
-        x += 1
-    return out
+def encode_byte_alphabet(token: bytes) -> str:
+    """A base token's bytes as GGUF token text: one alphabet character per byte."""
+    return token.decode("latin-1").translate(_TO_ALPHABET)
+
+
+def decode_byte_alphabet(text: str) -> bytes:
+    """The bytes of a GGUF token text; ValueError if a character is not in the alphabet."""
+    try:
+        return text.translate(_FROM_ALPHABET).encode("latin-1")
+    except UnicodeEncodeError:
+        raise ValueError(f"token {text!r} is not in GPT-2 byte form") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# tokenizer_config.json (real layout, §7.2, §13.3)
-
-def special_token_names(base_vocab_size: int) -> dict[int, str]:
-    """id -> name for the 256-id special block right after the base vocabulary (config.SPECIAL_TOKEN_OFFSETS)."""
-    names = {base_vocab_size + i: reserved_name(base_vocab_size + i) for i in range(N_SPECIAL)}
-    for name, off in SPECIAL_TOKEN_OFFSETS.items():
-        names[base_vocab_size + off] = name
-    return names
-
-
-def write_tokenizer_config(path: str | Path, base_vocab_size: int, chat_template: str | None = None) -> None:
-    """Write ``tokenizer_config.json`` as the real checkpoints lay it out."""
-    decoder = {
-        str(i): {"content": name, "lstrip": False, "normalized": False, "rstrip": False,
-                 "single_word": False, "special": True}
-        for i, name in sorted(special_token_names(base_vocab_size).items())
-    }
-    cfg: dict = {
-        "added_tokens_decoder": decoder,
-        "additional_special_tokens": list(TEMPLATE_SPECIALS),
-        "auto_map": {"AutoTokenizer": ["tokenization_moonshot.TikTokenTokenizer", None]},
-        "bos_token": "[BOS]",
-        "clean_up_tokenization_spaces": False,
-        "eos_token": "[EOS]",
-        "extra_special_tokens": {},
-        "model_max_length": 1048576,
-        "pad_token": "[PAD]",
-        "tokenizer_class": "TikTokenTokenizer",
-        "unk_token": "[UNK]",
-    }
-    if chat_template is not None:
-        cfg["chat_template"] = chat_template
-    Path(path).write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
+# tokenizer_config.json and generation_config.json (§7.2, §7.3)
 
 def read_special_tokens(path: str | Path, n_base: int) -> dict[str, int]:
     """name -> id from ``added_tokens_decoder`` (§7.2); every id must lie above the base ranks and names be unique.
@@ -362,15 +199,17 @@ def read_special_tokens(path: str | Path, n_base: int) -> dict[str, int]:
     return specials
 
 
-def _ids_of(value: object) -> list[int]:
-    """An ``eos_token_id`` field (int or list of ints) as a list."""
-    if isinstance(value, bool):
+def generation_stop_ids(ckpt_dir: str | Path) -> list[int]:
+    """The ``eos_token_id`` of ``generation_config.json`` (an id or a list of ids) as a list; [] without the file
+    or the key. Anything else is a CheckpointError: a stop id silently dropped would let generation run on (§7.3)."""
+    path = Path(ckpt_dir) / "generation_config.json"
+    if not path.is_file():
         return []
-    if isinstance(value, int):
-        return [value]
-    if isinstance(value, list):
-        return [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
-    return []
+    value = read_json_object(path).get("eos_token_id")
+    values = value if isinstance(value, list) else [value] if value is not None else []
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise CheckpointError(f"{path}: eos_token_id must be an id or a list of ids, got {value!r}")
+    return values
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -415,10 +254,7 @@ class Tokenizer:
         d = Path(ckpt_dir)
         ranks = read_tiktoken_model(d / "tiktoken.model")
         specials = read_special_tokens(d / "tokenizer_config.json", len(ranks))
-        extra: list[int] = []
-        if (d / "generation_config.json").is_file():
-            extra = _ids_of(read_json_object(d / "generation_config.json").get("eos_token_id"))
-        tok = cls(ranks, specials, extra_stop_ids=extra)
+        tok = cls(ranks, specials, extra_stop_ids=generation_stop_ids(d))
         if (d / "config.json").is_file():
             media = read_json_object(d / "config.json").get("media_placeholder_token_id")
             if media is not None and media != tok.media_pad_id:
@@ -432,9 +268,6 @@ class Tokenizer:
             return self.special_ids[name]
         except KeyError:
             raise CheckpointError(f"tokenizer has no special token {name!r}") from None
-
-    def is_special(self, token_id: int) -> bool:
-        return token_id in self._special_names
 
     def encode(self, text: str) -> list[int]:
         """Special-token strings are split out first (all allowed), the rest is BPE over PAT_STR (§8)."""

@@ -9,7 +9,7 @@ import pytest
 
 from kimivl_edge import bench
 from kimivl_edge.bench import TensorInfo, bytes_per_token, kv_bytes_per_token, summarize, vision_flops
-from kimivl_edge.config import preset_config
+from kimivl_edge.synth import preset_config
 
 # The fields bench.json must have, written out here (not taken from the module).
 TOP = {"schema", "command", "preset", "layers", "scaled", "scale_note", "runs", "threads", "started",

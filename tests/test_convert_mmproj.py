@@ -21,10 +21,9 @@ import numpy as np
 import pytest
 
 from kimivl_edge.checkpoint import Checkpoint
-from kimivl_edge.config import PRESET_DIMS
 from kimivl_edge.convert.gguf_out import write_gguf
 from kimivl_edge.convert.mmproj import ggml_split_order, mmproj_plan
-from kimivl_edge.synth import synth
+from kimivl_edge.synth import PRESET_DIMS, synth
 
 torch = pytest.importorskip("torch")
 safetensors_torch = pytest.importorskip("safetensors.torch")

@@ -28,18 +28,19 @@ from pathlib import Path
 import llama_cpp
 import pytest
 
-from kimivl_edge.config import N_SPECIAL, SPECIAL_TOKEN_OFFSETS, KimiVLConfig
+from kimivl_edge.config import KimiVLConfig
 from kimivl_edge.convert.gguf_out import GGUFPlan, write_gguf
 from kimivl_edge.convert.tokenizer import vocab_metadata
 from kimivl_edge.errors import CheckpointError
-from kimivl_edge.synth import build_vocab, synth
-from kimivl_edge.tokenizer import (
-    Tokenizer,
+from kimivl_edge.synth import (
+    SPECIAL_TOKEN_OFFSETS,
+    build_vocab,
     extend_vocab,
-    read_tiktoken_model,
+    synth,
     write_tiktoken_model,
     write_tokenizer_config,
 )
+from kimivl_edge.tokenizer import N_SPECIAL, Tokenizer, read_tiktoken_model
 
 VARIANTS = ("instruct", "thinking", "thinking-2506")
 N_CORPUS = 2000
@@ -500,6 +501,7 @@ BAD_EDITS = {
                                                         "he")),
     "two extra stop ids": ("generation_config.json", lambda d: _set(d, ("eos_token_id",),
                                                                      [BASE + 1, BASE + 3, BASE + 4])),
+    "stop id not an id": ("generation_config.json", lambda d: _set(d, ("eos_token_id",), [BASE + 1, "[EOT]"])),
 }
 
 

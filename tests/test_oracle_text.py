@@ -13,8 +13,9 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from kimivl_edge.config import TextConfig, preset_config  # noqa: E402
+from kimivl_edge.config import TextConfig  # noqa: E402
 from kimivl_edge.reference import text as ref  # noqa: E402
+from kimivl_edge.synth import preset_config  # noqa: E402
 
 torch.set_num_threads(1)
 

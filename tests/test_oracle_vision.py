@@ -18,8 +18,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kimivl_edge.config import VisionConfig, preset_config
+from kimivl_edge.config import VisionConfig
 from kimivl_edge.reference import vision as V
+from kimivl_edge.synth import preset_config
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.kimi_k25.configuration_kimi_k25 import Kimi_K25Config, Kimi_K25VisionConfig  # noqa: E402

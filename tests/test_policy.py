@@ -337,7 +337,7 @@ def test_kquant_plan_matches_llama_model_quantize(model_files: dict[str, Path], 
 
 
 def _a3b_plans() -> tuple[dict, dict, dict]:
-    from kimivl_edge.config import preset_config
+    from kimivl_edge.synth import preset_config
     from kimivl_edge.convert.text import text_shapes
 
     t = preset_config("a3b").text

@@ -7,14 +7,15 @@ import pytest
 
 from kimivl_edge.errors import CheckpointError, KimiVLError
 from kimivl_edge.prompt import (
-    KIMI_VL_CHAT_TEMPLATE,
     ThinkingStreamSplitter,
     count_images,
     expand_media,
     load_chat_template,
     render,
     split_thinking,
+    user_message,
 )
+from kimivl_edge.synth import KIMI_VL_CHAT_TEMPLATE
 
 # §7.1, copied from the reference doc: the rendered example.
 DOME_EXPECTED = (
@@ -77,6 +78,17 @@ def test_multi_turn_and_two_images():
         "<|im_assistant|>assistant<|im_middle|>")
     assert count_images(msgs) == 2
     assert count_images([{"role": "user", "content": "no images <|media_pad|>"}]) == 0
+
+
+def test_user_message_is_the_processor_layout():
+    # images first, then the text (the §7.1 example's message); without images a plain string
+    assert [user_message("What is the dome building in the picture?", ["demo.jpeg"])] == DOME_MESSAGES
+    assert render(KIMI_VL_CHAT_TEMPLATE, [user_message("What is the dome building in the picture?", ["x"])]) == \
+        DOME_EXPECTED
+    assert user_message("Hi") == {"role": "user", "content": "Hi"}
+    two = user_message("Which?", iter(["a", "b"]))
+    assert [p.get("image") for p in two["content"]] == ["a", "b", None] and two["content"][2]["text"] == "Which?"
+    assert count_images([two]) == 2
 
 
 @pytest.mark.parametrize("bad", [[], [{"content": "x"}], [{"role": "user", "content": 3}],

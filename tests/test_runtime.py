@@ -15,6 +15,7 @@ from kimivl_edge.convert import convert_checkpoint
 from kimivl_edge.decoder import ImageBlock
 from kimivl_edge.errors import ImageError, KimiVLError, UsageError
 from kimivl_edge.model import KimiVL
+from kimivl_edge.prompt import user_message
 from kimivl_edge.synth import synth
 
 VARIANTS = ("instruct", "thinking", "thinking-2506")
@@ -46,8 +47,7 @@ def images(tmp_path_factory) -> list[str]:
 
 
 def ask(images: list[str], text: str) -> list[dict]:
-    return [{"role": "user", "content": [*({"type": "image", "image": i} for i in images),
-                                         {"type": "text", "text": text}]}]
+    return [user_message(text, images)]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -151,7 +151,9 @@ def test_thinking_split_while_streaming_with_markers_across_tokens(files, monkey
         synthetic = "◁think▷ The circle is left of centre. ◁/think▷ Left."
         raw = synthetic.encode()
         # one token per byte: every marker (and every multi-byte character) is split across tokens
-        byte_ids = [m.tokenizer._enc.encode_single_token(bytes([b])) for b in raw]
+        tok = m.tokenizer
+        id_of_bytes = {tok.token_bytes(i): i for i in range(tok.n_base)}
+        byte_ids = [id_of_bytes[bytes([b])] for b in raw]
         monkeypatch.setattr(m, "stream_tokens", lambda *a, **k: iter(byte_ids))
         pieces = list(m.stream([{"role": "user", "content": "x"}]))
     reasoning = "".join(p.text for p in pieces if p.kind == "reasoning")

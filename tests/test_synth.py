@@ -15,10 +15,11 @@ import pytest
 
 from shared import edit_json, shards
 from kimivl_edge import synth as synth_mod
+from kimivl_edge.synth import writer as synth_writer
 from kimivl_edge.checkpoint import Checkpoint, hf_tensor_specs
-from kimivl_edge.config import preset_config, preset_config_dict
 from kimivl_edge.errors import CheckpointError, UsageError
 from kimivl_edge.safetensors_io import SafetensorsFile, bf16_to_f32
+from kimivl_edge.synth import preset_config, preset_config_dict
 
 
 def doc_a3b_tensors() -> dict[str, tuple[int, ...]]:
@@ -231,8 +232,8 @@ def test_synth_leaves_nothing_when_interrupted(tmp_path: Path, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    real = synth_mod.write_safetensors
-    monkeypatch.setattr(synth_mod, "write_safetensors", boom)
+    real = synth_writer.write_safetensors
+    monkeypatch.setattr(synth_writer, "write_safetensors", boom)
     with pytest.raises(KeyboardInterrupt):
         synth_mod.synth(tmp_path / "out", "tiny")
     assert list(tmp_path.iterdir()) == []

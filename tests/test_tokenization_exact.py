@@ -35,14 +35,14 @@ import pytest
 import tiktoken
 
 from kimivl_edge.checkpoint import INDEX_FILE, hf_tensor_specs
-from kimivl_edge.config import N_SPECIAL, SPECIAL_TOKEN_OFFSETS, KimiVLConfig
+from kimivl_edge.config import KimiVLConfig
 from kimivl_edge.convert import convert_checkpoint, plan_conversion
 from kimivl_edge.convert.gguf_out import GGUFPlan, write_gguf
 from kimivl_edge.gguf_model import ModelFileError, TextModelInfo
 from kimivl_edge.model import KimiVL
 from kimivl_edge.safetensors_io import write_safetensors
-from kimivl_edge.synth import build_vocab, synth
-from kimivl_edge.tokenizer import StreamDecoder, Tokenizer, write_tiktoken_model, write_tokenizer_config
+from kimivl_edge.synth import SPECIAL_TOKEN_OFFSETS, build_vocab, synth, write_tiktoken_model, write_tokenizer_config
+from kimivl_edge.tokenizer import N_SPECIAL, StreamDecoder, Tokenizer
 
 LARGE_BASE = 163584  # §8: the real number of base ranks
 N_CORPUS = 3000

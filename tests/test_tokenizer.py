@@ -13,17 +13,24 @@ from collections import Counter
 import pytest
 import regex  # a dependency of tiktoken; used here only as an independent oracle
 
-from kimivl_edge.config import N_SPECIAL, SPECIAL_TOKEN_OFFSETS
 from kimivl_edge.errors import CheckpointError
-from kimivl_edge.tokenizer import (
-    PAT_STR,
+from kimivl_edge.synth import (
+    SPECIAL_TOKEN_OFFSETS,
     PreTokenizer,
-    StreamDecoder,
-    Tokenizer,
-    read_tiktoken_model,
     train_bpe,
     write_tiktoken_model,
     write_tokenizer_config,
+)
+from kimivl_edge.tokenizer import (
+    BYTE_ALPHABET,
+    N_SPECIAL,
+    PAT_STR,
+    StreamDecoder,
+    Tokenizer,
+    bpe_parts,
+    decode_byte_alphabet,
+    encode_byte_alphabet,
+    read_tiktoken_model,
 )
 
 ORACLE = regex.compile("(?V1)" + PAT_STR)
@@ -224,6 +231,49 @@ def test_trainer_fills_beyond_corpus():
     rank = {t: i for i, t in enumerate(tokens)}
     for r, t in enumerate(tokens[256:], 256):
         assert len(naive_bpe(rank, t, max_rank=r)) == 2, t
+
+
+def test_bpe_parts_matches_naive_bpe(trained):
+    # the one lower-rank BPE (trainer and converter merges): against the naive re-scan, with and without a limit
+    rank = {t: i for i, t in enumerate(trained)}
+    for r, t in enumerate(trained):
+        assert bpe_parts(rank, t, r) == naive_bpe(rank, t, max_rank=r), t
+    for word in [b" the quick fox", "naïve café 中文".encode(), b"aaaaaaaaaa", b"", b"x", b"\xff\xfe\x00 1234567"]:
+        assert bpe_parts(rank, word) == naive_bpe(rank, word), word
+        assert bpe_parts(rank, word, 256) == [bytes([b]) for b in word]  # only single bytes below rank 256
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPT-2 byte alphabet (GGUF token texts)
+
+def gpt2_bytes_to_unicode() -> dict[int, str]:
+    """OpenAI's GPT-2 encoder.py bytes_to_unicode, transcribed."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(2 ** 8):
+        if b not in bs:
+            bs.append(b)
+            cs.append(2 ** 8 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def test_byte_alphabet_is_gpt2s():
+    oracle = gpt2_bytes_to_unicode()
+    assert list(BYTE_ALPHABET) == [oracle[b] for b in range(256)]
+    everything = bytes(range(256))
+    assert encode_byte_alphabet(everything) == "".join(oracle[b] for b in range(256))
+    assert decode_byte_alphabet(encode_byte_alphabet(everything)) == everything
+    assert encode_byte_alphabet(" café".encode()) == "ĠcafÃ©"  # the familiar GPT-2 spelling of a space and é
+
+
+@pytest.mark.parametrize("text", [" a", "a\nb", "\x00", "\xad", "€", "\u0144"])
+def test_byte_alphabet_rejects_characters_outside_it(text):
+    # a raw space, newline, NUL or soft hyphen is spelled by another character; € and U+0144 (one past the 68 moved
+    # bytes) are not in the alphabet at all
+    with pytest.raises(ValueError):
+        decode_byte_alphabet(text)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -428,6 +478,28 @@ def test_generation_config_adds_stop_ids(tmp_path, ckpt, trained):
     n = len(trained)
     (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [n + 1, n + 9]}))
     assert set(Tokenizer.from_checkpoint(d).stop_ids) == {n + 1, n + 2, n + 9}
+
+
+@pytest.mark.parametrize("gen, extra", [({}, set()), ({"eos_token_id": None}, set()), ({"eos_token_id": []}, set()),
+                                       ({"eos_token_id": 9}, {9}), ({"eos_token_id": [1, 9]}, {9})])
+def test_generation_config_stop_id_forms(tmp_path, ckpt, trained, gen, extra):
+    # an id, a list of ids, null or no key (ids here are offsets from the first special id)
+    d = _copy_ckpt(ckpt, tmp_path)
+    n = len(trained)
+    shifted = {k: (n + v if isinstance(v, int) else [n + x for x in v] if isinstance(v, list) else v)
+               for k, v in gen.items()}
+    (d / "generation_config.json").write_text(json.dumps(shifted))
+    assert set(Tokenizer.from_checkpoint(d).stop_ids) == {n + 1, n + 2} | {n + x for x in extra}
+
+
+@pytest.mark.parametrize("value", ["[EOS]", [1, "x"], True, [True], {"id": 1}, 1.0])
+def test_generation_config_malformed_stop_ids_rejected(tmp_path, ckpt, trained, value):
+    # strict, as the converter: a stop id that cannot be read must not be dropped silently (generation would run on)
+    d = _copy_ckpt(ckpt, tmp_path)
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": value}))
+    with pytest.raises(CheckpointError, match="eos_token_id") as e:
+        Tokenizer.from_checkpoint(d)
+    assert "\n" not in str(e.value)
 
 
 def test_media_placeholder_mismatch(tmp_path, ckpt, trained):

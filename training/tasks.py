@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from kimivl_edge.prompt import user_message
+
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30), "green": (30, 160, 40), "blue": (30, 60, 220),
     "yellow": (235, 200, 0), "purple": (140, 40, 180), "orange": (245, 130, 0),
@@ -95,8 +97,7 @@ class Question:
 
     def messages(self, blank: bool = False) -> list[dict]:
         """A one-turn chat: the images first, then the question text (Kimi-VL's message format)."""
-        parts: list[dict] = [{"type": "image", "image": s.render(blank)} for s in self.scenes]
-        return [{"role": "user", "content": parts + [{"type": "text", "text": self.text}]}]
+        return [user_message(self.text, [s.render(blank) for s in self.scenes])]
 
 
 # ---------------------------------------------------------------------------------------------------------------

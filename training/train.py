@@ -50,7 +50,7 @@ import torch
 from kimivl_edge.checkpoint import Checkpoint
 from kimivl_edge.config import KimiVLConfig, TextConfig, VisionConfig
 from kimivl_edge.image import ImageProcessorConfig, image_token_counts, preprocess
-from kimivl_edge.prompt import expand_media, load_chat_template, render
+from kimivl_edge.prompt import expand_media, load_chat_template, render, user_message
 from kimivl_edge.reference import text as T
 from kimivl_edge.reference import vision as V
 from kimivl_edge.synth import synth
@@ -109,14 +109,13 @@ class Encoder:
     def encode(self, scenes: list[Scene], turns: list[tuple[str, str]]) -> Example:
         """Token ids of the whole chat (rendered by the template) with the answer tokens marked."""
         images = [s.render() for s in scenes]
-        msgs: list[dict] = [{"role": "user", "content": [{"type": "image", "image": im} for im in images]
-                             + [{"type": "text", "text": turns[0][0]}]}]
+        msgs: list[dict] = [user_message(turns[0][0], images)]
         ids: list[int] = []
         answer: list[bool] = []
         spans: list[tuple[int, int, int]] = []  # each turn's question start, answer start and end (ids index)
         for k, (q, a) in enumerate(turns):
             if k:
-                msgs.append({"role": "user", "content": q})
+                msgs.append(user_message(q))
             prompt = self.tokenizer.encode(render(self.template, msgs, add_generation_prompt=True))
             assert prompt[:len(ids)] == ids, "template rendering is not incremental"
             new = prompt[len(ids):]

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..checkpoint import Checkpoint
-from ..config import VARIANTS
+from ..config import TEMPERATURE, VARIANTS
 from ..errors import CheckpointError, UsageError
 
 from ..quant.types import QType, as_ftype
@@ -29,8 +29,6 @@ from .gguf_out import GGUFPlan, write_gguf
 
 TEXT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k", "q4_k_edge")
 MMPROJ_TYPES = ("f32", "f16", "q8_0", "q4_0")
-# Recommended sampling temperature per variant (reference doc §1), written as general.sampling.temp.
-TEMPERATURE = {"instruct": 0.2, "thinking": 0.8, "thinking-2506": 0.8}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 

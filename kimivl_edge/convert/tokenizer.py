@@ -28,9 +28,10 @@ from typing import Any
 from gguf import GGUFValueType, TokenType
 
 from ..config import KimiVLConfig
-from ..errors import CheckpointError, read_json_object
+from ..errors import CheckpointError
 from ..prompt import load_chat_template
-from ..tokenizer import read_special_tokens, read_tiktoken_model
+from ..tokenizer import (BYTE_ALPHABET, bpe_parts, encode_byte_alphabet, generation_stop_ids, read_special_tokens,
+                         read_tiktoken_model)
 
 TOKENIZER_MODEL = "gpt2"
 TOKENIZER_PRE = "kimi-k2"
@@ -40,59 +41,7 @@ KV = dict[str, tuple[Any, GGUFValueType | None]]
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# GPT-2 byte-to-unicode alphabet
-
-def byte_alphabet() -> list[str]:
-    """GPT-2's byte -> character table: the 188 printable Latin-1 bytes ('!'..'~', '¡'..'¬', '®'..'ÿ') stand for
-    themselves; the other 68 bytes, in increasing order, get U+0100, U+0101, ... (so no token text holds a space or
-    a control character)."""
-    printable = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAC + 1)) | set(range(0xAE, 0xFF + 1))
-    table, extra = [], 0
-    for b in range(256):
-        if b in printable:
-            table.append(chr(b))
-        else:
-            table.append(chr(256 + extra))
-            extra += 1
-    return table
-
-
-_ALPHABET = byte_alphabet()
-_LATIN1_TO_ALPHABET = {b: c for b, c in enumerate(_ALPHABET)}
-
-
-def token_text(token: bytes) -> str:
-    """A base token's bytes in the GPT-2 alphabet (one character per byte)."""
-    return token.decode("latin-1").translate(_LATIN1_TO_ALPHABET)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Merges
-
-def lower_rank_bpe(ranks: Mapping[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
-    """BPE of ``token`` with only the ranks below ``max_rank`` (§8): repeatedly merge the adjacent pair whose
-    concatenation has the lowest rank, leftmost first. Pair ranks are cached and only the two neighbours of a merge
-    are looked up again, so a token of n bytes costs O(n) lookups plus O(n^2) comparisons."""
-    parts = [token[i:i + 1] for i in range(len(token))]
-
-    def rank(a: bytes, b: bytes) -> int:
-        r = ranks.get(a + b, max_rank)
-        return r if r < max_rank else max_rank
-
-    pair = [rank(parts[i], parts[i + 1]) for i in range(len(parts) - 1)]
-    while pair:
-        best = min(pair)
-        if best >= max_rank:
-            break
-        i = pair.index(best)
-        parts[i:i + 2] = [parts[i] + parts[i + 1]]
-        del pair[i]
-        if i > 0:
-            pair[i - 1] = rank(parts[i - 1], parts[i])
-        if i < len(pair):
-            pair[i] = rank(parts[i], parts[i + 1])
-    return parts
-
 
 def rebuild_merges(ranks: Mapping[bytes, int]) -> tuple[list[str], list[int]]:
     """llama.cpp merges from tiktoken ranks (§8): for each multi-byte token in rank order, its lower-rank BPE; exactly
@@ -104,11 +53,11 @@ def rebuild_merges(ranks: Mapping[bytes, int]) -> tuple[list[str], list[int]]:
         if len(token) < 2:
             continue
         if len(token) == 2:  # no lower-rank merge can apply inside two bytes
-            merges.append(f"{_ALPHABET[token[0]]} {_ALPHABET[token[1]]}")
+            merges.append(f"{BYTE_ALPHABET[token[0]]} {BYTE_ALPHABET[token[1]]}")
             continue
-        parts = lower_rank_bpe(ranks, token, r)
+        parts = bpe_parts(ranks, token, r)
         if len(parts) == 2:
-            merges.append(f"{token_text(parts[0])} {token_text(parts[1])}")
+            merges.append(f"{encode_byte_alphabet(parts[0])} {encode_byte_alphabet(parts[1])}")
         else:
             unreachable.append(r)
     return merges, unreachable
@@ -130,7 +79,7 @@ def gguf_vocab_tokens(ranks: Mapping[bytes, int], specials: Mapping[str, int],
     texts: list[str | None] = [None] * vocab_size
     types = [int(TokenType.UNUSED)] * vocab_size
     for token, r in ranks.items():
-        texts[r] = token_text(token)
+        texts[r] = encode_byte_alphabet(token)
     types[:n_base] = [int(TokenType.NORMAL)] * n_base
     for name, tid in specials.items():
         if texts[tid] is not None:
@@ -155,19 +104,24 @@ def _check_unique(texts: Sequence[str]) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Special ids
 
-def _named_id(tok_cfg: dict, key: str, specials: Mapping[str, int], required: bool) -> int | None:
-    """Id of tokenizer_config.json ``key`` ("bos_token", ...), a name or {"content": name} (§7.2)."""
+def _named_id(tok_cfg: dict, key: str, specials: Mapping[str, int]) -> int | None:
+    """Id of tokenizer_config.json ``key`` ("bos_token", ...), a name or {"content": name} (§7.2); None if absent."""
     entry = tok_cfg.get(key)
     if isinstance(entry, dict):
         entry = entry.get("content")
     if entry is None:
-        if required:
-            raise CheckpointError(f"tokenizer_config.json: no {key}")
         return None
     if not isinstance(entry, str) or entry not in specials:
         raise CheckpointError(f"tokenizer_config.json: {key} {entry!r} is not a special token of "
                               f"added_tokens_decoder")
     return specials[entry]
+
+
+def _required_id(tok_cfg: dict, key: str, specials: Mapping[str, int]) -> int:
+    tid = _named_id(tok_cfg, key, specials)
+    if tid is None:
+        raise CheckpointError(f"tokenizer_config.json: no {key}")
+    return tid
 
 
 def _check_config_ids(cfg: KimiVLConfig, ids: Mapping[str, int | None], specials: Mapping[str, int]) -> None:
@@ -184,22 +138,11 @@ def _check_config_ids(cfg: KimiVLConfig, ids: Mapping[str, int | None], specials
                               f"<|media_pad|> id {media} in tokenizer_config.json (renumbered specials?)")
 
 
-def _generation_stop_ids(ckpt: Path) -> list[int]:
-    path = ckpt / "generation_config.json"
-    if not path.is_file():
-        return []
-    value = read_json_object(path).get("eos_token_id")
-    values = value if isinstance(value, list) else [value] if value is not None else []
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        raise CheckpointError(f"{path}: eos_token_id must be an id or a list of ids, got {value!r}")
-    return values
-
-
 def stop_token_ids(ckpt_dir: str | Path, specials: Mapping[str, int], eos_id: int) -> tuple[int, int, int | None]:
     """(eos, eot, eom) for llama.cpp (§7.3): eos = tokenizer_config eos_token, eot = <|im_end|>, eom = the one stop id
     generation_config.json adds beyond those, or None."""
     eot = specials["<|im_end|>"]
-    extra = [i for i in dict.fromkeys(_generation_stop_ids(Path(ckpt_dir))) if i not in (eos_id, eot)]
+    extra = [i for i in dict.fromkeys(generation_stop_ids(ckpt_dir)) if i not in (eos_id, eot)]
     if len(extra) > 1:
         raise CheckpointError(f"generation_config.json lists stop ids {extra} besides [EOS]/<|im_end|>; llama.cpp "
                               f"metadata can mark only one more (eom_token_id)")
@@ -227,16 +170,17 @@ def vocab_metadata(ckpt_dir: str | Path) -> KV:
                               f"0x{missing[0]:02x}); byte-level BPE needs all 256")
     specials = read_special_tokens(d / "tokenizer_config.json", len(ranks))
     tok_cfg = json.loads((d / "tokenizer_config.json").read_text(encoding="utf-8"))
+    eos_id = _required_id(tok_cfg, "eos_token", specials)
     ids = {
-        "bos": _named_id(tok_cfg, "bos_token", specials, required=True),
-        "eos": _named_id(tok_cfg, "eos_token", specials, required=True),
-        "pad": _named_id(tok_cfg, "pad_token", specials, required=False),
-        "unk": _named_id(tok_cfg, "unk_token", specials, required=False),
+        "bos": _required_id(tok_cfg, "bos_token", specials),
+        "eos": eos_id,
+        "pad": _named_id(tok_cfg, "pad_token", specials),
+        "unk": _named_id(tok_cfg, "unk_token", specials),
     }
     _check_config_ids(cfg, ids, specials)
     tokens, types = gguf_vocab_tokens(ranks, specials, cfg.text.vocab_size)
     merges, _ = rebuild_merges(ranks)
-    eos, eot, eom = stop_token_ids(d, specials, ids["eos"])
+    eos, eot, eom = stop_token_ids(d, specials, eos_id)
 
     u32 = GGUFValueType.UINT32
     kv: KV = {

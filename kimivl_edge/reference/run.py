@@ -7,12 +7,11 @@ runtime. Needs the `reference` extra (torch).
 """
 from __future__ import annotations
 
+from ..prompt import user_message
+
 
 def build_messages(prompt: str, images: list[str]) -> list[dict]:
-    if not images:
-        return [{"role": "user", "content": prompt}]
-    return [{"role": "user", "content": [*({"type": "image", "image": i} for i in images),
-                                         {"type": "text", "text": prompt}]}]
+    return [user_message(prompt, images)]
 
 
 def main(argv: list[str] | None = None) -> int:
