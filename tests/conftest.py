@@ -8,20 +8,15 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from shared import run_cli
+
 CKPT_NAMES = {"instruct": "Kimi-VL-A3B-Instruct", "thinking": "Kimi-VL-A3B-Thinking",
               "thinking-2506": "Kimi-VL-A3B-Thinking-2506"}
-
-
-def run_cli(*args: str, stdin: str | None = None, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
-    """``python -m kimivl_edge ARGS`` as a user runs it: text output captured, never raises on a non-zero exit."""
-    return subprocess.run([sys.executable, "-m", "kimivl_edge", *args], input=stdin, capture_output=True,
-                          text=True, timeout=timeout, **kw)
 
 
 @pytest.fixture(scope="session")
@@ -41,6 +36,7 @@ def tiny_checkpoint(tmp_path_factory) -> Callable[..., Path]:
     def get(variant: str = "instruct", seed: int = 0) -> Path:
         key = (variant, seed)
         if key not in made:
+            (root / f"seed{seed}").mkdir(exist_ok=True)
             made[key] = Path(synth(root / f"seed{seed}" / CKPT_NAMES[variant], "tiny", variant, seed=seed))
         return made[key]
 

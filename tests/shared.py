@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 
@@ -27,3 +29,9 @@ def mmproj_files(ckpt: Path, types, out: Path) -> dict[str, Path]:
         files[t] = Path(mmproj)
     files["text"] = Path(text)
     return files
+
+
+def run_cli(*args: str, stdin: str | None = None, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    """``python -m kimivl_edge ARGS`` as a user runs it: text output captured, never raises on a non-zero exit."""
+    return subprocess.run([sys.executable, "-m", "kimivl_edge", *args], input=stdin, capture_output=True,
+                          text=True, timeout=timeout, **kw)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared import edit_json, shards
+from shared import edit_json, run_cli, shards
 from kimivl_edge import synth as synth_mod
 from kimivl_edge.synth import writer as synth_writer
 from kimivl_edge.checkpoint import Checkpoint, hf_tensor_specs
@@ -195,8 +195,6 @@ def test_bf16_conversion_matches_round_to_nearest_even():
 
 # --- bad input --------------------------------------------------------------------------------------------------
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kimivl_edge", *args], capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.parametrize("args, msg", [
