@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGMLQuantizationType, GGUFValueType, Keys
 
-from .errors import GGUFFileError
+from .errors import GGUFFileError, one_line
 
 __all__ = ["GGUFFile", "TensorInfo", "read_metadata"]
 
@@ -150,13 +150,13 @@ class GGUFFile:
         except FileNotFoundError:
             raise GGUFFileError(f"{self.path}: no such file") from None
         except (OSError, ValueError) as e:
-            raise GGUFFileError(f"{self.path}: cannot read ({e.__class__.__name__}: {e})") from None
+            raise GGUFFileError(f"{self.path}: cannot read ({one_line(e)})") from None
         self.size = size
         try:
             self._parse(tensors)
         except (ValueError, struct.error, UnicodeDecodeError, OverflowError) as e:
             self.close()
-            raise GGUFFileError(f"{self.path}: not a valid GGUF file ({e.__class__.__name__}: {e})") from None
+            raise GGUFFileError(f"{self.path}: not a valid GGUF file ({e.__class__.__name__}: {one_line(e)})") from None
 
     def _parse(self, with_tensors: bool) -> None:
         cur = _Cursor(self._map)
@@ -179,7 +179,7 @@ class GGUFFile:
         align = meta.get(Keys.General.ALIGNMENT, GGUF_DEFAULT_ALIGNMENT)
         if not isinstance(align, int) or isinstance(align, bool) or align <= 0 or align & (align - 1):
             raise ValueError(f"{Keys.General.ALIGNMENT} {align!r} is not a power of two")
-        entries = []
+        entries, names = [], set()
         for _ in range(n_tensors):
             name = cur.string()
             n_dims = cur.scalar("<I")
@@ -195,8 +195,9 @@ class GGUFFile:
                 raise ValueError(f"tensor {name}: unknown ggml type {raw_type}") from None
             if qtype not in GGML_QUANT_SIZES:
                 raise ValueError(f"tensor {name}: ggml type {qtype.name} has no size")
-            if name in self.tensors or any(e[0] == name for e in entries):
+            if name in names:
                 raise ValueError(f"tensor {name} listed twice")
+            names.add(name)
             entries.append((name, ne, qtype, rel))
         data_start = -(-cur.pos // align) * align
         spans = []
@@ -230,6 +231,8 @@ class GGUFFile:
         """The tensor's bytes as a read-only view of the map: float types as their numpy dtype in numpy ``shape``,
         block-quantized types as uint8 ``[..., row_bytes]`` (as gguf-py's reader gives them)."""
         t = self.info(name)
+        if self._map is None:
+            raise GGUFFileError(f"{self.path}: file is closed")
         dtype = _FLOAT_DTYPES.get(t.type)
         if t.type == GGMLQuantizationType.BF16:
             return np.frombuffer(self._map, np.uint16, t.n_elements, t.offset).reshape(t.shape)
