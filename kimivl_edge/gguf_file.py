@@ -15,6 +15,7 @@ file's own size.
 """
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
 import struct
@@ -212,7 +213,7 @@ class GGUFFile:
             self.tensors[name] = TensorInfo(name, ne, qtype, off, nbytes)
             spans.append((off, off + nbytes, name))
         spans.sort()
-        for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+        for (_, end, a), (start, _, b) in itertools.pairwise(spans):
             if start < end:
                 raise ValueError(f"tensors {a} and {b} overlap")
         self.data_start = data_start
@@ -251,7 +252,7 @@ class GGUFFile:
                 pass
             self._map = None
 
-    def __enter__(self) -> "GGUFFile":
+    def __enter__(self) -> GGUFFile:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -89,9 +89,8 @@ def test_header_only(converted):
 
 
 def test_missing_tensor_is_one_line(converted):
-    with GGUFFile(converted[1]) as f:
-        with pytest.raises(GGUFFileError, match="missing tensor nope"):
-            f.info("nope")
+    with GGUFFile(converted[1]) as f, pytest.raises(GGUFFileError, match="missing tensor nope"):
+        f.info("nope")
 
 
 # -- hostile files -------------------------------------------------------------------------------------------------
@@ -154,7 +153,7 @@ def test_truncated_at_each_region(tmp_path, region, where):
 
 def test_every_truncation(tmp_path):
     blob = good()[0]
-    for cut in range(0, len(blob)):
+    for cut in range(len(blob)):
         expect_error(tmp_path, blob[:cut])
 
 
