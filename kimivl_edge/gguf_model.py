@@ -72,11 +72,9 @@ class TextModelInfo:
     @classmethod
     def read(cls, path: str | Path) -> TextModelInfo:
         path = Path(path)
-        if not path.is_file():
-            raise ModelFileError(f"{path}: no such file")
         try:
             meta = read_metadata(path)
-        except GGUFFileError as e:
+        except GGUFFileError as e:  # missing, not a GGUF, truncated, ...: the same one line, as a ModelFileError
             raise ModelFileError(str(e)) from None
         arch = meta.get("general.architecture")
         if arch != "deepseek2":

@@ -2,6 +2,7 @@
 converted files, and against hostile files (every lie must be a one-line GGUFFileError, never a crash)."""
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 
@@ -231,12 +232,20 @@ def test_newline_in_name_stays_one_line(tmp_path):
     expect_error(tmp_path, blob)
 
 
-def test_directory_empty_missing(tmp_path):
+def test_duplicate_key(tmp_path):
+    kv = KV + [(b"general.architecture", GGUFValueType.STRING, _str(b"other"))]
+    expect_error(tmp_path, build(kv, [], b"")[0], "general.architecture listed twice")
+
+
+def test_directory_empty_missing_fifo(tmp_path):
     with pytest.raises(GGUFFileError, match="directory"):
         GGUFFile(tmp_path)
     (tmp_path / "empty.gguf").write_bytes(b"")
-    with pytest.raises(GGUFFileError, match="empty"):
+    with pytest.raises(GGUFFileError, match="not a GGUF file \\(empty\\)"):
         GGUFFile(tmp_path / "empty.gguf")
+    os.mkfifo(tmp_path / "fifo.gguf")  # open() would block here without a writer
+    with pytest.raises(GGUFFileError, match="not a regular file"):
+        GGUFFile(tmp_path / "fifo.gguf")
     with pytest.raises(GGUFFileError, match="no such file"):
         read_metadata(tmp_path / "missing.gguf")
 
