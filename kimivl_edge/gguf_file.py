@@ -15,17 +15,27 @@ file's own size.
 """
 from __future__ import annotations
 
+import itertools
+import math
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGMLQuantizationType, GGUFValueType, Keys
+from gguf import (
+    GGML_QUANT_SIZES,
+    GGUF_DEFAULT_ALIGNMENT,
+    GGUF_MAGIC,
+    GGMLQuantizationType,
+    GGUFValueType,
+    Keys,
+)
 
-from .errors import GGUFFileError
+from .errors import GGUFFileError, one_line
 
 __all__ = ["GGUFFile", "TensorInfo", "read_metadata"]
 
@@ -36,7 +46,7 @@ _SCALAR_FORMAT = {
     GGUFValueType.UINT64: "<Q", GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
 }
 _MAX_DIMS = 4  # GGML_MAX_DIMS
-_FLOAT_DTYPES = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16,
+_NUMPY_DTYPES = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16,
                  GGMLQuantizationType.F64: np.float64, GGMLQuantizationType.I8: np.int8,
                  GGMLQuantizationType.I16: np.int16, GGMLQuantizationType.I32: np.int32,
                  GGMLQuantizationType.I64: np.int64}
@@ -58,10 +68,7 @@ class TensorInfo:
 
     @property
     def n_elements(self) -> int:
-        n = 1
-        for d in self.ne:
-            n *= d
-        return n
+        return math.prod(self.ne)
 
 
 class _Cursor:
@@ -127,10 +134,7 @@ def _tensor_nbytes(name: str, ne: tuple[int, ...], qtype: GGMLQuantizationType) 
     block, size = GGML_QUANT_SIZES[qtype]
     if ne[0] % block:
         raise ValueError(f"tensor {name}: row of {ne[0]} is not a multiple of {qtype.name}'s block of {block}")
-    n = ne[0] // block * size
-    for d in ne[1:]:
-        n *= d
-    return n
+    return ne[0] // block * size * math.prod(ne[1:])
 
 
 class GGUFFile:
@@ -139,26 +143,34 @@ class GGUFFile:
 
     def __init__(self, path: str | os.PathLike, tensors: bool = True):
         self.path = Path(path)
-        if self.path.is_dir():
-            raise GGUFFileError(f"{self.path}: is a directory, not a GGUF file")
+        self.version = 0
+        self.metadata: dict[str, Any] = {}
+        self.tensors: dict[str, TensorInfo] = {}
+        self.data_start: int | None = None  # None when the tensor index was not read
+        self._map: mmap.mmap | None = None
         try:
+            st = os.stat(self.path)
+            if stat.S_ISDIR(st.st_mode):
+                raise GGUFFileError(f"{self.path}: is a directory, not a GGUF file")
+            if not stat.S_ISREG(st.st_mode):  # a FIFO or a device: open() could block, reads never end
+                raise GGUFFileError(f"{self.path}: not a regular file")
+            if st.st_size == 0:
+                raise GGUFFileError(f"{self.path}: not a GGUF file (empty)")
             with open(self.path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if size == 0:
-                    raise ValueError("empty file")
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except FileNotFoundError:
             raise GGUFFileError(f"{self.path}: no such file") from None
-        except (OSError, ValueError) as e:
-            raise GGUFFileError(f"{self.path}: cannot read ({e.__class__.__name__}: {e})") from None
-        self.size = size
+        except (OSError, ValueError) as e:  # ValueError: mmap of a file emptied since the stat
+            raise GGUFFileError(f"{self.path}: cannot read ({one_line(e)})") from None
+        self.size = len(self._map)
         try:
             self._parse(tensors)
         except (ValueError, struct.error, UnicodeDecodeError, OverflowError) as e:
             self.close()
-            raise GGUFFileError(f"{self.path}: not a valid GGUF file ({e.__class__.__name__}: {e})") from None
+            raise GGUFFileError(f"{self.path}: not a GGUF file ({e.__class__.__name__}: {one_line(e)})") from None
 
     def _parse(self, with_tensors: bool) -> None:
+        assert self._map is not None
         cur = _Cursor(self._map)
         if cur.scalar("<I") != GGUF_MAGIC:
             raise ValueError("bad magic")
@@ -168,18 +180,19 @@ class GGUFFile:
         n_tensors, n_kv = cur.scalar("<Q"), cur.scalar("<Q")
         if n_kv > self.size // 12 or n_tensors > self.size // 24:  # smallest possible entries
             raise ValueError(f"{n_kv} keys / {n_tensors} tensors cannot fit in {self.size} bytes")
-        meta: dict[str, Any] = {}
+        meta = self.metadata
         for _ in range(n_kv):
             key = cur.string()
+            if key in meta:  # llama.cpp and gguf-py refuse it too: which value would count?
+                raise ValueError(f"key {key} listed twice")
             meta[key] = cur.value(cur.scalar("<I"))
-        self.metadata = meta
-        self.tensors: dict[str, TensorInfo] = {}
         if not with_tensors:
             return
         align = meta.get(Keys.General.ALIGNMENT, GGUF_DEFAULT_ALIGNMENT)
         if not isinstance(align, int) or isinstance(align, bool) or align <= 0 or align & (align - 1):
             raise ValueError(f"{Keys.General.ALIGNMENT} {align!r} is not a power of two")
-        entries = []
+        entries: list[tuple[str, tuple[int, ...], GGMLQuantizationType, int]] = []
+        names: set[str] = set()
         for _ in range(n_tensors):
             name = cur.string()
             n_dims = cur.scalar("<I")
@@ -195,11 +208,12 @@ class GGUFFile:
                 raise ValueError(f"tensor {name}: unknown ggml type {raw_type}") from None
             if qtype not in GGML_QUANT_SIZES:
                 raise ValueError(f"tensor {name}: ggml type {qtype.name} has no size")
-            if name in self.tensors or any(e[0] == name for e in entries):
+            if name in names:
                 raise ValueError(f"tensor {name} listed twice")
+            names.add(name)
             entries.append((name, ne, qtype, rel))
         data_start = -(-cur.pos // align) * align
-        spans = []
+        spans: list[tuple[int, int, str]] = []
         for name, ne, qtype, rel in entries:
             nbytes = _tensor_nbytes(name, ne, qtype)
             if rel % align:
@@ -211,7 +225,7 @@ class GGUFFile:
             self.tensors[name] = TensorInfo(name, ne, qtype, off, nbytes)
             spans.append((off, off + nbytes, name))
         spans.sort()
-        for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+        for (_, end, a), (start, _, b) in itertools.pairwise(spans):
             if start < end:
                 raise ValueError(f"tensors {a} and {b} overlap")
         self.data_start = data_start
@@ -227,20 +241,20 @@ class GGUFFile:
         return t
 
     def data(self, name: str) -> np.ndarray:
-        """The tensor's bytes as a read-only view of the map: float types as their numpy dtype in numpy ``shape``,
-        block-quantized types as uint8 ``[..., row_bytes]`` (as gguf-py's reader gives them)."""
+        """The tensor's bytes as a read-only view of the map: float and integer types as their numpy dtype in numpy
+        ``shape``, BF16 as uint16 in ``shape``, block-quantized types as uint8 ``[..., row_bytes]`` (as gguf-py's
+        reader gives them; it gives BF16 as uint8 rows too)."""
         t = self.info(name)
-        dtype = _FLOAT_DTYPES.get(t.type)
-        if t.type == GGMLQuantizationType.BF16:
-            return np.frombuffer(self._map, np.uint16, t.n_elements, t.offset).reshape(t.shape)
+        if self._map is None:
+            raise GGUFFileError(f"{self.path}: file is closed")
+        dtype = np.uint16 if t.type == GGMLQuantizationType.BF16 else _NUMPY_DTYPES.get(t.type)
         if dtype is not None:
             return np.frombuffer(self._map, dtype, t.n_elements, t.offset).reshape(t.shape)
         rows = t.shape[:-1]
-        return np.frombuffer(self._map, np.uint8, t.nbytes, t.offset).reshape(*rows, t.nbytes // max(
-            1, int(np.prod(rows, dtype=np.int64))))
+        return np.frombuffer(self._map, np.uint8, t.nbytes, t.offset).reshape(*rows, t.nbytes // math.prod(rows))
 
     def close(self) -> None:
-        m = getattr(self, "_map", None)
+        m = self._map
         if m is not None:
             try:
                 m.close()
@@ -248,7 +262,7 @@ class GGUFFile:
                 pass
             self._map = None
 
-    def __enter__(self) -> "GGUFFile":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
