@@ -26,7 +26,7 @@ SCHEMA = 1
 
 # Before the checkpoint exists, the GGUF peak is estimated as this multiple of its size. Every conversion writes its
 # files in one pass (no intermediate file) and all of them are kept to the end: on the a3b dimensions the three
-# text GGUFs are about 1.15x the bf16 checkpoint (9.55 + 10.54 + 17.4 GB for 32.8 GB), plus the mmprojs, and
+# text GGUFs are about 1.15x the bf16 checkpoint (9.55 + 10.54 + ~17.4 GB for 32.8 GB), plus the mmprojs, and
 # --llama-convert adds another Q8_0 (1.7x in all). The exact check (``gguf_disk_peak``) follows synth.
 GGUF_PEAK_ESTIMATE = 1.4
 
