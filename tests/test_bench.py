@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
-from kimivl_edge import bench
-from kimivl_edge.bench import TensorInfo, bytes_per_token, kv_bytes_per_token, summarize, vision_flops
+from gguf import GGMLQuantizationType
+
+from kimivl_edge.bench.harness import Children
+from kimivl_edge.bench.probes import current_rss, gemm_peak, peak_rss, raw_read_seconds, read_bandwidth
+from kimivl_edge.bench.roofline import RooflineModel, bytes_per_token, kv_bytes_per_token, vision_flops
+from kimivl_edge.bench.sections import llama_convert_section, summarize
 from kimivl_edge.synth import preset_config
+from kimivl_edge.gguf_file import TensorInfo
+
+ASSET = Path(__file__).resolve().parents[1] / "kimivl_edge" / "assets" / "kimi-vl-tiny"
 
 # The fields bench.json must have, written out here (not taken from the module).
 TOP = {"schema", "command", "preset", "layers", "scaled", "scale_note", "runs", "threads", "started",
@@ -146,29 +154,34 @@ def test_smoke_run_figures_are_consistent(tiny_run):
 # --------------------------------------------------------------------------------------------------------------
 # roofline arithmetic, by hand
 
+def _t(name: str, ne: tuple[int, ...], nbytes: int) -> TensorInfo:
+    """A tensor-index entry; the roofline reads only its name, ``ne`` and bytes."""
+    return TensorInfo(name, ne, GGMLQuantizationType.F32, 0, nbytes)
+
+
 HAND_TENSORS = [
-    TensorInfo("token_embd.weight", (64, 1000), 64_000),          # one row: 64 bytes
-    TensorInfo("output.weight", (64, 1000), 34_000),
-    TensorInfo("output_norm.weight", (64,), 256),
-    TensorInfo("blk.0.attn_norm.weight", (64,), 256),
-    TensorInfo("blk.0.attn_q.weight", (64, 96), 6_528),
-    TensorInfo("blk.0.attn_kv_a_mqa.weight", (64, 40), 2_720),
-    TensorInfo("blk.0.attn_kv_a_norm.weight", (32,), 128),
-    TensorInfo("blk.0.attn_k_b.weight", (16, 32, 4), 2_176),
-    TensorInfo("blk.0.attn_v_b.weight", (32, 16, 4), 2_176),
-    TensorInfo("blk.0.attn_output.weight", (64, 64), 4_352),
-    TensorInfo("blk.0.ffn_norm.weight", (64,), 256),
-    TensorInfo("blk.0.ffn_gate.weight", (64, 128), 8_704),
-    TensorInfo("blk.0.ffn_up.weight", (64, 128), 8_704),
-    TensorInfo("blk.0.ffn_down.weight", (128, 64), 8_704),
-    TensorInfo("blk.1.ffn_gate_inp.weight", (64, 8), 2_048),
-    TensorInfo("blk.1.exp_probs_b.bias", (8,), 32),
-    TensorInfo("blk.1.ffn_gate_exps.weight", (64, 32, 8), 17_408),  # 2176 per expert
-    TensorInfo("blk.1.ffn_up_exps.weight", (64, 32, 8), 17_408),
-    TensorInfo("blk.1.ffn_down_exps.weight", (32, 64, 8), 16_000),  # 2000 per expert
-    TensorInfo("blk.1.ffn_gate_shexp.weight", (64, 32), 2_176),
-    TensorInfo("blk.1.ffn_up_shexp.weight", (64, 32), 2_176),
-    TensorInfo("blk.1.ffn_down_shexp.weight", (32, 64), 2_000),
+    _t("token_embd.weight", (64, 1000), 64_000),          # one row: 64 bytes
+    _t("output.weight", (64, 1000), 34_000),
+    _t("output_norm.weight", (64,), 256),
+    _t("blk.0.attn_norm.weight", (64,), 256),
+    _t("blk.0.attn_q.weight", (64, 96), 6_528),
+    _t("blk.0.attn_kv_a_mqa.weight", (64, 40), 2_720),
+    _t("blk.0.attn_kv_a_norm.weight", (32,), 128),
+    _t("blk.0.attn_k_b.weight", (16, 32, 4), 2_176),
+    _t("blk.0.attn_v_b.weight", (32, 16, 4), 2_176),
+    _t("blk.0.attn_output.weight", (64, 64), 4_352),
+    _t("blk.0.ffn_norm.weight", (64,), 256),
+    _t("blk.0.ffn_gate.weight", (64, 128), 8_704),
+    _t("blk.0.ffn_up.weight", (64, 128), 8_704),
+    _t("blk.0.ffn_down.weight", (128, 64), 8_704),
+    _t("blk.1.ffn_gate_inp.weight", (64, 8), 2_048),
+    _t("blk.1.exp_probs_b.bias", (8,), 32),
+    _t("blk.1.ffn_gate_exps.weight", (64, 32, 8), 17_408),  # 2176 per expert
+    _t("blk.1.ffn_up_exps.weight", (64, 32, 8), 17_408),
+    _t("blk.1.ffn_down_exps.weight", (32, 64, 8), 16_000),  # 2000 per expert
+    _t("blk.1.ffn_gate_shexp.weight", (64, 32), 2_176),
+    _t("blk.1.ffn_up_shexp.weight", (64, 32), 2_176),
+    _t("blk.1.ffn_down_shexp.weight", (32, 64), 2_000),
 ]
 
 
@@ -205,6 +218,27 @@ def test_kv_bytes_hand_example():
     assert kv_bytes_per_token(27, 552, 576, bytes_per_value=4) == 2 * 17_169_408
 
 
+def test_roofline_model_reads_the_text_gguf(tmp_path):
+    """RooflineModel.read (the project's GGUF reader) against gguf-py's own GGUFReader and the checkpoint's config:
+    the same tensors, shapes and bytes, the config's expert counts, layers and MLA cache width."""
+    import gguf
+
+    from kimivl_edge.convert import convert_checkpoint
+
+    res = convert_checkpoint(ASSET, "q4_k_m", "q8_0", tmp_path, threads=1)
+    got = RooflineModel.read(res.text_path)
+    ref = gguf.GGUFReader(res.text_path)
+    assert [(t.name, t.ne, t.nbytes) for t in got.tensors] == [
+        (t.name, tuple(int(x) for x in t.shape), int(t.n_bytes)) for t in ref.tensors]
+    t = json.loads((ASSET / "config.json").read_text())["text_config"]
+    assert (got.n_expert, got.n_expert_used, got.n_layer, got.kv_values_per_position) == (
+        t["n_routed_experts"], t["num_experts_per_tok"], t["num_hidden_layers"],
+        t["kv_lora_rank"] + t["qk_rope_head_dim"])
+    bpt = got.bytes_per_token()
+    assert bpt["routed_experts"] > 0 and bpt["other"] == 0
+    assert got.kv_bytes_per_token(100) == kv_bytes_per_token(got.n_layer, 100, got.kv_values_per_position)
+
+
 def test_vision_flops_hand_example():
     # 2x2 grid: n = 4 patches, D = 4, one layer, MLP 8, patch 1, merge 2, projection 3
     # patch embed 2*4*3*4 = 96; QKV 2*4*4*12 = 384; scores 2*16*4 = 128; weights·V 128; wo 2*4*4*4 = 128;
@@ -217,15 +251,15 @@ def test_vision_flops_hand_example():
 
 def test_bandwidth_and_gemm_are_positive_and_finite(tmp_path):
     for threads in (1, 2):
-        bw = bench.read_bandwidth(1 << 24, threads=threads, passes=1)
+        bw = read_bandwidth(1 << 24, threads=threads, passes=1)
         assert math.isfinite(bw) and bw > 0
-    g = bench.gemm_peak(128, passes=1)
+    g = gemm_peak(128, passes=1)
     assert math.isfinite(g) and g > 0
     f = tmp_path / "x.bin"
     f.write_bytes(b"\0" * (3 << 20))
-    s = bench.raw_read_seconds([f], chunk=1 << 20)
+    s = raw_read_seconds([f], chunk=1 << 20)
     assert math.isfinite(s) and s > 0
-    assert bench.peak_rss() > 0 and bench.current_rss() > 0
+    assert peak_rss() > 0 and current_rss() > 0
 
 
 def test_llama_convert_is_timed_or_reported(tmp_path):
@@ -234,14 +268,13 @@ def test_llama_convert_is_timed_or_reported(tmp_path):
     script = tmp_path / "convert_hf_to_gguf.py"
     script.write_text("import sys\nout = sys.argv[sys.argv.index('--outfile') + 1]\n"
                       "open(out, 'wb').write(b'x' * 123)\n")
-    ch = bench.Children(tmp_path, threads=1)
-    o = bench.BenchOptions(preset="tiny", runs=2, llama_convert=script)
-    got = bench._llama_convert(o, ch, tmp_path, tmp_path, ckpt_bytes=1000)
+    ch = Children(tmp_path, threads=1)
+    got = llama_convert_section(script, ch, tmp_path, tmp_path, ckpt_bytes=1000, runs=2)
     assert got["measured"] and got["text_bytes"] == 123 and len(got["seconds"]["values"]) == 2
     assert got["peak_rss_bytes"]["min"] > 0
     assert not (tmp_path / "llama-convert-Q8_0.gguf").exists()
     script.write_text("import sys\nprint('no such model architecture')\nsys.exit(1)\n")
-    got = bench._llama_convert(o, ch, tmp_path, tmp_path, ckpt_bytes=1000)
+    got = llama_convert_section(script, ch, tmp_path, tmp_path, ckpt_bytes=1000, runs=2)
     assert not got["measured"] and "exit code 1" in got["reason"] and "architecture" in got["reason"]
 
 

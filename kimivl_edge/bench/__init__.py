@@ -1,0 +1,34 @@
+"""`kimivl-edge bench`: speed and memory of the whole pipeline, side by side with llama.cpp and the machine's limits.
+
+    kimivl-edge bench [--preset a3b|tiny] [--layers N] [--threads N] [--out DIR] [--runs N] [--llama-convert PATH]
+
+One run writes DIR/bench.md (markdown tables) and DIR/bench.json (every figure):
+
+1. conversion of a synthetic checkpoint (``synth``, random bf16 weights; ``--layers N`` makes the text and vision
+   towers N layers deep, every other dimension the preset's) to Q4_K_EDGE, Q4_K_M and Q8_0, each in one pass (the
+   K-quants by ggml's own C quantizer): wall time, peak RSS, input bytes/s against one plain read of the same
+   safetensors files; optionally llama.cpp's ``convert_hf_to_gguf.py``;
+2. prefill (512 tokens) and decode tokens/s on each text GGUF through our runtime (``Decoder`` + ``SamplerChain``,
+   what ``KimiVL.stream_tokens`` runs), a minimal raw ``llama_decode`` loop, and llama-cpp-python's ``Llama.generate``,
+   all with the same model, context and thread settings;
+3. the roofline: measured memory read bandwidth, weight bytes read per decoded token (from the GGUF), ceiling and
+   achieved tokens/s;
+4. vision encode per mmproj type (F16, Q8_0, Q4_0) and image size: numpy backend decoding weights per layer, numpy
+   with cached weights, ggml (llama.cpp's clip); GFLOP/s against a measured float32 GEMM peak; peak RSS;
+5. time to first token for a 448x448 image + a short question, a follow-up question about the same image, and the
+   memory of a process with the model loaded against the GGUF sizes.
+
+Every figure is the median of ``--runs`` runs with min and max. Each measured step runs in its own child process
+(``python -c`` on ``child_main``), so peak RSS is that process's own (``wait4`` rusage / ``VmHWM``).
+
+Modules: ``probes`` (the machine, RSS, read bandwidth, GEMM peak, raw read), ``roofline`` (bytes per token, KV
+bytes, vision FLOPs), ``harness`` (child processes), ``tasks`` (the measured child steps), ``sections`` (the parent
+side of each section: child runs -> figures), ``report`` (bench.md), ``cli`` (options, ``run_bench``, ``main``).
+"""
+from __future__ import annotations
+
+from .cli import BenchOptions, main, run_bench
+from .harness import child_main
+from .report import render_markdown, write_outputs
+
+__all__ = ["BenchOptions", "child_main", "main", "render_markdown", "run_bench", "write_outputs"]

@@ -1,0 +1,171 @@
+"""bench.md from the bench.json dictionary (one renderer per section), and writing both files."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .sections import TEXT_TYPES
+
+METHOD_NAMES = {"kimivl_edge": "kimivl-edge (Decoder + SamplerChain)", "llama_decode_loop": "raw llama_decode loop",
+                "llama_cpp_python": "llama-cpp-python Llama.generate"}
+
+
+def _fmt(stat: dict | None, scale: float = 1.0, digits: int = 2) -> str:
+    """``median (min–max)`` of a summarize() dict, divided by ``scale``."""
+    if stat is None:
+        return "–"
+
+    def f(x: float) -> str:
+        return f"{x / scale:.{digits}f}"
+
+    if stat["min"] == stat["max"]:
+        return f(stat["median"])
+    return f"{f(stat['median'])} ({f(stat['min'])}–{f(stat['max'])})"
+
+
+def _gb(n: float | None) -> str:
+    return "–" if n is None else (f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB")
+
+
+def _load(avg: list[float] | None) -> str:
+    return "?" if not avg else f"{avg[0]:.2f}"
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.0f} %"
+
+
+def _header(r: dict) -> list[str]:
+    m, lim = r["machine"], r["limits"]
+    return [f"# kimivl-edge bench: {r['preset']}" + (f", --layers {r['layers']}" if r["scaled"] else ""), "",
+            f"Command: `{r['command']}`  ", f"Started {r['started']}, {r['total_seconds']:.0f} s in all; "
+            f"{r['runs']} run(s) per figure: median (min–max); {r['threads']} thread(s).  ",
+            f"Machine: {m['cpu_model']} (family {m['cpu_family']}, model {m['cpu_model_number']}; "
+            f"{', '.join(m['cpu_flags'])}), {m['logical_cpus']} logical CPUs, {m['ram_bytes'] / 2**30:.1f} GiB RAM, "
+            f"{m['os']}, Python {m['python']}, numpy {m['numpy']}, llama-cpp-python {m['llama_cpp_python']}.  ",
+            f"Load average (1 min) before the run: {_load(m['load_average'])} (well above 0: other processes were "
+            "sharing the CPUs, so the figures are pessimistic and noisy).  ",
+            f"Model: {r['scale_note']}.", "",
+            f"Machine limits: read bandwidth {_fmt(lim['read_bandwidth_bytes_per_s'], 1e9, 1)} GB/s; float32 GEMM "
+            f"peak {_fmt(lim['gemm_flops_per_s'], 1e9, 1)} GFLOP/s.", ""]
+
+
+def _conversion(r: dict) -> list[str]:
+    c, ck = r["conversion"], r["checkpoint"]
+    lines = ["## 1. Conversion", "",
+             f"Synthetic checkpoint: {ck['text_layers']} text / {ck['vision_layers']} vision layers, "
+             f"{_gb(ck['bytes'])} bf16 in {ck['files']} files (synth {ck['synth_seconds']:.1f} s, peak RSS "
+             f"{_gb(ck['synth_peak_rss_bytes'])}). "
+             f"{c['raw_read']['page_cache_note']}.", "",
+             "| step | output | wall s | peak RSS GB | input MB/s | vs raw read |", "|---|---|---|---|---|---|",
+             f"| raw read of the safetensors | – | {_fmt(c['raw_read']['seconds'])} | – | "
+             f"{_fmt(c['raw_read']['bytes_per_s'], 1e6, 0)} | 100 % |"]
+    for tt in TEXT_TYPES:
+        x = c[tt]
+        lines.append(f"| kimivl-edge convert → {tt.upper()} text + {x['mmproj_type'].upper()} mmproj | "
+                     f"{_gb(x['text_bytes'])} + {_gb(x['mmproj_bytes'])} | {_fmt(x['seconds'])} | "
+                     f"{_fmt(x['peak_rss_bytes'], 1e9)} | {_fmt(x['input_bytes_per_s'], 1e6, 0)} | "
+                     f"{_pct(x['fraction_of_raw_read'])} |")
+    x = c["mmproj_f16"]
+    lines.append(f"| kimivl-edge → F16 mmproj only | {_gb(x['mmproj_bytes'])} | {_fmt(x['seconds'])} | "
+                 f"{_fmt(x['peak_rss_bytes'], 1e9)} | – | – |")
+    lc = c["llama_convert"]
+    if lc.get("measured"):
+        lines.append(f"| llama.cpp convert_hf_to_gguf.py → Q8_0 | {_gb(lc['text_bytes'])} | {_fmt(lc['seconds'])} | "
+                     f"{_fmt(lc['peak_rss_bytes'], 1e9)} | {_fmt(lc['input_bytes_per_s'], 1e6, 0)} | – |")
+    else:
+        lines.append(f"| llama.cpp convert_hf_to_gguf.py | not measured: {lc['reason']} | | | | |")
+    return lines
+
+
+def _decode(r: dict) -> list[str]:
+    lines = ["", "## 2. Prefill and decode", "",
+             "| text GGUF | runtime | prefill tok/s (512 tokens) | decode tok/s | decode vs raw loop | "
+             "prefill vs raw loop | peak RSS GB |", "|---|---|---|---|---|---|---|"]
+    for tt in TEXT_TYPES:
+        d = r["decode"][tt]
+        for k, v in d["methods"].items():
+            lines.append(f"| {tt.upper()} ({_gb(d['gguf_bytes'])}) | {METHOD_NAMES[k]} | "
+                         f"{_fmt(v['prefill_tokens_per_s'], 1, 1)} | {_fmt(v['decode_tokens_per_s'], 1, 1)} | "
+                         f"{_pct(d['decode_vs_raw_loop'][k])} | "
+                         f"{_pct(d['prefill_vs_raw_loop'][k])} | {v['peak_rss_bytes'] / 1e9:.2f} |")
+    ev = r["decode"]["edge_vs_llama_q4_k_m"]
+    lines += ["", f"Our runtime on Q4_K_EDGE vs llama.cpp on its Q4_K_M, decode: {_pct(ev['llama_decode_loop'])} of "
+              f"the raw llama_decode loop, {_pct(ev['llama_cpp_python'])} of llama-cpp-python."]
+    d0 = r["decode"][TEXT_TYPES[0]]
+    lines += ["", f"Context {d0['n_ctx']}, batch {d0['n_batch']}, f16 KV cache, no flash attention, greedy; each run: "
+              f"a new random {d0['prompt_tokens']}-token prompt, then {d0['decode_tokens']} decoded tokens.", ""]
+    return lines
+
+
+def _roofline(r: dict) -> list[str]:
+    lines = ["## 3. Roofline (decode)", "",
+             "| text GGUF | weights/token | of which routed experts | attention | head | KV/token | ceiling tok/s | "
+             "kimivl-edge | raw loop | llama-cpp-python |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for tt in TEXT_TYPES:
+        f = r["roofline"][tt]
+        b, fr = f["bytes_per_token"], f["fraction_of_ceiling"]
+        lines.append(f"| {tt.upper()} | {_gb(b['total'])} | {_gb(b['routed_experts'])} | {_gb(b['attention'])} | "
+                     f"{_gb(b['head'])} | {_gb(f['kv_bytes_per_token'])} | {f['ceiling_tokens_per_s']:.1f} | "
+                     f"{_pct(fr['kimivl_edge'])} | {_pct(fr['llama_decode_loop'])} | {_pct(fr['llama_cpp_python'])} |")
+    lines += ["", f"Ceiling = read bandwidth / (weight bytes + KV bytes per token); the last three columns are "
+              f"achieved / ceiling. Bandwidth method: {r['limits']['read_bandwidth_method']}.", ""]
+    return lines
+
+
+def _vision(r: dict) -> list[str]:
+    v = r["vision"]
+    lines = ["## 4. Vision encode", "", f"Note: {v['note']}. GFLOP counts the matrix products only; % of the "
+             f"{v['gemm_flops_per_s'] / 1e9:.1f} GFLOP/s GEMM peak.", "",
+             "| mmproj | backend | image | grid (patches) | seconds | GFLOP/s | % GEMM peak | peak RSS GB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for res in v["results"]:
+        label = f"{res['mmproj_type'].upper()} ({_gb(res['mmproj_bytes'])})"
+        if not res["available"]:
+            lines.append(f"| {label} | {res['backend']} | unavailable: {res['error']} | | | | | |")
+            continue
+        for it in res["items"]:
+            lines.append(f"| {label} | {res['backend']} | {it['image']} | {it['grid'][0]}x{it['grid'][1]} "
+                         f"({it['patches']}) | {_fmt(it['seconds'])} | {it['gflop_per_s']:.1f} | "
+                         f"{_pct(it['fraction_of_gemm_peak'])} | {it['peak_rss_bytes'] / 1e9:.2f} |")
+    warm = [f"{x['mmproj_type'].upper()} {x['backend']} {x['warmup_seconds']:.2f}" for x in v["results"]
+            if x["available"]]
+    lines += ["", f"First encode of the smallest image in each process (numpy-cached: includes decoding every weight "
+              f"into the cache), s: {'; '.join(warm)}."]
+    return lines
+
+
+def _ttft(r: dict) -> list[str]:
+    t = r["ttft"]
+    return ["", "## 5. Time to first token and memory", "",
+            f"Q4_K_M text ({_gb(t['text_gguf_bytes'])}) + Q8_0 mmproj ({_gb(t['mmproj_gguf_bytes'])}), numpy "
+            f"vision, context {t['n_ctx']}; one {t['image']} image ({t['image_tokens']} image tokens, "
+            f"{t['prompt_tokens']} prompt tokens in all) + \"{t['question']}\".", "",
+            "| figure | value |", "|---|---|",
+            f"| time to first token, s | {_fmt(t['ttft_seconds'])} |",
+            f"| of which vision encode, s | {_fmt(t['encode_seconds'])} |",
+            f"| of which prefill, s | {_fmt(t['prefill_seconds'])} |",
+            f"| follow-up question, same image (first token), s | {_fmt(t['followup_seconds'])} "
+            f"({t['followup_evaluated_tokens']} tokens evaluated) |",
+            f"| model load, s | {t['load_seconds']:.2f} |",
+            f"| RSS after load | {_gb(t['rss_after_load_bytes'])} |",
+            f"| peak RSS of the process | {_gb(t['peak_rss_bytes'])} |",
+            f"| GGUF files (text + mmproj) | {_gb(t['text_gguf_bytes'] + t['mmproj_gguf_bytes'])} |",
+            f"| KV cache ({t['n_ctx']} positions, f16) | {_gb(t['kv_cache_bytes'])} |",
+            f"| peak RSS / GGUF size | {t['peak_rss_over_gguf']:.2f} |", ""]
+
+
+def render_markdown(r: dict) -> str:
+    """bench.md from the bench.json dictionary."""
+    lines = _header(r) + _conversion(r) + _decode(r) + _roofline(r) + _vision(r) + _ttft(r)
+    lines += ["## Not measured", ""] + [f"- {s}" for s in r["not_measured"]] + [""]
+    return "\n".join(lines)
+
+
+def write_outputs(r: dict, out: Path) -> tuple[Path, Path]:
+    """OUT/bench.json and OUT/bench.md; returns (md, json) paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    j, md = out / "bench.json", out / "bench.md"
+    j.write_text(json.dumps(r, indent=2) + "\n")
+    md.write_text(render_markdown(r))
+    return md, j
