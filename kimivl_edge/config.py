@@ -150,12 +150,3 @@ def _check(v: VisionConfig, t: TextConfig) -> None:
     if problems:
         raise CheckpointError("config.json: " + "; ".join(problems))
 
-
-def __getattr__(name: str) -> Any:
-    """Transition shim: ``PRESETS`` / ``PRESET_DIMS`` moved to ``kimivl_edge.synth.presets``; imported lazily so that
-    the runtime never loads synth data. Remove once bench.py imports them from there."""
-    if name in ("PRESETS", "PRESET_DIMS"):
-        from .synth import presets
-
-        return getattr(presets, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
