@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
-from typing import Any
 
 from .errors import CheckpointError, read_json_object
 
