@@ -11,7 +11,7 @@ Two producers are accepted:
 
 Tensor names are those ``tools/mtmd/clip.cpp`` loads for Kimi-VL (``v.patch_embd``, ``v.position_embd``,
 ``v.blk.N.{ln1,attn_q,attn_k,attn_v,attn_out,ln2,ffn_up,ffn_down}``, ``v.post_ln``, ``mm.input_norm``, ``mm.1``,
-``mm.2``). Nothing is decoded at open time: ``tensor`` returns a view of the memory map, ``float32`` decodes it.
+``mm.2``). Nothing is decoded at open time: ``tensor`` returns a view of the memory map, the vision encoder decodes it.
 """
 from __future__ import annotations
 
@@ -19,13 +19,13 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from .errors import CheckpointError
+from .errors import GGUFFileError
+from .gguf_file import GGUFFile, TensorInfo
 from .image import ImageProcessorConfig
-from .quant.codec import dequantize
-from .quant.types import as_qtype
 
 __all__ = ["MmprojError", "VisionHParams", "MmprojFile", "ROPE_LAYOUTS", "DEFAULT_IN_TOKEN_LIMIT"]
 
@@ -40,7 +40,7 @@ SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0")
 _OURS = "kimivl_edge."
 
 
-class MmprojError(CheckpointError):
+class MmprojError(GGUFFileError):
     """The file is not a usable Kimi-VL mmproj GGUF (one-line message)."""
 
 
@@ -79,32 +79,24 @@ class MmprojFile:
     """A memory-mapped mmproj GGUF, validated as a Kimi-VL vision projector at open time."""
 
     def __init__(self, path: str | os.PathLike):
-        import gguf
-
         self.path = Path(path)
         if not self.path.is_file():
             raise MmprojError(f"{self.path}: no such mmproj file")
         try:
-            self._reader = gguf.GGUFReader(self.path, "r")
-        except Exception as e:  # gguf raises ValueError / struct errors / OSError on foreign or truncated files
-            raise MmprojError(f"{self.path}: not a readable GGUF file ({_one_line(e)})") from None
-        self._tensors = {t.name: t for t in self._reader.tensors}
+            self._file = GGUFFile(self.path)
+        except GGUFFileError as e:
+            raise MmprojError(str(e)) from None
+        self._tensors = self._file.tensors
         self._check_kind()
         self.hparams = self._read_hparams()
         self._check_tensors()
 
     # -- metadata -------------------------------------------------------------------------------------------------
-    def has_key(self, key: str) -> bool:
-        return key in self._reader.fields
+    def value(self, key: str, default: Any = None) -> Any:
+        """A metadata value (scalar, string or numpy array), or ``default`` when the key is absent."""
+        return self._file.get(key, default)
 
-    def value(self, key: str, default: object = None) -> object:
-        """A metadata value (scalar, string or list), or ``default`` when the key is absent."""
-        field = self._reader.fields.get(key)
-        if field is None:
-            return default
-        return field.contents()
-
-    def _required(self, key: str) -> object:
+    def _required(self, key: str) -> Any:
         v = self.value(key)
         if v is None:
             raise MmprojError(f"{self.path}: missing metadata key {key}")
@@ -160,7 +152,7 @@ class MmprojFile:
         t = self._tensors.get("v.position_embd.weight")
         if t is None:
             raise MmprojError(f"{self.path}: missing tensor v.position_embd.weight")
-        rows = int(t.shape[1]) if len(t.shape) > 1 else 1
+        rows = t.ne[1] if len(t.ne) > 1 else 1
         side = math.isqrt(rows)
         if side * side != rows:
             raise MmprojError(f"{self.path}: position table has {rows} rows, not a square grid")
@@ -196,35 +188,24 @@ class MmprojFile:
             got = self._numpy_shape(t)
             if got != shape:
                 raise MmprojError(f"{self.path}: tensor {name} has shape {list(got)}, expected {list(shape)}")
-            if t.tensor_type.name not in SUPPORTED_TYPES:
-                raise MmprojError(f"{self.path}: tensor {name} is {t.tensor_type.name}; supported: "
+            if t.type.name not in SUPPORTED_TYPES:
+                raise MmprojError(f"{self.path}: tensor {name} is {t.type.name}; supported: "
                                   f"{', '.join(SUPPORTED_TYPES)}")
 
     @staticmethod
-    def _numpy_shape(t) -> tuple[int, ...]:
+    def _numpy_shape(t: TensorInfo) -> tuple[int, ...]:
         """GGUF lists ggml ``ne`` (fastest axis first); numpy order is the reverse (reference doc §11)."""
-        shape = tuple(int(s) for s in reversed(t.shape))
+        shape = t.shape
         while len(shape) > 1 and shape[0] == 1:  # a 1-D tensor may be stored with trailing ne = 1
             shape = shape[1:]
         return shape
-
-    @property
-    def tensor_names(self) -> list[str]:
-        return list(self._tensors)
 
     def tensor(self, name: str) -> tuple[np.ndarray, str, tuple[int, ...]]:
         """(raw data view of the memory map, ggml type name, numpy shape). No copy, no decoding."""
         t = self._tensors.get(name)
         if t is None:
             raise MmprojError(f"{self.path}: missing tensor {name}")
-        return t.data, t.tensor_type.name, self._numpy_shape(t)
-
-    def float32(self, name: str) -> np.ndarray:
-        """The tensor decoded to float32 in its numpy shape; F32 data is returned as a read-only view of the map."""
-        raw, ttype, shape = self.tensor(name)
-        if ttype == "F32":
-            return np.asarray(raw, dtype=np.float32).reshape(shape)
-        return dequantize(raw, as_qtype(ttype), shape)
+        return self._file.data(name), t.type.name, self._numpy_shape(t)
 
     # -- preprocessing -----------------------------------------------------------------------------------------
     def image_processor_config(self) -> ImageProcessorConfig:
@@ -242,12 +223,9 @@ class MmprojFile:
 
 
 def _triple(v: object, key: str, path: Path) -> tuple[float, float, float]:
-    vals = list(v) if isinstance(v, (list, tuple)) else [v] * 3
+    vals = [x.item() if isinstance(x, np.generic) else x for x in v] if isinstance(v, (list, tuple, np.ndarray)) \
+        else [v] * 3
     if len(vals) != 3 or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in vals):
         raise MmprojError(f"{path}: clip.vision.{key} must be three numbers, got {v!r}")
     return float(vals[0]), float(vals[1]), float(vals[2])
 
-
-def _one_line(e: BaseException) -> str:
-    s = " ".join(str(e).split())
-    return s[:200] or type(e).__name__

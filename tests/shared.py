@@ -35,3 +35,16 @@ def run_cli(*args: str, stdin: str | None = None, timeout: float = 300, **kw) ->
     """``python -m kimivl_edge ARGS`` as a user runs it: text output captured, never raises on a non-zero exit."""
     return subprocess.run([sys.executable, "-m", "kimivl_edge", *args], input=stdin, capture_output=True,
                           text=True, timeout=timeout, **kw)
+
+
+def mmproj_float32(mm, name: str):
+    """An mmproj tensor decoded to float32 in its numpy shape (a test oracle: the runtime decodes per layer)."""
+    import numpy as np
+
+    from kimivl_edge.quant.codec import dequantize
+    from kimivl_edge.quant.types import as_qtype
+
+    raw, ttype, shape = mm.tensor(name)
+    if ttype == "F32":
+        return np.asarray(raw, dtype=np.float32).reshape(shape)
+    return dequantize(raw, as_qtype(ttype), shape)

@@ -28,7 +28,7 @@ from PIL import Image
 
 from kimivl_edge import vision
 from kimivl_edge.config import KimiVLConfig
-from shared import mmproj_files
+from shared import mmproj_files, mmproj_float32
 from kimivl_edge.errors import KimiVLError, UsageError
 from kimivl_edge.image import preprocess
 from kimivl_edge.mmproj import MmprojError, MmprojFile
@@ -249,9 +249,9 @@ def test_tensor_access(files, ckpt):
     shard = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"][name]
     with safe_open(ckpt / shard, framework="pt") as sf:
         v_ref = sf.get_tensor(name).float().numpy()[256:384]
-    v = f.float32("v.blk.0.attn_v.weight")
+    v = mmproj_float32(f, "v.blk.0.attn_v.weight")
     assert v.dtype == np.float32 and token_cos(v.reshape(1, -1), v_ref.reshape(1, -1))[0] > 0.99
-    assert np.array_equal(f.float32("v.blk.0.attn_v.weight"),
+    assert np.array_equal(mmproj_float32(f, "v.blk.0.attn_v.weight"),
                           np.asarray(gguf.quants.dequantize(*_raw(files["q4_0"], "v.blk.0.attn_v.weight"))))
 
 
@@ -274,7 +274,7 @@ def test_bad_files(files, work):
     junk.write_bytes(b"not a gguf at all" * 10)
     missing = work / "missing-tensor.gguf"
     rewrite_gguf(files["f32"], missing, drop_tensors=("mm.2.weight",))
-    cases = [(files["text"], "not a vision projector"), (clip, "kimivl"), (junk, "not a readable GGUF"),
+    cases = [(files["text"], "not a vision projector"), (clip, "kimivl"), (junk, "not a GGUF file"),
              (missing, "missing tensor mm.2.weight"), (work / "nope.gguf", "no such")]
     for path, words in cases:
         for ctor in (MmprojFile, VisionEncoder):
@@ -326,7 +326,7 @@ def test_llama_cpp_layout(files, llama_file, inputs, ref_out):
     assert (hp.pos_emb_height, hp.pos_emb_width) == (16, 16)  # sqrt of the 256 table rows
     assert f.image_processor_config().in_token_limit == 4096  # documented fallback
     ours = MmprojFile(files["f32"])
-    assert not np.array_equal(f.float32("v.blk.0.attn_q.weight"), ours.float32("v.blk.0.attn_q.weight"))
+    assert not np.array_equal(mmproj_float32(f, "v.blk.0.attn_q.weight"), mmproj_float32(ours, "v.blk.0.attn_q.weight"))
     pv, grid = inputs
     for mm in (f, ours):
         cos = token_cos(np.concatenate(encode_all(mm, pv, grid)), np.concatenate(ref_out))
