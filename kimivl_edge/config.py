@@ -13,6 +13,9 @@ from pathlib import Path
 from .errors import CheckpointError, read_json_object
 
 VARIANTS = ("instruct", "thinking", "thinking-2506")
+# MoonViT's 2-D RoPE table is ROPE_MAX_GRID x ROPE_MAX_GRID patches, hard-coded in the HF code (reference doc §5.4):
+# the vision model takes grid sides 1..512; the HF processor refuses sides >= 512 ("Exceed pos emb", §4 step 4).
+ROPE_MAX_GRID = 512
 PRESETS = ("tiny", "a3b")
 
 
@@ -31,7 +34,7 @@ class VisionConfig:
     # Hard-coded in the HF code, not in the file (reference doc §2).
     layer_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_max_grid: int = 512
+    rope_max_grid: int = ROPE_MAX_GRID
 
     @property
     def head_dim(self) -> int:

@@ -104,7 +104,7 @@ class KimiVL:
         self.max_image_patches = max_image_patches
         self._image_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self.image_cache_size = 16
-        # called as progress(layer_index, n_layers) during long image encodes (the CLI sets it on a terminal)
+        # progress(done, total, unit) while the vision encoder runs (vision.Progress; the CLI sets it on a terminal)
         self.encode_progress = None
 
     # -- loading ----------------------------------------------------------------------------------------------

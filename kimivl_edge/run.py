@@ -54,9 +54,10 @@ def load_model(args):
     return model
 
 
-def _progress(i: int, n: int) -> None:
-    """Per-layer progress of a long image encode, on the terminal only."""
-    sys.stderr.write(f"\rencoding image: layer {i + 1}/{n}" + ("\r\033[K" if i + 1 == n else ""))
+def _progress(done: int, total: int, unit: str) -> None:
+    """Progress of a long image encode (``vision.Progress``: "layer i/n" from the numpy backend, "image i/n" from
+    llama.cpp's clip), on the terminal only."""
+    sys.stderr.write(f"\rencoding images: {unit} {done}/{total}" + ("\r\033[K" if done == total else ""))
     sys.stderr.flush()
 
 

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+
+import numpy as np
 
 
 def shards(d: Path) -> list[Path]:
@@ -27,3 +30,28 @@ def mmproj_files(ckpt: Path, types, out: Path) -> dict[str, Path]:
         files[t] = Path(mmproj)
     files["text"] = Path(text)
     return files
+
+
+def llama_last_logits(decoder) -> np.ndarray:
+    """A copy of the logits llama.cpp holds for the last evaluated position of a ``Decoder`` ([n_vocab])."""
+    import llama_cpp
+
+    p = llama_cpp.llama_get_logits_ith(decoder.ctx, -1)
+    return np.ctypeslib.as_array(p, shape=(decoder.n_vocab,)).copy()
+
+
+def blocked_attention(enc, q: np.ndarray, k: np.ndarray, v: np.ndarray, grids) -> np.ndarray:
+    """The numpy encoder's block-diagonal attention (reference doc §5.3) on its own, with its query blocks
+    (``enc.max_score_bytes``) and workers (``enc.threads``): q, k, v [n, heads, d] (RoPE applied) -> [n, heads*d]."""
+    from kimivl_edge.threads import single_threaded_blas, worker_pool
+    from kimivl_edge.vision import ScoreScratch, attend, attention_items
+
+    n, heads, d = q.shape
+    qkvh = np.ascontiguousarray(np.stack([q, k, v]).transpose(0, 2, 1, 3), dtype=np.float32)
+    qkvh[0] *= np.float32(1.0 / math.sqrt(d))
+    out = np.empty((n, heads, d), np.float32)
+    scratch = ScoreScratch()
+    items = attention_items(grids, heads, enc.max_score_bytes)
+    with single_threaded_blas(), worker_pool(enc.threads) as pool:
+        list(pool.map(lambda it: attend(it, qkvh[0], qkvh[1], qkvh[2], out, scratch), items))
+    return out.reshape(n, heads * d)
