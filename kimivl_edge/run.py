@@ -76,12 +76,10 @@ def user_message(prompt: str, images: list[str]) -> dict:
 
 
 def print_stream(model, messages, settings, out=sys.stdout, err=sys.stderr):
-    """Stream a turn: reasoning to ``err``, answer to ``out``. Returns the Generation-like text and stats."""
-    from .model import Stats
-
-    stats = Stats()
+    """Stream a turn: reasoning to ``err``, answer to ``out``. Returns the answer and the turn's figures."""
+    stream = model.stream(messages, settings)
     answer, reasoning = [], []
-    for piece in model.stream(messages, settings, stats):
+    for piece in stream:
         if piece.kind == "reasoning":
             reasoning.append(piece.text)
             err.write(piece.text)
@@ -94,7 +92,7 @@ def print_stream(model, messages, settings, out=sys.stdout, err=sys.stderr):
             out.flush()
     out.write("\n")
     out.flush()
-    return "".join(answer), stats
+    return "".join(answer), stream.stats
 
 
 def main(argv: list[str] | None = None) -> int:
