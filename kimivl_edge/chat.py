@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import sys
 
-from .run import add_model_args, add_sampling_args, load_model, print_stream, sampling, user_message
+from .cli_common import add_model_args, add_sampling_args, load_model, print_stream, sampling
+from .run import user_message  # until prompt.user_message lands (issue 20: one chat message builder)
 
 
 def repl(model, settings, inp=sys.stdin, out=sys.stdout, err=sys.stderr) -> None:
