@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import sys
 
+from .cli_common import add_model_args, add_sampling_args, load_model, print_stream, sampling
 from .prompt import user_message
-from .run import add_model_args, add_sampling_args, load_model, print_stream, sampling
 
 
 def repl(model, settings, inp=sys.stdin, out=sys.stdout, err=sys.stderr) -> None:

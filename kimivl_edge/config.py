@@ -15,6 +15,9 @@ from .errors import CheckpointError, read_json_object
 # writes it as general.sampling.temp.
 TEMPERATURE = {"instruct": 0.2, "thinking": 0.8, "thinking-2506": 0.8}
 VARIANTS = tuple(TEMPERATURE)
+# MoonViT's 2-D RoPE table is ROPE_MAX_GRID x ROPE_MAX_GRID patches, hard-coded in the HF code (reference doc §5.4):
+# the vision model takes grid sides 1..512; the HF processor refuses sides >= 512 ("Exceed pos emb", §4 step 4).
+ROPE_MAX_GRID = 512
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,7 @@ class VisionConfig:
     # Hard-coded in the HF code, not in the file (reference doc §2).
     layer_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_max_grid: int = 512
+    rope_max_grid: int = ROPE_MAX_GRID
 
     @property
     def head_dim(self) -> int:

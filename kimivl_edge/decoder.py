@@ -25,6 +25,7 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TypeAlias
 
 import numpy as np
 
@@ -49,7 +50,7 @@ class ImageBlock:
     key: Hashable
 
 
-Segment = "Sequence[int] | ImageBlock"
+Segment: TypeAlias = Sequence[int] | ImageBlock  # a run of token ids, or one image's embedding rows
 
 
 @dataclass
@@ -201,11 +202,6 @@ class Decoder:
         except Exception:
             pass
 
-    def meta(self, key: str) -> str | None:
-        buf = ctypes.create_string_buffer(4096)
-        n = self._lc.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
-        return buf.value.decode("utf-8", "replace") if n >= 0 else None
-
     @property
     def n_past(self) -> int:
         return len(self._keys)
@@ -225,23 +221,27 @@ class Decoder:
                 keys.extend(int(t) for t in seg)
         return keys
 
-    def prompt(self, segments: Sequence[Segment], all_logits: bool = False) -> np.ndarray:
-        """Make the cache hold exactly ``segments``, evaluating only what is not cached yet. Returns the logits of
-        the last position ([n_vocab]), or with ``all_logits`` of every newly evaluated position ([n, n_vocab])."""
+    def prefill(self, segments: Sequence[Segment], n_logits: int | None = None) -> np.ndarray:
+        """Make the cache hold exactly ``segments``: the longest prefix it already holds is kept, only the rest is
+        evaluated. Returns the logits of the last position ([n_vocab]), or with ``n_logits`` those of the last
+        ``n_logits`` positions ([n_logits, n_vocab]); the positions whose logits are returned are always evaluated,
+        cached or not."""
         keys = self.segment_keys(segments)
         if not keys:
             raise UsageError("empty prompt")
         if len(keys) > self.n_ctx:
             raise UsageError(f"prompt of {len(keys)} tokens (incl. image tokens) exceeds the context of "
                              f"{self.n_ctx}; raise n_ctx or cap the image tokens")
+        k = 1 if n_logits is None else n_logits
+        if not 1 <= k <= len(keys):
+            raise UsageError(f"n_logits must be between 1 and the {len(keys)} positions of the prompt, got {k}")
+        first = len(keys) - k  # the first position whose logits are returned
         common = 0
         for a, b in zip(self._keys, keys):
             if a != b:
                 break
             common += 1
-        common = min(common, len(keys) - 1)  # re-evaluate at least the last position to get its logits
-        if all_logits:
-            common = 0
+        common = min(common, first)
         self._truncate(common)
         out = []
         pos = 0
@@ -250,11 +250,11 @@ class Decoder:
             lo = max(common - pos, 0)
             if lo < n:
                 if isinstance(seg, ImageBlock):
-                    out += self._eval_embd(seg.rows[lo:], pos + lo, [(seg.key, i) for i in range(lo, n)], all_logits)
+                    out += self._eval_embd(seg.rows[lo:], pos + lo, [(seg.key, i) for i in range(lo, n)], first)
                 else:
-                    out += self._eval_tokens([int(t) for t in seg[lo:]], pos + lo, all_logits)
+                    out += self._eval_tokens([int(t) for t in seg[lo:]], pos + lo, first)
             pos += n
-        return np.stack(out) if all_logits else out[-1]
+        return out[-1] if n_logits is None else np.stack(out)
 
     def _truncate(self, n: int) -> None:
         if n < len(self._keys):
@@ -272,26 +272,24 @@ class Decoder:
         p = self._lc.llama_get_logits_ith(self._ctx, i)
         return np.ctypeslib.as_array(p, shape=(self.n_vocab,)).copy()
 
-    def _eval_tokens(self, ids: list[int], pos0: int, all_logits: bool) -> list[np.ndarray]:
+    def _eval_tokens(self, ids: list[int], pos0: int, logits_from: int) -> list[np.ndarray]:
+        """Evaluate ``ids`` at positions pos0..; returns the logits of the positions >= ``logits_from``."""
         b, out = self._tok_batch, []
         for s in range(0, len(ids), self.n_batch):
             chunk = ids[s: s + self.n_batch]
-            last = s + len(chunk) == len(ids)
             for j, t in enumerate(chunk):
                 b.token[j] = t
                 b.pos[j] = pos0 + s + j
                 b.n_seq_id[j] = 1
                 b.seq_id[j][0] = 0
-                b.logits[j] = all_logits or (last and j == len(chunk) - 1)
+                b.logits[j] = pos0 + s + j >= logits_from
             self._decode(b, len(chunk))
             self._keys.extend(chunk)
-            if all_logits:
-                out += [self._logits(j) for j in range(len(chunk))]
-            elif last:
-                out.append(self._logits(len(chunk) - 1))
+            out += [self._logits(j) for j in range(len(chunk)) if pos0 + s + j >= logits_from]
         return out
 
-    def _eval_embd(self, rows: np.ndarray, pos0: int, keys: list, all_logits: bool) -> list[np.ndarray]:
+    def _eval_embd(self, rows: np.ndarray, pos0: int, keys: list, logits_from: int) -> list[np.ndarray]:
+        """Evaluate embedding ``rows`` at positions pos0..; returns the logits of the positions >= ``logits_from``."""
         rows = np.ascontiguousarray(rows, dtype=np.float32)
         if rows.ndim != 2 or rows.shape[1] != self.n_embd:
             raise KimiVLError(f"image embeddings have width {rows.shape[-1]}, the text model expects {self.n_embd}")
@@ -299,19 +297,15 @@ class Decoder:
         for s in range(0, len(rows), self.n_batch):
             chunk = rows[s: s + self.n_batch]
             n = len(chunk)
-            last = s + n == len(rows)
             ctypes.memmove(b.embd, chunk.ctypes.data, chunk.nbytes)
             for j in range(n):
                 b.pos[j] = pos0 + s + j
                 b.n_seq_id[j] = 1
                 b.seq_id[j][0] = 0
-                b.logits[j] = all_logits or (last and j == n - 1)
+                b.logits[j] = pos0 + s + j >= logits_from
             self._decode(b, n)
             self._keys.extend(keys[s: s + n])
-            if all_logits:
-                out += [self._logits(j) for j in range(n)]
-            elif last:
-                out.append(self._logits(n - 1))
+            out += [self._logits(j) for j in range(n) if pos0 + s + j >= logits_from]
         return out
 
     def append(self, token: int, logits: bool = False) -> np.ndarray | None:
@@ -326,10 +320,6 @@ class Decoder:
         self._decode(self._one, 1)
         keys.append(token)
         return self._logits(0) if logits else None
-
-    def last_logits(self) -> np.ndarray:
-        """A copy of the logits of the last evaluated position ([n_vocab])."""
-        return self._logits(-1)
 
     @property
     def ctx(self):

@@ -91,7 +91,7 @@ def draw_point(image: Path, answer: str) -> Path | None:
 def main(argv: list[str] | None = None) -> int:
     from .cli import OneLineParser
     from .convert import convert_checkpoint
-    from .model import KimiVL, Stats
+    from .model import KimiVL
     from .prompt import user_message
 
     ap = OneLineParser(prog="kimivl-edge demo", description=__doc__.split("\n\n")[0])
@@ -116,9 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     with KimiVL.load(res.text_path, res.mmproj_path, n_ctx=2048) as model:
         for title, images, q, expected in questions:
             msg = [user_message(q, [str(i) for i in images])]
-            st = Stats()
-            answer = "".join(p.text for p in model.stream(msg, stats=st, max_tokens=args.max_tokens,
-                                                         temperature=0))
+            stream = model.stream(msg, max_tokens=args.max_tokens, temperature=0)
+            answer = "".join(p.text for p in stream)
+            st = stream.stats
             print(f"\n[{title}] {', '.join(i.name for i in images)}\nQ: {q}\nA: {answer!r}   (expected: {expected})")
             print(f"   {st.image_tokens} image tokens, encode {st.encode_seconds:.2f} s, prefill "
                   f"{st.evaluated_tokens} tok at {st.prefill_tps:.0f} tok/s, decode {st.generated_tokens} tok at "

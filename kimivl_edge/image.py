@@ -20,10 +20,10 @@ from typing import Any, Sequence, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import CheckpointError, ImageError, UsageError, read_json_object
+from .config import ROPE_MAX_GRID
+from .errors import CheckpointError, ImageError, UsageError, one_line, read_json_object
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
-POS_EMB_MAX = 512  # MoonViT's 2-D RoPE table is 512x512 patches (§2); a grid side must stay below it (§4 step 4)
 
 ImageSource = Union[str, Path, bytes, bytearray, memoryview, Image.Image]
 _SINGLE_SOURCE_TYPES = (str, Path, bytes, bytearray, memoryview, Image.Image)
@@ -130,7 +130,7 @@ def load_image(src: ImageSource) -> Image.Image:
         try:
             src.load()
         except Exception as e:  # a lazily opened, broken file
-            raise ImageError(f"image could not be decoded ({_one_line(e)})") from None
+            raise ImageError(f"image could not be decoded ({one_line(e)})") from None
         return src
     if isinstance(src, (bytes, bytearray, memoryview)):
         return _decode(bytes(src), "image bytes")
@@ -143,9 +143,10 @@ def load_image(src: ImageSource) -> Image.Image:
         except FileNotFoundError:
             raise ImageError(f"{src}: image file not found") from None
         except OSError as e:
-            raise ImageError(f"{src}: cannot read image file ({_one_line(e)})") from None
+            raise ImageError(f"{src}: cannot read image file ({one_line(e)})") from None
         return _decode(data, str(src))
-    raise ImageError(f"cannot load an image from a {type(src).__name__} (expected a path, bytes, data URI or PIL image)")
+    raise ImageError(f"cannot load an image from a {type(src).__name__} "
+                     "(expected a path, bytes, data URI or PIL image)")
 
 
 def _decode(data: bytes, what: str) -> Image.Image:
@@ -164,9 +165,9 @@ def _decode(data: bytes, what: str) -> Image.Image:
     except UnidentifiedImageError:
         raise ImageError(f"{what}: not a recognised image format") from None
     except Image.DecompressionBombError as e:
-        raise ImageError(f"{what}: {_one_line(e)}") from None
+        raise ImageError(f"{what}: {one_line(e)}") from None
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, ... for corrupt data
-        raise ImageError(f"{what}: image could not be decoded ({_one_line(e)})") from None
+        raise ImageError(f"{what}: image could not be decoded ({one_line(e)})") from None
     return img
 
 
@@ -181,10 +182,6 @@ def _data_uri_bytes(uri: str) -> bytes:
         except (binascii.Error, ValueError):
             raise ImageError("data URI: invalid base64 payload") from None
     return urllib.parse.unquote_to_bytes(payload)
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -222,15 +219,16 @@ def padded_size(w: int, h: int, cfg: ImageProcessorConfig) -> tuple[int, int]:
 
 
 def grid_hw(w: int, h: int, cfg: ImageProcessorConfig, max_patches: int | None = None) -> tuple[int, int]:
-    """(gh, gw) patch grid of a w x h image after resize and padding; raises ImageError past the pos-emb table
-    (§4 step 4)."""
+    """(gh, gw) patch grid of a w x h image after resize and padding; raises ImageError as the HF processor does when
+    a side reaches the RoPE table's (§4 step 4: W/14 >= 512 or H/14 >= 512; one less than the vision model itself
+    takes, ``vision.check_patches``)."""
     w2, h2 = target_size(w, h, cfg, max_patches)
     W, H = padded_size(w2, h2, cfg)
     gh, gw = H // cfg.patch_size, W // cfg.patch_size
-    if gw >= POS_EMB_MAX or gh >= POS_EMB_MAX:
+    if gw >= ROPE_MAX_GRID or gh >= ROPE_MAX_GRID:
         raise ImageError(
             f"image {w}x{h} needs a {gh}x{gw} patch grid (padded {W}x{H}): Exceed pos emb "
-            f"(at most {POS_EMB_MAX - 1} patches per side; resize the image)")
+            f"(at most {ROPE_MAX_GRID - 1} patches per side; resize the image)")
     return gh, gw
 
 
@@ -310,7 +308,7 @@ def _patchify(rgb: np.ndarray, lut: np.ndarray, p: int) -> np.ndarray:
 
 
 __all__ = [
-    "ImageProcessorConfig", "ImageSource", "POS_EMB_MAX", "PREPROCESSOR_FILE", "effective_token_limit",
+    "ImageProcessorConfig", "ImageSource", "PREPROCESSOR_FILE", "effective_token_limit",
     "grid_hw", "image_token_counts", "load_image", "num_image_tokens", "padded_size", "preprocess",
     "target_size",
 ]

@@ -66,7 +66,9 @@ def _compile(template: str):
     return compiled
 
 
-def _check_messages(messages: Sequence[dict]) -> None:
+def check_messages(messages: Sequence[dict]) -> None:
+    """The one validation of a chat (OpenAI/HF style): a non-empty list of dicts with a string ``role`` and a
+    ``content`` that is a string or a list of image parts and text parts; anything else is a one-line UsageError."""
     if not isinstance(messages, (list, tuple)) or not messages:
         raise UsageError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
     for i, m in enumerate(messages):
@@ -87,7 +89,7 @@ def _check_messages(messages: Sequence[dict]) -> None:
 def render(template: str, messages: Sequence[dict], add_generation_prompt: bool = True, **extra) -> str:
     """Render ``messages`` (OpenAI/HF style; content = str or list of text/image parts) with ``template`` (§7.1).
     ``extra`` variables (e.g. bos_token) are passed to the template as HF does."""
-    _check_messages(messages)
+    check_messages(messages)
     import jinja2
 
     try:

@@ -75,9 +75,6 @@ class SamplerChain:
         """Sample from the logits of the last evaluated position (and accept the token into the chain)."""
         return int(self._lc.llama_sampler_sample(self._chain, ctx, -1))
 
-    def accept(self, token: int) -> None:
-        self._lc.llama_sampler_accept(self._chain, token)
-
     def close(self) -> None:
         if self._chain is not None:
             self._lc.llama_sampler_free(self._chain)

@@ -9,46 +9,47 @@ cache-sized row steps, either for each layer while the previous one runs (defaul
 once and kept (``weight_cache=True``). Both paths run the same matmuls, so their outputs are equal.
 
 Parallelism: a pool of ``threads`` workers; OpenBLAS is set to one thread for the duration of an encode (and set
-back after), so the pool is the only source of threads and BLAS never nests inside it. Row-wise work runs in chunks
-of patches; attention runs per image (block-diagonal, never a global mask: reference doc §5.3, §10.1), per head
-and per query block whose [rows, n] score block stays under ``max_score_bytes`` (4 MiB by default: one block per
-worker stays in the L3 cache; it measured faster than L2-sized blocks, whose matmuls are less efficient): the row
-max, exp and row sum of the softmax run in place on that block while it is in cache.
+back after: ``kimivl_edge.threads``), so the pool is the only source of threads and BLAS never nests inside it.
+Row-wise work runs in chunks of patches; attention runs per image (block-diagonal, never a global mask: reference
+doc §5.3, §10.1), per head and per query block whose [rows, n] score block stays under ``max_score_bytes`` (4 MiB
+by default: one block per worker stays in the L3 cache; it measured faster than L2-sized blocks, whose matmuls are
+less efficient): the row max, exp and row sum of the softmax run in place on that block while it is in cache.
 RoPE follows the Q/K row layout the file declares (``MmprojFile.hparams.rope_layout``; reference doc §5.4).
 """
 from __future__ import annotations
 
-import ctypes
 import math
 import os
 import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from functools import lru_cache
 
 import numpy as np
 
+from .config import ROPE_MAX_GRID
 from .errors import UsageError
 from .mmproj import MmprojFile
 from .quant.codec import dequantize_rows
+from .threads import single_threaded_blas, worker_pool
 
 __all__ = [
     "VisionEncoder", "bicubic_matrix", "resample_pos_emb", "rope_angles", "apply_rope", "erf", "gelu_erf",
-    "gelu_tanh", "layer_norm", "query_block_rows", "attention_items", "attend", "merge_2x2", "row_chunks",
-    "worker_pool", "blas_thread_setter", "single_threaded_blas", "check_patches", "decode_rows_into", "STAGES",
+    "gelu_tanh", "layer_norm", "query_block_rows", "attention_items", "attend", "ScoreScratch", "merge_2x2",
+    "row_chunks", "check_patches", "decode_rows_into", "Progress",
 ]
 
 BICUBIC_A = -0.75           # PyTorch's bicubic coefficient (reference doc §5.2)
 ROPE_THETA = 10000.0        # MoonViT's 2-D RoPE base (reference doc §5.4; llama.cpp hard-codes it too)
-ROPE_MAX_GRID = 512         # the RoPE table's side in patches (reference doc §5.4): valid grids 1..512
 PROJECTOR_LN_EPS = 1e-5     # nn.LayerNorm default of the projector's pre_norm (reference doc §6)
 DEFAULT_SCORE_BYTES = 4 << 20  # one attention score block per worker (256 query rows of a 4096-patch image)
 ROW_CHUNK = 512             # patches per row-wise work item (bounds the [rows, intermediate] MLP activation)
 MIN_PARTS, MIN_ROWS = 4, 64  # row-wise work of small images: up to 4 items of >= 64 rows (BLAS stays efficient)
 
-Progress = Callable[[int, int], None]
+Progress = Callable[[int, int, str], None]
+"""``progress(done, total, unit)``: ``done`` of the ``total`` units of one ``encode`` call have finished; ``unit``
+names what is counted. The same for both backends: the numpy one reports "layer" (every image runs through each
+layer at once), llama.cpp's clip reports "image" (it runs one image through all layers per call)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -213,68 +214,7 @@ def merge_2x2(x: np.ndarray, gh: int, gw: int, m: int = 2) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# threads: BLAS runs single-threaded during an encode, so the worker pool is the only parallelism (no nesting)
-
-_BLAS_SETTERS = ("openblas_set_num_threads_local", "scipy_openblas_set_num_threads_local64_",
-                 "scipy_openblas_set_num_threads_local")
-
-
-def _loaded_openblas() -> list[str]:
-    """Paths of the OpenBLAS libraries mapped into this process (numpy's BLAS), from /proc/self/maps (Linux)."""
-    try:
-        with open("/proc/self/maps") as f:
-            fields = [line.split() for line in f]
-    except OSError:
-        return []
-    return sorted({p[-1] for p in fields if len(p) >= 6 and "openblas" in os.path.basename(p[-1]).lower()})
-
-
-@lru_cache(maxsize=1)
-def blas_thread_setter() -> Callable[[int], int] | None:
-    """``openblas_set_num_threads_local`` (OpenBLAS >= 0.3.27: sets the thread count, returns the previous one) of
-    the OpenBLAS numpy uses, or None (another BLAS, an older OpenBLAS, not Linux: BLAS then keeps its own threads
-    and may oversubscribe the workers). With OpenBLAS's pthreads server, as in numpy's wheels, the setting is
-    process-wide, hence ``single_threaded_blas``."""
-    for path in _loaded_openblas():
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for name in _BLAS_SETTERS:
-            fn = getattr(lib, name, None)
-            if fn is not None:
-                fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
-                return fn
-    return None
-
-
-_blas_lock = threading.Lock()
-_blas_users = 0
-_blas_before = 0
-
-
-@contextmanager
-def single_threaded_blas() -> Iterator[None]:
-    """BLAS single-threaded while any encode runs; the previous thread count is restored when the last one ends."""
-    global _blas_users, _blas_before
-    setter = blas_thread_setter()
-    with _blas_lock:
-        if _blas_users == 0 and setter is not None:
-            _blas_before = setter(1)
-        _blas_users += 1
-    try:
-        yield
-    finally:
-        with _blas_lock:
-            _blas_users -= 1
-            if _blas_users == 0 and setter is not None and _blas_before > 0:
-                setter(_blas_before)
-
-
-def worker_pool(threads: int) -> ThreadPoolExecutor:
-    """``threads`` workers (numpy ufuncs and BLAS release the GIL); use inside ``single_threaded_blas``."""
-    return ThreadPoolExecutor(threads, thread_name_prefix="kimivl-vision")
-
+# row-wise work items
 
 def row_chunks(n_rows: int, max_rows: int) -> list[tuple[int, int]]:
     """Near-equal [a, b) ranges covering ``n_rows``: at most ``max_rows`` rows each, and at least ``MIN_PARTS`` of
@@ -306,8 +246,8 @@ def attention_items(grids: Sequence[tuple[int, int]], heads: int, max_score_byte
     return sorted(items, key=lambda it: -(it[4] - it[3]) * it[1])
 
 
-class _Scratch(threading.local):
-    """One score buffer per worker thread, grown on demand."""
+class ScoreScratch(threading.local):
+    """One attention score buffer per worker thread, grown on demand (``attend``'s scratch space)."""
     buf = np.empty(0, np.float32)
 
     def get(self, rows: int, n: int) -> np.ndarray:
@@ -317,7 +257,7 @@ class _Scratch(threading.local):
 
 
 def attend(item: tuple[int, int, int, int, int], qh: np.ndarray, kh: np.ndarray, vh: np.ndarray,
-           out: np.ndarray, scratch: _Scratch) -> None:
+           out: np.ndarray, scratch: ScoreScratch) -> None:
     """out[rows, head] = softmax(q kᵀ) v for one ``attention_items`` block; qh, kh, vh [heads, N, d] (q scaled by
     1/√d). Scores live in the worker's scratch buffer: max, exp and sum run on it in place while it is in cache."""
     s0, n, h, r0, r1 = item
@@ -339,7 +279,6 @@ EMBED_TENSORS = ("v.patch_embd.weight", "v.patch_embd.bias", "v.position_embd.we
 PROJECT_TENSORS = ("v.post_ln.weight", "v.post_ln.bias", "mm.input_norm.weight", "mm.input_norm.bias",
                    "mm.1.weight", "mm.1.bias", "mm.2.weight", "mm.2.bias")
 DECODE_ELEMS = 1 << 16   # weight elements decoded per step (stays in cache)
-STAGES = ("decode_wait", "embed", "qkv", "attention", "mlp", "project")
 
 Weights = dict[str, np.ndarray]
 
@@ -347,8 +286,9 @@ Weights = dict[str, np.ndarray]
 def check_patches(pixel_values: np.ndarray, grid_hws: object, p: int, m: int
                   ) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """Validate ``pixel_values`` [n, 3, p, p] (or [n, 3*p*p]) against an integer ``grid_hws`` [n_images, 2] whose
-    sides are multiples of the merge ``m`` within the RoPE table; returns [n, 3*p*p] float32 and the grids.
-    Shared by both vision backends."""
+    sides are multiples of the merge ``m`` within the RoPE table (the model's rule: 1 <= side <= ROPE_MAX_GRID,
+    reference doc §5.4; the processor's stricter "Exceed pos emb" rule is ``image.grid_hw``'s); returns
+    [n, 3*p*p] float32 and the grids. Shared by both vision backends."""
     pv = np.asarray(pixel_values)
     if pv.ndim not in (2, 4) or pv.shape[1:] not in ((3, p, p), (3 * p * p,)):
         raise UsageError(f"pixel_values must be [n, 3, {p}, {p}], got {list(pv.shape)}")
@@ -391,9 +331,6 @@ class VisionEncoder:
     at most ``row_chunk`` patches; attention in (image, head, query block) items whose score block stays under
     ``max_score_bytes`` (so the softmax works in cache). ``weight_cache``: keep every decoded weight (~4 bytes per
     parameter of RAM) instead of decoding each layer while the previous one runs (into two layers' buffers, kept).
-
-    After each ``encode``, ``stats`` holds wall seconds per stage (``STAGES``; ``decode_wait`` = time spent waiting
-    for weights) and ``decode_seconds``, the workers' CPU seconds spent decoding weights (0 when all were cached).
     """
 
     def __init__(self, mmproj: MmprojFile | str | os.PathLike, weight_cache: bool = False,
@@ -411,8 +348,7 @@ class VisionEncoder:
         self._cache: dict[object, Weights] = {}
         self._buffers: dict[object, Weights] = {}
         self._lock = threading.Lock()
-        self._scratch = _Scratch()
-        self.stats: dict[str, float] = {}
+        self._scratch = ScoreScratch()
 
     # -- weights -----------------------------------------------------------------------------------------------
     def _sources(self, part: object) -> dict[str, list[str]]:
@@ -442,10 +378,8 @@ class VisionEncoder:
             out[key] = np.empty((rows,) + tuple(shapes[0][1:]), np.float32)
         return out
 
-    def _decode_into(self, dst: np.ndarray, names: list[str]) -> float:
-        """Decode ``names`` stacked along rows into ``dst`` in cache-sized row steps; returns the CPU seconds taken
-        (this thread's, so other load on the machine does not count)."""
-        t0 = time.thread_time()
+    def _decode_into(self, dst: np.ndarray, names: list[str]) -> None:
+        """Decode ``names`` stacked along rows into ``dst`` in cache-sized row steps."""
         flat, off = dst.reshape(-1), 0
         for name in names:
             raw, ttype, shape = self.mmproj.tensor(name)
@@ -456,7 +390,6 @@ class VisionEncoder:
                 b = min(a + step, rows)
                 decode_rows_into(flat[off + a * ne0:off + b * ne0], raw, ttype, (rows, ne0), a, b)
             off += rows * ne0
-        return time.thread_time() - t0
 
     def _submit_decode(self, part: object, pool: ThreadPoolExecutor) -> tuple[Weights, list[Future]]:
         """Start decoding one part in the pool (one task per tensor); nothing to do when it is cached."""
@@ -468,10 +401,10 @@ class VisionEncoder:
             self._cache[part] = w
         return w, futs
 
-    def _wait(self, futs: list[Future]) -> None:
-        t0 = time.perf_counter()
-        self.stats["decode_seconds"] += sum(f.result() for f in futs)
-        self.stats["decode_wait"] += time.perf_counter() - t0
+    @staticmethod
+    def _wait(futs: list[Future]) -> None:
+        for f in futs:
+            f.result()
 
     # -- checks ------------------------------------------------------------------------------------------------
     def _check_inputs(self, pixel_values: np.ndarray, grid_hws: object) -> tuple[np.ndarray, list[tuple[int, int]]]:
@@ -531,11 +464,10 @@ class VisionEncoder:
         out[a:b] += w["mm.2.bias"]
 
     # -- whole stages ------------------------------------------------------------------------------------------
-    def _run(self, stage: str, pool: ThreadPoolExecutor, fn: Callable, items: Sequence, *args) -> None:
-        t0 = time.perf_counter()
+    @staticmethod
+    def _run(pool: ThreadPoolExecutor, fn: Callable, items: Sequence, *args) -> None:
         for _ in pool.map(lambda it: fn(it, *args), items):
             pass
-        self.stats[stage] += time.perf_counter() - t0
 
     def _chunks(self, n: int) -> list[tuple[int, int]]:
         return row_chunks(n, self.row_chunk)
@@ -543,19 +475,7 @@ class VisionEncoder:
     def _attention(self, qkvh: np.ndarray, grids: Sequence[tuple[int, int]], pool: ThreadPoolExecutor,
                    out: np.ndarray) -> None:
         items = attention_items(grids, self.hparams.num_heads, self.max_score_bytes)
-        self._run("attention", pool, attend, items, qkvh[0], qkvh[1], qkvh[2], out, self._scratch)
-
-    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, grids: Sequence[tuple[int, int]]
-                  ) -> np.ndarray:
-        """Block-diagonal attention (§5.3) on its own: q, k, v [n, heads, d] (RoPE applied) -> [n, heads*d]."""
-        n, heads, d = q.shape
-        qkvh = np.ascontiguousarray(np.stack([q, k, v]).transpose(0, 2, 1, 3), dtype=np.float32)
-        qkvh[0] *= np.float32(1.0 / math.sqrt(d))
-        out = np.empty((n, heads, d), np.float32)
-        self.stats = dict.fromkeys(STAGES, 0.0)
-        with single_threaded_blas(), worker_pool(self.threads) as pool:
-            self._attention(qkvh, grids, pool, out)
-        return out.reshape(n, heads * d)
+        self._run(pool, attend, items, qkvh[0], qkvh[1], qkvh[2], out, self._scratch)
 
     def _embed(self, patches: np.ndarray, grids: Sequence[tuple[int, int]], pool: ThreadPoolExecutor,
                w: Weights) -> np.ndarray:
@@ -563,21 +483,21 @@ class VisionEncoder:
         table = w["v.position_embd.weight"].reshape(hp.pos_emb_height, hp.pos_emb_width, hp.hidden_size)
         pos = np.concatenate([resample_pos_emb(table, gh, gw) for gh, gw in grids])
         x = np.empty((patches.shape[0], hp.hidden_size), np.float32)
-        self._run("embed", pool, self._embed_rows, self._chunks(len(x)), patches, pos, w, x)
+        self._run(pool, self._embed_rows, self._chunks(len(x)), patches, pos, w, x)
         return x
 
     def _project(self, x: np.ndarray, grids: Sequence[tuple[int, int]], pool: ThreadPoolExecutor,
                  w: Weights) -> list[np.ndarray]:
         """Final LN (§5.3), 2x2 merge (§5.5) and projector (§6): per image [gh*gw/4, projection_dim] float32."""
         hp = self.hparams
-        self._run("project", pool, self._norm_rows, self._chunks(len(x)), x, w)
+        self._run(pool, self._norm_rows, self._chunks(len(x)), x, w)
         merged, start = [], 0
         for gh, gw in grids:
             merged.append(merge_2x2(x[start:start + gh * gw], gh, gw, hp.merge_size))
             start += gh * gw
         m = np.concatenate(merged)
         out = np.empty((len(m), hp.projection_dim), np.float32)
-        self._run("project", pool, self._project_rows, self._chunks(len(m)), m, w, out)
+        self._run(pool, self._project_rows, self._chunks(len(m)), m, w, out)
         sizes = np.cumsum([gh * gw // hp.merge_size ** 2 for gh, gw in grids])[:-1]
         return [np.ascontiguousarray(a) for a in np.split(out, sizes)]
 
@@ -586,11 +506,10 @@ class VisionEncoder:
 
         ``pixel_values`` [Σ gh·gw, 3, p, p] and ``grid_hws`` [n_images, 2], as ``kimivl_edge.image.preprocess``
         makes them.
-        ``progress(i, n_layers)`` is called after block i (0-based) has finished.
+        ``progress(i + 1, n_layers, "layer")`` (``Progress``) is called when block i (0-based) has finished.
         """
         patches, grids = self._check_inputs(pixel_values, grid_hws)
-        with self._lock, single_threaded_blas():  # the weight buffers, the cache and the stats are shared by calls
-            self.stats = dict.fromkeys(STAGES, 0.0) | {"decode_seconds": 0.0}
+        with self._lock, single_threaded_blas():  # the weight buffers and the cache are shared by calls
             return self._encode_locked(patches, grids, progress) if grids else []
 
     def _encode_locked(self, patches: np.ndarray, grids: list[tuple[int, int]], progress: Progress | None
@@ -622,11 +541,11 @@ class VisionEncoder:
             self._wait(futs)
             nxt = i + 1 if i + 1 < n_layers else "project"
             w_next, futs = self._submit_decode(nxt, pool)
-            self._run("qkv", pool, self._qkv_rows, chunks, x, cur, cos, sin, qkvh)
+            self._run(pool, self._qkv_rows, chunks, x, cur, cos, sin, qkvh)
             self._attention(qkvh, grids, pool, attn)
-            self._run("mlp", pool, self._mlp_rows, chunks, x, attn.reshape(n, -1), cur)
+            self._run(pool, self._mlp_rows, chunks, x, attn.reshape(n, -1), cur)
             if progress is not None:
-                progress(i, n_layers)
+                progress(i + 1, n_layers, "layer")
             cur = w_next
         self._wait(futs)
         del qkvh, attn

@@ -42,24 +42,23 @@ import ctypes
 import importlib.metadata
 import os
 import sys
-from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from .errors import KimiVLError, UsageError
+from .errors import KimiVLError, UsageError, one_line
 from .mmproj import MmprojError, MmprojFile
+from .vision import Progress, check_patches
 
 __all__ = [
     "LLAMA_CPP_PYTHON_VERSION", "SYMBOLS", "GgmlBackendError", "ClipContextParams", "ClipInitResult",
-    "StdVectorF32", "ClipImageF32", "ClipLibrary", "library_path", "clip_library", "patches_to_image",
+    "StdVectorF32", "ClipImageF32", "ClipLibrary", "library_path", "check_version", "clip_library", "patches_to_image",
     "GgmlVisionEncoder",
 ]
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 """The llama-cpp-python release whose ``libmtmd`` struct layouts this binding mirrors."""
-ROPE_MAX_GRID = 512  # valid grid sides 1..512 (reference doc §5.4), as in the numpy backend
 
 SYMBOLS = {
     "clip_init": "_Z9clip_initPKc19clip_context_params",
@@ -70,8 +69,6 @@ SYMBOLS = {
     "mtmd_log_set": "mtmd_log_set",
 }
 """C++ function -> exported (Itanium-mangled) name in ``libmtmd`` (``mtmd_log_set`` is ``extern "C"``)."""
-
-Progress = Callable[[int, int], None]
 
 
 class GgmlBackendError(KimiVLError):
@@ -150,7 +147,8 @@ def library_path() -> Path:
         raise GgmlBackendError(f"the ggml vision backend needs llama-cpp-python with mtmd: {e}") from None
 
 
-def _check_version() -> None:
+def check_version() -> None:
+    """Refuse any llama-cpp-python but the one whose struct layouts this binding mirrors (one-line error)."""
     try:
         version = importlib.metadata.version("llama_cpp_python")
     except importlib.metadata.PackageNotFoundError:
@@ -167,7 +165,7 @@ class ClipLibrary:
         try:
             self._lib = ctypes.CDLL(str(path))
         except OSError as e:
-            raise GgmlBackendError(f"cannot load {path}: {' '.join(str(e).split())}") from None
+            raise GgmlBackendError(f"cannot load {path}: {one_line(e)}") from None
         missing = [f for f, sym in SYMBOLS.items() if not hasattr(self._lib, sym)]
         if missing:
             raise GgmlBackendError(f"{path} lacks {', '.join(missing)} (llama.cpp's internal clip API changed; this "
@@ -230,7 +228,7 @@ class ClipLibrary:
 @lru_cache(maxsize=1)
 def clip_library() -> ClipLibrary:
     """The process-wide binding of llama-cpp-python's ``libmtmd`` (version and symbols checked)."""
-    _check_version()
+    check_version()
     return ClipLibrary(library_path())
 
 
@@ -304,8 +302,6 @@ class GgmlVisionEncoder:
     # -- encoding ---------------------------------------------------------------------------------------------
     def _check_inputs(self, pixel_values: np.ndarray, grid_hws: object) -> tuple[np.ndarray, list[tuple[int, int]]]:
         """Same rules as the numpy backend."""
-        from .vision import check_patches
-
         return check_patches(pixel_values, grid_hws, self.hparams.patch_size, self.hparams.merge_size)
 
     def encode_image(self, patches: np.ndarray, gh: int, gw: int) -> np.ndarray:
@@ -332,7 +328,8 @@ class GgmlVisionEncoder:
 
         ``pixel_values`` [Σ gh·gw, 3, p, p] and ``grid_hws`` [n_images, 2] as made by
         ``kimivl_edge.image.preprocess``.
-        ``progress(i, n_images)`` is called after image i (0-based) has been encoded (clip runs all layers at once).
+        ``progress(i + 1, n_images, "image")`` (``vision.Progress``) is called when image i (0-based) has been encoded
+        (clip runs all layers of one image per call).
         """
         patches, grids = self._check_inputs(pixel_values, grid_hws)
         out, start = [], 0
@@ -340,7 +337,7 @@ class GgmlVisionEncoder:
             out.append(self.encode_image(patches[start:start + gh * gw], gh, gw))
             start += gh * gw
             if progress is not None:
-                progress(i, len(grids))
+                progress(i + 1, len(grids), "image")
         return out
 
     def __repr__(self) -> str:

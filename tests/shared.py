@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
 
 
 def shards(d: Path) -> list[Path]:
@@ -39,8 +42,6 @@ def run_cli(*args: str, stdin: str | None = None, timeout: float = 300, **kw) ->
 
 def mmproj_float32(mm, name: str):
     """An mmproj tensor decoded to float32 in its numpy shape (a test oracle: the runtime decodes per layer)."""
-    import numpy as np
-
     from kimivl_edge.quant.codec import dequantize
     from kimivl_edge.quant.types import as_qtype
 
@@ -48,3 +49,28 @@ def mmproj_float32(mm, name: str):
     if ttype == "F32":
         return np.asarray(raw, dtype=np.float32).reshape(shape)
     return dequantize(raw, as_qtype(ttype), shape)
+
+
+def llama_last_logits(decoder) -> np.ndarray:
+    """A copy of the logits llama.cpp holds for the last evaluated position of a ``Decoder`` ([n_vocab])."""
+    import llama_cpp
+
+    p = llama_cpp.llama_get_logits_ith(decoder.ctx, -1)
+    return np.ctypeslib.as_array(p, shape=(decoder.n_vocab,)).copy()
+
+
+def blocked_attention(enc, q: np.ndarray, k: np.ndarray, v: np.ndarray, grids) -> np.ndarray:
+    """The numpy encoder's block-diagonal attention (reference doc §5.3) on its own, with its query blocks
+    (``enc.max_score_bytes``) and workers (``enc.threads``): q, k, v [n, heads, d] (RoPE applied) -> [n, heads*d]."""
+    from kimivl_edge.threads import single_threaded_blas, worker_pool
+    from kimivl_edge.vision import ScoreScratch, attend, attention_items
+
+    n, heads, d = q.shape
+    qkvh = np.ascontiguousarray(np.stack([q, k, v]).transpose(0, 2, 1, 3), dtype=np.float32)
+    qkvh[0] *= np.float32(1.0 / math.sqrt(d))
+    out = np.empty((n, heads, d), np.float32)
+    scratch = ScoreScratch()
+    items = attention_items(grids, heads, enc.max_score_bytes)
+    with single_threaded_blas(), worker_pool(enc.threads) as pool:
+        list(pool.map(lambda it: attend(it, qkvh[0], qkvh[1], qkvh[2], out, scratch), items))
+    return out.reshape(n, heads * d)

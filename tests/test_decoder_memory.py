@@ -30,7 +30,7 @@ import json, sys
 from kimivl_edge.decoder import Decoder, DecoderSettings
 path, mmap, repack = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
 dec = Decoder(path, DecoderSettings(n_ctx=256, n_threads=1, mmap=mmap, repack=repack))
-dec.prompt([[5, 6, 7, 8, 9, 10, 11, 12]])
+dec.prefill([[5, 6, 7, 8, 9, 10, 11, 12]])
 for t in range(8):
     dec.append(20 + t)
 hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
@@ -150,7 +150,7 @@ def test_loading_without_mmap_gives_the_same_logits(ggufs):
     for mmap in (True, False):
         dec = Decoder(wide, DecoderSettings(n_ctx=64, n_threads=1, kv_type="f32", mmap=mmap))
         assert dec.mmap is mmap
-        out.append(dec.prompt(ids))
+        out.append(dec.prefill(ids))
         dec.close()
     assert np.isfinite(out[0]).all()
     np.testing.assert_array_equal(out[1], out[0])

@@ -19,6 +19,7 @@ from PIL import Image
 from kimivl_edge.errors import CheckpointError, ImageError, UsageError
 from kimivl_edge.image import (
     ImageProcessorConfig,
+    grid_hw,
     image_token_counts,
     load_image,
     num_image_tokens,
@@ -117,6 +118,20 @@ def test_exceed_boundary_is_512_patches_after_padding():
         preprocess([Image.new("RGB", (7141, 1))], cfg)
     with pytest.raises(ImageError, match="Exceed pos emb"):
         preprocess([Image.new("RGB", (1, 7141))], cfg)
+
+
+@pytest.mark.parametrize("side,ok", [(511, True), (512, False), (513, False)])
+def test_processor_rule_refuses_grid_sides_from_512(side, ok):
+    """HF processor (§4 step 4): "Exceed pos emb" when W/14 >= 512 or H/14 >= 512, one below what the vision model
+    takes (test_vision.py). With a 1x1 merge kernel the padding is to multiples of 14, so every side is reachable."""
+    cfg = ImageProcessorConfig(patch_size=14, merge_kernel_size=(1, 1), in_token_limit=4096,
+                               image_mean=HALF[0], image_std=HALF[1], pad_input=True)
+    for w, h in ((14 * side, 14), (14, 14 * side), (14 * side - 13, 1)):
+        if ok:
+            assert grid_hw(w, h, cfg) == (-(-h // 14), -(-w // 14))
+        else:
+            with pytest.raises(ImageError, match="Exceed pos emb"):
+                grid_hw(w, h, cfg)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -14,9 +14,10 @@ from PIL import Image
 from kimivl_edge.convert import convert_checkpoint
 from kimivl_edge.decoder import ImageBlock
 from kimivl_edge.errors import ImageError, KimiVLError, UsageError
-from kimivl_edge.model import KimiVL
+from kimivl_edge.model import KimiVL, decode_pieces
 from kimivl_edge.prompt import user_message
 from kimivl_edge.synth import synth
+from shared import llama_last_logits
 
 VARIANTS = ("instruct", "thinking", "thinking-2506")
 
@@ -61,19 +62,29 @@ def test_end_to_end_matches_the_reference(files, images, variant):
     ref = ReferenceModel(ck)
     p = ref.prepare(messages)
     with KimiVL.load(text, mm, kv_type="f32", n_ctx=512) as m:
-        segments, stats = m.build_prompt(messages)
-        keys = m.decoder.segment_keys(segments)
+        prompt = m.render_prompt(messages)
+        keys = m.decoder.segment_keys(m.embed_prompt(prompt))
         pad = ref.config.media_placeholder_token_id
         assert [k if isinstance(k, int) else pad for k in keys] == p.input_ids  # same prompt, same framing
-        assert stats.image_tokens == p.input_ids.count(pad)
+        assert prompt.image_tokens == p.input_ids.count(pad) and prompt.n_tokens == len(p.input_ids)
         with torch.no_grad():
             want = ref.logits(p)[-1].double().numpy()
-        got = m.logits(messages).astype(np.float64)
+        got = m.logits(messages)[0].astype(np.float64)
         rel = np.abs(got - want).max() / np.abs(want).max()
         assert rel <= 1e-4, f"first generated position: max relative logit error {rel:.2e}"
         ref_ids = [t for t in ref.generate_ids(p, 32) if t not in ref.tokenizer.stop_ids]
         out = m.generate(messages, temperature=0, max_tokens=32)
         assert out.tokens == ref_ids[: len(out.tokens)] and len(out.tokens) == len(ref_ids)
+        # the probe, teacher-forced over a continuation: the reference's logits at the same positions
+        cont = ref_ids[:5]
+        assert cont
+        p.input_ids = p.input_ids + cont
+        with torch.no_grad():
+            want = ref.logits(p)[-len(cont) - 1:].double().numpy()
+        got = m.logits(messages, cont).astype(np.float64)
+        assert got.shape == want.shape == (len(cont) + 1, m.decoder.n_vocab)
+        rel = np.abs(got - want).max() / np.abs(want).max()
+        assert rel <= 1e-4, f"teacher-forced positions: max relative logit error {rel:.2e}"
 
 
 def test_embedding_rows_are_equivalent_to_tokens(files):
@@ -84,9 +95,9 @@ def test_embedding_rows_are_equivalent_to_tokens(files):
     table = np.asarray(emb.data, dtype=np.float32).reshape(-1, emb.shape[0])
     with KimiVL.load(text, kv_type="f32") as m:
         ids = m.tokenize("<|im_user|>user<|im_middle|>Which side is the red circle on?<|im_end|>")
-        a = m.decoder.prompt([ids])
+        a = m.decoder.prefill([ids])
         m.decoder.reset()
-        b = m.decoder.prompt([ids[:3], ImageBlock(table[ids[3:9]], "rows"), ids[9:]])
+        b = m.decoder.prefill([ids[:3], ImageBlock(table[ids[3:9]], "rows"), ids[9:]])
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * np.abs(a).max())
 
 
@@ -95,27 +106,42 @@ def test_streaming_equals_generate_and_keeps_utf8_whole(files, images):
     messages = ask(images[:1], "Describe it.")
     with KimiVL.load(text, mm, kv_type="f32") as m:
         full = m.generate(messages, temperature=0.9, seed=3, max_tokens=24)
-        pieces = list(m.stream(messages, temperature=0.9, seed=3, max_tokens=24))
+        stream = m.stream(messages, temperature=0.9, seed=3, max_tokens=24)
+        assert stream.stats.prompt_tokens == 0  # nothing runs before the first piece is asked for
+        pieces = list(stream)
     assert "".join(p.text for p in pieces) == full.text
     assert all("\ufffd" not in p.text or "\ufffd" in full.text for p in pieces)
+    st, want = stream.stats, full.stats  # the figures travel with each output
+    assert (st.image_tokens, st.prompt_tokens, st.generated_tokens, st.finish_reason) == (
+        want.image_tokens, want.prompt_tokens, len(full.tokens), full.finish_reason)
+    assert want.image_tokens > 0 and want.prompt_tokens > want.image_tokens and want.generated_tokens > 0
+    assert st.evaluated_tokens == 1  # the same prompt again: only its last position is evaluated
+    assert want.prefill_seconds > 0 and want.decode_seconds > 0 and want.encode_seconds > 0
 
 
 def test_second_turn_reuses_the_kv_cache_and_the_image(files, images):
     _, text, mm = files["instruct"]
     first = ask(images[:1], "What is this?")
     with KimiVL.load(text, mm, kv_type="f32") as m:
+        encoded = []
+        m.encode_progress = lambda *a: encoded.append(a)  # called while the vision encoder runs
         out = m.generate(first, temperature=0, max_tokens=6)
+        assert encoded
+        encoded.clear()
         turn2 = first + [{"role": "assistant", "content": out.text}, {"role": "user", "content": "And the colour?"}]
-        segments, st = m.build_prompt(turn2)
-        assert st.encode_seconds == 0.0 or len(m._image_cache) == 1  # image not encoded again
-        before = m.decoder.n_evaluated
         cached = m.decoder.n_past
-        got = m.decoder.prompt(segments)
-        evaluated = m.decoder.n_evaluated - before
-        assert evaluated < st.prompt_tokens - st.image_tokens  # neither the image nor the first turn again
-        assert evaluated <= st.prompt_tokens - cached + 8  # only the new tail (plus re-tokenized answer edges)
+        stream = m.stream_tokens(turn2, temperature=0, max_tokens=1)
+        next(stream, None)
+        stream.close()
+        st = stream.stats
+        assert not encoded  # the image is not encoded again
+        assert st.evaluated_tokens < st.prompt_tokens - st.image_tokens  # neither the image nor the first turn again
+        assert st.evaluated_tokens <= st.prompt_tokens - cached + 8  # only the new tail (plus re-tokenized edges)
+        before = m.decoder.n_evaluated
+        got = m.logits(turn2)[0]  # the probe reuses the cache too: only the last position again
+        assert m.decoder.n_evaluated - before == 1
     with KimiVL.load(text, mm, kv_type="f32") as fresh:
-        want = fresh.logits(turn2)
+        want = fresh.logits(turn2)[0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
@@ -124,13 +150,13 @@ def test_append_evaluates_the_next_position(files):
     _, text, _ = files["instruct"]
     with KimiVL.load(text, kv_type="f32", n_ctx=128) as m:
         ids = m.tokenize("<|im_user|>user<|im_middle|>Count to five.<|im_end|><|im_assistant|>assistant")
-        m.decoder.prompt([ids])
+        m.decoder.prefill([ids])
         assert m.decoder.append(7) is None
         got = m.decoder.append(9, logits=True)
-        np.testing.assert_array_equal(m.decoder.last_logits(), got)
+        np.testing.assert_array_equal(llama_last_logits(m.decoder), got)
         assert m.decoder.n_past == len(ids) + 2
         m.decoder.reset()
-        want = m.decoder.prompt([ids + [7, 9]])
+        want = m.decoder.prefill([ids + [7, 9]])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
@@ -145,17 +171,17 @@ def test_repetition_penalty_keeps_greedy_tokens_distinct(files):
     assert len(penalized) == 64 and len(set(penalized)) == 64
 
 
-def test_thinking_split_while_streaming_with_markers_across_tokens(files, monkeypatch):
+def test_thinking_split_while_streaming_with_markers_across_tokens(files):
     _, text, _ = files["thinking"]
     with KimiVL.load(text) as m:
+        assert m.info.is_thinking
         synthetic = "◁think▷ The circle is left of centre. ◁/think▷ Left."
         raw = synthetic.encode()
         # one token per byte: every marker (and every multi-byte character) is split across tokens
         tok = m.tokenizer
-        id_of_bytes = {tok.token_bytes(i): i for i in range(tok.n_base)}
-        byte_ids = [id_of_bytes[bytes([b])] for b in raw]
-        monkeypatch.setattr(m, "stream_tokens", lambda *a, **k: iter(byte_ids))
-        pieces = list(m.stream([{"role": "user", "content": "x"}]))
+        byte_token = {tok.token_bytes(i): i for i in range(tok.n_base)}
+        byte_ids = [byte_token[bytes([b])] for b in raw]
+        pieces = list(decode_pieces(byte_ids, tok, thinking=m.info.is_thinking))
     reasoning = "".join(p.text for p in pieces if p.kind == "reasoning")
     answer = "".join(p.text for p in pieces if p.kind == "answer")
     assert reasoning == "The circle is left of centre." and answer == "Left."
@@ -166,8 +192,7 @@ def test_thinking_history_keeps_only_the_answer(files):
     with KimiVL.load(text) as m:
         msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "◁think▷ secret ◁/think▷ shown"},
                 {"role": "user", "content": "b"}]
-        segs, _ = m.build_prompt(msgs)
-        rendered = m.detokenize([t for s in segs for t in s])
+        rendered = m.detokenize(m.render_prompt(msgs).ids)
     assert "secret" not in rendered and "shown" in rendered
 
 
@@ -240,7 +265,7 @@ def test_placeholder_count_and_context_overflow(files, images, tmp_path):
     with KimiVL.load(text, mm, n_ctx=64) as m:
         assert m.decoder.n_ctx < 400
         with pytest.raises(UsageError, match="placeholder"):
-            m.build_prompt([{"role": "user", "content": [{"type": "image", "image": images[0]},
+            m.render_prompt([{"role": "user", "content": [{"type": "image", "image": images[0]},
                                                          {"type": "text", "text": "and <|media_pad|>"}]}])
         with pytest.raises(UsageError, match="context"):
             m.generate(ask([str(big)], "What is this?"))

@@ -28,12 +28,12 @@ from PIL import Image
 
 from kimivl_edge import vision
 from kimivl_edge.config import KimiVLConfig
-from shared import mmproj_files, mmproj_float32
+from shared import blocked_attention, mmproj_files, mmproj_float32
 from kimivl_edge.errors import KimiVLError, UsageError
 from kimivl_edge.image import preprocess
 from kimivl_edge.mmproj import MmprojError, MmprojFile
 from kimivl_edge.synth import synth
-from kimivl_edge.vision import VisionEncoder, erf, gelu_erf, resample_pos_emb
+from kimivl_edge.vision import VisionEncoder, check_patches, erf, gelu_erf, resample_pos_emb
 
 torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
@@ -375,7 +375,7 @@ def test_blocked_attention_unit(files):
     n, heads, d = 348, 2, 64
     assert 300 % 70 and 4 * 48 * 48 * heads <= 4 * 300 * 70  # 5 blocks, the last one short; the small image whole
     q, k, v = (rng.standard_normal((n, heads, d)).astype(np.float32) * s for s in (2.0, 2.0, 1.0))
-    got = enc.attention(q, k, v, grids)
+    got = blocked_attention(enc, q, k, v, grids)
     want, start = [], 0
     for gh, gw in grids:
         m = gh * gw
@@ -435,8 +435,8 @@ def test_progress_and_bad_inputs(files, inputs):
     enc = VisionEncoder(files["f16"])
     seen = []
     pv = inputs[0][:256]
-    enc.encode(pv, np.array([[16, 16]]), progress=lambda i, n: seen.append((i, n)))
-    assert seen == [(0, 3), (1, 3), (2, 3)]
+    enc.encode(pv, np.array([[16, 16]]), progress=lambda *a: seen.append(a))
+    assert seen == [(1, 3, "layer"), (2, 3, "layer"), (3, 3, "layer")]  # vision.Progress: done, total, unit
     for bad_pv, bad_grid in ((pv, np.array([[16, 14]])),            # patch count mismatch
                              (pv[:60], np.array([[5, 12]])),          # odd side: no 2x2 merge
                              (pv.reshape(256, 3, 196), np.array([[16, 16]]))):  # not [n, 3, 14, 14]
@@ -444,3 +444,26 @@ def test_progress_and_bad_inputs(files, inputs):
             enc.encode(bad_pv, bad_grid)
         assert "\n" not in str(e.value)
     assert enc.encode(pv[:0], np.zeros((0, 2), np.int64)) == []
+
+
+@pytest.mark.parametrize("side,ok", [(511, True), (512, True), (513, False)])
+def test_model_rule_takes_grid_sides_up_to_the_rope_table(side, ok):
+    """The vision model's RoPE table is 512x512 (reference doc §5.4): a direct caller may use sides 1..512, one more
+    than the HF processor lets through (its "Exceed pos emb" rule, test_image.py). A 1x1 merge reaches odd sides."""
+    p = 14
+    pv = np.zeros((side, 3, p, p), np.float32)
+    for grid in ([[side, 1]], [[1, side]]):
+        if ok:
+            assert check_patches(pv, np.array(grid), p, 1)[1] == [tuple(grid[0])]
+        else:
+            with pytest.raises(UsageError, match="between 1 and 512"):
+                check_patches(pv, np.array(grid), p, 1)
+
+
+def test_encoder_takes_a_512_patch_side(files):
+    enc = VisionEncoder(files["f32"], threads=1)
+    pv = np.random.default_rng(7).uniform(-1, 1, (512 * 2, 3, 14, 14)).astype(np.float32)
+    out = enc.encode(pv, np.array([[2, 512]]))
+    assert [o.shape for o in out] == [(256, enc.hparams.projection_dim)] and np.isfinite(out[0]).all()
+    with pytest.raises(UsageError, match="between 2 and 512"):
+        enc.encode(np.zeros((514 * 2, 3, 14, 14), np.float32), np.array([[514, 2]]))

@@ -1,9 +1,10 @@
-"""Work splitting of the numpy vision encoder (kimivl_edge/vision.py): query blocks, row chunks, worker threads,
-chunked weight decoding, the weight cache.
+"""Work splitting of the numpy vision encoder (kimivl_edge/vision.py): query blocks, row chunks, worker threads
+(kimivl_edge/threads.py), chunked weight decoding, the weight cache.
 
 Oracles: a float64 softmax attention written here; the fp32 torch reference (``ReferenceModel.image_embeds``,
-reference doc §5, §6); gguf-py's own ``gguf.quants.dequantize`` for the weights; torch's ``F.gelu`` (tanh).
-Splitting must not change results beyond float32 rounding, whatever the block sizes, chunk sizes or threads.
+reference doc §5, §6); torch's ``F.gelu`` (tanh). (gguf-py's own dequantization is the weights' oracle in
+test_vision.py.) Splitting must not change results beyond float32 rounding, whatever the block sizes, chunk sizes or
+threads; decoding in smaller steps must not change them at all.
 """
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ import gguf
 import numpy as np
 import pytest
 
-from kimivl_edge import vision
-from shared import mmproj_files
+from kimivl_edge import threads, vision
+from shared import blocked_attention, mmproj_files
 from kimivl_edge.synth import synth
-from kimivl_edge.vision import STAGES, VisionEncoder, attention_items, gelu_tanh, row_chunks
+from kimivl_edge.vision import VisionEncoder, attention_items, gelu_tanh, row_chunks
 
 torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
@@ -116,7 +117,7 @@ def test_blocked_attention_against_float64(files, budget, threads):
     rng = np.random.default_rng(3)
     n, heads, d = sum(h * w for h, w in GRIDS), 2, 64
     q, k, v = (rng.standard_normal((n, heads, d)).astype(np.float32) * s for s in (2.0, 2.0, 1.0))
-    got = enc.attention(q, k, v, GRIDS)
+    got = blocked_attention(enc, q, k, v, GRIDS)
     np.testing.assert_allclose(got, softmax_attention_f64(q, k, v, GRIDS), rtol=0, atol=2e-5)
 
 
@@ -130,31 +131,25 @@ def test_gelu_tanh_matches_torch():
 
 
 @pytest.mark.parametrize("mtype", ["f32", "f16", "q8_0", "q4_0"])
-def test_chunked_decode_matches_gguf_py(files, monkeypatch, mtype):
-    """Weights decoded in row steps (here 100 elements: steps that do not divide the rows) into the fused QKV
-    buffer equal gguf-py's dequantization of the three tensors, for every mmproj type."""
+@pytest.mark.parametrize("weight_cache", [True, False])
+def test_chunked_decode_changes_nothing(files, pixels, monkeypatch, mtype, weight_cache):
+    """Weights decoded in row steps of 100 elements (steps that divide neither the rows nor the fused QKV buffer's
+    parts) give bit for bit the encode of whole-tensor steps, for every mmproj type and both weight modes."""
+    monkeypatch.setattr(vision, "DECODE_ELEMS", 1 << 30)
+    whole = VisionEncoder(files[mtype], weight_cache=weight_cache, threads=2).encode(*pixels)
     monkeypatch.setattr(vision, "DECODE_ELEMS", 100)
-    enc = VisionEncoder(files[mtype], weight_cache=True, threads=2)
-    with vision.worker_pool(2) as pool:
-        parts = {p: enc._submit_decode(p, pool) for p in ("embed", 0, "project")}
-        for _, futs in parts.values():
-            for f in futs:
-                f.result()
-    rd = {t.name: t for t in gguf.GGUFReader(files[mtype]).tensors}
+    steps = []
+    real = vision.decode_rows_into
 
-    def ref(name):
-        t = rd[name]
-        return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+    def counted(out, raw, ttype, shape, a, b):
+        steps.append(b - a)
+        real(out, raw, ttype, shape, a, b)
 
-    assert rd["v.blk.0.attn_q.weight"].tensor_type.name == mtype.upper()
-    w = parts[0][0]
-    want = np.concatenate([ref(f"v.blk.0.attn_{x}.weight") for x in "qkv"])
-    assert np.array_equal(w["qkv.weight"], want.reshape(w["qkv.weight"].shape))
-    for key in ("ffn_down.weight", "ffn_up.weight", "ln1.bias"):
-        assert np.array_equal(w[key], ref("v.blk.0." + key).reshape(w[key].shape)), key
-    for part, key in (("embed", "v.patch_embd.weight"), ("project", "mm.1.weight"), ("project", "mm.2.bias")):
-        got = parts[part][0][key]
-        assert np.array_equal(got, ref(key).reshape(got.shape)), key
+    monkeypatch.setattr(vision, "decode_rows_into", counted)
+    chunked = VisionEncoder(files[mtype], weight_cache=weight_cache, threads=2).encode(*pixels)
+    assert max(steps) < 128 and min(steps) < max(steps)  # the 128-wide rows of a 128x128 tensor: several steps
+    for a, b in zip(whole, chunked):
+        assert np.array_equal(a, b)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -179,19 +174,29 @@ def test_threads_do_not_change_the_result(files, pixels):
         np.testing.assert_allclose(o, outs[0], rtol=0, atol=1e-6 * np.abs(outs[0]).max())
 
 
-def test_stats_and_weight_cache(files, pixels):
+def test_weight_cache(files, pixels, monkeypatch):
+    """With the cache, weights are decoded by the first encode only; without, by every encode (into the same
+    buffers). Decoding is counted in ``vision.decode_rows_into``, which every weight goes through."""
+    decoded = []
+    real = vision.decode_rows_into
+
+    def counted(out, raw, ttype, shape, a, b):
+        decoded.append(out.size)
+        real(out, raw, ttype, shape, a, b)
+
+    monkeypatch.setattr(vision, "decode_rows_into", counted)
     enc = VisionEncoder(files["q4_0"], weight_cache=True, threads=2)
     first = enc.encode(*pixels)
-    assert set(STAGES) <= set(enc.stats) and enc.stats["decode_seconds"] > 0
-    assert all(enc.stats[s] > 0 for s in ("embed", "qkv", "attention", "mlp", "project"))
+    per_encode = sum(decoded)
+    assert per_encode == sum(int(np.prod(t.shape)) for t in gguf.GGUFReader(files["q4_0"]).tensors)  # all, once
     second = enc.encode(*pixels)
-    assert enc.stats["decode_seconds"] == 0  # everything came from the cache
+    assert sum(decoded) == per_encode  # everything came from the cache
     for a, b in zip(first, second):
         assert np.array_equal(a, b)
     plain = VisionEncoder(files["q4_0"], threads=2)
-    for _ in range(2):  # the per-layer mode decodes again on each call, into the same buffers
+    for k in range(2):  # the per-layer mode decodes again on each call, into the same buffers
         again = plain.encode(*pixels)
-        assert plain.stats["decode_seconds"] > 0
+        assert sum(decoded) == (k + 2) * per_encode
         for a, b in zip(first, again):
             assert np.array_equal(a, b)
 
@@ -199,7 +204,7 @@ def test_stats_and_weight_cache(files, pixels):
 def test_interrupted_encode_leaves_no_half_decoded_cache(files, pixels):
     enc = VisionEncoder(files["q4_0"], weight_cache=True, threads=2)
 
-    def stop(i, n):
+    def stop(done, total, unit):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -213,7 +218,7 @@ def test_interrupted_encode_leaves_no_half_decoded_cache(files, pixels):
 def _openblas_get_threads():
     import ctypes
 
-    for path in vision._loaded_openblas():
+    for path in threads.openblas_libraries():
         lib = ctypes.CDLL(path)
         for name in ("openblas_get_num_threads", "scipy_openblas_get_num_threads64_", "openblas_get_num_threads64_"):
             fn = getattr(lib, name, None)
@@ -226,13 +231,13 @@ def _openblas_get_threads():
 def test_blas_single_threaded_during_encode_then_restored(files, pixels):
     """OpenBLAS's own getter: one thread while the workers run (no nested BLAS threads), the old count after."""
     get = _openblas_get_threads()
-    if vision.blas_thread_setter() is None or get is None:
+    if threads.blas_thread_setter() is None or get is None:
         pytest.skip("numpy's BLAS is not an OpenBLAS with openblas_set_num_threads_local")
-    setter = vision.blas_thread_setter()
+    setter = threads.blas_thread_setter()
     before = setter(2)
     try:
         seen = []
-        VisionEncoder(files["f32"], threads=2).encode(*pixels, progress=lambda i, n: seen.append(get()))
+        VisionEncoder(files["f32"], threads=2).encode(*pixels, progress=lambda *_: seen.append(get()))
         assert seen and set(seen) == {1}
         assert get() == 2
     finally:

@@ -164,12 +164,21 @@ def test_several_images_one_call(encoder, image_config):
     pv2, g2 = prep(image_config, 112, 56, seed=22)
     calls = []
     both = encoder.encode(np.concatenate([pv2, pv1]), np.concatenate([g2, g1]),
-                          progress=lambda i, n: calls.append((i, n)))
-    assert calls == [(0, 2), (1, 2)]
+                          progress=lambda *a: calls.append(a))
+    assert calls == [(1, 2, "image"), (2, 2, "image")]  # vision.Progress: done, total, unit
     assert [b.shape for b in both] == [(g2[0, 0] * g2[0, 1] // 4, 256), (64, 256)]
     np.testing.assert_allclose(both[0], encoder.encode(pv2, g2)[0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(both[1], encoder.encode(pv1, g1)[0], rtol=1e-5, atol=1e-5)
     assert encoder.encode(np.zeros((0, 3, 14, 14), np.float32), np.zeros((0, 2), np.int64)) == []
+
+
+def test_grid_sides_up_to_the_rope_table(encoder):
+    """The vision model's rule, shared with the numpy backend (``vision.check_patches``): sides up to the 512x512
+    RoPE table (reference doc §5.4), one more than the processor lets through (test_image.py)."""
+    out = encoder.encode(np.zeros((512 * 2, 3, 14, 14), np.float32), np.array([[512, 2]]))
+    assert [o.shape for o in out] == [(256, 256)]
+    with pytest.raises(UsageError, match="between 2 and 512"):
+        encoder.encode(np.zeros((514 * 2, 3, 14, 14), np.float32), np.array([[514, 2]]))
 
 
 def test_thread_count_does_not_change_results(mmproj_f32, encoder, image_config):
@@ -242,5 +251,5 @@ def test_library_checks(monkeypatch):
 
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.3.99")
     with pytest.raises(vg.GgmlBackendError) as e:
-        vg._check_version()
+        vg.check_version()
     assert "0.3.99" in str(e.value) and vg.LLAMA_CPP_PYTHON_VERSION in str(e.value)

@@ -69,10 +69,7 @@ def run_config(text: Path, mmproj: Path, questions, ref: ReferenceData, backend:
             msgs = q.messages()
             out = m.generate(msgs, temperature=0, max_tokens=MAX_NEW_TOKENS)
             right.append(is_correct(q, out.text))
-            segments, _ = m.build_prompt(msgs)
-            m.decoder.reset()
-            all_logits = m.decoder.prompt(segments + [forced], all_logits=True)
-            got = all_logits[-len(forced) - 1: -1]
+            got = m.logits(msgs, forced)[:-1]  # the positions that predict each forced token
             kls.append(kl_divergence(rlog, got))
             top1.append(rlog.argmax(-1) == got.argmax(-1))
             emb = np.concatenate(m.encode_images([s.render(False) for s in q.scenes]))
