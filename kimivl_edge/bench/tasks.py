@@ -73,7 +73,7 @@ def _timed_runs(once: Once, prompts: Prompts) -> dict:
 
 
 def _ours(t: dict, prompts: Prompts) -> dict:
-    """Our runtime: Decoder.prompt for the prefill; SamplerChain.sample + Decoder.append per token (the loop of
+    """Our runtime: Decoder.prefill; SamplerChain.sample + Decoder.append per token (the loop of
     KimiVL.stream_tokens, without its stop-token check so that every run decodes exactly the same count)."""
     from ..decoder import Decoder, DecoderSettings
     from ..sampling import SamplerChain, SamplingSettings
@@ -86,7 +86,7 @@ def _ours(t: dict, prompts: Prompts) -> dict:
     def once(prompt: list[int]) -> tuple[float, float]:
         dec.reset()
         t0 = time.perf_counter()
-        dec.prompt([prompt])
+        dec.prefill([prompt])
         t1 = time.perf_counter()
         for _ in range(n):
             dec.append(chain.sample(dec.ctx))
@@ -278,25 +278,24 @@ def task_vision(t: dict) -> dict:
 
 def _ttft_run(model: Any, t: dict, seed: int) -> dict:
     """One question about a new image (time to its first token), then a follow-up about the same image."""
-    from ..model import Stats
+    from ..prompt import user_message
 
     model.decoder.reset()
-    msgs = [{"role": "user", "content": [{"type": "image", "image": _noise_image(tuple(t["image"]), seed)},
-                                         {"type": "text", "text": t["question"]}]}]
-    st = Stats()
+    msgs = [user_message(t["question"], [_noise_image(tuple(t["image"]), seed)])]
     t0 = time.perf_counter()
-    it = model.stream_tokens(msgs, stats=st, temperature=0.0, max_tokens=8)
+    it = model.stream_tokens(msgs, temperature=0.0, max_tokens=8)
     first = next(it, None)
     ttft = time.perf_counter() - t0
     rest = list(it)
+    st = it.stats
     answer = model.detokenize(([first] if first is not None else []) + rest) or "."
-    follow = msgs + [{"role": "assistant", "content": answer}, {"role": "user", "content": t["followup"]}]
-    st2 = Stats()
+    follow = msgs + [{"role": "assistant", "content": answer}, user_message(t["followup"])]
     t0 = time.perf_counter()
-    it = model.stream_tokens(follow, stats=st2, temperature=0.0, max_tokens=1)
+    it = model.stream_tokens(follow, temperature=0.0, max_tokens=1)
     next(it, None)
     followup = time.perf_counter() - t0
     it.close()
+    st2 = it.stats
     return {"ttft": ttft, "encode": st.encode_seconds, "prefill": st.prefill_seconds, "followup": followup,
             "followup_evaluated": st2.evaluated_tokens, "image_tokens": st.image_tokens,
             "prompt_tokens": st.prompt_tokens}
