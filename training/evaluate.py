@@ -46,11 +46,8 @@ def chance_levels(questions: list[Question]) -> dict[str, float]:
 
 def evaluate(ckpt_dir: str | Path, n: int = 600, seed: int = EVAL_SEED, tasks: tuple[str, ...] = TASKS) -> dict:
     """{"reference": {task: acc}, "blind": {task: acc}, "chance": {task: acc}, "n": n} on ``n`` held-out questions."""
-    import torch
-
     from kimivl_edge.reference.model import ReferenceModel
 
-    torch.set_grad_enabled(False)
     model = ReferenceModel(ckpt_dir)
     qs = question_set(seed, n, tasks)
     return {"n": n, "seed": seed,

@@ -39,7 +39,6 @@ class ReferenceData:
 
         from .evaluate import MAX_NEW_TOKENS
 
-        torch.set_grad_enabled(False)
         torch.set_num_threads(1)  # tiny matrices: more threads only oversubscribe the cores
         self.model = ref = ReferenceModel(ckpt)
         self.answer_ids, self.logits, self.embeds = [], [], []
