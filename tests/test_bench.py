@@ -15,6 +15,7 @@ from kimivl_edge.bench.probes import current_rss, gemm_peak, peak_rss, raw_read_
 from kimivl_edge.bench.roofline import RooflineModel, bytes_per_token, kv_bytes_per_token, vision_flops
 from kimivl_edge.bench.sections import llama_convert_section, summarize
 from kimivl_edge.synth import preset_config
+from kimivl_edge.errors import UsageError
 from kimivl_edge.gguf_file import TensorInfo
 
 ASSET = Path(__file__).resolve().parents[1] / "kimivl_edge" / "assets" / "kimi-vl-tiny"
@@ -306,7 +307,7 @@ def test_synth_layers_scales_depth_and_keeps_values(tmp_path):
     assert set(b) < set(a)
     for n in b:
         assert a[n] == b[n], n
-    with pytest.raises(Exception):
+    with pytest.raises(UsageError):
         synth(tmp_path / "bad", "tiny", layers=0)
 
 

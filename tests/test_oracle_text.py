@@ -69,13 +69,13 @@ def make_weights(cfg: TextConfig, seed: int) -> dict[str, torch.Tensor]:
             w[f + "up_proj.weight"] = lin(cfg.intermediate_size, D)
             w[f + "down_proj.weight"] = lin(D, cfg.intermediate_size)
             continue
-        I, S = cfg.moe_intermediate_size, cfg.moe_intermediate_size * cfg.n_shared_experts
+        Im, S = cfg.moe_intermediate_size, cfg.moe_intermediate_size * cfg.n_shared_experts
         w[f + "gate.weight"] = lin(cfg.n_routed_experts, D)
         w[f + "gate.e_score_correction_bias"] = 0.1 * torch.randn(cfg.n_routed_experts, generator=g)
         for e in range(cfg.n_routed_experts):
-            w[f"{f}experts.{e}.gate_proj.weight"] = lin(I, D)
-            w[f"{f}experts.{e}.up_proj.weight"] = lin(I, D)
-            w[f"{f}experts.{e}.down_proj.weight"] = lin(D, I)
+            w[f"{f}experts.{e}.gate_proj.weight"] = lin(Im, D)
+            w[f"{f}experts.{e}.up_proj.weight"] = lin(Im, D)
+            w[f"{f}experts.{e}.down_proj.weight"] = lin(D, Im)
         w[f + "shared_experts.gate_proj.weight"] = lin(S, D)
         w[f + "shared_experts.up_proj.weight"] = lin(S, D)
         w[f + "shared_experts.down_proj.weight"] = lin(D, S)

@@ -116,7 +116,8 @@ def markdown(table: dict) -> str:
         f"fp32 reference accuracy {100 * table['reference_accuracy']:.1f} %. KL divergence and top-1 agreement are "
         "teacher-forced over the reference answer tokens and the end-of-turn token; F32 KV cache.",
         "",
-        "| text | mmproj | vision backend | text MB | mmproj MB | accuracy | mean KLD | top-1 | vision cos (mean / min) |",
+        "| text | mmproj | vision backend | text MB | mmproj MB | accuracy | mean KLD | top-1 "
+        "| vision cos (mean / min) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in table["rows"]:
@@ -137,7 +138,8 @@ def chart(table: dict, path: Path) -> None:
     d = ImageDraw.Draw(img)
     sizes = [r["text_mb"] + r["mmproj_mb"] for r in rows]
     xmin, xmax = min(sizes) * 0.95, max(sizes) * 1.05
-    panels = [("task accuracy (%)", [100 * r["accuracy"] for r in rows]), ("mean KL divergence", [r["kld"] for r in rows])]
+    panels = [("task accuracy (%)", [100 * r["accuracy"] for r in rows]),
+              ("mean KL divergence", [r["kld"] for r in rows])]
     colours = {"F16": (30, 90, 200), "Q8_0": (20, 150, 60), "Q4_0": (200, 60, 30)}
     pw = (W - 3 * pad) // 2
     for k, (title, ys) in enumerate(panels):

@@ -79,8 +79,8 @@ class Scene:
         if self.number is not None:
             font = number_font(self.height)
             text = str(self.number)
-            l, t, r, b = d.textbbox((0, 0), text, font=font)
-            d.text(((self.width - (r - l)) / 2 - l, (self.height - (b - t)) / 2 - t), text, font=font,
+            x0, t, r, b = d.textbbox((0, 0), text, font=font)
+            d.text(((self.width - (r - x0)) / 2 - x0, (self.height - (b - t)) / 2 - t), text, font=font,
                    fill=self.number_colour)
         return img
 
@@ -302,9 +302,9 @@ def make_conversation(rng: np.random.Generator, warmup: bool = False, tasks: tup
     """A training chat: scenes and (question, answer) turns about them. A one-shape scene asks 2-4 questions of one
     image (count, colour, shape, side, point), so one vision pass supervises several answers; a 2-3-shape scene asks
     the count (and, if "point" is trained, where each shape is, its colour and its kind); 20 % of chats compare two
-    images. The first turn has exactly the form of a held-out question. ``warmup`` (the start of training): one shape, its colour, kind and
-    side (and point) only, whose answers depend on the image alone, so the vision path is used from the start. Tasks
-    not in ``tasks`` draw nothing from ``rng``."""
+    images. The first turn has exactly the form of a held-out question. ``warmup`` (the start of training): one
+    shape, its colour, kind and side (and point) only, whose answers depend on the image alone, so the vision path
+    is used from the start. Tasks not in ``tasks`` draw nothing from ``rng``."""
     if warmup:
         sc = shape_scene(rng, 1, radius=SINGLE_RADIUS)
         s = sc.shapes[0]

@@ -73,7 +73,8 @@ def rope2d_angles(h: int, w: int, head_dim: int, theta: float) -> torch.Tensor:
 
 
 def apply_rope_interleaved(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs (2k, 2k+1) of x [L, heads, d] by angles [L, d//2]: (a, b) -> (a cos - b sin, a sin + b cos)."""
+    """Rotate adjacent pairs (2k, 2k+1) of x [L, heads, d] by angles [L, d//2]:
+    (a, b) -> (a cos - b sin, a sin + b cos)."""
     cos = torch.cos(angles).to(x.dtype)[:, None, :]
     sin = torch.sin(angles).to(x.dtype)[:, None, :]
     a, b = x[..., 0::2], x[..., 1::2]
@@ -192,7 +193,8 @@ def projector(weights: Weights, feats: torch.Tensor, eps: float = 1e-5) -> torch
 
 def encode_images(weights: Weights, cfg: VisionConfig, pixel_values: torch.Tensor,
                   grid_hws: list[tuple[int, int]]) -> torch.Tensor:
-    """Tower + projector: the rows that replace the <|media_pad|> embeddings, [Σ gh·gw/4, text_hidden] (§5, §6, §9.1)."""
+    """Tower + projector: the rows that replace the <|media_pad|> embeddings, [Σ gh·gw/4, text_hidden]
+    (§5, §6, §9.1)."""
     feats = vision_tower(weights, cfg, pixel_values, grid_hws)
     return projector(weights, torch.cat(feats))
 
