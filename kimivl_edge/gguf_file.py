@@ -23,7 +23,7 @@ import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import numpy as np
 from gguf import (
@@ -262,7 +262,7 @@ class GGUFFile:
                 pass
             self._map = None
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> "GGUFFile":
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from gguf import TokenType
 
+from .config import TEMPERATURE
 from .errors import GGUFFileError, KimiVLError
 from .gguf_file import read_metadata
 from .tokenizer import Tokenizer, decode_byte_alphabet
@@ -67,7 +68,12 @@ class TextModelInfo:
         if len(meta.get("tokenizer.ggml.merges", ())) == 0:
             raise ModelFileError(f"{path}: the vocabulary has no merges (llama.cpp would tokenize byte by byte); "
                                  "reconvert it with kimivl-edge convert")
+        missing = [k for k in _REQUIRED_HPARAMS if k not in meta]
+        if missing:
+            raise ModelFileError(f"{path}: missing metadata {', '.join(missing)}")
         tokens = meta.get("tokenizer.ggml.tokens")
+        if not isinstance(tokens, list):
+            raise ModelFileError(f"{path}: no tokenizer.ggml.tokens list")
         types = np.asarray(meta.get("tokenizer.ggml.token_type", ()), dtype=np.int64)
         ranks: dict[bytes, int] = {}
         specials: dict[str, int] = {}
@@ -88,15 +94,12 @@ class TextModelInfo:
         if media != tok.media_pad_id:
             raise ModelFileError(f"{path}: media placeholder id {media} is not <|media_pad|> ({tok.media_pad_id})")
         variant = str(meta.get("kimivl_edge.variant", "instruct"))
-        temp_default = 0.8 if variant.startswith("thinking") else 0.2
-        missing = [k for k in _REQUIRED_HPARAMS if k not in meta]
-        if missing:
-            raise ModelFileError(f"{path}: missing metadata {', '.join(missing)}")
+        temp_default = TEMPERATURE.get(variant, TEMPERATURE["instruct"])
         return cls(
             path=path,
-            n_embd=int(meta.get("deepseek2.embedding_length")),
-            n_layer=int(meta.get("deepseek2.block_count")),
-            n_ctx_train=int(meta.get("deepseek2.context_length")),
+            n_embd=int(meta["deepseek2.embedding_length"]),
+            n_layer=int(meta["deepseek2.block_count"]),
+            n_ctx_train=int(meta["deepseek2.context_length"]),
             n_vocab=len(tokens),
             variant=variant,
             temperature=float(meta.get("general.sampling.temp", temp_default)),

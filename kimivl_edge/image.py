@@ -243,7 +243,7 @@ def num_image_tokens(grid: Sequence[int], merge_kernel_size: Sequence[int] = (2,
 
 def image_token_counts(grid_hws: Any, merge_kernel_size: Sequence[int] = (2, 2)) -> list[int]:
     """``num_image_tokens`` for each row of an [N, 2] grid array (§4 text expansion)."""
-    return [num_image_tokens(g, merge_kernel_size) for g in np.asarray(grid_hws).reshape(-1, 2)]
+    return [num_image_tokens((int(g[0]), int(g[1])), merge_kernel_size) for g in np.asarray(grid_hws).reshape(-1, 2)]
 
 
 # ----------------------------------------------------------------------------------------------------------------

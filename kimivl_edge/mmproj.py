@@ -222,9 +222,9 @@ class MmprojFile:
         return f"MmprojFile({str(self.path)!r})"
 
 
-def _triple(v: object, key: str, path: Path) -> tuple[float, float, float]:
-    vals = [x.item() if isinstance(x, np.generic) else x for x in v] if isinstance(v, (list, tuple, np.ndarray)) \
-        else [v] * 3
+def _triple(v: Any, key: str, path: Path) -> tuple[float, float, float]:
+    many = isinstance(v, (list, tuple, np.ndarray))
+    vals: list[Any] = [x.item() if isinstance(x, np.generic) else x for x in v] if many else [v] * 3
     if len(vals) != 3 or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in vals):
         raise MmprojError(f"{path}: clip.vision.{key} must be three numbers, got {v!r}")
     return float(vals[0]), float(vals[1]), float(vals[2])

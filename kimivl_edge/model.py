@@ -21,17 +21,17 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .decoder import Decoder, DecoderSettings, ImageBlock, Segment
 from .errors import KimiVLError, UsageError
 from .gguf_model import ModelFileError, TextModelInfo
-from .image import ImageProcessorConfig, load_image, num_image_tokens, preprocess
+from .image import ImageProcessorConfig, ImageSource, load_image, num_image_tokens, preprocess
 from .prompt import ThinkingStreamSplitter, check_messages, image_parts, render, split_thinking
 from .sampling import SamplerChain, SamplingSettings
 from .tokenizer import StreamDecoder, Tokenizer
@@ -125,14 +125,16 @@ def _prepare_history(messages: Sequence[dict], thinking: bool) -> list[dict]:
     return out
 
 
-def _image_source(part: dict) -> object:
+def _image_source(part: dict) -> ImageSource:
     src = part.get("image", part.get("image_url"))
     if isinstance(src, dict):
         src = src.get("url")
+    if src is None:
+        raise UsageError(f"image part {part.get('type')!r} holds no image")
     return src
 
 
-def decode_pieces(ids: Iterable[int], tokenizer: Tokenizer, thinking: bool) -> Iterator[Piece]:
+def decode_pieces(ids: Iterable[int], tokenizer: Tokenizer, thinking: bool) -> Generator[Piece, None, None]:
     """Token ids -> text pieces as they complete (never a broken UTF-8 character); with ``thinking``, "reasoning"
     pieces, then "answer" pieces (reference doc §7.4), else only "answer" pieces."""
     dec = StreamDecoder(tokenizer)
@@ -170,7 +172,7 @@ class TokenStream(Iterator[int]):
         """Stop generating (the KV cache keeps what was evaluated)."""
         self._ids.close()
 
-    def _generate(self, model: KimiVL, messages: Sequence[dict], s: SamplingSettings) -> Iterator[int]:
+    def _generate(self, model: KimiVL, messages: Sequence[dict], s: SamplingSettings) -> Generator[int, None, None]:
         st, dec, clock = self.stats, model.decoder, time.perf_counter
         prompt = model.render_prompt(messages)
         st.image_tokens, st.prompt_tokens = prompt.image_tokens, prompt.n_tokens
@@ -257,7 +259,8 @@ class KimiVL:
         if max_image_patches is not None and max_image_patches < 4:
             raise UsageError("max_image_patches must be >= 4")
         info = TextModelInfo.read(model_gguf)
-        vision = image_config = None
+        vision: Any = None
+        image_config = None
         if mmproj_gguf is not None:
             from .mmproj import MmprojFile
 
@@ -306,11 +309,11 @@ class KimiVL:
             raise UsageError("this model was loaded without an mmproj file: images are not available")
         return self.vision
 
-    def encode_images(self, images: Sequence[object]) -> list[np.ndarray]:
+    def encode_images(self, images: Sequence[ImageSource]) -> list[np.ndarray]:
         """Projected embeddings per image, ``[n_tokens, n_embd]`` float32 (cached by pixel content)."""
         return self._embeddings(self._prepare_images(list(images)))
 
-    def _prepare_images(self, images: Sequence[object]) -> list[PromptImage]:
+    def _prepare_images(self, images: Sequence[ImageSource]) -> list[PromptImage]:
         """Load and preprocess (reference doc §4), without encoding."""
         self._require_vision()
         cfg = self.image_config
@@ -381,7 +384,7 @@ class KimiVL:
         return segments
 
     # -- generation -------------------------------------------------------------------------------------------
-    def _sampling(self, settings: SamplingSettings | None, overrides: dict[str, object]) -> SamplingSettings:
+    def _sampling(self, settings: SamplingSettings | None, overrides: dict[str, Any]) -> SamplingSettings:
         s = settings or SamplingSettings()
         if overrides:
             unknown = set(overrides) - set(SamplingSettings.__dataclass_fields__)

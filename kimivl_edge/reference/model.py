@@ -15,7 +15,7 @@ import torch
 
 from ..checkpoint import Checkpoint
 from ..errors import CheckpointError
-from ..image import ImageProcessorConfig, image_token_counts, preprocess
+from ..image import ImageProcessorConfig, ImageSource, image_token_counts, preprocess
 from ..prompt import expand_media, load_chat_template, render
 from ..tokenizer import Tokenizer
 from . import text as text_ref
@@ -28,7 +28,8 @@ class LazyWeights(Mapping):
     """HF tensor name -> float32 torch tensor, widened from the memory-mapped bf16 shards on first access."""
 
     def __init__(self, ckpt: Checkpoint, cache: bool):
-        self._ck, self._cache, self._store = ckpt, cache, {}
+        self._ck, self._cache = ckpt, cache
+        self._store: dict[str, torch.Tensor] = {}
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name in self._store:
@@ -47,7 +48,7 @@ class LazyWeights(Mapping):
         return len(self._ck.weight_map)
 
 
-def image_parts(messages: list[dict]) -> list[object]:
+def image_parts(messages: list[dict]) -> list[ImageSource]:
     """The image sources of all messages, in textual order (the order of the media pads)."""
     out = []
     for m in messages:
@@ -99,16 +100,21 @@ class ReferenceModel:
         grids = [(int(h), int(w)) for h, w in grid_hws]
         return vision_ref.encode_images(self.weights, self.config.vision, torch.from_numpy(pixel_values), grids)
 
+    def _embeds(self, p: Prepared) -> torch.Tensor | None:
+        if p.pixel_values is None or p.grid_hws is None:
+            return None
+        return self.image_embeds(p.pixel_values, p.grid_hws)
+
     @torch.no_grad()
     def logits(self, p: Prepared) -> torch.Tensor:
-        emb = self.image_embeds(p.pixel_values, p.grid_hws) if p.pixel_values is not None else None
+        emb = self._embeds(p)
         x = text_ref.embed(self.weights, self.config.text, torch.tensor(p.input_ids), emb,
                            self.config.media_placeholder_token_id)
         return text_ref.decoder_forward(self.weights, self.config.text, x)
 
     @torch.no_grad()
     def generate_ids(self, p: Prepared, max_new_tokens: int = 32) -> list[int]:
-        emb = self.image_embeds(p.pixel_values, p.grid_hws) if p.pixel_values is not None else None
+        emb = self._embeds(p)
         return text_ref.greedy_generate(self.weights, self.config.text, torch.tensor(p.input_ids), emb,
                                         self.config.media_placeholder_token_id, max_new_tokens,
                                         sorted(self.tokenizer.stop_ids))

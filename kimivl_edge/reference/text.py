@@ -161,7 +161,7 @@ def embed(weights: Weights, cfg: TextConfig, input_ids: torch.Tensor | Sequence[
     if n_slots != n_rows:
         raise ValueError(f"{n_slots} media placeholder tokens (id {media_token_id}) in the prompt but {n_rows} "
                          f"image embedding rows; they must match exactly")
-    if n_rows:
+    if image_embeds is not None and n_rows:
         if image_embeds.shape[-1] != cfg.hidden_size:
             raise ValueError(f"image embeddings have width {image_embeds.shape[-1]}, expected {cfg.hidden_size}")
         e[slots] = image_embeds.to(e.dtype)

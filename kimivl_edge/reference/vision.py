@@ -7,12 +7,13 @@ is one small module-level function, looked up by name at call time, so a test ca
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 
 from ..config import VisionConfig
 
-Weights = dict[str, torch.Tensor]
+Weights = Mapping[str, torch.Tensor]
 
 TOWER = "vision_tower."
 BLOCK = TOWER + "encoder.blocks.{}."
