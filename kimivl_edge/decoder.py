@@ -23,22 +23,24 @@ import ctypes
 import os
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import TypeAlias
 
 import numpy as np
 
-from .errors import KimiVLError, UsageError
+from gguf import GGMLQuantizationType
 
-KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "q4_0": 2, "bf16": 30}
+from .errors import GGUFFileError, KimiVLError, UsageError
+from .gguf_file import GGUFFile
+
+GT = GGMLQuantizationType
+KV_TYPES = {"f32": GT.F32, "f16": GT.F16, "q8_0": GT.Q8_0, "q4_0": GT.Q4_0, "bf16": GT.BF16}
 LOAD_MODE_NONE, LOAD_MODE_MMAP = 0, 1  # enum llama_load_mode
 
 # ggml types that ggml-cpu/repack.cpp (llama.cpp of llama-cpp-python 0.3.36) can repack for MUL_MAT / MUL_MAT_ID,
 # by instruction set: x86 needs AVX2 (Q2_K: AVX-512); ARM and others repack more types.
-_Q4_0, _Q8_0, _Q2_K, _Q4_K, _Q5_K, _Q6_K, _IQ4_NL, _MXFP4, _Q1_0 = 2, 8, 10, 12, 13, 14, 20, 39, 41
-_REPACK_AVX2 = frozenset({_Q4_0, _Q4_K, _IQ4_NL, _MXFP4})
-_REPACK_ANY = frozenset({_Q4_0, _Q8_0, _Q2_K, _Q4_K, _Q5_K, _Q6_K, _IQ4_NL, _MXFP4, _Q1_0})
+_REPACK_AVX2 = frozenset({GT.Q4_0, GT.Q4_K, GT.IQ4_NL, GT.MXFP4})
+_REPACK_ANY = frozenset({GT.Q4_0, GT.Q8_0, GT.Q2_K, GT.Q4_K, GT.Q5_K, GT.Q6_K, GT.IQ4_NL, GT.MXFP4, GT.Q1_0})
 _NOT_MATMUL = ("token_embd.weight",)  # read with get_rows: never repacked
 
 
@@ -84,45 +86,23 @@ def _log(level, text, user_data):
         sys.stderr.write(text.decode("utf-8", "replace"))
 
 
-def _repack_types(system_info: str) -> frozenset[int]:
+def _repack_types(system_info: str) -> frozenset[GGMLQuantizationType]:
     """Weight types llama.cpp's CPU backend repacks here, from its system info ("AVX2 = 1 | ... | REPACK = 1")."""
     flags = {f.split("=")[0].strip() for f in system_info.split("|") if f.strip().endswith("= 1")}
     if "REPACK" not in flags:
         return frozenset()
     if "AVX2" in flags:
-        return _REPACK_AVX2 | ({_Q2_K} if "AVX512" in flags else set())
+        return _REPACK_AVX2 | ({GT.Q2_K} if "AVX512" in flags else set())
     return _REPACK_ANY  # other instruction sets: every type repack.cpp knows (when unsure, do not map)
 
 
-class _GgufInitParams(ctypes.Structure):
-    _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.c_void_p)]
-
-
-@lru_cache(maxsize=1)
-def _gguf_api():
-    """llama.cpp's gguf reader, found through libllama's handle (i.e. in the very ggml-base it links)."""
-    import llama_cpp.llama_cpp as lcc
-
-    lib, p, i64 = lcc._lib, ctypes.c_void_p, ctypes.c_int64
-    for name, args, res in (("gguf_init_from_file", [ctypes.c_char_p, _GgufInitParams], p),
-                            ("gguf_get_n_tensors", [p], i64), ("gguf_get_tensor_name", [p, i64], ctypes.c_char_p),
-                            ("gguf_get_tensor_type", [p, i64], ctypes.c_int), ("gguf_free", [p], None)):
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, res
-    return lib
-
-
-def tensor_types(path: str | Path) -> dict[str, int] | None:
-    """Tensor name -> ggml type from the GGUF's tensor index (llama.cpp's own parser); None if it cannot read it."""
-    lib = _gguf_api()
-    g = lib.gguf_init_from_file(os.fsencode(path), _GgufInitParams(True, None))
-    if not g:
-        return None
+def tensor_types(path: str | Path) -> dict[str, GGMLQuantizationType] | None:
+    """Tensor name -> ggml type from the GGUF's tensor index; None if the file cannot be read as a GGUF."""
     try:
-        return {lib.gguf_get_tensor_name(g, i).decode("utf-8", "replace"): int(lib.gguf_get_tensor_type(g, i))
-                for i in range(lib.gguf_get_n_tensors(g))}
-    finally:
-        lib.gguf_free(g)
+        with GGUFFile(path) as f:
+            return {name: t.type for name, t in f.tensors.items()}
+    except GGUFFileError:
+        return None
 
 
 def repacked_tensors(path: str | Path) -> list[str]:
