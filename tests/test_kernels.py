@@ -58,10 +58,12 @@ def test_encode_range_check_agrees_with_the_formula_near_the_f16_limit(qtype, di
                 kernels.encode(a, qtype)
 
 
-def test_amax_finite_ignores_nan_and_inf():
+def test_max_abs_finite_ignores_nan_and_inf():
     a = np.array([[1.0, -3.0, np.nan, np.inf, -np.inf]], np.float32)
-    assert kernels.amax_finite(a) == 3.0
-    assert kernels.amax_finite(np.array([[-2.0, 1.0]], np.float32)) == 2.0
+    assert codec.max_abs_finite(a) == 3.0
+    assert codec.max_abs_finite(np.array([[-2.0, 1.0]], np.float32)) == 2.0
+    assert codec.max_abs_finite(np.array([[np.nan, -np.inf]], np.float32)) == 0.0
+    assert codec.max_abs_finite(np.zeros((0, 4), np.float32)) == 0.0
 
 
 def _deferred(a: np.ndarray, rows: int):

@@ -73,7 +73,7 @@ def run_config(text: Path, mmproj: Path, questions, ref: ReferenceData, backend:
             m.decoder.reset()
             all_logits = m.decoder.prompt(segments + [forced], all_logits=True)
             got = all_logits[-len(forced) - 1: -1]
-            kls.append(kl_divergence(rlog, got))
+            kls.append(kl_divergence(got, rlog))
             top1.append(rlog.argmax(-1) == got.argmax(-1))
             emb = np.concatenate(m.encode_images([s.render(False) for s in q.scenes]))
             cos.append(cosine_rows(emb, remb))
