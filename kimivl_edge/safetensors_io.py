@@ -69,11 +69,15 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.entries[name]["shape"])
 
+    def offset(self, name: str) -> int:
+        """Where the tensor's data starts in the file (bytes from the start)."""
+        return self._base + self.entries[name]["data_offsets"][0]
+
     def raw(self, name: str) -> np.ndarray:
         e = self.entries[name]
         start, end = e["data_offsets"]
         arr = np.frombuffer(self._mm, dtype=STORAGE[e["dtype"]], count=(end - start) // STORAGE[e["dtype"]].itemsize,
-                            offset=self._base + start)
+                            offset=self.offset(name))
         return arr.reshape(e["shape"])
 
     def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
@@ -86,7 +90,7 @@ class SafetensorsFile:
         ne0 = int(shape[-1]) if shape else 1
         out = np.empty((stop - start, ne0), dt)
         view = memoryview(out.reshape(-1).view(np.uint8))
-        pos = self._base + e["data_offsets"][0] + start * ne0 * dt.itemsize
+        pos = self.offset(name) + start * ne0 * dt.itemsize
         fd = os.open(self.path, os.O_RDONLY)
         try:
             done = 0
