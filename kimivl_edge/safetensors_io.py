@@ -1,7 +1,8 @@
 """Safetensors read (memory-mapped, numpy) and streaming write, with bf16 handled as raw uint16.
 
 numpy has no bfloat16, and the `safetensors` numpy API refuses bf16 tensors, so this module reads the format itself
-(8-byte little-endian header length, JSON header, raw little-endian data) and widens bf16 to float32 exactly.
+(8-byte little-endian header length, JSON header, raw little-endian data) and widens bf16 to float32 exactly
+(``quant.codec.bf16_to_f32``; ``quant.codec.f32_to_bf16`` narrows, round to nearest even).
 Writing streams one tensor at a time: the 16B-parameter synthetic checkpoint never sits in RAM.
 """
 from __future__ import annotations
@@ -16,6 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CheckpointError
+from .quant.codec import bf16_to_f32, f32_to_bf16  # the one definition of each; re-exported for readers/writers
+
+__all__ = ["STORAGE", "SafetensorsFile", "write_safetensors", "bf16_to_f32", "f32_to_bf16"]
 
 # safetensors dtype name -> (numpy storage dtype, bytes per element)
 STORAGE = {
@@ -26,23 +30,6 @@ STORAGE = {
     "I64": np.dtype("<i8"),
     "I32": np.dtype("<i4"),
 }
-
-
-def bf16_to_f32(u16: np.ndarray) -> np.ndarray:
-    """Exact widening: a bf16 value is the top half of the float32 with the same bits (one pass, no temporary)."""
-    out = np.empty(u16.shape, np.uint32)
-    np.left_shift(u16, 16, out=out, dtype=np.uint32)
-    return out.view(np.float32)
-
-
-def f32_to_bf16(x: np.ndarray) -> np.ndarray:
-    """Round-to-nearest-even narrowing to bf16 bits (uint16), as torch's .to(torch.bfloat16); NaN stays NaN."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
-    nan = np.isnan(x)
-    if nan.any():
-        rounded[nan] = 0x7FC0
-    return rounded
 
 
 class SafetensorsFile:
@@ -82,11 +69,15 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.entries[name]["shape"])
 
+    def offset(self, name: str) -> int:
+        """Where the tensor's data starts in the file (bytes from the start)."""
+        return self._base + self.entries[name]["data_offsets"][0]
+
     def raw(self, name: str) -> np.ndarray:
         e = self.entries[name]
         start, end = e["data_offsets"]
         arr = np.frombuffer(self._mm, dtype=STORAGE[e["dtype"]], count=(end - start) // STORAGE[e["dtype"]].itemsize,
-                            offset=self._base + start)
+                            offset=self.offset(name))
         return arr.reshape(e["shape"])
 
     def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
@@ -99,7 +90,7 @@ class SafetensorsFile:
         ne0 = int(shape[-1]) if shape else 1
         out = np.empty((stop - start, ne0), dt)
         view = memoryview(out.reshape(-1).view(np.uint8))
-        pos = self._base + e["data_offsets"][0] + start * ne0 * dt.itemsize
+        pos = self.offset(name) + start * ne0 * dt.itemsize
         fd = os.open(self.path, os.O_RDONLY)
         try:
             done = 0

@@ -30,7 +30,7 @@ import numpy as np
 from .config import ROPE_MAX_GRID
 from .errors import UsageError
 from .mmproj import MmprojFile
-from .quant.codec import dequantize_rows
+from .quant.codec import dequantize_rows_into
 from .threads import single_threaded_blas, worker_pool
 
 __all__ = [
@@ -308,19 +308,9 @@ def check_patches(pixel_values: np.ndarray, grid_hws: object, p: int, m: int
 
 
 def decode_rows_into(out: np.ndarray, raw: np.ndarray, ttype: str, shape: tuple[int, int], a: int, b: int) -> None:
-    """Rows [a, b) of a [rows, ne0] GGUF tensor decoded into the flat float32 ``out`` in one pass for F32, F16 and
-    Q8_0 (block_q8_0 = {f16 d; int8 qs[32]}, x = d·qs: ggml-common.h); other types through ``quant.codec``."""
-    rows, ne0 = shape
-    if ttype in ("F32", "F16"):
-        src = np.asarray(raw).reshape(-1).view(np.float32 if ttype == "F32" else np.float16)
-        np.copyto(out, src[a * ne0:b * ne0])
-    elif ttype == "Q8_0":
-        nb = ne0 // 32
-        blk = np.asarray(raw).reshape(-1).view(np.uint8).reshape(rows * nb, 34)[a * nb:b * nb]
-        d = blk[:, :2].copy().view(np.float16).astype(np.float32)
-        np.multiply(blk[:, 2:].view(np.int8), d, out=out.reshape(-1, 32))
-    else:
-        out[:] = dequantize_rows(raw, ttype, shape, slice(a, b)).reshape(-1)
+    """Rows [a, b) of a [rows, ne0] GGUF tensor decoded into the flat float32 ``out`` (``quant.codec``: one pass
+    for F32, F16, BF16, Q8_0 and Q4_0)."""
+    dequantize_rows_into(out, raw, ttype, shape, a, b)
 
 
 class VisionEncoder:

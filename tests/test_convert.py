@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import gguf
 import numpy as np
@@ -19,7 +20,7 @@ import pytest
 
 from shared import edit_json, shards
 from kimivl_edge.checkpoint import Checkpoint
-from kimivl_edge.convert import convert_checkpoint, plan_conversion, resolve_checkpoint
+from kimivl_edge.convert import convert_checkpoint, format_plan, format_result, plan_conversion, resolve_checkpoint
 from kimivl_edge.errors import UsageError
 from kimivl_edge.quant import ggml_c
 from kimivl_edge.synth import synth
@@ -247,9 +248,11 @@ def test_text_plan_shapes_match_the_stored_tensors_and_the_written_file(ckpts, t
 
 def test_dry_run_plan_predicts_the_written_k_quant_types(ckpts, tmp_path):
     plan = plan_conversion(ckpts["instruct"], "q4_k_m", "f16", tmp_path)
-    text, _ = convert_checkpoint(ckpts["instruct"], "q4_k_m", "f16", tmp_path)
-    assert {n: t.tensor_type.name for n, t in tensors(text).items()} == {
-        n: q.value for n, (q, _) in plan.text_final.items()}
+    r = convert_checkpoint(ckpts["instruct"], "q4_k_m", "f16", tmp_path)
+    want = {t.name: t.qtype.value for t in plan.text.tensors}
+    assert {n: t.tensor_type.name for n, t in tensors(r.text_path).items()} == want
+    assert {t.name: t.qtype.value for t in r.text.tensors} == want and not r.text.range_fallbacks
+    assert r.text.file_bytes == r.text_path.stat().st_size
 
 
 def test_f16_range_safety_keeps_out_of_range_tensors_in_bf16(ckpts, tmp_path):
@@ -259,15 +262,20 @@ def test_f16_range_safety_keeps_out_of_range_tensors_in_bf16(ckpts, tmp_path):
     shutil.copytree(ckpts["instruct"], d)
     name = "language_model.model.layers.1.self_attn.o_proj.weight"
     shard = json.loads((d / "model.safetensors.index.json").read_text())["weight_map"][name]
-    st = SafetensorsFile(d / shard)
-    start, _ = st.entries[name]["data_offsets"]
+    offset = SafetensorsFile(d / shard).offset(name)
     with open(d / shard, "r+b") as fh:  # put bf16 1e5 (0x47C3) as the tensor's first value
-        fh.seek(st._base + start)
+        fh.seek(offset)
         fh.write(np.array([0x47C3], np.uint16).tobytes())
-    assert plan_conversion(d, "f16", "f16", tmp_path / "o").text_final["blk.1.attn_output.weight"][0].value == "F16"
+    plan = plan_conversion(d, "f16", "f16", tmp_path / "o")
+    planned = {t.name: t for t in plan.text.tensors}["blk.1.attn_output.weight"]
+    assert planned.qtype.value == "F16"
+    assert "found while writing" in format_plan(plan)  # the dry run says a range fallback is not in it
     r = convert_checkpoint(d, "f16", "f16", tmp_path / "o")  # found while writing: that tensor is rewritten
-    q, why = r.plan.text_final["blk.1.attn_output.weight"]
-    assert q.value == "BF16" and why.startswith("range") and "99840" in why  # bf16 0x47C3
+    w = {t.name: t for t in r.text.tensors}["blk.1.attn_output.weight"]
+    assert w.qtype.value == "BF16" and w.range_fallback.startswith("range") and "99840" in w.range_fallback
+    assert [t.name for t in r.text.range_fallbacks] == ["blk.1.attn_output.weight"]
+    assert {t.name: t for t in r.plan.text.tensors}["blk.1.attn_output.weight"].qtype.value == "F16"  # plan as is
+    assert "blk.1.attn_output.weight: written BF16 (range: max |x| 99840 overflows F16 -> BF16)" in format_result(r)
     got = tensors(r.text_path)
     assert got["blk.1.attn_output.weight"].tensor_type == GT.BF16
     # the header was rewritten for the new type: every other tensor still reads back exactly (F16 of the source)
@@ -369,9 +377,7 @@ def test_bad_arguments_and_unwritable_outdir(ckpts, tmp_path):
 
 
 def test_not_enough_disk_is_refused_before_writing(ckpts, tmp_path, monkeypatch):
-    import kimivl_edge.convert as conv
-
-    monkeypatch.setattr(conv.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(total=10**9, used=10**9 - 1000, free=1000))
     with pytest.raises(UsageError, match="not enough free disk"):
         convert_checkpoint(ckpts["instruct"], "q8_0", "f16", tmp_path / "o")
     assert not list((tmp_path / "o").iterdir())
@@ -384,12 +390,12 @@ def test_killed_conversion_leaves_no_file_at_the_target(ckpts, tmp_path, sig):
     script = tmp_path / "slow.py"
     script.write_text(
         "import sys, time\n"
-        "import kimivl_edge.convert.gguf_out as g\n"
-        "orig = g.codec.quantize\n"
+        "import kimivl_edge.quant.codec as codec\n"
+        "orig = codec.quantize\n"
         "def slow(a, q, **k):\n"
         "    time.sleep(0.05)\n"
         "    return orig(a, q, **k)\n"
-        "g.codec.quantize = slow\n"
+        "codec.quantize = slow\n"
         "from kimivl_edge.cli import main\n"
         f"sys.exit(main(['convert', {str(ckpts['instruct'])!r}, '--outtype', 'f32', '--outdir', {str(out)!r}]))\n")
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -54,7 +54,7 @@ def ckpt_dir_4304(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def f32_file(ckpt_dir, tmp_path_factory) -> Path:
-    return write_gguf(tmp_path_factory.mktemp("out") / "mmproj-f32.gguf", mmproj_plan(Checkpoint(ckpt_dir), "f32"))
+    return write_gguf(tmp_path_factory.mktemp("out") / "mmproj-f32.gguf", mmproj_plan(Checkpoint(ckpt_dir), "f32")).path
 
 
 def hf_tensors(ckpt_dir: Path) -> dict[str, np.ndarray]:
@@ -286,7 +286,7 @@ def test_hf_layout_and_extra_kv(ckpt_dir, tmp_path):
     cfg = json.loads((ckpt_dir / "config.json").read_text())
     extra = {"general.name": ("Kimi-VL-A3B-Instruct", None), "clip.vision.image_size": (896, None)}
     path = write_gguf(tmp_path / "hf.gguf", mmproj_plan(Checkpoint(ckpt_dir), "f32", extra,
-                                                        rope_layout="hf_interleaved"))
+                                                        rope_layout="hf_interleaved")).path
     fields = read_fields(path)
     assert "kimivl_edge.vision.rope_layout" not in fields
     assert fields["general.name"][0] == "Kimi-VL-A3B-Instruct"
@@ -302,15 +302,19 @@ def test_hf_layout_and_extra_kv(ckpt_dir, tmp_path):
 
 
 def test_f32_plan_reads_lazily(ckpt_dir):
-    """Planning an f32 file reads no tensor; each make() reads its own sources only."""
+    """Planning reads no tensor, for any type (a range fallback is the writer's to find); each tensor's blocks()
+    read its own sources only."""
     ck = Checkpoint(ckpt_dir)
     calls: list[str] = []
     real = ck.float32
     ck.float32 = lambda name: (calls.append(name), real(name))[1]
-    plan = mmproj_plan(ck, "f32")
-    assert calls == []
+    for mtype in ("f32", "f16", "q8_0"):
+        plan = mmproj_plan(ck, mtype)
+        assert calls == [], mtype
     t = next(p for p in plan.tensors if p.name == "v.blk.1.attn_v.weight")
-    assert t.make().dtype == np.float32 and calls == ["vision_tower.encoder.blocks.1.wqkv.weight"]
+    data = np.concatenate([b() for b in t.blocks()])
+    assert data.dtype == np.float32 and data.shape == t.shape
+    assert calls == ["vision_tower.encoder.blocks.1.wqkv.weight"]
 
 
 def test_bad_arguments(ckpt_dir):
@@ -343,7 +347,7 @@ def expected_type(name: str, ne: tuple[int, ...], mtype: str) -> GT:
 def test_quantized_types_and_llama_loads(ckpt_dir_4304, image_224, tmp_path, mtype, file_type, min_cos):
     cfg = json.loads((ckpt_dir_4304 / "config.json").read_text())
     plan = mmproj_plan(Checkpoint(ckpt_dir_4304), mtype)
-    path = write_gguf(tmp_path / f"mmproj-{mtype}.gguf", plan)
+    path = write_gguf(tmp_path / f"mmproj-{mtype}.gguf", plan).path
     r = gguf.GGUFReader(path)
     assert read_fields(path)["general.file_type"][0] == int(file_type)
     types = {t.name: t.tensor_type for t in r.tensors}
@@ -363,7 +367,8 @@ def test_quantized_types_and_llama_loads(ckpt_dir_4304, image_224, tmp_path, mty
 
 
 def test_range_safety(ckpt_dir, tmp_path):
-    """A tensor with a value past the F16 range (or a Q8_0 block scale past it) is kept F32, with the reason."""
+    """A tensor with a value past the F16 range (or a Q8_0 block scale past it) is written F32 with the reason: found
+    while writing, as for the text file (the plan keeps the policy's type)."""
     ck = Checkpoint(ckpt_dir)
     real = ck.float32
     big = {"multi_modal_projector.linear_1.weight": 1.0e5, "multi_modal_projector.linear_2.weight": 1.0e7}
@@ -374,16 +379,24 @@ def test_range_safety(ckpt_dir, tmp_path):
             a[0, 0] = big[name]
         return a
     ck.float32 = patched
-    by = {mt: {p.name: p for p in mmproj_plan(ck, mt).tensors} for mt in ("f16", "q8_0", "q4_0")}
+    by = {}
+    for mt in ("f16", "q8_0", "q4_0"):
+        plan = mmproj_plan(ck, mt)
+        assert {p.name: p.qtype.value for p in plan.tensors}["mm.1.weight"] == mt.upper()
+        report = write_gguf(tmp_path / f"range-{mt}.gguf", plan)
+        by[mt] = {t.name: t for t in report.tensors}
+        types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(report.path).tensors}
+        assert types == {n: t.qtype.value for n, t in by[mt].items()}
     # 1e5 > 65504 overflows F16; as Q8_0 / Q4_0 its block scale is 1e5/127 or 1e5/8, which fits.
-    assert by["f16"]["mm.1.weight"].qtype.value == "F32" and by["f16"]["mm.1.weight"].reason.startswith("range:")
-    assert by["q8_0"]["mm.1.weight"].qtype.value == "Q8_0"
+    f16_mm1 = by["f16"]["mm.1.weight"]
+    assert f16_mm1.qtype.value == "F32" and f16_mm1.range_fallback.startswith("range:")
+    assert by["q8_0"]["mm.1.weight"].qtype.value == "Q8_0" and not by["q8_0"]["mm.1.weight"].range_fallback
     assert by["q4_0"]["mm.1.weight"].qtype.value == "Q4_0"
     # 1e7: the Q8_0 scale 1e7/127 = 78740 overflows F16 too
     for mt in ("f16", "q8_0", "q4_0"):
-        assert by[mt]["mm.2.weight"].qtype.value == "F32" and "overflow" in by[mt]["mm.2.weight"].reason
+        assert by[mt]["mm.2.weight"].qtype.value == "F32" and "overflow" in by[mt]["mm.2.weight"].range_fallback
     assert by["f16"]["mm.2.bias"].qtype.value == "F32"
-    path = write_gguf(tmp_path / "range.gguf", mmproj_plan(ck, "f16"))
+    path = tmp_path / "range-f16.gguf"
     t = next(t for t in gguf.GGUFReader(path).tensors if t.name == "mm.1.weight")
     assert t.tensor_type == GT.F32 and float(np.asarray(t.data).reshape(-1)[0]) == 1.0e5
 
@@ -400,7 +413,7 @@ def test_llama_clip_matches_reference_only_with_permutation(ckpt_dir, f32_file, 
 
     ours = clip_encode(f32_file, hwc, 64, n_embd)
     unperm_file = write_gguf(tmp_path / "mmproj-f32-hf.gguf",
-                             mmproj_plan(Checkpoint(ckpt_dir), "f32", rope_layout="hf_interleaved"))
+                             mmproj_plan(Checkpoint(ckpt_dir), "f32", rope_layout="hf_interleaved")).path
     unperm = clip_encode(unperm_file, hwc, 64, n_embd)
 
     cos, cos_u = token_cosines(ours, ref), token_cosines(unperm, ref)

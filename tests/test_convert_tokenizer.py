@@ -146,7 +146,7 @@ def deepseek2_kv(ckpt: Path) -> dict:
 
 def write_vocab_gguf(path: Path, ckpt: Path, vocab_kv: dict | None = None) -> Path:
     kv = deepseek2_kv(ckpt) | (vocab_metadata(ckpt) if vocab_kv is None else vocab_kv)
-    return write_gguf(path, GGUFPlan("deepseek2", kv, []))
+    return write_gguf(path, GGUFPlan("deepseek2", kv, [])).path
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from kimivl_edge.quant import codec
 from kimivl_edge.quant.policy import (
     fallback,
     mmproj_tensor_type,
-    range_safe,
+    range_fallback,
     text_plan,
     text_tensor_type,
     use_more_bits,
@@ -179,7 +180,15 @@ def test_mmproj_rejects_unknown_type() -> None:
 # ------------------------------------------------------------------------------------------------ range safety
 
 
-def test_range_safe_thresholds() -> None:
+def range_safe(qtype: str, a: np.ndarray, bf16_ok: bool = True) -> tuple[QType, str]:
+    """What the writer does with a tensor: keep its type if the values fit (the encoder's check), else
+    ``range_fallback`` on its max |x|."""
+    if codec.fits_type(a, qtype):
+        return QType(qtype), ""
+    return range_fallback(qtype, codec.max_abs_finite(a), bf16_ok=bf16_ok)
+
+
+def test_range_fallback_thresholds() -> None:
     a = np.zeros((2, 32), np.float32)
 
     def with_max(v: float) -> np.ndarray:
@@ -203,6 +212,7 @@ def test_range_safe_thresholds() -> None:
     assert range_safe("Q4_0", np.array([6e5], np.float32), bf16_ok=False)[0] is QType.F32
     assert range_safe("BF16", with_max(3.4e38))[0] is QType.F32
     assert range_safe("F32", with_max(3.4e38))[0] is QType.F32
+    assert range_fallback("BF16", 1.0) == (QType.F32, "max |x| 1 overflows BF16 -> F32")  # never the same type
 
 
 # ------------------------------------------------------------------------------------------------ llama.cpp oracle

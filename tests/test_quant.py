@@ -162,6 +162,38 @@ def test_dequantize_rows_matches_full(qt: str) -> None:
     assert np.array_equal(codec.dequantize_rows(raw.tobytes(), qt, a.shape), full)
 
 
+@needs_ggml
+@pytest.mark.parametrize("qt", BLOCK_TYPES + ["F16", "BF16", "Q4_K", "Q6_K"])
+def test_dequantize_rows_into_equals_ggml_to_float(qt: str) -> None:
+    """Rows [a, b) into a slice of a larger buffer (the vision encoder's use): ggml's floats there, nothing else
+    touched."""
+    a = _test_matrix(np.random.default_rng(12), (12, 512), 0.5)
+    raw = ggml_c.quantize(a, qt).reshape(-1)
+    ref = ggml_c.to_float(raw, qt, a.size).reshape(a.shape)
+    for lo, hi in ((0, 12), (3, 7), (11, 12), (5, 5)):
+        buf = np.full(a.size + 10, 7.0, np.float32)
+        codec.dequantize_rows_into(buf[4:4 + (hi - lo) * 512], raw, qt, a.shape, lo, hi)
+        assert np.array_equal(buf[4:4 + (hi - lo) * 512].view(np.uint32), ref[lo:hi].reshape(-1).view(np.uint32))
+        assert (buf[:4] == 7.0).all() and (buf[4 + (hi - lo) * 512:] == 7.0).all()
+
+
+def test_dequantize_rows_into_every_half_and_bad_buffers() -> None:
+    bits = np.arange(1 << 16).astype(np.uint16)
+    out = np.empty(bits.size, np.float32)
+    codec.dequantize_rows_into(out, bits.view(np.uint8), "F16", (1, bits.size), 0, 1)
+    want = bits.view(np.float16).astype(np.float32)  # numpy's IEEE half -> float
+    assert np.array_equal(out.view(np.uint32), want.view(np.uint32))
+    raw = codec.quantize(np.ones((4, 64), np.float32), "Q8_0")
+    with pytest.raises(ValueError):
+        codec.dequantize_rows_into(np.empty(64, np.float32), raw, "Q8_0", (4, 64), 0, 2)  # too small
+    with pytest.raises(ValueError):
+        codec.dequantize_rows_into(np.empty((2, 128), np.float32)[:, ::2], raw, "Q8_0", (4, 64), 0, 2)  # strided
+    with pytest.raises(ValueError):
+        codec.dequantize_rows_into(np.empty(64, np.float32), raw, "Q8_0", (4, 64), 3, 5)  # past the end
+    with pytest.raises(ValueError):
+        codec.dequantize_rows_into(np.empty(64, np.float32), raw, "Q8_0", (5, 64), 0, 1)  # wrong data size
+
+
 # ------------------------------------------------------------------------------------------------ BF16 / F16
 
 
@@ -175,12 +207,23 @@ def test_bf16_matches_torch() -> None:
         np.array([0.0, -0.0, np.inf, -np.inf, 3.3895314e38, 3.3961514e38, -3.4e38, 1e-45, -1e-40], np.float32),
     ]
     x = np.concatenate(parts).astype(np.float32)
-    ours = codec.f32_to_bf16_bits(x)
+    ours = codec.f32_to_bf16(x)
     ref = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     assert np.array_equal(ours, ref)
     assert np.array_equal(codec.quantize(x.reshape(1, -1), "BF16", strict=False).view(np.uint16)[0], ref)
     back = torch.from_numpy(ref.view(np.int16).copy()).view(torch.bfloat16).to(torch.float32).numpy()
-    assert np.array_equal(codec.bf16_bits_to_f32(ours).view(np.uint32), back.view(np.uint32))
+    assert np.array_equal(codec.bf16_to_f32(ours).view(np.uint32), back.view(np.uint32))
+
+
+@needs_ggml
+def test_bf16_nan_rule_is_ggml_s() -> None:
+    """A NaN stays NaN, quiet, with its sign and top payload bits (ggml_compute_fp32_to_bf16); torch would write
+    0x7FC0 for all of them."""
+    nans = np.array([0x7F800001, 0xFFC00000, 0x7FA12345, 0xFF812345, 0x7FFFFFFF], np.uint32).view(np.float32)
+    x = np.concatenate([nans, np.zeros(27, np.float32)])
+    ours = codec.f32_to_bf16(x)
+    assert [int(v) for v in ours[:5]] == [0x7FC0, 0xFFC0, 0x7FE1, 0xFFC1, 0x7FFF]
+    assert np.array_equal(ours, ggml_c.quantize(x[None], "BF16").view(np.uint16)[0])
 
 
 def test_f16_overflow_boundaries() -> None:
@@ -219,13 +262,21 @@ def test_kl_three_way_by_hand() -> None:
     q = np.array([0.25, 0.5, 0.25])
     # KL(p||q) = 0.5 ln 2 + 0.25 ln(1/2) + 0 = 0.25 ln 2; logits are log-probs plus any per-row constant
     want = 0.25 * math.log(2.0)
-    got = metrics.kl_divergence(np.log(p) + 3.0, np.log(q) - 1.0)
+    got = metrics.kl_divergence(np.log(q) - 1.0, np.log(p) + 3.0)
     assert got.shape == () and abs(float(got) - want) < 1e-12
-    rows = metrics.kl_divergence(np.stack([np.log(p), np.log(p)]), np.stack([np.log(q), np.log(p)]))
+    rows = metrics.kl_divergence(np.stack([np.log(q), np.log(p)]), np.stack([np.log(p), np.log(p)]))
     assert np.allclose(rows, [want, 0.0], atol=1e-15, rtol=0)
-    assert abs(metrics.mean_kl(np.stack([np.log(p), np.log(p)]), np.stack([np.log(q), np.log(p)])) - want / 2) < 1e-12
-    # reverse direction: KL(q||p) = 0.25 ln(1/2) + 0.5 ln 2 = 0.25 ln 2 here too, by symmetry of the swap
-    assert abs(float(metrics.kl_divergence(np.log(q), np.log(p))) - want) < 1e-12
+    assert abs(metrics.mean_kl(np.stack([np.log(q), np.log(p)]), np.stack([np.log(p), np.log(p)])) - want / 2) < 1e-12
+
+
+def test_kl_argument_order_is_test_then_ref() -> None:
+    """(test, ref) like every metric here, and KL(P_ref || P_test): an asymmetric pair tells the order apart."""
+    ref, test = np.array([0.5, 0.5]), np.array([0.9, 0.1])
+    want = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)  # sum p_ref ln(p_ref / p_test) = 0.511
+    reverse = 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)  # 0.368
+    assert abs(want - reverse) > 0.1
+    assert abs(float(metrics.kl_divergence(np.log(test), np.log(ref))) - want) < 1e-12
+    assert abs(metrics.mean_kl(np.log(test)[None], np.log(ref)[None]) - want) < 1e-12
 
 
 def test_kl_huge_logits_stable() -> None:

@@ -208,7 +208,7 @@ def metadata_gguf(ckpt: Path, path: Path, drop: tuple[str, ...] = ()) -> Path:
     """The converter's text-GGUF metadata for ``ckpt`` (minus the keys ``drop``), without tensors."""
     text = plan_conversion(ckpt, "f32", "f32", path.parent).text
     kv = {k: v for k, v in text.kv.items() if k not in drop}
-    return write_gguf(path, GGUFPlan(text.arch, kv, []))
+    return write_gguf(path, GGUFPlan(text.arch, kv, [])).path
 
 
 class Vocab:
@@ -362,9 +362,9 @@ def test_truncated_gguf_refused(tiny, tmp_path):
 def test_gguf_without_merges_refused(tiny, tmp_path):
     ckpt = tiny[0]
     plan = plan_conversion(ckpt, "f32", "f32", tmp_path).text
-    good = write_gguf(tmp_path / "good.gguf", plan)
+    good = write_gguf(tmp_path / "good.gguf", plan).path
     kv = {k: val for k, val in plan.kv.items() if k != "tokenizer.ggml.merges"}
-    bad = write_gguf(tmp_path / "nomerges.gguf", GGUFPlan(plan.arch, kv, plan.tensors))
+    bad = write_gguf(tmp_path / "nomerges.gguf", GGUFPlan(plan.arch, kv, plan.tensors)).path
     assert TextModelInfo.read(good).n_vocab == 768 + N_SPECIAL  # the same writer with merges is accepted
     for load in (TextModelInfo.read, lambda p: KimiVL.load(p, n_ctx=64, n_threads=1)):
         with pytest.raises(ModelFileError) as e:

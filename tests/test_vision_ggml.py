@@ -195,7 +195,7 @@ def test_thread_count_does_not_change_results(mmproj_f32, encoder, image_config)
 def test_llama_cpp_layout_file_is_refused(ckpt_dir, tmp_path):
     """A file as llama.cpp's converter writes it (plain wqkv split, no rope_layout key, §10.2a)."""
     path = write_gguf(tmp_path / "mmproj-llamacpp-layout.gguf",
-                      mmproj_plan(Checkpoint(ckpt_dir), "f32", rope_layout="hf_interleaved"))
+                      mmproj_plan(Checkpoint(ckpt_dir), "f32", rope_layout="hf_interleaved")).path
     with pytest.raises(KimiVLError) as e:
         vg.GgmlVisionEncoder(path)
     msg = str(e.value)

@@ -69,7 +69,7 @@ def run_config(text: Path, mmproj: Path, questions, ref: ReferenceData, backend:
             out = m.generate(msgs, temperature=0, max_tokens=MAX_NEW_TOKENS)
             right.append(is_correct(q, out.text))
             got = m.logits(msgs, forced)[:-1]  # the positions that predict each forced token
-            kls.append(kl_divergence(rlog, got))
+            kls.append(kl_divergence(got, rlog))
             top1.append(rlog.argmax(-1) == got.argmax(-1))
             emb = np.concatenate(m.encode_images([s.render(False) for s in q.scenes]))
             cos.append(cosine_rows(emb, remb))

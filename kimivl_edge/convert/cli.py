@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from . import MMPROJ_TYPES, TEXT_TYPES, convert_checkpoint, format_plan, plan_conversion
+from .pipeline import MMPROJ_TYPES, TEXT_TYPES, convert_checkpoint, format_plan, format_result, plan_conversion
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,10 +32,6 @@ def main(argv: list[str] | None = None) -> int:
         print(format_plan(plan_conversion(args.checkpoint, args.outtype, args.mmproj_type, args.outdir,
                                           args.variant)))
         return 0
-    r = convert_checkpoint(args.checkpoint, args.outtype, args.mmproj_type, args.outdir, args.variant,
-                           progress=sys.stderr.isatty(), threads=args.threads)
-    for p, n in ((r.text_path, r.plan.text.n_params), (r.mmproj_path, r.plan.mmproj.n_params)):
-        size = p.stat().st_size
-        print(f"wrote {p}  {size / 1e6:.1f} MB, {8 * size / n:.2f} bits/weight")
-    print(f"time {r.seconds:.1f} s, peak RSS {r.peak_rss_bytes / 2**20:.0f} MiB")
+    print(format_result(convert_checkpoint(args.checkpoint, args.outtype, args.mmproj_type, args.outdir, args.variant,
+                                           progress=sys.stderr.isatty(), threads=args.threads)))
     return 0

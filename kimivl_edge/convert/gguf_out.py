@@ -1,9 +1,13 @@
 """Writing one GGUF file from a per-tensor plan: streamed, atomic, bounded in memory.
 
-A plan is a list of ``PlannedTensor``: the GGUF name, the numpy shape (row-major; ggml's ne is its reverse), the chosen
-type and why, and a ``make()`` (or ``chunks()``) that reads the source tensors and returns float32 data in the final
-layout. Row blocks of about 8 MB are read, widened and encoded on a thread pool (pread and ``quant.kernels``:
-ggml's C quantizer, both release the GIL) and written in order, so memory stays a few blocks whatever the model size.
+A ``GGUFPlan`` (frozen: what will be written) holds the metadata and a ``PlannedTensor`` per tensor: the GGUF
+name, the numpy shape (row-major; ggml's ne is its reverse), the planned type and why, and ``blocks()``, the
+tensor's float32 data in the final layout as consecutive deferred row blocks. Row blocks of about 8 MB are read,
+widened and encoded on a thread pool (pread and ``quant.kernels``: ggml's C quantizer, both release the GIL) and
+written in order, so memory stays a few blocks whatever the model size. ``write_gguf`` returns a ``WriteReport``
+(what was written): the plan's types, except where a tensor's values overflowed its planned type. That range check
+is made here, while writing, for every file alike (``quant.policy.range_fallback``): finding it earlier would take
+another pass over the checkpoint.
 
 The file is written to ``.<name>.partial-<pid>`` in the target directory and renamed only when complete; on an
 exception, Ctrl-C or SIGTERM the temporary is removed, and a SIGKILL leaves at most a dot-file, never a file at the
@@ -11,10 +15,11 @@ final name.
 """
 from __future__ import annotations
 
+import math
 import os
 import signal
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,21 +30,23 @@ import gguf
 import numpy as np
 
 from ..quant import codec, kernels, policy
-from ..quant.types import as_ggml, nbytes
+from ..quant.types import QType, nbytes
 
 
-@dataclass
+Block = Callable[[], np.ndarray]  # a deferred row block: returns float32 [k, ne0]
+
+
+@dataclass(frozen=True)
 class PlannedTensor:
     name: str                          # GGUF tensor name
     shape: tuple[int, ...]             # numpy shape of the final tensor (ggml ne reversed)
-    qtype: Any                         # a quant type (QType / GGMLQuantizationType / name)
-    reason: str                        # why this type ("policy: ...", "fallback: ...", "range: ...")
-    make: Callable[[], np.ndarray] = field(repr=False)  # -> float32 array of `shape`
+    qtype: QType                       # the planned type
+    reason: str                        # why this type ("policy: ...", "fallback: ...")
+    # Consecutive deferred row blocks covering the tensor: a large tensor (163840 x 2048 embeddings, 64 stacked
+    # experts) never exists whole as float32, and its blocks are read and widened on the encoder threads. A tensor
+    # that must be built whole (a split or permuted source) comes through ``whole``.
+    blocks: Callable[[], Iterable[Block]] = field(repr=False, compare=False)
     sources: tuple[str, ...] = ()      # HF tensor names it is built from
-    # Optional: consecutive deferred row blocks covering the tensor, each a function returning float32 [k, ne0],
-    # so a large tensor (163840 x 2048 embeddings, 64 stacked experts) never exists whole as float32 and its blocks
-    # are read and widened on the encoder threads. Without it, make() is called (in the writing thread).
-    blocks: Callable[[], Iterator[Callable[[], np.ndarray]]] | None = field(default=None, repr=False)
 
     @property
     def nbytes(self) -> int:
@@ -50,13 +57,19 @@ class PlannedTensor:
         return tuple(reversed(self.shape))
 
 
-@dataclass
+@dataclass(frozen=True)
 class GGUFPlan:
-    """Everything one GGUF file will contain: metadata (key -> (value, GGUFValueType or None)) and tensors."""
+    """Everything one GGUF file will contain: metadata (key -> (value, GGUFValueType or None)) and tensors.
+    ``bf16_fallback``: a tensor whose values overflow its planned type is written BF16 (if BF16 holds them) rather
+    than F32 (the text file; the mmproj types have no BF16)."""
 
     arch: str
-    kv: dict[str, tuple[Any, Any]]
-    tensors: list[PlannedTensor]
+    kv: Mapping[str, tuple[Any, Any]]
+    tensors: tuple[PlannedTensor, ...]
+    bf16_fallback: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tensors", tuple(self.tensors))
 
     @property
     def data_bytes(self) -> int:
@@ -64,7 +77,49 @@ class GGUFPlan:
 
     @property
     def n_params(self) -> int:
-        return sum(int(np.prod(t.shape)) for t in self.tensors)
+        return sum(math.prod(t.shape) for t in self.tensors)
+
+
+@dataclass(frozen=True)
+class WrittenTensor:
+    name: str
+    shape: tuple[int, ...]
+    qtype: QType                       # the type written
+    nbytes: int
+    range_fallback: str = ""           # why ``qtype`` is not the planned type (its values overflowed it), else ""
+
+
+@dataclass(frozen=True)
+class WriteReport:
+    """What ``write_gguf`` wrote: the file, its size and every tensor's written type."""
+
+    path: Path
+    file_bytes: int
+    tensors: tuple[WrittenTensor, ...]
+
+    @property
+    def n_params(self) -> int:
+        return sum(math.prod(t.shape) for t in self.tensors)
+
+    @property
+    def range_fallbacks(self) -> tuple[WrittenTensor, ...]:
+        """The tensors written in another type than planned."""
+        return tuple(t for t in self.tensors if t.range_fallback)
+
+
+def whole(make: Callable[[], np.ndarray], shape: tuple[int, ...]) -> Callable[[], Iterator[Block]]:
+    """``blocks`` of a tensor built whole by ``make()`` (float32 of ``shape``): called when the writer reaches the
+    tensor (in its thread), then cut into row blocks of about ``SLICE_BYTES``."""
+    def blocks() -> Iterator[Block]:
+        data = make()
+        if tuple(data.shape) != tuple(shape):
+            raise AssertionError(f"produced shape {data.shape}, planned {shape}")
+        ne0 = shape[-1] if shape else 1
+        rows = np.ascontiguousarray(data, dtype=np.float32).reshape(-1, ne0)
+        step = max(1, SLICE_BYTES // (4 * ne0))
+        for a in range(0, rows.shape[0], step):
+            yield (lambda r=rows[a: a + step]: r)
+    return blocks
 
 
 def _add_kv(w: gguf.GGUFWriter, key: str, value: Any, vtype: Any) -> None:
@@ -110,35 +165,19 @@ def _cleanup_on_signal(tmp: Path) -> Iterator[None]:
 SLICE_BYTES = 8 << 20  # float32 rows per encode job: several per tensor, so every core works on every tensor
 
 
-def _jobs(t: PlannedTensor) -> Iterator[Callable[[], np.ndarray]]:
-    """The tensor as consecutive functions returning float32 row blocks [k, ne0] of at most about SLICE_BYTES
-    (quantization blocks never cross a row); deferred blocks are read when a worker calls them."""
-    ne0 = t.shape[-1] if t.shape else 1
-    if t.blocks is not None:
-        yield from t.blocks()
-        return
-    data = t.make()
-    if tuple(data.shape) != tuple(t.shape):
-        raise AssertionError(f"{t.name}: produced shape {data.shape}, planned {t.shape}")
-    rows = np.ascontiguousarray(data, dtype=np.float32).reshape(-1, ne0)
-    step = max(1, SLICE_BYTES // (4 * ne0))
-    for a in range(0, rows.shape[0], step):
-        yield (lambda r=rows[a: a + step]: r)
-
-
 def temp_path(final: Path) -> Path:
     return final.with_name(f".{final.name}.partial-{os.getpid()}")
 
 
 class _Overflow(Exception):
-    """A slice of tensor ``index`` does not fit its planned type; the tensor is rewritten from ``offset``."""
+    """A slice of tensor ``index`` does not fit its type; the tensor is rewritten from ``offset``."""
 
     def __init__(self, index: int, offset: int, amax: float):
         super().__init__(index, offset, amax)
         self.index, self.offset, self.amax = index, offset, amax
 
 
-def _encode(block: Callable[[], np.ndarray], ne0: int, qtype: Any) -> tuple[np.ndarray | None, float]:
+def _encode(block: Block, ne0: int, qtype: QType) -> tuple[np.ndarray | None, float]:
     """Run on a worker: read/widen the block, then encode it (None and max|x| if it overflows ``qtype``)."""
     rows = np.ascontiguousarray(block(), dtype=np.float32).reshape(-1, ne0)
     try:
@@ -147,9 +186,9 @@ def _encode(block: Callable[[], np.ndarray], ne0: int, qtype: Any) -> tuple[np.n
         return None, codec.max_abs_finite(rows)
 
 
-def _stream_tensors(w: gguf.GGUFWriter, tensors: list[PlannedTensor], first: int, pool: ThreadPoolExecutor,
-                    depth: int, on_bytes: Callable[[int], None] | None) -> None:
-    """Encode tensors[first:] on the pool and write them in order (``depth`` slices in flight at most)."""
+def _stream_tensors(w: gguf.GGUFWriter, tensors: tuple[PlannedTensor, ...], types: list[QType], first: int,
+                    pool: ThreadPoolExecutor, depth: int, on_bytes: Callable[[int], None] | None) -> None:
+    """Encode tensors[first:] as ``types`` on the pool and write them in order (``depth`` slices in flight at most)."""
     fout = w.fout[0]
     pending: deque[tuple[int, Future | None]] = deque()  # (tensor index, encode job); None marks a tensor's end
     start: dict[int, int] = {}
@@ -161,8 +200,9 @@ def _stream_tensors(w: gguf.GGUFWriter, tensors: list[PlannedTensor], first: int
             w.write_padding(fout, fout.tell())
             start[i], written[i] = fout.tell(), 0
         if job is None:
-            if written[i] != tensors[i].nbytes:
-                raise AssertionError(f"{tensors[i].name}: wrote {written[i]} bytes, planned {tensors[i].nbytes}")
+            want = nbytes(types[i], tensors[i].shape)
+            if written[i] != want:
+                raise AssertionError(f"{tensors[i].name}: wrote {written[i]} bytes, planned {want}")
             w.write_padding(fout, written[i])
             return
         raw, amax = job.result()
@@ -180,8 +220,8 @@ def _stream_tensors(w: gguf.GGUFWriter, tensors: list[PlannedTensor], first: int
     for i in range(first, len(tensors)):
         t = tensors[i]
         ne0 = t.shape[-1] if t.shape else 1
-        for block in _jobs(t):
-            pending.append((i, pool.submit(_encode, block, ne0, t.qtype)))
+        for block in t.blocks():
+            pending.append((i, pool.submit(_encode, block, ne0, types[i])))
             while len(pending) > depth:
                 drain()
         pending.append((i, None))
@@ -189,25 +229,25 @@ def _stream_tensors(w: gguf.GGUFWriter, tensors: list[PlannedTensor], first: int
         drain()
 
 
-def _header_writer(path: Path, plan: GGUFPlan) -> gguf.GGUFWriter:
-    """A GGUFWriter on ``path`` with the plan's metadata and tensor infos (types and sizes as planned now)."""
+def _header_writer(path: Path, plan: GGUFPlan, types: list[QType]) -> gguf.GGUFWriter:
+    """A GGUFWriter on ``path`` with the plan's metadata and tensor infos, tensor i of type ``types[i]``."""
     w = gguf.GGUFWriter(path, plan.arch)
     for key, (value, vtype) in plan.kv.items():
         _add_kv(w, key, value, vtype)
-    for t in plan.tensors:
-        w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=as_ggml(t.qtype))
+    for t, q in zip(plan.tensors, types):
+        w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), nbytes(q, t.shape), raw_dtype=q.ggml)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     return w
 
 
-def _rewrite_header(path: Path, plan: GGUFPlan) -> None:
+def _rewrite_header(path: Path, plan: GGUFPlan, types: list[QType]) -> None:
     """Write the header again after a tensor changed type while writing: tensor infos have a fixed size (the type
     and offset are fixed-width fields), so the new header replaces the old one byte for byte."""
     side = path.with_name(path.name + ".header")
     try:
-        w = _header_writer(side, plan)
+        w = _header_writer(side, plan, types)
         head_len = w.fout[0].tell()
         w.close()
         data = side.read_bytes()[:head_len]
@@ -218,34 +258,38 @@ def _rewrite_header(path: Path, plan: GGUFPlan) -> None:
 
 
 def write_gguf(final: str | Path, plan: GGUFPlan, on_bytes: Callable[[int], None] | None = None,
-               threads: int | None = None) -> Path:
-    """Write ``plan`` to ``final`` atomically. ``on_bytes(n)`` is called as tensor data is written.
+               threads: int | None = None) -> WriteReport:
+    """Write ``plan`` to ``final`` atomically and report what was written. ``on_bytes(n)`` is called as tensor data
+    is written.
 
-    Row blocks are read, widened and encoded on ``threads`` worker threads (default: every core); this thread
-    only plans the jobs and writes their output in the plan's order. A tensor whose values overflow its planned type (F16 past 65504, a block
-    scale past the F16 range) is rewritten in place as ``policy.range_safe`` decides (BF16 or F32), its
-    ``qtype``/``reason`` in ``plan`` updated and the header rewritten: one pass over the data in the usual case.
+    Row blocks are read, widened and encoded on ``threads`` worker threads (default: every core); this thread only
+    plans the jobs and writes their output in the plan's order. A tensor whose values overflow its planned type
+    (F16 past 65504, a block scale past the F16 range) is rewritten in place in the type
+    ``policy.range_fallback`` gives (BF16 or F32, see ``GGUFPlan.bf16_fallback``) and the header rewritten: one
+    pass over the data in the usual case. The plan is not changed; the report says which tensors fell back and why.
     """
     final = Path(final)
     tmp = temp_path(final)
     threads = max(1, threads or os.cpu_count() or 1)
+    types = [t.qtype for t in plan.tensors]
+    fallbacks: dict[int, str] = {}
     with _cleanup_on_signal(tmp):
-        w = _header_writer(tmp, plan)
-        changed = False
+        w = _header_writer(tmp, plan, types)
         first = 0
         with ThreadPoolExecutor(threads, thread_name_prefix="gguf-encode") as pool:
             while True:
                 try:
-                    _stream_tensors(w, plan.tensors, first, pool, 2 * threads, on_bytes)
+                    _stream_tensors(w, plan.tensors, types, first, pool, 2 * threads, on_bytes)
                     break
                 except _Overflow as e:
-                    t = plan.tensors[e.index]
-                    q, why = policy.range_safe(t.qtype, np.array([e.amax], np.float32))
-                    t.qtype, t.reason, changed, first = q, f"range: {why}", True, e.index
+                    q, why = policy.range_fallback(types[e.index], e.amax, bf16_ok=plan.bf16_fallback)
+                    types[e.index], fallbacks[e.index], first = q, f"range: {why}", e.index
                     w.fout[0].seek(e.offset)
                     w.fout[0].truncate()
         w.close()
-        if changed:
-            _rewrite_header(tmp, plan)
+        if fallbacks:
+            _rewrite_header(tmp, plan, types)
         os.replace(tmp, final)
-    return final
+    written = tuple(WrittenTensor(t.name, t.shape, q, nbytes(q, t.shape), fallbacks.get(i, ""))
+                    for i, (t, q) in enumerate(zip(plan.tensors, types)))
+    return WriteReport(final, final.stat().st_size, written)

@@ -25,8 +25,9 @@ the checkpoint's order and writes no such key, exactly as llama.cpp's converter 
 wrong for 34 of 36 pairs).
 
 Types: ``quant.policy.mmproj_tensor_type`` (1-D and norms F32, position embedding F32, patch embedding F16/F32, the
-rest the requested type with the ggml shape fallback), then a range check: a tensor whose values do not survive
-the chosen type (F16 overflow, or an overflowing F16 block scale) is kept F32 and the reason recorded.
+rest the requested type with the ggml shape fallback). A tensor whose values do not survive the chosen type (F16
+overflow, or an overflowing F16 block scale) is found while writing, as for the text file, and written F32
+(``gguf_out.write_gguf`` reports it).
 """
 from __future__ import annotations
 
@@ -34,18 +35,19 @@ from collections.abc import Callable
 
 import gguf
 import numpy as np
+from gguf import Keys
 
 from ..checkpoint import Checkpoint
+from ..gguf_keys import EdgeKeys
 from ..image import ImageProcessorConfig
-
-from ..quant.policy import MMPROJ_TYPES, mmproj_tensor_type, range_safe
+from ..quant.policy import MMPROJ_TYPES, mmproj_tensor_type
 from ..quant.types import QType, as_ftype
-from .gguf_out import GGUFPlan, PlannedTensor
+from .gguf_out import GGUFPlan, PlannedTensor, whole
 
 __all__ = ["ROPE_LAYOUTS", "mmproj_plan", "mmproj_metadata", "ggml_split_order", "permute_qk_rows"]
 
-ARCH = "clip"
-PROJECTOR_TYPE = "kimivl"
+ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.MMPROJ]  # "clip"
+PROJECTOR_TYPE = gguf.VisionProjectorType.KIMIVL
 ROPE_LAYOUTS = ("ggml_split", "hf_interleaved")
 TOWER = "vision_tower."
 BLOCK = TOWER + "encoder.blocks.{}."
@@ -82,32 +84,33 @@ def mmproj_metadata(ckpt: Checkpoint, mtype: str, rope_layout: str = "ggml_split
     """
     v, t = ckpt.config.vision, ckpt.config.text
     pre = ImageProcessorConfig.from_checkpoint(ckpt.path)
+    V = Keys.ClipVision
     kv: dict[str, tuple] = {
-        "general.type": ("mmproj", None),
-        "general.file_type": (as_ftype(mtype).llama_ftype, None),
-        "general.quantization_version": (gguf.GGML_QUANT_VERSION, None),
-        "clip.has_vision_encoder": (True, None),
-        "clip.vision.projection_dim": (t.hidden_size, None),
-        "clip.vision.image_size": (v.init_pos_emb_height * v.patch_size, None),
-        "clip.vision.patch_size": (v.patch_size, None),
-        "clip.vision.embedding_length": (v.hidden_size, None),
-        "clip.vision.feed_forward_length": (v.intermediate_size, None),
-        "clip.vision.block_count": (v.num_hidden_layers, None),
-        "clip.vision.attention.head_count": (v.num_attention_heads, None),
-        "clip.vision.image_mean": ([float(x) for x in pre.image_mean], None),
-        "clip.vision.image_std": ([float(x) for x in pre.image_std], None),
-        "clip.projector_type": (PROJECTOR_TYPE, None),
-        "clip.use_gelu": (True, None),
-        "clip.vision.projector.scale_factor": (v.merge_kernel_size[0], None),
-        "clip.vision.attention.layer_norm_epsilon": (float(v.layer_norm_eps), None),
-        "kimivl_edge.vision.in_token_limit": (pre.in_token_limit, None),
-        "kimivl_edge.vision.pad_input": (bool(pre.pad_input), None),
-        "kimivl_edge.vision.pos_emb_height": (v.init_pos_emb_height, None),
-        "kimivl_edge.vision.pos_emb_width": (v.init_pos_emb_width, None),
-        "kimivl_edge.projector.gelu": ("erf", None),  # reference doc §6 (llama.cpp's graph uses tanh, §10.2e)
+        Keys.General.TYPE: (gguf.GGUFType.MMPROJ, None),
+        Keys.General.FILE_TYPE: (as_ftype(mtype).llama_ftype, None),
+        Keys.General.QUANTIZATION_VERSION: (gguf.GGML_QUANT_VERSION, None),
+        Keys.Clip.HAS_VISION_ENCODER: (True, None),
+        V.PROJECTION_DIM: (t.hidden_size, None),
+        V.IMAGE_SIZE: (v.init_pos_emb_height * v.patch_size, None),
+        V.PATCH_SIZE: (v.patch_size, None),
+        V.EMBEDDING_LENGTH: (v.hidden_size, None),
+        V.FEED_FORWARD_LENGTH: (v.intermediate_size, None),
+        V.BLOCK_COUNT: (v.num_hidden_layers, None),
+        V.Attention.HEAD_COUNT: (v.num_attention_heads, None),
+        V.IMAGE_MEAN: ([float(x) for x in pre.image_mean], None),
+        V.IMAGE_STD: ([float(x) for x in pre.image_std], None),
+        Keys.Clip.PROJECTOR_TYPE: (PROJECTOR_TYPE, None),
+        V.USE_GELU: (True, None),
+        V.Projector.SCALE_FACTOR: (v.merge_kernel_size[0], None),
+        V.Attention.LAYERNORM_EPS: (float(v.layer_norm_eps), None),
+        EdgeKeys.Vision.IN_TOKEN_LIMIT: (pre.in_token_limit, None),
+        EdgeKeys.Vision.PAD_INPUT: (bool(pre.pad_input), None),
+        EdgeKeys.Vision.POS_EMB_HEIGHT: (v.init_pos_emb_height, None),
+        EdgeKeys.Vision.POS_EMB_WIDTH: (v.init_pos_emb_width, None),
+        EdgeKeys.Projector.GELU: ("erf", None),  # reference doc §6 (llama.cpp's graph uses tanh, §10.2e)
     }
     if rope_layout == "ggml_split":
-        kv["kimivl_edge.vision.rope_layout"] = ("ggml_split", None)
+        kv[EdgeKeys.Vision.ROPE_LAYOUT] = ("ggml_split", None)
     return kv
 
 
@@ -181,23 +184,16 @@ def _tensor_sources(ckpt: Checkpoint, permute: bool) -> list[tuple[str, tuple[in
     return out
 
 
-def _choose_type(gname: str, shape: tuple[int, ...], mtype: str, make: Maker) -> tuple[QType, str]:
-    """Policy type (reference doc §11), then the range check on the actual values (read once, here)."""
-    ne = tuple(reversed(shape))
-    qtype, why = mmproj_tensor_type(gname, ne, mtype)
-    reason = f"fallback: {why}" if why.startswith("ne0 ") else f"policy: {why}"
-    if qtype == QType.F32:
-        return qtype, reason
-    safe, overflow = range_safe(qtype, make(), bf16_ok=False)
-    if overflow:
-        return safe, f"range: {overflow} (policy wanted {qtype.value})"
-    return qtype, reason
+def _planned_type(gname: str, shape: tuple[int, ...], mtype: str) -> tuple[QType, str]:
+    """Policy type and why (reference doc §11); a range fallback is the writer's to find."""
+    qtype, why = mmproj_tensor_type(gname, tuple(reversed(shape)), mtype)
+    return qtype, f"fallback: {why}" if why.startswith("ne0 ") else f"policy: {why}"
 
 
 def mmproj_plan(ckpt: Checkpoint, mtype: str, extra_kv: dict | None = None, *,
                 rope_layout: str = "ggml_split") -> GGUFPlan:
-    """The whole mmproj file for ``mtype`` in f32/f16/q8_0/q4_0 (tensors are read from the checkpoint only in each
-    ``make()``, and once more here for the range check of tensors not kept F32).
+    """The whole mmproj file for ``mtype`` in f32/f16/q8_0/q4_0. No tensor is read here: each is read from the
+    checkpoint when the writer asks for its ``blocks()``.
 
     ``extra_kv`` (key -> (value, GGUFValueType or None)) adds metadata, e.g. ``general.name``; its keys come right
     after ``general.type`` and win over ours on a clash. ``rope_layout`` is "ggml_split" (Q/K permuted for
@@ -210,9 +206,9 @@ def mmproj_plan(ckpt: Checkpoint, mtype: str, extra_kv: dict | None = None, *,
         raise ValueError(f"unknown rope_layout {rope_layout!r}; expected one of {', '.join(ROPE_LAYOUTS)}")
     ours = mmproj_metadata(ckpt, m, rope_layout)
     extra = dict(extra_kv or {})
-    kv = {"general.type": ours.pop("general.type")} | extra | {k: val for k, val in ours.items() if k not in extra}
-    tensors = []
-    for gname, shape, make, sources in _tensor_sources(ckpt, permute=rope_layout == "ggml_split"):
-        qtype, reason = _choose_type(gname, shape, m, make)
-        tensors.append(PlannedTensor(gname, shape, qtype, reason, make, sources))
-    return GGUFPlan(ARCH, kv, tensors)
+    kv = {Keys.General.TYPE: ours.pop(Keys.General.TYPE)} | extra
+    kv |= {k: val for k, val in ours.items() if k not in extra}
+    tensors = tuple(PlannedTensor(gname, shape, *_planned_type(gname, shape, m), blocks=whole(make, shape),
+                                  sources=sources)
+                    for gname, shape, make, sources in _tensor_sources(ckpt, permute=rope_layout == "ggml_split"))
+    return GGUFPlan(ARCH, kv, tensors, bf16_fallback=False)

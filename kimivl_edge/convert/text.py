@@ -11,22 +11,21 @@ Tensor transforms (numpy shapes; ggml ne is the reverse):
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import gguf
 import numpy as np
+from gguf import Keys
 
 from ..checkpoint import Checkpoint
 from ..config import TextConfig
-
+from ..gguf_keys import EdgeKeys
 from ..quant import policy
 from ..quant.types import FType, as_ftype, nbytes
-from .gguf_out import SLICE_BYTES, GGUFPlan, PlannedTensor
+from .gguf_out import SLICE_BYTES, Block, GGUFPlan, PlannedTensor, whole
 
-ARCH = "deepseek2"
-# Our own metadata keys (llama.cpp ignores unknown keys).
-KEY_PREFIX = "kimivl_edge"
+ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.DEEPSEEK2]
 
 
 @dataclass(frozen=True)
@@ -43,7 +42,7 @@ def text_tensors(t: TextConfig) -> list[TextTensor]:
     """Every text tensor in llama.cpp's converter order, from the config alone: the checkpoint plan, and the sizes
     and type plans of the full model without its 32 GB of weights (``text_bytes``)."""
     H, r, E = t.num_attention_heads, t.kv_lora_rank, t.n_routed_experts
-    D, I, S = t.hidden_size, t.moe_intermediate_size, t.moe_intermediate_size * t.n_shared_experts
+    D, FE, S = t.hidden_size, t.moe_intermediate_size, t.moe_intermediate_size * t.n_shared_experts
     nope, rope, vd = t.qk_nope_head_dim, t.qk_rope_head_dim, t.v_head_dim
     M = "language_model.model."
     out = [TextTensor("token_embd.weight", (t.vocab_size, D), (M + "embed_tokens.weight",))]
@@ -67,7 +66,7 @@ def text_tensors(t: TextConfig) -> list[TextTensor]:
                 TextTensor(b + "exp_probs_b.bias", (E,), (L + "mlp.gate.e_score_correction_bias",))]
         out += [TextTensor(b + f"ffn_{p}_exps.weight", (E, *shp),
                            tuple(L + f"mlp.experts.{e}.{p}_proj.weight" for e in range(E)), "stack")
-                for p, shp in (("gate", (I, D)), ("up", (I, D)), ("down", (D, I)))]
+                for p, shp in (("gate", (FE, D)), ("up", (FE, D)), ("down", (D, FE)))]
         out += [TextTensor(b + f"ffn_{p}_shexp.weight", shp, (L + f"mlp.shared_experts.{p}_proj.weight",))
                 for p, shp in (("gate", (S, D)), ("up", (S, D)), ("down", (D, S)))]
     out += [TextTensor("output_norm.weight", (D,), (M + "norm.weight",)),
@@ -80,9 +79,9 @@ def text_shapes(t: TextConfig) -> list[tuple[str, tuple[int, ...]]]:
     return [(x.name, x.shape) for x in text_tensors(t)]
 
 
-def _readers(ck: Checkpoint, x: TextTensor) -> tuple[Callable[[], np.ndarray], Callable | None]:
-    """(make, blocks) of one tensor (``PlannedTensor``): blocks stream the copied and stacked tensors in deferred
-    row blocks so they are never widened whole; the kv_b_proj split is small and made whole."""
+def _blocks(ck: Checkpoint, x: TextTensor) -> Callable[[], Iterable[Block]]:
+    """``PlannedTensor.blocks`` of one tensor: the copied and stacked tensors stream in deferred row blocks, never
+    widened whole; the kv_b_proj split is small and made whole."""
     t = ck.config.text
     if x.how in ("k_b", "v_b"):
         nope, vd, r = t.qk_nope_head_dim, t.v_head_dim, t.kv_lora_rank
@@ -92,11 +91,8 @@ def _readers(ck: Checkpoint, x: TextTensor) -> tuple[Callable[[], np.ndarray], C
             if x.how == "k_b":
                 return np.ascontiguousarray(w[:, :nope, :].transpose(0, 2, 1))  # [H, r, nope] (W_UK, transposed)
             return np.ascontiguousarray(w[:, nope:, :])  # [H, v, r]
-        return split, None
-    if x.how == "stack":
-        return (lambda: np.stack([ck.float32(n) for n in x.sources]),
-                lambda: (blk for n in x.sources for blk in ck.row_blocks(n, SLICE_BYTES)))
-    return (lambda: ck.float32(x.sources[0])), (lambda: ck.row_blocks(x.sources[0], SLICE_BYTES))
+        return whole(split, x.shape)
+    return lambda: (blk for n in x.sources for blk in ck.row_blocks(n, SLICE_BYTES))
 
 
 def text_types(t: TextConfig, shapes: list[tuple[str, tuple[int, ...]]], outtype: str) -> dict[str, tuple]:
@@ -114,42 +110,44 @@ def text_bytes(t: TextConfig, outtype: str) -> int:
 
 
 def text_metadata(ck: Checkpoint) -> dict[str, tuple[object, object]]:
-    """The ``deepseek2.*`` hyper-parameters, as llama.cpp's converter writes them for Kimi-VL (§11)."""
+    """The ``deepseek2.*`` hyper-parameters, as llama.cpp's converter writes them for Kimi-VL (§11), then ours."""
     t = ck.config.text
-    A = ARCH
-    K = gguf.GGUFValueType
+    LLM, Att, Rope = Keys.LLM, Keys.Attention, Keys.Rope
+
+    def k(key: str) -> str:
+        return key.format(arch=ARCH)
     return {
-        f"{A}.block_count": (t.num_hidden_layers, None),
-        f"{A}.context_length": (t.max_position_embeddings, None),
-        f"{A}.embedding_length": (t.hidden_size, None),
-        f"{A}.feed_forward_length": (t.intermediate_size, None),
-        f"{A}.attention.head_count": (t.num_attention_heads, None),
-        f"{A}.attention.head_count_kv": (1, None),  # MLA is stored as MQA over the latent
-        f"{A}.rope.freq_base": (float(t.rope_theta), None),
-        f"{A}.attention.layer_norm_rms_epsilon": (float(t.rms_norm_eps), None),
-        f"{A}.expert_count": (t.n_routed_experts, None),
-        f"{A}.expert_used_count": (t.num_experts_per_tok, None),
-        f"{A}.expert_group_count": (t.n_group, None),
-        f"{A}.expert_group_used_count": (t.topk_group, None),
-        f"{A}.expert_gating_func": (int(gguf.ExpertGatingFuncType.SIGMOID), None),  # never leave it to the default
-        f"{A}.leading_dense_block_count": (t.first_k_dense_replace, None),
-        f"{A}.vocab_size": (t.vocab_size, None),
-        f"{A}.attention.kv_lora_rank": (t.kv_lora_rank, None),
+        k(LLM.BLOCK_COUNT): (t.num_hidden_layers, None),
+        k(LLM.CONTEXT_LENGTH): (t.max_position_embeddings, None),
+        k(LLM.EMBEDDING_LENGTH): (t.hidden_size, None),
+        k(LLM.FEED_FORWARD_LENGTH): (t.intermediate_size, None),
+        k(Att.HEAD_COUNT): (t.num_attention_heads, None),
+        k(Att.HEAD_COUNT_KV): (1, None),  # MLA is stored as MQA over the latent
+        k(Rope.FREQ_BASE): (float(t.rope_theta), None),
+        k(Att.LAYERNORM_RMS_EPS): (float(t.rms_norm_eps), None),
+        k(LLM.EXPERT_COUNT): (t.n_routed_experts, None),
+        k(LLM.EXPERT_USED_COUNT): (t.num_experts_per_tok, None),
+        k(LLM.EXPERT_GROUP_COUNT): (t.n_group, None),
+        k(LLM.EXPERT_GROUP_USED_COUNT): (t.topk_group, None),
+        k(LLM.EXPERT_GATING_FUNC): (int(gguf.ExpertGatingFuncType.SIGMOID), None),  # never leave it to the default
+        k(LLM.LEADING_DENSE_BLOCK_COUNT): (t.first_k_dense_replace, None),
+        k(LLM.VOCAB_SIZE): (t.vocab_size, None),
+        k(Att.KV_LORA_RANK): (t.kv_lora_rank, None),
         # 0 = no q LoRA. llama.cpp only reads this key when the layer count is not 26/27 ("lite" models), and then
         # requires it: without it a reduced-depth Kimi-VL GGUF would not load.
-        f"{A}.attention.q_lora_rank": (0, None),
-        f"{A}.attention.key_length": (t.kv_lora_rank + t.qk_rope_head_dim, None),
-        f"{A}.attention.value_length": (t.kv_lora_rank, None),
-        f"{A}.attention.key_length_mla": (t.qk_nope_head_dim + t.qk_rope_head_dim, None),
-        f"{A}.attention.value_length_mla": (t.v_head_dim, None),
-        f"{A}.expert_feed_forward_length": (t.moe_intermediate_size, None),
-        f"{A}.expert_shared_count": (t.n_shared_experts, None),
-        f"{A}.expert_weights_scale": (float(t.routed_scaling_factor), None),
-        f"{A}.expert_weights_norm": (bool(t.norm_topk_prob), K.BOOL),
-        f"{A}.rope.dimension_count": (t.qk_rope_head_dim, None),
+        k(Att.Q_LORA_RANK): (0, None),
+        k(Att.KEY_LENGTH): (t.kv_lora_rank + t.qk_rope_head_dim, None),
+        k(Att.VALUE_LENGTH): (t.kv_lora_rank, None),
+        k(Att.KEY_LENGTH_MLA): (t.qk_nope_head_dim + t.qk_rope_head_dim, None),
+        k(Att.VALUE_LENGTH_MLA): (t.v_head_dim, None),
+        k(LLM.EXPERT_FEED_FORWARD_LENGTH): (t.moe_intermediate_size, None),
+        k(LLM.EXPERT_SHARED_COUNT): (t.n_shared_experts, None),
+        k(LLM.EXPERT_WEIGHTS_SCALE): (float(t.routed_scaling_factor), None),
+        k(LLM.EXPERT_WEIGHTS_NORM): (bool(t.norm_topk_prob), gguf.GGUFValueType.BOOL),
+        k(Rope.DIMENSION_COUNT): (t.qk_rope_head_dim, None),
         # What llama.cpp's keys cannot say: HF normalises the MLA latent with 1e-6, llama.cpp with rms_norm_eps.
-        f"{KEY_PREFIX}.text.kv_a_layernorm_epsilon": (float(t.kv_a_layernorm_eps), None),
-        f"{KEY_PREFIX}.media_placeholder_token_id": (ck.config.media_placeholder_token_id, None),
+        EdgeKeys.Text.KV_A_LAYERNORM_EPS: (float(t.kv_a_layernorm_eps), None),
+        EdgeKeys.MEDIA_PLACEHOLDER_TOKEN_ID: (ck.config.media_placeholder_token_id, None),
     }
 
 
@@ -157,12 +155,10 @@ def text_plan(ck: Checkpoint, outtype: str, kv: dict[str, tuple[object, object]]
     """The per-tensor plan of the text GGUF for ``outtype``. K-quant mixes get the types llama.cpp's
     ``llama_model_quantize`` would choose from a BF16 file (``quant.policy``) and are quantized directly by ggml's
     own C quantizer, no intermediate file. A value past a type's range is found while writing
-    (``gguf_out.write_gguf`` switches that tensor to BF16/F32 and says why)."""
+    (``gguf_out.write_gguf`` writes that tensor BF16, or F32, and reports why)."""
     t = ck.config.text
     tensors = text_tensors(t)  # shapes from the config: the checkpoint's loader checked its tensors against it
     types = text_types(t, [(x.name, x.shape) for x in tensors], outtype)
-    planned = []
-    for x in tensors:
-        make, blocks = _readers(ck, x)
-        planned.append(PlannedTensor(x.name, x.shape, *types[x.name], make, x.sources, blocks))
-    return GGUFPlan(ARCH, dict(kv), planned)
+    planned = [PlannedTensor(x.name, x.shape, *types[x.name], blocks=_blocks(ck, x), sources=x.sources)
+               for x in tensors]
+    return GGUFPlan(ARCH, dict(kv), tuple(planned), bf16_fallback=True)

@@ -7,22 +7,23 @@ from .codec import (
     F16_MAX,
     F16_OVERFLOW,
     QuantRangeError,
-    bf16_bits_to_f32,
+    bf16_to_f32,
     dequantize,
     dequantize_rows,
-    f32_to_bf16_bits,
+    dequantize_rows_into,
+    f32_to_bf16,
     fits_f16,
     fits_type,
     quantize,
 )
 from .metrics import cosine, cosine_rows, kl_divergence, max_rel_err, mean_kl, nmse, top1_agreement
-from .policy import fallback, mmproj_tensor_type, range_safe, text_plan, text_tensor_type
+from .policy import fallback, mmproj_tensor_type, range_fallback, text_plan, text_tensor_type
 from .types import FType, QType, as_ftype, as_qtype, bits_per_weight, block_size, nbytes, row_nbytes, type_size
 
 __all__ = [
-    "F16_MAX", "F16_OVERFLOW", "QuantRangeError", "bf16_bits_to_f32", "dequantize", "dequantize_rows",
-    "f32_to_bf16_bits", "fits_f16", "fits_type", "quantize",
+    "F16_MAX", "F16_OVERFLOW", "QuantRangeError", "bf16_to_f32", "dequantize", "dequantize_rows",
+    "dequantize_rows_into", "f32_to_bf16", "fits_f16", "fits_type", "quantize",
     "cosine", "cosine_rows", "kl_divergence", "max_rel_err", "mean_kl", "nmse", "top1_agreement",
-    "fallback", "mmproj_tensor_type", "range_safe", "text_plan", "text_tensor_type",
+    "fallback", "mmproj_tensor_type", "range_fallback", "text_plan", "text_tensor_type",
     "FType", "QType", "as_ftype", "as_qtype", "bits_per_weight", "block_size", "nbytes", "row_nbytes", "type_size",
 ]

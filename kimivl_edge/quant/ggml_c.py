@@ -1,8 +1,8 @@
 """ctypes access to ggml's own C quantizer in llama-cpp-python's ``libggml-base``.
 
-The converter's fast path (``quant.kernels``) and the tests' oracle. Exposes ``ggml_quantize_chunk`` (ggml.c) and the per-type ``to_float`` from
-``ggml_get_type_traits`` (ggml.h ``struct ggml_type_traits``), plus the size helpers, so numpy results can be
-compared with the exact bytes/floats llama.cpp itself produces.
+The converter's encoder (``quant.kernels``) and the tests' oracle. Exposes ``ggml_quantize_chunk`` (ggml.c) and
+the per-type ``to_float`` from ``ggml_get_type_traits`` (ggml.h ``struct ggml_type_traits``), plus the size helpers,
+so numpy results can be compared with the exact bytes/floats llama.cpp itself produces.
 """
 from __future__ import annotations
 

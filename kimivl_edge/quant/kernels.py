@@ -21,9 +21,9 @@ import numpy as np
 from gguf import GGMLQuantizationType as GT
 
 from . import codec
-from .types import QTypeLike, as_ggml
+from .types import QTypeLike, as_ggml, type_size
 
-__all__ = ["encode", "amax_finite", "c_quantizer_available"]
+__all__ = ["encode", "c_quantizer_available"]
 
 _FLOATS = (GT.F32, GT.F16, GT.BF16)
 _ONE_NUMBER = (GT.F16, GT.BF16, GT.Q8_0, GT.Q4_0, GT.Q5_0, GT.Q4_K, GT.Q5_K, GT.Q6_K, GT.IQ4_NL)  # fits_type on max|x|
@@ -36,24 +36,16 @@ def c_quantizer_available() -> bool:
     return ggml_c.available()
 
 
-def amax_finite(rows: np.ndarray) -> float:
-    """max |x| over the finite values, in two reductions without a temporary when all values are finite."""
-    hi, lo = float(rows.max(initial=-np.inf)), float(rows.min(initial=np.inf))
-    if np.isfinite(hi) and np.isfinite(lo):
-        return max(hi, -lo, 0.0)
-    return codec.max_abs_finite(rows)
-
-
 def _fits(rows: np.ndarray, t: GT) -> bool:
     if t == GT.F32:
         return True
     if t in _ONE_NUMBER:  # decided by max|x| alone (codec.fits_type's documented exactness)
-        return codec.fits_type(np.array([amax_finite(rows)], np.float32), t)
+        return codec.fits_type(np.array([codec.max_abs_finite(rows)], np.float32), t)
     return codec.fits_type(rows, t)
 
 
 # Legacy types whose every block starts with its F16 scale d (ggml's block_q8_0 / block_q4_0 / block_q5_0).
-_D_FIRST = {GT.Q8_0: 34, GT.Q4_0: 18, GT.Q5_0: 22}  # block bytes
+_D_FIRST = {t: type_size(t) for t in (GT.Q8_0, GT.Q4_0, GT.Q5_0)}  # -> block bytes
 
 
 def _scales_below_f16_max(raw: np.ndarray, block_bytes: int) -> bool:

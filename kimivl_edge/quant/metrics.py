@@ -73,19 +73,19 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
-def kl_divergence(ref_logits: np.ndarray, test_logits: np.ndarray) -> np.ndarray:
+def kl_divergence(test_logits: np.ndarray, ref_logits: np.ndarray) -> np.ndarray:
     """Per-row KL(P_ref || P_test) in nats, P = softmax(logits) over the last axis (float64)."""
-    lp, lq = (log_softmax(x) for x in _pair(ref_logits, test_logits))
+    lq, lp = (log_softmax(x) for x in _pair(test_logits, ref_logits))
     p = np.exp(lp)
     return (p * (lp - lq)).sum(axis=-1)
 
 
-def mean_kl(ref_logits: np.ndarray, test_logits: np.ndarray) -> float:
+def mean_kl(test_logits: np.ndarray, ref_logits: np.ndarray) -> float:
     """KL(P_ref || P_test) averaged over rows."""
-    return float(np.mean(kl_divergence(ref_logits, test_logits)))
+    return float(np.mean(kl_divergence(test_logits, ref_logits)))
 
 
-def top1_agreement(ref_logits: np.ndarray, test_logits: np.ndarray) -> float:
+def top1_agreement(test_logits: np.ndarray, ref_logits: np.ndarray) -> float:
     """Fraction of rows whose argmax (over the last axis) agrees."""
-    a, b = _pair(ref_logits, test_logits)
+    a, b = _pair(test_logits, ref_logits)
     return float(np.mean(a.argmax(axis=-1) == b.argmax(axis=-1)))

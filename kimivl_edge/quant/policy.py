@@ -1,14 +1,18 @@
 """Per-tensor storage type choice for the converter (reference doc §11).
 
-Two kinds of file types:
+Two kinds of file types, both written in one pass by the converter (``convert.gguf_out``, encoding with ggml's
+own C quantizer through ``quant.kernels``):
 
-* ``F32`` / ``F16`` / ``BF16`` / ``Q8_0`` / ``Q4_0`` are written by our numpy converter: 1-D tensors, norms,
-  ``ffn_gate_inp`` and ``exp_probs_b`` stay F32, everything else gets the requested type, with the shape fallback.
-* ``Q4_K_M`` / ``Q5_K_M`` / ``Q6_K`` are made by llama.cpp's ``llama_model_quantize`` from an F16/F32/BF16 file we
-  write first. ``text_tensor_type`` reproduces that version's ``llama_tensor_get_type`` (src/llama-quant.cpp,
-  llama.cpp vendored in llama-cpp-python 0.3.36) for the tensor names of a ``deepseek2`` text GGUF, so a
-  ``--dry-run`` plan can print every final type before llama.cpp runs. Arch-specific branches of other models
-  (Falcon, LLaMA-70B, GLM-5, Bailing) and the importance-matrix / IQ-only branches are not modelled.
+* ``F32`` / ``F16`` / ``BF16`` / ``Q8_0`` / ``Q4_0``: 1-D tensors, norms, ``ffn_gate_inp`` and ``exp_probs_b``
+  stay F32, everything else gets the requested type, with the shape fallback.
+* ``Q4_K_M`` / ``Q5_K_M`` / ``Q6_K`` (and our ``Q4_K_EDGE``): ``text_tensor_type`` reproduces llama.cpp's
+  ``llama_tensor_get_type`` (src/llama-quant.cpp, llama.cpp vendored in llama-cpp-python 0.3.36) for the tensor
+  names of a ``deepseek2`` text GGUF, i.e. the types ``llama_model_quantize`` would give each tensor of a BF16
+  file of the same model; the converter quantizes straight to those types (no intermediate file), and a
+  ``--dry-run`` plan prints every one of them. Arch-specific branches of other models (Falcon, LLaMA-70B, GLM-5,
+  Bailing) and the importance-matrix / IQ-only branches are not modelled.
+
+``range_fallback`` is the one rule for a tensor whose values overflow its type (found while writing).
 
 ``ne`` arguments are in ggml order (``ne[0]`` = row length, the dimension blocks run along).
 """
@@ -32,7 +36,7 @@ __all__ = [
     "text_tensor_type",
     "text_plan",
     "mmproj_tensor_type",
-    "range_safe",
+    "range_fallback",
     "MMPROJ_TYPES",
 ]
 
@@ -165,7 +169,7 @@ def _layer_of(gguf_name: str, n_layers: int) -> int:
 
 
 def _own_type(gguf_name: str, ne: Sequence[int], ft: FType) -> tuple[QType, str]:
-    """Our numpy converter's rule for F32/F16/BF16/Q8_0/Q4_0 text files."""
+    """Our converter's rule for F32/F16/BF16/Q8_0/Q4_0 text files."""
     if n_dims(ne) < 2:
         return QType.F32, "1-D tensor kept F32"
     if "_norm." in gguf_name or gguf_name.endswith("_norm"):
@@ -227,8 +231,9 @@ def text_tensor_type(gguf_name: str, ne: Sequence[int], ftype: FTypeLike, n_laye
 
     ``gguf_name`` is the full GGUF name (``blk.5.ffn_down_exps.weight``), ``ne`` its ggml shape, ``n_layers`` the
     GGUF ``block_count``, ``n_expert`` ``expert_count``. For K-quant mixes the result is what
-    ``llama_model_quantize`` produces from our ``src_ftype`` intermediate file (tensors llama.cpp will not
-    quantize keep the intermediate's type); ``tied_embeddings`` means there is no ``output.weight``.
+    ``llama_model_quantize`` would produce from a ``src_ftype`` file of the model (tensors llama.cpp does not
+    quantize keep that file's type; the converter passes BF16, the checkpoint's own type, and writes the result
+    directly); ``tied_embeddings`` means there is no ``output.weight``.
     ``attn_v_index``/``n_attn_v`` only matter for attn_v-like tensors (legacy fused ``attn_kv_b``): their
     position among those tensors in llama.cpp's order. Use ``text_plan`` to get those counters right.
     """
@@ -239,7 +244,7 @@ def text_tensor_type(gguf_name: str, ne: Sequence[int], ftype: FTypeLike, n_laye
         return _own_type(gguf_name, ne, ft)
     src = as_ftype(src_ftype)
     if src not in (FType.F32, FType.F16, FType.BF16):
-        raise ValueError(f"the llama_model_quantize input must be F32/F16/BF16, not {src.value}")
+        raise ValueError(f"the source type of a K-quant mix must be F32/F16/BF16, not {src.value}")
     if not llama_allows_quantization(gguf_name, ne):
         t, why = _own_type(gguf_name, ne, src)
         return t, f"not quantized by llama.cpp; {why}"
@@ -306,16 +311,11 @@ def mmproj_tensor_type(gguf_name: str, ne: Sequence[int], mtype: str) -> tuple[Q
     return as_qtype(t), why or f"requested {m.upper()}"
 
 
-def range_safe(qtype: QTypeLike, array: np.ndarray, *, bf16_ok: bool = True) -> tuple[QType, str]:
-    """Keep ``qtype`` if storing ``array`` in it leaves every finite value finite, else BF16 (F32 when the
-    consumer cannot read BF16 or BF16 overflows too). F16 overflows past |x| = 65504; the block types overflow
-    when their F16 scale does (Q8_0 d = amax/127 -> |x| > ~8.3e6; Q4_0 d = amax/8 -> |x| > ~5.2e5; Q5_0 amax/16;
-    Q4_1/Q5_1 also store the block minimum as F16 -> min < -65504); see ``codec.fits_type``."""
+def range_fallback(qtype: QTypeLike, amax: float, *, bf16_ok: bool = True) -> tuple[QType, str]:
+    """The type a tensor is written in when its values overflow ``qtype`` (``amax`` = max |x| over its finite
+    values): BF16 if ``bf16_ok`` and BF16 holds ``amax``, else F32; and why. The converter's one rule for both files
+    (``convert.gguf_out.write_gguf`` applies it while writing: text BF16, mmproj F32)."""
     t = as_qtype(qtype)
-    if codec.fits_type(array, t):
-        return t, ""
-    amax = codec.max_abs_finite(array)
-    alt = QType.BF16 if bf16_ok and codec.fits_type(array, QType.BF16) else QType.F32
-    if alt == t:
-        alt = QType.F32
+    alt = QType.BF16 if bf16_ok and t != QType.BF16 and codec.fits_type(np.array([amax], np.float32),
+                                                                          QType.BF16) else QType.F32
     return alt, f"max |x| {amax:.6g} overflows {t.value} -> {alt.value}"
