@@ -1,6 +1,6 @@
 """An HF Kimi-VL checkpoint directory: its expected tensor layout, and a validating, memory-mapped reader.
 
-The layout (names and shapes, reference doc §3) is a function of config.json alone, so the synthetic writer, the
+The layout (names and shapes, docs/model.md §3) is a function of config.json alone, so the synthetic writer, the
 loader's consistency check and the converter's plan all share ``hf_tensor_specs``. Nothing here imports code from the
 checkpoint: the ``*.py`` files of a download are never read.
 """

@@ -1,6 +1,6 @@
 """Model configuration: small dataclasses built once from a checkpoint's config.json.
 
-Values the code needs are read from the files (reference doc §2, §13); the dataclass defaults are never used to
+Values the code needs are read from the files (docs/model.md §2, §13); the dataclass defaults are never used to
 fill in a missing key of a real checkpoint: a missing key is a CheckpointError. The presets of the synthetic
 checkpoints (``tiny``, ``a3b``) live in ``kimivl_edge.synth.presets``.
 """
@@ -11,11 +11,11 @@ from pathlib import Path
 
 from .errors import CheckpointError, read_json_object
 
-# The three Kimi-VL-A3B variants and their recommended sampling temperature (reference doc §1); the converter
+# The three Kimi-VL-A3B variants and their recommended sampling temperature (docs/model.md §1); the converter
 # writes it as general.sampling.temp.
 TEMPERATURE = {"instruct": 0.2, "thinking": 0.8, "thinking-2506": 0.8}
 VARIANTS = tuple(TEMPERATURE)
-# MoonViT's 2-D RoPE table is ROPE_MAX_GRID x ROPE_MAX_GRID patches, hard-coded in the HF code (reference doc §5.4):
+# MoonViT's 2-D RoPE table is ROPE_MAX_GRID x ROPE_MAX_GRID patches, hard-coded in the HF code (docs/model.md §5.4):
 # the vision model takes grid sides 1..512; the HF processor refuses sides >= 512 ("Exceed pos emb", §4 step 4).
 ROPE_MAX_GRID = 512
 
@@ -32,7 +32,7 @@ class VisionConfig:
     init_pos_emb_height: int
     init_pos_emb_width: int
     merge_kernel_size: tuple[int, int]
-    # Hard-coded in the HF code, not in the file (reference doc §2).
+    # Hard-coded in the HF code, not in the file (docs/model.md §2).
     layer_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     rope_max_grid: int = ROPE_MAX_GRID
@@ -82,7 +82,7 @@ class TextConfig:
     bos_token_id: int
     eos_token_id: int
     pad_token_id: int
-    # HF's DeepseekV3RMSNorm default for kv_a_layernorm: not in the file (reference doc §9.3).
+    # HF's DeepseekV3RMSNorm default for kv_a_layernorm: not in the file (docs/model.md §9.3).
     kv_a_layernorm_eps: float = 1e-6
 
     @property

@@ -2,7 +2,7 @@
 
 A prompt is a list of segments: runs of token ids, and blocks of image-embedding rows (one row per merged image
 token, projector output, inserted without scaling). Each segment is evaluated in its own ``llama_decode`` calls,
-chunked to ``n_batch``, with continuous positions 0..T-1 (1-D RoPE over image rows too, reference doc §7.1).
+chunked to ``n_batch``, with continuous positions 0..T-1 (1-D RoPE over image rows too, docs/model.md §7.1).
 
 KV reuse: the decoder remembers a key per cached position (the token id, or (image key, row) for an embedding row).
 A new prompt that starts with the cached prefix evaluates only what follows, so a follow-up question about an image

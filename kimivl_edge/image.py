@@ -1,4 +1,4 @@
-"""Kimi-VL image preprocessing, exactly as the HF ``KimiVLImageProcessor`` (reference doc §4), numpy + Pillow only.
+"""Kimi-VL image preprocessing, exactly as the HF ``KimiVLImageProcessor`` (docs/model.md §4), numpy + Pillow only.
 
 Pipeline per image (§4): load as-is (no EXIF transpose) -> Pillow BICUBIC downscale only when the patch count
 exceeds the budget -> zero-pad right/bottom to multiples of 28 in the image's own mode -> "Exceed pos emb" check ->

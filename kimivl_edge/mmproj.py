@@ -4,8 +4,8 @@ Two producers are accepted:
 
 * our converter (``kimivl_edge.convert.mmproj``): llama.cpp's ``clip.*`` keys plus ``kimivl_edge.*`` keys for the
   preprocessing budget (``in_token_limit``, ``pad_input``), the pos-emb grid, the projector GELU and the Q/K row
-  layout ``kimivl_edge.vision.rope_layout = "ggml_split"`` (reference doc §5.4);
-* llama.cpp's own converter: only the ``clip.*`` keys (reference doc §11), Q/K rows in the checkpoint's interleaved
+  layout ``kimivl_edge.vision.rope_layout = "ggml_split"`` (docs/model.md §5.4);
+* llama.cpp's own converter: only the ``clip.*`` keys (docs/model.md §11), Q/K rows in the checkpoint's interleaved
   order (§10.2a), so the layout is "hf_interleaved"; the pos-emb grid is the square root of the table's rows and
   ``in_token_limit`` falls back to 4096 (see ``image_processor_config``).
 
@@ -33,7 +33,7 @@ ROPE_LAYOUTS = ("ggml_split", "hf_interleaved")
 """Q/K row order within a head: ggml's split halves (column pairs, then row pairs) or MoonViT's interleaved pairs."""
 DEFAULT_IN_TOKEN_LIMIT = 4096
 """Budget for files without ``kimivl_edge.vision.in_token_limit`` (llama.cpp-made): the Instruct / Thinking value of
-``preprocessor_config.json`` (reference doc §4). Thinking-2506 uses 16384; pass ``max_patches`` or rebuild the file
+``preprocessor_config.json`` (docs/model.md §4). Thinking-2506 uses 16384; pass ``max_patches`` or rebuild the file
 with our converter to get it."""
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0")
 
@@ -46,7 +46,7 @@ class MmprojError(GGUFFileError):
 
 @dataclass(frozen=True)
 class VisionHParams:
-    """MoonViT + projector hyper-parameters read from the file (reference doc §2, §11)."""
+    """MoonViT + projector hyper-parameters read from the file (docs/model.md §2, §11)."""
 
     hidden_size: int
     num_heads: int
@@ -71,7 +71,7 @@ class VisionHParams:
 
     @property
     def merged_dim(self) -> int:
-        """Projector input width: merge_size² patch vectors side by side (reference doc §6)."""
+        """Projector input width: merge_size² patch vectors side by side (docs/model.md §6)."""
         return self.hidden_size * self.merge_size * self.merge_size
 
 
@@ -160,7 +160,7 @@ class MmprojFile:
 
     # -- tensors --------------------------------------------------------------------------------------------------
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Numpy shape of every tensor the encoder reads (reference doc §3.1, §3.2 under the GGUF names)."""
+        """Numpy shape of every tensor the encoder reads (docs/model.md §3.1, §3.2 under the GGUF names)."""
         hp = self.hparams
         d, f, p, m = hp.hidden_size, hp.intermediate_size, hp.patch_size, hp.merged_dim
         out: dict[str, tuple[int, ...]] = {
@@ -194,7 +194,7 @@ class MmprojFile:
 
     @staticmethod
     def _numpy_shape(t: TensorInfo) -> tuple[int, ...]:
-        """GGUF lists ggml ``ne`` (fastest axis first); numpy order is the reverse (reference doc §11)."""
+        """GGUF lists ggml ``ne`` (fastest axis first); numpy order is the reverse (docs/model.md §11)."""
         shape = t.shape
         while len(shape) > 1 and shape[0] == 1:  # a 1-D tensor may be stored with trailing ne = 1
             shape = shape[1:]
@@ -209,7 +209,7 @@ class MmprojFile:
 
     # -- preprocessing -----------------------------------------------------------------------------------------
     def image_processor_config(self) -> ImageProcessorConfig:
-        """The pixel pipeline's settings from the file (reference doc §4): mean/std from the clip keys, budget from
+        """The pixel pipeline's settings from the file (docs/model.md §4): mean/std from the clip keys, budget from
         ``kimivl_edge.vision.in_token_limit`` or ``DEFAULT_IN_TOKEN_LIMIT`` for llama.cpp-made files."""
         hp = self.hparams
         return ImageProcessorConfig(

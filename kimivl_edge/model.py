@@ -14,7 +14,7 @@ tools (teacher-forced logits over positions).
 
 Prompts follow the HF processor exactly: the chat template stored in the GGUF renders
 ``<|media_start|>image<|media_content|><|media_pad|><|media_end|>`` per image, the k-th pad becomes gh*gw/4
-embedding rows (reference doc §4, §7). Tokenization is ours (tiktoken, exactly HF), not llama.cpp's.
+embedding rows (docs/model.md §4, §7). Tokenization is ours (tiktoken, exactly HF), not llama.cpp's.
 """
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ class Generation:
 
 @dataclass(frozen=True)
 class PromptImage:
-    """One image of a prompt, preprocessed (reference doc §4) but not encoded."""
+    """One image of a prompt, preprocessed (docs/model.md §4) but not encoded."""
 
     patches: np.ndarray     # [gh*gw, 3, p, p] float32
     grid: tuple[int, int]   # (gh, gw)
@@ -97,7 +97,7 @@ class PromptImage:
 @dataclass(frozen=True)
 class RenderedPrompt:
     """A chat rendered for the decoder before any image is encoded: the template's token ids, with one
-    ``media_pad_id`` per image, and the images in the order of their pads (reference doc §7.1)."""
+    ``media_pad_id`` per image, and the images in the order of their pads (docs/model.md §7.1)."""
 
     ids: list[int]
     images: list[PromptImage]
@@ -136,7 +136,7 @@ def _image_source(part: dict) -> ImageSource:
 
 def decode_pieces(ids: Iterable[int], tokenizer: Tokenizer, thinking: bool) -> Generator[Piece, None, None]:
     """Token ids -> text pieces as they complete (never a broken UTF-8 character); with ``thinking``, "reasoning"
-    pieces, then "answer" pieces (reference doc §7.4), else only "answer" pieces."""
+    pieces, then "answer" pieces (docs/model.md §7.4), else only "answer" pieces."""
     dec = StreamDecoder(tokenizer)
     split = ThinkingStreamSplitter() if thinking else None
     for tok in ids:
@@ -314,7 +314,7 @@ class KimiVL:
         return self._embeddings(self._prepare_images(list(images)))
 
     def _prepare_images(self, images: Sequence[ImageSource]) -> list[PromptImage]:
-        """Load and preprocess (reference doc §4), without encoding."""
+        """Load and preprocess (docs/model.md §4), without encoding."""
         self._require_vision()
         cfg = self.image_config
         assert cfg is not None  # loaded with the vision encoder

@@ -1,4 +1,4 @@
-"""Chat prompts and thinking-output splitting (reference doc §7.1, §7.4, §13.5).
+"""Chat prompts and thinking-output splitting (docs/model.md §7.1, §7.4, §13.5).
 
 Runtime module: jinja2 (a llama-cpp-python dependency) renders the checkpoint's own chat template in a sandbox, as
 Hugging Face's ``apply_chat_template`` does. Images are written as one ``<|media_pad|>`` each; ``expand_media``

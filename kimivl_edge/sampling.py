@@ -1,6 +1,6 @@
 """Sampling settings and llama.cpp's C sampler chain built from them.
 
-Defaults follow the model card (reference doc §1): the temperature comes from the GGUF (``general.sampling.temp``:
+Defaults follow the model card (docs/model.md §1): the temperature comes from the GGUF (``general.sampling.temp``:
 Instruct 0.2, Thinking 0.8); ``temperature=0`` is greedy. The other filters are off by default, as in HF's
 generate(): top-p 1, top-k 0, min-p 0, no repetition penalty.
 """

@@ -1,4 +1,4 @@
-"""Kimi tokenizer: tiktoken-format BPE + 256 named special tokens (reference doc §7.2, §7.3, §8, §10.4, §13.3–13.4).
+"""Kimi tokenizer: tiktoken-format BPE + 256 named special tokens (docs/model.md §7.2, §7.3, §8, §10.4, §13.3–13.4).
 
 Runtime module: needs ``tiktoken`` only. A checkpoint's files are read as data; no code is ever imported from it.
 Also the tokenizer facts the converter shares: lower-rank BPE (how llama.cpp rebuilds merges from the ranks) and

@@ -1,4 +1,4 @@
-"""Numpy MoonViT + 2x2 merge + projector on an mmproj GGUF (reference doc §5, §6): the runtime's vision encoder.
+"""Numpy MoonViT + 2x2 merge + projector on an mmproj GGUF (docs/model.md §5, §6): the runtime's vision encoder.
 
     enc = VisionEncoder("mmproj-Kimi-VL-A3B-Instruct-Q8_0.gguf")
     pixel_values, grid_hws = preprocess(images, enc.mmproj.image_processor_config())
@@ -14,7 +14,7 @@ Row-wise work runs in chunks of patches; attention runs per image (block-diagona
 doc §5.3, §10.1), per head and per query block whose [rows, n] score block stays under ``max_score_bytes`` (4 MiB
 by default: one block per worker stays in the L3 cache; it measured faster than L2-sized blocks, whose matmuls are
 less efficient): the row max, exp and row sum of the softmax run in place on that block while it is in cache.
-RoPE follows the Q/K row layout the file declares (``MmprojFile.hparams.rope_layout``; reference doc §5.4).
+RoPE follows the Q/K row layout the file declares (``MmprojFile.hparams.rope_layout``; docs/model.md §5.4).
 """
 from __future__ import annotations
 
@@ -39,9 +39,9 @@ __all__ = [
     "row_chunks", "check_patches", "decode_rows_into", "Progress",
 ]
 
-BICUBIC_A = -0.75           # PyTorch's bicubic coefficient (reference doc §5.2)
-ROPE_THETA = 10000.0        # MoonViT's 2-D RoPE base (reference doc §5.4; llama.cpp hard-codes it too)
-PROJECTOR_LN_EPS = 1e-5     # nn.LayerNorm default of the projector's pre_norm (reference doc §6)
+BICUBIC_A = -0.75           # PyTorch's bicubic coefficient (docs/model.md §5.2)
+ROPE_THETA = 10000.0        # MoonViT's 2-D RoPE base (docs/model.md §5.4; llama.cpp hard-codes it too)
+PROJECTOR_LN_EPS = 1e-5     # nn.LayerNorm default of the projector's pre_norm (docs/model.md §6)
 DEFAULT_SCORE_BYTES = 4 << 20  # one attention score block per worker (256 query rows of a 4096-patch image)
 ROW_CHUNK = 512             # patches per row-wise work item (bounds the [rows, intermediate] MLP activation)
 MIN_PARTS, MIN_ROWS = 4, 64  # row-wise work of small images: up to 4 items of >= 64 rows (BLAS stays efficient)
@@ -56,7 +56,7 @@ layer at once), llama.cpp's clip reports "image" (it runs one image through all 
 # §5.2 position embedding: exact PyTorch bicubic (align_corners=False, A = -0.75) as two matrices
 
 def _cubic(d: np.ndarray, a: float = BICUBIC_A) -> np.ndarray:
-    """Keys' cubic kernel K(d) (reference doc §5.2)."""
+    """Keys' cubic kernel K(d) (docs/model.md §5.2)."""
     d = np.abs(d)
     near = ((a + 2) * d - (a + 3)) * d * d + 1
     far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
@@ -65,7 +65,7 @@ def _cubic(d: np.ndarray, a: float = BICUBIC_A) -> np.ndarray:
 
 @lru_cache(maxsize=64)
 def bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """[n_out, n_in] float64 1-D resampling matrix; clamped taps add up (reference doc §5.2). Read-only, cached."""
+    """[n_out, n_in] float64 1-D resampling matrix; clamped taps add up (docs/model.md §5.2). Read-only, cached."""
     i = np.arange(n_out, dtype=np.float64)
     u = (i + 0.5) * (n_in / n_out) - 0.5  # not clamped
     u0 = np.floor(u)
@@ -115,7 +115,7 @@ def rope_angles(h: int, w: int, head_dim: int, layout: str, theta: float = ROPE_
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
     """In place: rotate adjacent pairs (a, b) of x [n, heads, d] -> (a cos - b sin, a sin + b cos); cos/sin
-    [n, d/2] (reference doc §5.4)."""
+    [n, d/2] (docs/model.md §5.4)."""
     a, b = x[..., 0::2], x[..., 1::2]
     c, s = cos[:, None, :], sin[:, None, :]
     a_new = a * c - b * s
@@ -143,7 +143,7 @@ _GELU_C3 = _GELU_C1 * 0.044715
 
 
 def gelu_tanh(x: np.ndarray) -> np.ndarray:
-    """In place 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715x³))): the vision MLP activation (reference doc §5.3).
+    """In place 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715x³))): the vision MLP activation (docs/model.md §5.3).
 
     Evaluated as x / (1 + exp(-2u)), u = √(2/π)·(x + 0.044715x³): the same function, as
     1 + tanh u = 2 / (1 + e^{-2u}), in seven passes; exp overflows to inf for very negative x, giving -0.0 like the
@@ -188,7 +188,7 @@ ERF_CHUNK = 1 << 15  # elements per float64 pass of gelu_erf (stays in cache)
 
 
 def gelu_erf(x: np.ndarray) -> np.ndarray:
-    """In place exact GELU 0.5·x·(1 + erf(x/√2)) on a float32 array: the projector activation (reference doc §6).
+    """In place exact GELU 0.5·x·(1 + erf(x/√2)) on a float32 array: the projector activation (docs/model.md §6).
 
     erf is evaluated in float64 (``erf``, |error| <= 1.5e-7) over cache-sized chunks of the flattened array.
     """
@@ -287,7 +287,7 @@ def check_patches(pixel_values: np.ndarray, grid_hws: object, p: int, m: int
                   ) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """Validate ``pixel_values`` [n, 3, p, p] (or [n, 3*p*p]) against an integer ``grid_hws`` [n_images, 2] whose
     sides are multiples of the merge ``m`` within the RoPE table (the model's rule: 1 <= side <= ROPE_MAX_GRID,
-    reference doc §5.4; the processor's stricter "Exceed pos emb" rule is ``image.grid_hw``'s); returns
+    docs/model.md §5.4; the processor's stricter "Exceed pos emb" rule is ``image.grid_hw``'s); returns
     [n, 3*p*p] float32 and the grids. Shared by both vision backends."""
     pv = np.asarray(pixel_values)
     if pv.ndim not in (2, 4) or pv.shape[1:] not in ((3, p, p), (3 * p * p,)):
@@ -314,7 +314,7 @@ def decode_rows_into(out: np.ndarray, raw: np.ndarray, ttype: str, shape: tuple[
 
 
 class VisionEncoder:
-    """MoonViT + merge + projector on a Kimi-VL mmproj GGUF (reference doc §5, §6), numpy float32.
+    """MoonViT + merge + projector on a Kimi-VL mmproj GGUF (docs/model.md §5, §6), numpy float32.
 
     ``threads``: worker threads (default: all cores), each running BLAS single-threaded, so ``threads`` is the
     number of cores used. Row-wise work (LayerNorm, QKV + RoPE, output projection, MLP, projector) runs in chunks of
@@ -343,7 +343,7 @@ class VisionEncoder:
     # -- weights -----------------------------------------------------------------------------------------------
     def _sources(self, part: object) -> dict[str, list[str]]:
         """Destination name -> file tensors (stacked along rows) of one part: "embed", a block index or "project".
-        Block Q, K, V are fused into one [3D, D] matrix (reference doc §3.4 row order)."""
+        Block Q, K, V are fused into one [3D, D] matrix (docs/model.md §3.4 row order)."""
         if part == "embed":
             return {t: [t] for t in EMBED_TENSORS}
         if part == "project":
@@ -492,7 +492,7 @@ class VisionEncoder:
         return [np.ascontiguousarray(a) for a in np.split(out, sizes)]
 
     def encode(self, pixel_values: np.ndarray, grid_hws: object, progress: Progress | None = None) -> list[np.ndarray]:
-        """Image embeddings, one [gh*gw/4, projection_dim] float32 array per image (reference doc §5, §6).
+        """Image embeddings, one [gh*gw/4, projection_dim] float32 array per image (docs/model.md §5, §6).
 
         ``pixel_values`` [Σ gh·gw, 3, p, p] and ``grid_hws`` [n_images, 2], as ``kimivl_edge.image.preprocess``
         makes them.

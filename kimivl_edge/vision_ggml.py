@@ -5,12 +5,12 @@
     embeds = enc.encode(pixel_values, grid_hws)      # one [gh*gw/4, projection_dim] float32 array per image
     enc.close()
 
-Same interface as the numpy ``VisionEncoder`` (reference doc §5, §6). Each image's patches ``[gh*gw, 3, 14, 14]``
+Same interface as the numpy ``VisionEncoder`` (docs/model.md §5, §6). Each image's patches ``[gh*gw, 3, 14, 14]``
 (exactly ``kimivl_edge.image.preprocess``'s output) are put back into one normalized float image of
 ``gh*14 x gw*14`` pixels (HWC, the interleaved RGB buffer of ``struct clip_image_f32``) and passed to
 ``clip_image_encode``, one image per call; llama.cpp's graph (``tools/mtmd/models/kimivl.cpp``) does the rest.
 
-Where this backend deviates from the reference (reference doc §10.2; the numpy backend has none of these):
+Where this backend deviates from the reference (docs/model.md §10.2; the numpy backend has none of these):
 
 1. **Position embedding resize**: llama.cpp resamples the pos-emb table with *bilinear + antialias*
    (``resize_position_embeddings``), not PyTorch bicubic (§5.2, §10.2b). This only happens when the image grid
@@ -236,7 +236,7 @@ def clip_library() -> ClipLibrary:
 # pixels
 
 def patches_to_image(patches: np.ndarray, gh: int, gw: int, patch_size: int) -> np.ndarray:
-    """Patches [gh*gw, 3, p, p] (row-major over the grid, (channel, row, column) inside: reference doc §4 step 6)
+    """Patches [gh*gw, 3, p, p] (row-major over the grid, (channel, row, column) inside: docs/model.md §4 step 6)
     -> the normalized image [gh*p, gw*p, 3] float32, C-contiguous (clip_image_f32's interleaved RGB buffer)."""
     p = patch_size
     x = np.asarray(patches, dtype=np.float32).reshape(gh, gw, 3, p, p)
@@ -305,7 +305,7 @@ class GgmlVisionEncoder:
         return check_patches(pixel_values, grid_hws, self.hparams.patch_size, self.hparams.merge_size)
 
     def encode_image(self, patches: np.ndarray, gh: int, gw: int) -> np.ndarray:
-        """One image's patches [gh*gw, 3, p, p] -> [gh*gw/m², n_embd] float32 (reference doc §5, §6 as llama.cpp
+        """One image's patches [gh*gw, 3, p, p] -> [gh*gw/m², n_embd] float32 (docs/model.md §5, §6 as llama.cpp
         computes them)."""
         if not self._ctx:
             raise UsageError("this GgmlVisionEncoder is closed")

@@ -60,7 +60,7 @@ def llama_last_logits(decoder) -> np.ndarray:
 
 
 def blocked_attention(enc, q: np.ndarray, k: np.ndarray, v: np.ndarray, grids) -> np.ndarray:
-    """The numpy encoder's block-diagonal attention (reference doc §5.3) on its own, with its query blocks
+    """The numpy encoder's block-diagonal attention (docs/model.md §5.3) on its own, with its query blocks
     (``enc.max_score_bytes``) and workers (``enc.threads``): q, k, v [n, heads, d] (RoPE applied) -> [n, heads*d]."""
     from kimivl_edge.threads import single_threaded_blas, worker_pool
     from kimivl_edge.vision import ScoreScratch, attend, attention_items

@@ -142,7 +142,7 @@ def test_smoke_run_figures_are_consistent(tiny_run):
             f["read_bandwidth_bytes_per_s"] / (b["total"] + f["kv_bytes_per_token"]))
         # the text GGUF is read whole except the embedding table and the unused experts
         assert b["total"] < r["decode"][tt]["gguf_bytes"]
-    # an image of 448x448 is 32x32 patches = 256 tokens after the 2x2 merge (reference doc §4)
+    # an image of 448x448 is 32x32 patches = 256 tokens after the 2x2 merge (docs/model.md §4)
     assert r["ttft"]["image_tokens"] == 256
     first = next(x for x in r["vision"]["results"] if x["backend"] == "numpy")
     assert first["items"][0]["grid"] == [32, 32] and first["items"][0]["tokens"] == 256
@@ -214,7 +214,7 @@ def test_bytes_per_token_all_experts_and_errors():
 
 
 def test_kv_bytes_hand_example():
-    # Kimi-VL: 27 layers x 552 positions x (512 latent + 64 rope) values x 2 bytes (f16), reference doc §9.4
+    # Kimi-VL: 27 layers x 552 positions x (512 latent + 64 rope) values x 2 bytes (f16), docs/model.md §9.4
     assert kv_bytes_per_token(27, 552, 576) == 17_169_408
     assert kv_bytes_per_token(27, 552, 576, bytes_per_value=4) == 2 * 17_169_408
 

@@ -33,7 +33,7 @@ def test_run_streams_an_answer(pair):
                "--temp", "0", "--max-tokens", "8", "--stats")
     assert r.returncode == 0, r.stderr
     assert r.stdout.endswith("\n")
-    assert "image tokens 15" in r.stderr  # 120x80 pads to 140x84: 6x10 patches, 60/4 = 15 tokens (§4)
+    assert "image tokens 15" in r.stderr  # 120x80 pads to 140x84: 6x10 patches, 60/4 = 15 tokens (docs/model.md §4)
 
 
 def test_run_mmap_choices_give_the_same_answer(pair):

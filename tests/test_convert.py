@@ -1,7 +1,7 @@
 """The converter end to end on tiny synthetic checkpoints: exact tensors, llama.cpp loads and agrees with the fp32
 reference, ggml-exact quantization, K-quants through llama.cpp, range safety, bad input, atomicity.
 
-Expected layouts are written here from reference doc §3.4 / §11, independently of convert/text.py.
+Expected layouts are written here from docs/model.md §3.4 / §11, independently of convert/text.py.
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def tensors(path: Path) -> dict[str, object]:
 
 
 def expected_text_tensors(ck: Checkpoint) -> dict[str, np.ndarray]:
-    """Reference doc §3.4 / §11: the llama.cpp deepseek2 layout, written independently of the converter."""
+    """docs/model.md §3.4 / §11: the llama.cpp deepseek2 layout, written independently of the converter."""
     t = ck.config.text
     f = ck.float32
     out = {"token_embd.weight": f("language_model.model.embed_tokens.weight"),

@@ -1,7 +1,7 @@
 """The mmproj GGUF (convert/mmproj.py): metadata, names, exact values, types, and llama.cpp's clip encoder on it.
 
 Independent sides:
-- expected keys, names and shapes are transcribed here from reference doc §3.1/§3.2/§11 and from the source of
+- expected keys, names and shapes are transcribed here from docs/model.md §3.1/§3.2/§11 and from the source of
   llama.cpp's ``conversion/kimivl.py`` + ``MmprojModel.set_gguf_parameters`` and ``tools/mtmd/clip.cpp``;
 - the HF tensors are read with the ``safetensors`` package (not our reader), the file with ``gguf.GGUFReader``,
   and the Q/K permutation is undone by an inverse written here from the §5.4 wording;
@@ -73,10 +73,10 @@ def read_fields(path: Path) -> dict[str, tuple[object, list]]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# expectations transcribed from the reference doc and llama.cpp's source
+# expectations transcribed from docs/model.md and llama.cpp's source
 
 def expected_tensors(cfg: dict) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """GGUF name -> (HF source, ggml ne): reference doc §3.1/§3.2 and the §11 table; ne = numpy shape reversed."""
+    """GGUF name -> (HF source, ggml ne): docs/model.md §3.1/§3.2 and the §11 table; ne = numpy shape reversed."""
     v, t = cfg["vision_config"], cfg["text_config"]
     D, F, p = v["hidden_size"], v["intermediate_size"], v["patch_size"]
     M = 4 * D
@@ -111,7 +111,7 @@ def expected_tensors(cfg: dict) -> dict[str, tuple[str, tuple[int, ...]]]:
 
 
 def expected_metadata(ckpt_dir: Path, file_type: int) -> dict[str, object]:
-    """llama.cpp's converter keys for Kimi-VL (reference doc §11; image_size = init_pos_emb_height * patch) + ours."""
+    """llama.cpp's converter keys for Kimi-VL (docs/model.md §11; image_size = init_pos_emb_height * patch) + ours."""
     cfg = json.loads((ckpt_dir / "config.json").read_text())
     pre = json.loads((ckpt_dir / "preprocessor_config.json").read_text())
     v = cfg["vision_config"]
@@ -215,7 +215,7 @@ def image_224():
     def prep(ckpt_dir: Path):
         pv, grid = preprocess([img], ImageProcessorConfig.from_checkpoint(ckpt_dir))
         assert [list(g) for g in grid] == [[16, 16]]
-        # patch (r, c) = rows 14r.., columns 14c.., values in (channel, row, column) order (reference doc §4.6)
+        # patch (r, c) = rows 14r.., columns 14c.., values in (channel, row, column) order (docs/model.md §4.6)
         hwc = pv.reshape(16, 16, 3, 14, 14).transpose(0, 3, 1, 4, 2).reshape(224, 224, 3)
         return pv, grid, hwc
     return prep
@@ -329,7 +329,7 @@ def test_bad_arguments(ckpt_dir):
 # tests: types
 
 def expected_type(name: str, ne: tuple[int, ...], mtype: str) -> GT:
-    """Reference doc §11: 1-D/norms F32, v.position_embd F32, v.patch_embd F16 (F32 in an f32 file), others the
+    """docs/model.md §11: 1-D/norms F32, v.position_embd F32, v.patch_embd F16 (F32 in an f32 file), others the
     requested type if ne0 is a multiple of its block (32 for Q8_0/Q4_0), else F16."""
     want = GT[mtype.upper()]
     if len(ne) == 1 or "position_embd" in name:

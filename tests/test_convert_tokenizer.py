@@ -1,9 +1,9 @@
 """Tokenizer metadata of the text GGUF (convert/tokenizer.py), checked against llama.cpp itself.
 
-Each GGUF holds the minimal deepseek2 header (reference doc §11, written here from the tiny config) plus the vocab
+Each GGUF holds the minimal deepseek2 header (docs/model.md §11, written here from the tiny config) plus the vocab
 keys and no tensors; llama-cpp-python 0.3.36 loads it with ``vocab_only``. Independent oracles: llama.cpp's own
 tokenizer, detokenizer, token attributes and EOG logic; the runtime ``Tokenizer`` (tiktoken over PAT_STR, §8);
-token strings derived by hand on a small probe vocabulary; the literal facts of the reference doc (§7.1, §7.2).
+token strings derived by hand on a small probe vocabulary; the literal facts of docs/model.md (§7.1, §7.2).
 
 Known differences of llama.cpp's ``kimi-k2`` pre-tokenizer (``src/unicode.cpp``) from the Kimi regex (§8), found
 here by experiment:

@@ -1,4 +1,4 @@
-"""Kimi-VL image preprocessing (reference doc §4, §10 items 5-6).
+"""Kimi-VL image preprocessing (docs/model.md §4, §10 items 5-6).
 
 Oracles: the §4 worked token-count table (hard-coded below), pixel expectations built here with plain loops and
 float64 arithmetic, Pillow's own resize for the budget downscale, and the doc's float32 formula for bit-exactness.

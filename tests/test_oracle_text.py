@@ -1,6 +1,6 @@
 """The fp32 text-decoder reference (kimivl_edge/reference/text.py) against transformers' DeepseekV3ForCausalLM.
 
-The oracle is built as in reference doc §12.1 and loaded by hand from the same random weights (experts fused as the
+The oracle is built as in docs/model.md §12.1 and loaded by hand from the same random weights (experts fused as the
 installed class expects, §3.4). Mutation tests replace one reference formula by a plausible wrong one (§9.5, §9.3)
 and check that the comparison then fails, so the tolerance is known to be able to catch those mistakes.
 """

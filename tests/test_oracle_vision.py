@@ -1,9 +1,9 @@
 """Oracle test of the fp32 MoonViT + merge + projector reference (kimivl_edge/reference/vision.py).
 
-Oracle: transformers 5.23's own ``Kimi_K25VisionModel`` + ``Kimi_K25MultimodalProjection`` (reference doc §12.2),
+Oracle: transformers 5.23's own ``Kimi_K25VisionModel`` + ``Kimi_K25MultimodalProjection`` (docs/model.md §12.2),
 built from a ``Kimi_K25Config`` and loaded with random weights remapped from the Kimi-VL checkpoint names, with the
-Q/K rows of ``wqkv`` permuted into the rotate-half form (reference doc §5.4). The bicubic resampling matrices are
-checked against ``torch.nn.functional.interpolate`` (reference doc §5.2).
+Q/K rows of ``wqkv`` permuted into the rotate-half form (docs/model.md §5.4). The bicubic resampling matrices are
+checked against ``torch.nn.functional.interpolate`` (docs/model.md §5.2).
 
 Bounds. Both sides are fp32 implementations of the same formulas, so besides the per-token cosine >= 0.99999 the
 comparison also bounds the per-token relative L2 error (||ref - oracle|| / ||oracle||) by REL_TOL. This second bound
@@ -47,7 +47,7 @@ MUTATION_GRID = (6, 10)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# random weights under the Kimi-VL checkpoint names (reference doc §3.1, §3.2)
+# random weights under the Kimi-VL checkpoint names (docs/model.md §3.1, §3.2)
 
 def random_weights(cfg: VisionConfig, text_hidden: int, seed: int) -> dict[str, torch.Tensor]:
     """Random float32 weights at realistic scales.
@@ -91,10 +91,10 @@ def random_weights(cfg: VisionConfig, text_hidden: int, seed: int) -> dict[str, 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the oracle (reference doc §12.2)
+# the oracle (docs/model.md §12.2)
 
 def rotate_half_rows(t: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
-    """Per head: new row j <- old 2j, new row d/2 + j <- old 2j + 1 (reference doc §5.4), for Q or K rows."""
+    """Per head: new row j <- old 2j, new row d/2 + j <- old 2j + 1 (docs/model.md §5.4), for Q or K rows."""
     perm = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
     idx = (torch.arange(heads)[:, None] * head_dim + perm).reshape(-1)
     return t[idx]
@@ -132,7 +132,7 @@ def to_k25(w: dict[str, torch.Tensor], cfg: VisionConfig) -> tuple[dict, dict]:
 
 
 def k25_config(cfg: VisionConfig, text_hidden: int) -> Kimi_K25Config:
-    """Kimi_K25Config per reference doc §12.2."""
+    """Kimi_K25Config per docs/model.md §12.2."""
     vision = Kimi_K25VisionConfig(
         patch_size=cfg.patch_size, pos_emb_height=cfg.init_pos_emb_height, pos_emb_width=cfg.init_pos_emb_width,
         num_attention_heads=cfg.num_attention_heads, num_hidden_layers=cfg.num_hidden_layers,

@@ -1,4 +1,4 @@
-"""kimivl_edge.quant.policy: reference-doc §11 fallback table, hand-derived recipe facts, and an oracle run of
+"""kimivl_edge.quant.policy: docs/model.md §11 fallback table, hand-derived recipe facts, and an oracle run of
 llama.cpp's own ``llama_model_quantize`` on tiny deepseek2 GGUFs written with gguf-py."""
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ gguf = pytest.importorskip("gguf")
 
 
 @pytest.mark.parametrize(("qt", "ne0", "want"), [
-    # reference doc §11 table: Q4_K->Q5_0, Q5_K->Q5_1, Q6_K->Q8_0, Q2_K/Q3_K/TQ*->Q4_0, IQ1-IQ3/IQ4_XS->IQ4_NL
+    # docs/model.md §11 table: Q4_K->Q5_0, Q5_K->Q5_1, Q6_K->Q8_0, Q2_K/Q3_K/TQ*->Q4_0, IQ1-IQ3/IQ4_XS->IQ4_NL
     ("Q4_K", 1408, "Q5_0"), ("Q5_K", 1408, "Q5_1"), ("Q6_K", 1408, "Q8_0"),
     ("Q2_K", 1408, "Q4_0"), ("Q3_K", 1408, "Q4_0"), ("TQ2_0", 1408, "Q4_0"),
     ("IQ4_XS", 1408, "IQ4_NL"), ("IQ2_XS", 128, "IQ4_NL"), ("IQ3_S", 1152, "IQ4_NL"),
@@ -71,7 +71,7 @@ def test_use_more_bits_27_layers() -> None:
 
 # ------------------------------------------------------------------------------------------------ recipes by hand
 
-# Kimi-VL-A3B text tensors (reference doc §11 table), ggml ne order.
+# Kimi-VL-A3B text tensors (docs/model.md §11 table), ggml ne order.
 A3B = {
     "token_embd.weight": (2048, 163840),
     "output.weight": (2048, 163840),

@@ -1,4 +1,4 @@
-"""Chat-prompt rendering, media expansion and thinking splitting against reference doc §7.1 / §7.4."""
+"""Chat-prompt rendering, media expansion and thinking splitting against docs/model.md §7.1 / §7.4."""
 from __future__ import annotations
 
 import json
@@ -17,7 +17,7 @@ from kimivl_edge.prompt import (
 )
 from kimivl_edge.synth import KIMI_VL_CHAT_TEMPLATE
 
-# §7.1, copied from the reference doc: the rendered example.
+# §7.1, copied from docs/model.md: the rendered example.
 DOME_EXPECTED = (
     "<|im_system|>system<|im_middle|>You are a helpful assistant<|im_end|><|im_user|>user<|im_middle|>"
     "<|media_start|>image<|media_content|><|media_pad|><|media_end|>What is the dome building in the picture?"

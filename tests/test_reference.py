@@ -1,7 +1,7 @@
 """The whole fp32 reference on a tiny synthetic checkpoint: loading, prompt framing, image injection, generation.
 
 The per-stage numerics are checked against transformers in test_oracle_text.py / test_oracle_vision.py; this file
-checks that the stages are wired together as the reference doc says (§4 token counts, §7 framing, §9.1 injection).
+checks that the stages are wired together as docs/model.md says (§4 token counts, §7 framing, §9.1 injection).
 """
 from __future__ import annotations
 

@@ -236,7 +236,7 @@ def test_unusual_image_modes_work_like_the_hf_processor(files, tmp_path):
         paths.append(str(p))
     with KimiVL.load(text, mm, kv_type="f32") as m:
         embs = m.encode_images(paths)
-    # 50x40 pads to 56x56: a 4x4 patch grid, 4 merged tokens (reference doc §4)
+    # 50x40 pads to 56x56: a 4x4 patch grid, 4 merged tokens (docs/model.md §4)
     assert [e.shape for e in embs] == [(4, m.info.n_embd)] * 5
     assert all(np.isfinite(e).all() for e in embs)
 

@@ -1,6 +1,6 @@
-"""Synthetic checkpoints: the a3b layout against the reference document, the tiny files on disk, bad input.
+"""Synthetic checkpoints: the a3b layout against docs/model.md, the tiny files on disk, bad input.
 
-The expected a3b names and shapes are written here from reference doc §3 (tables and counts), not from the code.
+The expected a3b names and shapes are written here from docs/model.md §3 (tables and counts), not from the code.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from kimivl_edge.synth import preset_config, preset_config_dict
 
 
 def doc_a3b_tensors() -> dict[str, tuple[int, ...]]:
-    """Reference doc §3.1–3.3, transcribed."""
+    """docs/model.md §3.1–3.3, transcribed."""
     t: dict[str, tuple[int, ...]] = {
         "vision_tower.patch_embed.proj.weight": (1152, 3, 14, 14),
         "vision_tower.patch_embed.proj.bias": (1152,),

@@ -1,4 +1,4 @@
-"""Exact tokenization of our GGUF files, end to end (reference doc §7.1, §8).
+"""Exact tokenization of our GGUF files, end to end (docs/model.md §7.1, §8).
 
 What is compared, on ~3 000 generated strings per vocabulary (combining marks of several scripts, emoji with VS16 /
 ZWJ / keycaps, digit contractions, CJK, code, whitespace runs, special-token text) and two vocabularies (the tiny
@@ -6,7 +6,7 @@ synthetic one, 768 base ranks, and the real-size synthetic one, 163 584 base ran
 
 - the runtime (``TextModelInfo.read(gguf).tokenizer`` and ``KimiVL.tokenize`` on a loaded model) against an
   oracle written here: ``tiktoken.Encoding`` built straight from the checkpoint's ``tiktoken.model`` and
-  ``tokenizer_config.json`` with the §8 regex typed in from the reference document (not the package's PAT_STR);
+  ``tokenizer_config.json`` with the §8 regex typed in from docs/model.md (not the package's PAT_STR);
   ``Tokenizer.from_checkpoint`` must agree too;
 - llama.cpp's own tokenizer on the same GGUF (``llama_cpp.Llama(vocab_only=True)``): it may differ only on strings
   that hold a combining mark or a case transition inside a letter run (the documented ``kimi-k2`` splitter
@@ -47,7 +47,7 @@ from kimivl_edge.tokenizer import N_SPECIAL, StreamDecoder, Tokenizer
 LARGE_BASE = 163584  # §8: the real number of base ranks
 N_CORPUS = 3000
 
-# §8, the pre-tokenizer regex: eight branches joined with "|", typed in from the reference document.
+# §8, the pre-tokenizer regex: eight branches joined with "|", typed in from docs/model.md.
 REFERENCE_PATTERN = "|".join([
     r"[\p{Han}]+",
     r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+"

@@ -1,8 +1,8 @@
-"""Kimi tokenizer (reference doc §7.2, §7.3, §8): trainer, file formats, encode/decode, streaming.
+"""Kimi tokenizer (docs/model.md §7.2, §7.3, §8): trainer, file formats, encode/decode, streaming.
 
 Independent references used here: a naive pure-Python BPE and a naive trainer written below, the `regex` package
 (PAT_STR compiled in VERSION1 mode, where `&&` is class intersection) as the pre-tokenizer oracle, Python's own
-UTF-8 codec, and the literal facts of the reference doc.
+UTF-8 codec, and the literal facts of docs/model.md.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The numpy vision encoder (kimivl_edge/vision.py) on mmproj GGUFs (kimivl_edge/mmproj.py).
 
 Independent sides:
-- the fp32 torch reference (``ReferenceModel.image_embeds`` on the HF checkpoint, reference doc §5, §6);
+- the fp32 torch reference (``ReferenceModel.image_embeds`` on the HF checkpoint, docs/model.md §5, §6);
 - the same reference run on the weights decoded from the mmproj file by gguf-py's own ``gguf.quants.dequantize``
   (not our codec), with the Q/K rows un-permuted by an inverse of the §5.4 order written here: this isolates the
   numpy implementation from the quantization loss of each type;
@@ -448,7 +448,7 @@ def test_progress_and_bad_inputs(files, inputs):
 
 @pytest.mark.parametrize("side,ok", [(511, True), (512, True), (513, False)])
 def test_model_rule_takes_grid_sides_up_to_the_rope_table(side, ok):
-    """The vision model's RoPE table is 512x512 (reference doc §5.4): a direct caller may use sides 1..512, one more
+    """The vision model's RoPE table is 512x512 (docs/model.md §5.4): a direct caller may use sides 1..512, one more
     than the HF processor lets through (its "Exceed pos emb" rule, test_image.py). A 1x1 merge reaches odd sides."""
     p = 14
     pv = np.zeros((side, 3, p, p), np.float32)

@@ -2,7 +2,7 @@
 (kimivl_edge/threads.py), chunked weight decoding, the weight cache.
 
 Oracles: a float64 softmax attention written here; the fp32 torch reference (``ReferenceModel.image_embeds``,
-reference doc §5, §6); torch's ``F.gelu`` (tanh). (gguf-py's own dequantization is the weights' oracle in
+docs/model.md §5, §6); torch's ``F.gelu`` (tanh). (gguf-py's own dequantization is the weights' oracle in
 test_vision.py.) Splitting must not change results beyond float32 rounding, whatever the block sizes, chunk sizes or
 threads; decoding in smaller steps must not change them at all.
 """

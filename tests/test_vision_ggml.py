@@ -1,7 +1,7 @@
 """The ggml vision backend (kimivl_edge/vision_ggml.py): llama.cpp's clip graph on our mmproj vs the fp32 reference.
 
-Independent sides: the fp32 torch reference (``ReferenceModel.image_embeds``, HF-exact, reference doc §5/§6) and, for
-the documented deviations (reference doc §10.2b/e), the same reference with two formulas swapped in by this test:
+Independent sides: the fp32 torch reference (``ReferenceModel.image_embeds``, HF-exact, docs/model.md §5/§6) and, for
+the documented deviations (docs/model.md §10.2b/e), the same reference with two formulas swapped in by this test:
 the pos-emb resize done by ``torch.nn.functional.interpolate(mode="bilinear", antialias=True)`` and the projector
 GELU written here in its tanh form. Pixels come from ``kimivl_edge.image.preprocess`` on random images.
 
@@ -174,7 +174,7 @@ def test_several_images_one_call(encoder, image_config):
 
 def test_grid_sides_up_to_the_rope_table(encoder):
     """The vision model's rule, shared with the numpy backend (``vision.check_patches``): sides up to the 512x512
-    RoPE table (reference doc §5.4), one more than the processor lets through (test_image.py)."""
+    RoPE table (docs/model.md §5.4), one more than the processor lets through (test_image.py)."""
     out = encoder.encode(np.zeros((512 * 2, 3, 14, 14), np.float32), np.array([[512, 2]]))
     assert [o.shape for o in out] == [(256, 256)]
     with pytest.raises(UsageError, match="between 2 and 512"):

@@ -3,7 +3,7 @@
     python -m training.train --out kimivl_edge/assets/kimi-vl-tiny --seed 0 [--steps N] [--minutes M]
 
 The model is the fp32 reference (kimivl_edge/reference), written batched: images are padded to the longest patch
-sequence with masked keys (attention stays per image, reference doc §5.3, §10.1), chats are right-padded (causal
+sequence with masked keys (attention stays per image, docs/model.md §5.3, §10.1), chats are right-padded (causal
 attention, so padding never reaches a real token, §9.3). ``forward_logits`` equals ``ReferenceModel.logits`` for
 each sample (tests/test_training.py checks it). MoE routing (§9.5) is the reference ``route``/``moe``: the top-k
 choice is not differentiable, but the chosen experts and the gate (through the sigmoid scores) get gradients;
@@ -215,7 +215,7 @@ def training_examples(enc: Encoder, seed: int, total: int, tasks: tuple[str, ...
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Batched forward = the reference model (reference doc §5, §6, §9)
+# Batched forward = the reference model (docs/model.md §5, §6, §9)
 
 
 @lru_cache(maxsize=None)

@@ -1,6 +1,6 @@
 """What the compute must move: weight bytes read per decoded token (by tensor role, from the text GGUF's tensor
-index; llama.cpp's deepseek2 tensor names, reference doc §3.3, §11), KV-cache bytes per token, and the FLOPs of one
-image through the vision tower (reference doc §5, §6)."""
+index; llama.cpp's deepseek2 tensor names, docs/model.md §3.3, §11), KV-cache bytes per token, and the FLOPs of one
+image through the vision tower (docs/model.md §5, §6)."""
 from __future__ import annotations
 
 import os
@@ -17,7 +17,7 @@ KV_BYTES_PER_VALUE = 2.0  # an f16 KV cache, as Decoder's default
 
 
 def tensor_role(name: str) -> str:
-    """What a deepseek2 GGUF tensor is, for the roofline (reference doc §9, §11 names)."""
+    """What a deepseek2 GGUF tensor is, for the roofline (docs/model.md §9, §11 names)."""
     if name == "token_embd.weight":
         return "embedding_row"
     if name == "output.weight":
@@ -60,7 +60,7 @@ def bytes_per_token(tensors: Sequence[TensorInfo], n_expert: int, n_expert_used:
 
     Every tensor is read whole, except: the token embedding (one row: bytes / ne[1]) and the routed experts (each
     ``*_exps`` tensor stacks ``n_expert`` equal slices along its last axis; a token reads ``n_expert_used`` of them,
-    reference doc §9.5). Norms, router and biases are read whole. The KV cache is not a weight (see
+    docs/model.md §9.5). Norms, router and biases are read whole. The KV cache is not a weight (see
     ``kv_bytes_per_token``)."""
     if not 0 < n_expert_used <= n_expert:
         raise ValueError(f"n_expert_used {n_expert_used} must be in 1..n_expert ({n_expert})")
@@ -75,7 +75,7 @@ def bytes_per_token(tensors: Sequence[TensorInfo], n_expert: int, n_expert_used:
 def kv_bytes_per_token(n_layer: int, n_past: int, values_per_position: int,
                        bytes_per_value: float = KV_BYTES_PER_VALUE) -> int:
     """KV-cache bytes one decoded token reads: every cached position of every layer (MLA caches
-    ``values_per_position`` = kv_lora_rank + rope dim = 576 values per position and layer, reference doc §9.4)."""
+    ``values_per_position`` = kv_lora_rank + rope dim = 576 values per position and layer, docs/model.md §9.4)."""
     return int(n_layer * n_past * values_per_position * bytes_per_value)
 
 
@@ -110,7 +110,7 @@ class RooflineModel:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# vision FLOPs (reference doc §5, §6): multiply-adds count 2; softmax, norms, activations, RoPE are not counted
+# vision FLOPs (docs/model.md §5, §6): multiply-adds count 2; softmax, norms, activations, RoPE are not counted
 
 def vision_flops(grid: tuple[int, int], hidden: int, layers: int, intermediate: int, patch: int, merge: int,
                  projection_dim: int) -> int:

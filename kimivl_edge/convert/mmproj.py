@@ -1,10 +1,10 @@
 """The mmproj GGUF (arch ``clip``, projector ``kimivl``): MoonViT + 2x2 merge + MLP projector for llama.cpp's mtmd.
 
 Metadata: the ``clip.*`` keys llama.cpp's own converter writes for Kimi-VL (``conversion/kimivl.py`` on top of
-``MmprojModel.set_gguf_parameters``; reference doc §11), plus ``kimivl_edge.*`` keys for what llama.cpp does not
+``MmprojModel.set_gguf_parameters``; docs/model.md §11), plus ``kimivl_edge.*`` keys for what llama.cpp does not
 record: the preprocessing budget, the pos-emb grid, the projector GELU and the Q/K row layout.
 
-Tensors (reference doc §3.1, §3.2 -> the names ``tools/mtmd/clip.cpp`` loads for ``PROJECTOR_TYPE_KIMIVL``):
+Tensors (docs/model.md §3.1, §3.2 -> the names ``tools/mtmd/clip.cpp`` loads for ``PROJECTOR_TYPE_KIMIVL``):
 
     patch_embed.proj.weight / .bias     -> v.patch_embd.weight (numpy [C, 3, p, p]: ggml_conv_2d's kernel) / .bias
     patch_embed.pos_emb.weight [H,W,C]  -> v.position_embd.weight [H*W, C] (row-major over the grid)
@@ -16,7 +16,7 @@ Tensors (reference doc §3.1, §3.2 -> the names ``tools/mtmd/clip.cpp`` loads f
     multi_modal_projector.pre_norm      -> mm.input_norm
     multi_modal_projector.linear_1 / _2 -> mm.1 / mm.2
 
-RoPE layout (reference doc §5.4, §10.2a). MoonViT rotates adjacent pairs: in each head, pair (4i, 4i+1) by the
+RoPE layout (docs/model.md §5.4, §10.2a). MoonViT rotates adjacent pairs: in each head, pair (4i, 4i+1) by the
 column, pair (4i+2, 4i+3) by the row. llama.cpp's ``build_rope_2d`` rotates the first half of each head by the
 column and the second half by the row. By default (``rope_layout="ggml_split"``) the Q and K rows (weights and
 biases, not V) are permuted per head so the two agree: new rows = old (4i, 4i+1) for i = 0..d/4-1, then old
@@ -58,7 +58,7 @@ PROJ = "multi_modal_projector."
 # §5.4 Q/K row permutation
 
 def ggml_split_order(head_dim: int) -> np.ndarray:
-    """Old row of each new row within one head (reference doc §5.4): (4i, 4i+1) for all i, then (4i+2, 4i+3)."""
+    """Old row of each new row within one head (docs/model.md §5.4): (4i, 4i+1) for all i, then (4i+2, 4i+3)."""
     if head_dim % 4:
         raise ValueError(f"2-D RoPE needs a head dim divisible by 4, got {head_dim}")
     return np.arange(head_dim).reshape(head_dim // 4, 2, 2).transpose(1, 0, 2).reshape(-1)
@@ -77,7 +77,7 @@ def permute_qk_rows(a: np.ndarray, n_heads: int) -> np.ndarray:
 # metadata
 
 def mmproj_metadata(ckpt: Checkpoint, mtype: str, rope_layout: str = "ggml_split") -> dict[str, tuple]:
-    """The mmproj's metadata (key -> (value, None)): llama.cpp's clip keys for Kimi-VL, then ours (reference doc §11).
+    """The mmproj's metadata (key -> (value, None)): llama.cpp's clip keys for Kimi-VL, then ours (docs/model.md §11).
 
     ``clip.vision.image_size`` = init_pos_emb_height x patch (896 for the real model, which llama.cpp hard-codes
     as 64*14); mean/std come from preprocessor_config.json; projection_dim is the text hidden size.
@@ -107,7 +107,7 @@ def mmproj_metadata(ckpt: Checkpoint, mtype: str, rope_layout: str = "ggml_split
         EdgeKeys.Vision.PAD_INPUT: (bool(pre.pad_input), None),
         EdgeKeys.Vision.POS_EMB_HEIGHT: (v.init_pos_emb_height, None),
         EdgeKeys.Vision.POS_EMB_WIDTH: (v.init_pos_emb_width, None),
-        EdgeKeys.Projector.GELU: ("erf", None),  # reference doc §6 (llama.cpp's graph uses tanh, §10.2e)
+        EdgeKeys.Projector.GELU: ("erf", None),  # docs/model.md §6 (llama.cpp's graph uses tanh, §10.2e)
     }
     if rope_layout == "ggml_split":
         kv[EdgeKeys.Vision.ROPE_LAYOUT] = ("ggml_split", None)
@@ -125,7 +125,7 @@ def _whole(ckpt: Checkpoint, name: str) -> Maker:
 
 
 def _pos_emb(ckpt: Checkpoint, name: str) -> Maker:
-    """[H, W, C] -> [H*W, C]: row r, column c at index r*W + c, the order of the patches (reference doc §5.2)."""
+    """[H, W, C] -> [H*W, C]: row r, column c at index r*W + c, the order of the patches (docs/model.md §5.2)."""
     def make() -> np.ndarray:
         a = ckpt.float32(name)
         return a.reshape(a.shape[0] * a.shape[1], a.shape[2])
@@ -133,7 +133,7 @@ def _pos_emb(ckpt: Checkpoint, name: str) -> Maker:
 
 
 def _qkv_part(ckpt: Checkpoint, name: str, part: int, hidden: int, n_heads: int, permute: bool) -> Maker:
-    """Rows [part*hidden, (part+1)*hidden) of ``wqkv`` (0 = Q, 1 = K, 2 = V; reference doc §3.4), Q/K permuted."""
+    """Rows [part*hidden, (part+1)*hidden) of ``wqkv`` (0 = Q, 1 = K, 2 = V; docs/model.md §3.4), Q/K permuted."""
     def make() -> np.ndarray:
         a = ckpt.float32(name)[part * hidden:(part + 1) * hidden]
         if permute and part < 2:
@@ -185,7 +185,7 @@ def _tensor_sources(ckpt: Checkpoint, permute: bool) -> list[tuple[str, tuple[in
 
 
 def _planned_type(gname: str, shape: tuple[int, ...], mtype: str) -> tuple[QType, str]:
-    """Policy type and why (reference doc §11); a range fallback is the writer's to find."""
+    """Policy type and why (docs/model.md §11); a range fallback is the writer's to find."""
     qtype, why = mmproj_tensor_type(gname, tuple(reversed(shape)), mtype)
     return qtype, f"fallback: {why}" if why.startswith("ne0 ") else f"policy: {why}"
 
@@ -197,7 +197,7 @@ def mmproj_plan(ckpt: Checkpoint, mtype: str, extra_kv: dict | None = None, *,
 
     ``extra_kv`` (key -> (value, GGUFValueType or None)) adds metadata, e.g. ``general.name``; its keys come right
     after ``general.type`` and win over ours on a clash. ``rope_layout`` is "ggml_split" (Q/K permuted for
-    llama.cpp's 2-D RoPE, reference doc §5.4) or "hf_interleaved" (the checkpoint's order, as llama.cpp's converter).
+    llama.cpp's 2-D RoPE, docs/model.md §5.4) or "hf_interleaved" (the checkpoint's order, as llama.cpp's converter).
     """
     m = mtype.lower()
     if m not in MMPROJ_TYPES:

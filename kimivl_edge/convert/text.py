@@ -1,4 +1,4 @@
-"""The text GGUF: the MoE decoder in llama.cpp's ``deepseek2`` layout (reference doc §3.3, §3.4, §9.4, §11).
+"""The text GGUF: the MoE decoder in llama.cpp's ``deepseek2`` layout (docs/model.md §3.3, §3.4, §9.4, §11).
 
 Tensor transforms (numpy shapes; ggml ne is the reverse):
   embed_tokens -> token_embd, lm_head -> output (untied), model.norm -> output_norm;

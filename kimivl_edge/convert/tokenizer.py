@@ -1,6 +1,6 @@
 """Tokenizer metadata of the text GGUF: every ``tokenizer.ggml.*`` key plus ``tokenizer.chat_template``.
 
-Built from the checkpoint's files, read as data (reference doc §7, §8, §13.3–13.5): ``tiktoken.model`` (BPE ranks),
+Built from the checkpoint's files, read as data (docs/model.md §7, §8, §13.3–13.5): ``tiktoken.model`` (BPE ranks),
 ``tokenizer_config.json`` (special-token names and ids), ``config.json`` (vocab_size, special ids, media
 placeholder), ``generation_config.json`` (stop ids) and the chat template. No checkpoint code is ever imported.
 

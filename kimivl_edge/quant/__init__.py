@@ -1,4 +1,4 @@
-"""GGUF tensor formats and numbers: types, numpy codec, per-tensor type policy, error metrics (reference doc §11).
+"""GGUF tensor formats and numbers: types, numpy codec, per-tensor type policy, error metrics (docs/model.md §11).
 
 Knows nothing about Kimi-VL beyond GGUF tensor names. ``ggml_c`` (ctypes over llama.cpp's libggml-base) and
 ``kernels`` (the converter's encoder on top of it) are not imported here, so importing ``quant`` loads no C library.

@@ -1,4 +1,4 @@
-"""Numpy encode/decode of GGUF tensor data (reference doc §11).
+"""Numpy encode/decode of GGUF tensor data (docs/model.md §11).
 
 * ``quantize``: F32 / F16 / BF16 here; the 32-block legacy types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) through gguf-py's
   ``gguf.quants`` (bit-exact with ggml's reference quantizers). K-quants and IQ4_NL have no numpy quantizer: the
@@ -158,7 +158,7 @@ def quantize(a: np.ndarray, qtype: QTypeLike, *, strict: bool = True) -> np.ndar
 
     Returns uint8 of shape ``(*a.shape[:-1], row_bytes)``. With ``strict`` a ``QuantRangeError`` is raised when
     finite inputs would overflow the type (use ``policy.range_safe`` first to pick a type that fits).
-    Raises ValueError when the row length is not a multiple of the block size (reference doc §11) and
+    Raises ValueError when the row length is not a multiple of the block size (docs/model.md §11) and
     NotImplementedError for K-quants / IQ4_NL (``quant.kernels.encode`` makes those with ggml's C quantizer).
     """
     t = as_ggml(qtype)

@@ -1,4 +1,4 @@
-"""Per-tensor storage type choice for the converter (reference doc §11).
+"""Per-tensor storage type choice for the converter (docs/model.md §11).
 
 Two kinds of file types, both written in one pass by the converter (``convert.gguf_out``, encoding with ggml's
 own C quantizer through ``quant.kernels``):
@@ -96,7 +96,7 @@ def n_dims(ne: Sequence[int]) -> int:
 
 
 def fallback(qtype: QTypeLike, ne0: int) -> tuple[QType | GT, str]:
-    """Shape fallback of llama.cpp's ``tensor_type_fallback`` (reference doc §11).
+    """Shape fallback of llama.cpp's ``tensor_type_fallback`` (docs/model.md §11).
 
     If ``ne0`` is not a multiple of the block size: Q4_K->Q5_0, Q5_K->Q5_1, Q6_K->Q8_0, Q2_K/Q3_K/TQ1_0/TQ2_0->Q4_0,
     IQ1*/IQ2*/IQ3*/IQ4_XS->IQ4_NL; a 32-block type stays; then F16 if the result still does not divide ``ne0``.
@@ -290,7 +290,7 @@ def text_plan(tensors: Iterable[tuple[str, Sequence[int]]], ftype: FTypeLike, n_
 
 
 def mmproj_tensor_type(gguf_name: str, ne: Sequence[int], mtype: str) -> tuple[QType, str]:
-    """Storage type of one mmproj (clip) tensor for ``mtype`` in f32/f16/q8_0/q4_0 (reference doc §11).
+    """Storage type of one mmproj (clip) tensor for ``mtype`` in f32/f16/q8_0/q4_0 (docs/model.md §11).
 
     1-D tensors and norms F32; ``v.position_embd`` F32; ``v.patch_embd`` F16 (F32 for an f32 file); everything
     else the requested type with the shape fallback (vision ``ffn_down``, ne0 4304, -> F16).

@@ -1,7 +1,7 @@
 """Tensor and file types the converter can emit, as a thin layer over ``gguf.GGMLQuantizationType``.
 
 Block sizes and bytes per block come from gguf-py's ``GGML_QUANT_SIZES`` (the same table as ggml's type traits);
-the constraint "ne0 must be a multiple of the block size" is reference doc §11.
+the constraint "ne0 must be a multiple of the block size" is docs/model.md §11.
 
 Shapes: ``shape`` is numpy order (last axis = the contiguous row, i.e. ggml ``ne0``); ``ne`` is ggml order
 (``ne[0]`` first). ``ne == tuple(reversed(shape))``.
@@ -179,7 +179,7 @@ def bits_per_weight(t: QTypeLike) -> float:
 
 
 def row_nbytes(t: QTypeLike, ne0: int) -> int:
-    """Bytes of one row of ``ne0`` elements; ne0 must be a multiple of the block size (reference doc §11)."""
+    """Bytes of one row of ``ne0`` elements; ne0 must be a multiple of the block size (docs/model.md §11)."""
     bs = block_size(t)
     if ne0 % bs != 0:
         raise ValueError(f"row length {ne0} is not a multiple of the {as_ggml(t).name} block size {bs}")

@@ -1,4 +1,4 @@
-"""fp32 PyTorch reference of the Kimi-VL text decoder (DeepSeek-V3 style), reference doc §9.
+"""fp32 PyTorch reference of the Kimi-VL text decoder (DeepSeek-V3 style), docs/model.md §9.
 
 Functional style over a weight dict keyed by the HF checkpoint names (§3.3), e.g.
 ``language_model.model.layers.{i}.self_attn.q_proj.weight``. Every formula is a small module-level function, looked

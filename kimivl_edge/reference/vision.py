@@ -1,6 +1,6 @@
-"""fp32 PyTorch reference of MoonViT + 2x2 patch merge + MLP projector (reference doc §5, §6).
+"""fp32 PyTorch reference of MoonViT + 2x2 patch merge + MLP projector (docs/model.md §5, §6).
 
-Functional style over a weight dict keyed by the Hugging Face checkpoint names (reference doc §3.1, §3.2), e.g.
+Functional style over a weight dict keyed by the Hugging Face checkpoint names (docs/model.md §3.1, §3.2), e.g.
 ``vision_tower.patch_embed.proj.weight`` ... ``multi_modal_projector.linear_2.bias``, all float32. Every formula
 is one small module-level function, looked up by name at call time, so a test can replace any one of them.
 """
@@ -18,14 +18,14 @@ Weights = Mapping[str, torch.Tensor]
 TOWER = "vision_tower."
 BLOCK = TOWER + "encoder.blocks.{}."
 PROJ = "multi_modal_projector."
-BICUBIC_A = -0.75  # PyTorch's bicubic coefficient (reference doc §5.2)
+BICUBIC_A = -0.75  # PyTorch's bicubic coefficient (docs/model.md §5.2)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # §5.2 position embedding: exact PyTorch bicubic as two resampling matrices
 
 def cubic_kernel(d: torch.Tensor, a: float = BICUBIC_A) -> torch.Tensor:
-    """Keys' cubic convolution kernel K(d) with PyTorch's A = -0.75 (reference doc §5.2)."""
+    """Keys' cubic convolution kernel K(d) with PyTorch's A = -0.75 (docs/model.md §5.2)."""
     d = d.abs()
     near = (a + 2) * d**3 - (a + 3) * d**2 + 1
     far = a * d**3 - 5 * a * d**2 + 8 * a * d - 4 * a
@@ -61,7 +61,7 @@ def pos_emb_resample(table: torch.Tensor, h: int, w: int) -> torch.Tensor:
 # §5.4 2-D RoPE on adjacent pairs
 
 def rope2d_angles(h: int, w: int, head_dim: int, theta: float) -> torch.Tensor:
-    """Rotation angle of each adjacent pair, [h*w, head_dim//2] float64, patches row-major (reference doc §5.4).
+    """Rotation angle of each adjacent pair, [h*w, head_dim//2] float64, patches row-major (docs/model.md §5.4).
 
     f_i = theta^(-4i/head_dim); pair 2i turns by c·f_i (column, width), pair 2i+1 by r·f_i (row, height).
     """
@@ -93,12 +93,12 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """0.5·x·(1 + tanh(√(2/π)·(x + 0.044715x³))): the vision MLP activation (reference doc §5.3)."""
+    """0.5·x·(1 + tanh(√(2/π)·(x + 0.044715x³))): the vision MLP activation (docs/model.md §5.3)."""
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
 
 
 def gelu_erf(x: torch.Tensor) -> torch.Tensor:
-    """Exact GELU 0.5·x·(1 + erf(x/√2)): the projector activation (reference doc §6)."""
+    """Exact GELU 0.5·x·(1 + erf(x/√2)): the projector activation (docs/model.md §6)."""
     return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
 
 

@@ -14,7 +14,7 @@ PRESETS = ("tiny", "a3b")
 # The processor's image token budget per variant (preprocessor_config.json in_token_limit).
 IN_TOKEN_LIMIT = {"instruct": 4096, "thinking": 4096, "thinking-2506": 16384}
 
-# a3b = the real dimensions (reference doc §2); tiny = every structural feature at a few MB: >= 3 vision layers,
+# a3b = the real dimensions (docs/model.md §2); tiny = every structural feature at a few MB: >= 3 vision layers,
 # a pos-emb grid that real images resample, >= 2 MoE layers after one dense layer, 8 routed experts top-2, a shared
 # expert, MLA without q LoRA, untied head. Text matrices have rows that are multiples of 256 so K-quants apply,
 # while the expert down projection (128) and attn_k_b (32) fall back like the real 1408 and 128; the vision MLP

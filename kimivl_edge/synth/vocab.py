@@ -1,5 +1,5 @@
 """The synthetic vocabulary: a deterministic byte-level BPE trainer, its corpus, and the writers of
-``tiktoken.model`` and ``tokenizer_config.json`` in the real layout (reference doc §7.2, §8, §13.3).
+``tiktoken.model`` and ``tokenizer_config.json`` in the real layout (docs/model.md §7.2, §8, §13.3).
 
 Only synthetic checkpoints need this; the runtime tokenizer (``kimivl_edge.tokenizer``) reads these files.
 """
