@@ -57,8 +57,20 @@ __all__ = [
     "GgmlVisionEncoder",
 ]
 
-LLAMA_CPP_PYTHON_VERSION = "0.3.36"
-"""The llama-cpp-python release whose ``libmtmd`` struct layouts this binding mirrors."""
+def _pinned_llama_cpp_python() -> str:
+    """The llama-cpp-python release this package pins (pyproject.toml, the one place), read from the installed
+    distribution's requirements: the release whose ``libmtmd`` struct layouts this binding mirrors."""
+    try:
+        for req in importlib.metadata.requires("kimivl-edge") or []:
+            name, _, rest = req.partition("==")
+            if name.strip().replace("_", "-") == "llama-cpp-python" and rest:
+                return rest.split(";")[0].strip()
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    return "unknown (kimivl-edge is not installed)"
+
+
+LLAMA_CPP_PYTHON_VERSION = _pinned_llama_cpp_python()
 
 SYMBOLS = {
     "clip_init": "_Z9clip_initPKc19clip_context_params",

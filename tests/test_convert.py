@@ -18,7 +18,7 @@ import gguf
 import numpy as np
 import pytest
 
-from shared import edit_json, shards
+from shared import edit_json, run_cli, shards
 from kimivl_edge.checkpoint import Checkpoint
 from kimivl_edge.convert import convert_checkpoint, format_plan, format_result, plan_conversion, resolve_checkpoint
 from kimivl_edge.errors import UsageError
@@ -313,11 +313,6 @@ def test_repo_id_resolves_in_the_local_hf_cache(ckpts, tmp_path, monkeypatch):
 
 
 # --- bad input: exit code 2, one line, no file at the target ---------------------------------------------------
-
-def run_cli(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kimivl_edge", *args], capture_output=True, text=True,
-                          timeout=300, **kw)
-
 
 def _break(kind: str, d: Path) -> None:
     if kind == "no-config":

@@ -18,9 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kimivl_edge.convert import convert_checkpoint
 from kimivl_edge.decoder import Decoder, DecoderSettings, repacked_tensors
-from kimivl_edge.synth import synth
 
 N_MOE_LAYERS, N_EXPERT, N_FF_EXP = 16, 64, 256
 Q4_0_BLOCK = (32, 18)  # values, bytes (ggml-common.h: fp16 scale + 16 bytes of nibbles)
@@ -98,10 +96,9 @@ def widen_experts(src: Path, dst: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def ggufs(tmp_path_factory) -> tuple[Path, Path]:
+def ggufs(tmp_path_factory, tiny_checkpoint, converted) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("mem")
-    ck = synth(root / "Kimi-VL-A3B-Instruct", "tiny", "instruct", seed=2)
-    small, _ = convert_checkpoint(ck, "q8_0", "q8_0", root / "g")
+    small, _ = converted(tiny_checkpoint("instruct", seed=2), "q8_0", "q8_0")
     wide = root / "wide-Q4_0.gguf"
     widen_experts(small, wide)
     return small, wide

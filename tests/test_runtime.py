@@ -4,32 +4,27 @@ plus embedding injection, streaming, KV reuse, the thinking split and bad input.
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from kimivl_edge.convert import convert_checkpoint
 from kimivl_edge.decoder import ImageBlock
 from kimivl_edge.errors import ImageError, KimiVLError, UsageError
 from kimivl_edge.model import KimiVL, decode_pieces
 from kimivl_edge.prompt import user_message
-from kimivl_edge.synth import synth
-from shared import llama_last_logits
+from shared import llama_last_logits, run_cli
 
 VARIANTS = ("instruct", "thinking", "thinking-2506")
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory) -> dict[str, tuple[Path, Path, Path]]:
-    root = tmp_path_factory.mktemp("rt")
+def files(tiny_checkpoint, converted) -> dict[str, tuple[Path, Path, Path]]:
     out = {}
     for v in VARIANTS:
-        ck = synth(root / f"Kimi-VL-A3B-{v}", "tiny", v, seed=21)
-        text, mm = convert_checkpoint(ck, "f32", "f32", root / f"gguf-{v}")
-        out[v] = (ck, text, mm)
+        ck = tiny_checkpoint(v, seed=21)
+        out[v] = (ck, *converted(ck, "f32", "f32"))
     return out
 
 
@@ -199,8 +194,7 @@ def test_thinking_history_keeps_only_the_answer(files):
 # --- bad input ----------------------------------------------------------------------------------------------
 
 def run(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kimivl_edge", "run", *args], capture_output=True, text=True,
-                          timeout=300)
+    return run_cli("run", *args)
 
 
 @pytest.fixture(scope="module")
