@@ -22,7 +22,7 @@ from .quant.codec import bf16_to_f32, f32_to_bf16  # the one definition of each;
 __all__ = ["STORAGE", "SafetensorsFile", "write_safetensors", "bf16_to_f32", "f32_to_bf16"]
 
 # safetensors dtype name -> (numpy storage dtype, bytes per element)
-STORAGE = {
+STORAGE: dict[str, np.dtype] = {
     "BF16": np.dtype("<u2"),
     "F16": np.dtype("<f2"),
     "F32": np.dtype("<f4"),
@@ -55,12 +55,12 @@ class SafetensorsFile:
         self.entries: dict[str, dict] = header
         self._base = 8 + n
         size = self.path.stat().st_size
-        for name, e in header.items():
-            dt = STORAGE.get(e.get("dtype"))
+        for name, ent in header.items():
+            dt = STORAGE.get(ent.get("dtype"))
             if dt is None:
-                raise CheckpointError(f"{self.path.name}: tensor {name} has unsupported dtype {e.get('dtype')}")
-            start, end = e["data_offsets"]
-            if end - start != dt.itemsize * int(np.prod(e["shape"], dtype=np.int64)) or self._base + end > size:
+                raise CheckpointError(f"{self.path.name}: tensor {name} has unsupported dtype {ent.get('dtype')}")
+            start, end = ent["data_offsets"]
+            if end - start != dt.itemsize * int(np.prod(ent["shape"], dtype=np.int64)) or self._base + end > size:
                 raise CheckpointError(f"{self.path.name}: tensor {name} has inconsistent offsets (truncated file?)")
 
     def dtype(self, name: str) -> str:
@@ -76,6 +76,8 @@ class SafetensorsFile:
     def raw(self, name: str) -> np.ndarray:
         e = self.entries[name]
         start, end = e["data_offsets"]
+        if self._mm is None:  # an empty file has no tensors to read
+            raise CheckpointError(f"{self.path.name}: empty file")
         arr = np.frombuffer(self._mm, dtype=STORAGE[e["dtype"]], count=(end - start) // STORAGE[e["dtype"]].itemsize,
                             offset=self.offset(name))
         return arr.reshape(e["shape"])
@@ -89,7 +91,7 @@ class SafetensorsFile:
         shape = e["shape"]
         ne0 = int(shape[-1]) if shape else 1
         out = np.empty((stop - start, ne0), dt)
-        view = memoryview(out.reshape(-1).view(np.uint8))
+        view = out.reshape(-1).view(np.uint8).data
         pos = self.offset(name) + start * ne0 * dt.itemsize
         fd = os.open(self.path, os.O_RDONLY)
         try:
@@ -137,7 +139,7 @@ def write_safetensors(path: str | Path, specs: Iterable[tuple[str, tuple[int, ..
             got = 0
             for chunk in produce(name, shape, dtype):
                 chunk = np.ascontiguousarray(chunk, dtype=STORAGE[dtype])
-                f.write(memoryview(chunk).cast("B"))
+                f.write(chunk.reshape(-1).view(np.uint8).data)
                 got += chunk.nbytes
             if got != want:
                 raise ValueError(f"{name}: produced {got} bytes, expected {want}")

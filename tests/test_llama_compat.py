@@ -4,7 +4,7 @@ On the trained tiny checkpoint converted by our converter, through llama-cpp-pyt
 drives it the way llama-mtmd-cli does) and llama.cpp's built-in chat template code:
 
 - framing: libmtmd wraps an image as ``<|media_start|>`` image ``<|media_end|>``, without the chat template's
-  ``image<|media_content|>`` text, which our runtime's prompt has (reference doc §7.1, §10.2d);
+  ``image<|media_content|>`` text, which our runtime's prompt has (docs/model.md §7.1, §10.2d);
 - size: libmtmd resizes an image to multiples of 28 (rounded to the nearest, 8..1024 tokens) where the HF processor
   pads (§4, §10.2c); token counts checked against both rules, written out here;
 - system turn: llama.cpp's non-jinja template for this family has no default system turn.
@@ -46,7 +46,7 @@ def hf_tokens(w: int, h: int, token_limit: int) -> int:
 
 def llama_tokens(w: int, h: int, min_tokens: int = 8, max_tokens: int = 1024) -> int:
     """llama.cpp's Kimi-VL rule (``set_limit_image_tokens(8, 1024)`` and the dyn-size preprocessor's smart resize,
-    reference doc §10.2c): each side rounded to the nearest multiple of 28 (at least 28); if the area leaves
+    docs/model.md §10.2c): each side rounded to the nearest multiple of 28 (at least 28); if the area leaves
     [min, max] tokens, scale both sides by sqrt(area ratio) and floor (too big) or ceil (too small) to 28."""
     def rnd(x: float) -> int:
         return max(SIDE, math.floor(x / SIDE + 0.5) * SIDE)  # C's round: halves away from zero
@@ -156,7 +156,7 @@ def test_resize_rule_values() -> None:
 
 def test_legacy_template_has_no_default_system_turn(ours: KimiVL, mtmd: Mtmd) -> None:
     """llama-mtmd-cli without --jinja renders with llama.cpp's built-in template (llama_chat_apply_template): no
-    system turn. The GGUF's own template (--jinja, our runtime) starts with the default one (reference doc §7.1)."""
+    system turn. The GGUF's own template (--jinja, our runtime) starts with the default one (docs/model.md §7.1)."""
     user = "<__media__>What colour is the circle?"
     assert mtmd.legacy_prompt([("user", user)]) == (
         f"<|im_user|>user<|im_middle|>{user}<|im_end|><|im_assistant|>assistant<|im_middle|>")

@@ -15,6 +15,7 @@ final name.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import signal
@@ -24,7 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import gguf
 import numpy as np
@@ -107,6 +108,16 @@ class WriteReport:
         return tuple(t for t in self.tensors if t.range_fallback)
 
 
+def _identity(rows: np.ndarray) -> np.ndarray:
+    return rows
+
+
+def _out(w: gguf.GGUFWriter) -> BinaryIO:
+    """The writer's one output file (gguf-py keeps a list of shards; we never shard)."""
+    assert w.fout is not None, "the GGUF writer has no open file"
+    return _out(w)
+
+
 def whole(make: Callable[[], np.ndarray], shape: tuple[int, ...]) -> Callable[[], Iterator[Block]]:
     """``blocks`` of a tensor built whole by ``make()`` (float32 of ``shape``): called when the writer reaches the
     tensor (in its thread), then cut into row blocks of about ``SLICE_BYTES``."""
@@ -118,7 +129,7 @@ def whole(make: Callable[[], np.ndarray], shape: tuple[int, ...]) -> Callable[[]
         rows = np.ascontiguousarray(data, dtype=np.float32).reshape(-1, ne0)
         step = max(1, SLICE_BYTES // (4 * ne0))
         for a in range(0, rows.shape[0], step):
-            yield (lambda r=rows[a: a + step]: r)
+            yield functools.partial(_identity, rows[a: a + step])
     return blocks
 
 
@@ -189,7 +200,7 @@ def _encode(block: Block, ne0: int, qtype: QType) -> tuple[np.ndarray | None, fl
 def _stream_tensors(w: gguf.GGUFWriter, tensors: tuple[PlannedTensor, ...], types: list[QType], first: int,
                     pool: ThreadPoolExecutor, depth: int, on_bytes: Callable[[int], None] | None) -> None:
     """Encode tensors[first:] as ``types`` on the pool and write them in order (``depth`` slices in flight at most)."""
-    fout = w.fout[0]
+    fout = _out(w)
     pending: deque[tuple[int, Future | None]] = deque()  # (tensor index, encode job); None marks a tensor's end
     start: dict[int, int] = {}
     written: dict[int, int] = {}
@@ -248,7 +259,7 @@ def _rewrite_header(path: Path, plan: GGUFPlan, types: list[QType]) -> None:
     side = path.with_name(path.name + ".header")
     try:
         w = _header_writer(side, plan, types)
-        head_len = w.fout[0].tell()
+        head_len = _out(w).tell()
         w.close()
         data = side.read_bytes()[:head_len]
     finally:
@@ -284,8 +295,8 @@ def write_gguf(final: str | Path, plan: GGUFPlan, on_bytes: Callable[[int], None
                 except _Overflow as e:
                     q, why = policy.range_fallback(types[e.index], e.amax, bf16_ok=plan.bf16_fallback)
                     types[e.index], fallbacks[e.index], first = q, f"range: {why}", e.index
-                    w.fout[0].seek(e.offset)
-                    w.fout[0].truncate()
+                    _out(w).seek(e.offset)
+                    _out(w).truncate()
         w.close()
         if fallbacks:
             _rewrite_header(tmp, plan, types)

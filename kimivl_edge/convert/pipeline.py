@@ -237,7 +237,7 @@ def convert_checkpoint(checkpoint: str | os.PathLike, outtype: str = "q8_0", mmp
         from tqdm import tqdm
 
         bar = tqdm(total=plan.text.data_bytes + plan.mmproj.data_bytes, unit="B", unit_scale=True, desc="convert")
-    on_bytes: Callable[[int], object] | None = bar.update if bar is not None else None
+    on_bytes: Callable[[int], None] | None = bar.update if bar is not None else None
     try:
         text = write_gguf(plan.text_path, plan.text, on_bytes, threads)
         mmproj = write_gguf(plan.mmproj_path, plan.mmproj, on_bytes, threads)
