@@ -30,7 +30,7 @@ import numpy as np
 
 from gguf import GGMLQuantizationType
 
-from .errors import GGUFFileError, KimiVLError, UsageError
+from .errors import GGUFFileError, KimiVLError, UsageError, check_int
 from .gguf_file import GGUFFile
 
 GT = GGMLQuantizationType
@@ -69,10 +69,16 @@ class DecoderSettings:
     def __post_init__(self):
         if self.kv_type not in KV_TYPES:
             raise UsageError(f"unknown KV cache type {self.kv_type!r} (choose from {', '.join(KV_TYPES)})")
-        if not 16 <= self.n_ctx <= 131072:
-            raise UsageError(f"context size {self.n_ctx} out of range (16..131072)")
-        if self.n_batch < 1 or self.n_ubatch < 1:
-            raise UsageError("n_batch and n_ubatch must be >= 1")
+        check_int("n_ctx", self.n_ctx, 16, 131072)
+        check_int("n_batch", self.n_batch, 1, 131072)
+        check_int("n_ubatch", self.n_ubatch, 1, 131072)
+        if self.n_threads is not None:
+            check_int("n_threads", self.n_threads, 1, 1024)
+        for name in ("flash_attn", "repack"):
+            if not isinstance(getattr(self, name), bool):
+                raise UsageError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.mmap is not None and not isinstance(self.mmap, bool):
+            raise UsageError(f"mmap must be True, False or None, got {self.mmap!r}")
 
 
 _LOG_CB = None  # keeps the ctypes callback alive
@@ -167,14 +173,25 @@ class Decoder:
 
     # -- lifecycle --------------------------------------------------------------------------------------------
     def close(self) -> None:
+        """Free llama.cpp's context and model; idempotent. Every later call raises KimiVLError."""
+        ctx, model = getattr(self, "_ctx", None), getattr(self, "_model", None)
+        if not ctx:
+            return
+        self._ctx = self._model = None  # first, so that nothing can reach the freed memory
         lc = self._lc
-        if getattr(self, "_ctx", None):
-            lc.llama_batch_free(self._tok_batch)
-            lc.llama_batch_free(self._emb_batch)
-            lc.llama_batch_free(self._one)
-            lc.llama_free(self._ctx)
-            lc.llama_model_free(self._model)
-            self._ctx = self._model = None
+        lc.llama_batch_free(self._tok_batch)
+        lc.llama_batch_free(self._emb_batch)
+        lc.llama_batch_free(self._one)
+        lc.llama_free(ctx)
+        lc.llama_model_free(model)
+
+    @property
+    def closed(self) -> bool:
+        return not getattr(self, "_ctx", None)
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise KimiVLError("the model is closed")
 
     def __del__(self):
         try:
@@ -187,8 +204,19 @@ class Decoder:
         return len(self._keys)
 
     def reset(self) -> None:
-        self._lc.llama_memory_clear(self._mem, True)
+        """Empty the cache."""
+        self._check_open()
         self._keys = []
+        self._lc.llama_memory_clear(self._mem, True)
+
+    def _resync(self) -> None:
+        """After an interrupted evaluation (an exception, KeyboardInterrupt included, between or right after
+        llama_decode calls): trim llama.cpp's memory and the keys to the positions both hold, so that the next
+        prefill evaluates exactly what is missing. llama.cpp keeps what a returned llama_decode wrote even when
+        Python never recorded it."""
+        n = min(len(self._keys), self._lc.llama_memory_seq_pos_max(self._mem, 0) + 1)
+        self._lc.llama_memory_seq_rm(self._mem, 0, n, -1)
+        del self._keys[n:]
 
     # -- evaluation -------------------------------------------------------------------------------------------
     @staticmethod
@@ -205,7 +233,15 @@ class Decoder:
         """Make the cache hold exactly ``segments``: the longest prefix it already holds is kept, only the rest is
         evaluated. Returns the logits of the last position ([n_vocab]), or with ``n_logits`` those of the last
         ``n_logits`` positions ([n_logits, n_vocab]); the positions whose logits are returned are always evaluated,
-        cached or not."""
+        cached or not. Interrupted (any exception), the cache keeps the prefix it had evaluated, consistently."""
+        self._check_open()
+        try:
+            return self._prefill(segments, n_logits)
+        except BaseException:
+            self._resync()
+            raise
+
+    def _prefill(self, segments: Sequence[Segment], n_logits: int | None) -> np.ndarray:
         keys = self.segment_keys(segments)
         if not keys:
             raise UsageError("empty prompt")
@@ -238,8 +274,8 @@ class Decoder:
 
     def _truncate(self, n: int) -> None:
         if n < len(self._keys):
-            self._lc.llama_memory_seq_rm(self._mem, 0, n, -1)
             del self._keys[n:]
+            self._lc.llama_memory_seq_rm(self._mem, 0, n, -1)
 
     def _decode(self, batch, n: int) -> None:
         batch.n_tokens = n
@@ -291,20 +327,27 @@ class Decoder:
     def append(self, token: int, logits: bool = False) -> np.ndarray | None:
         """Evaluate one generated token at the end of the cache (the per-token step of generation: a preset one-token
         batch, only its token and position change); with ``logits``, return a copy of its logits ([n_vocab])."""
+        self._check_open()
         keys = self._keys
         n = len(keys)
         if n >= self.n_ctx:
             raise KimiVLError(f"context of {self.n_ctx} tokens is full")
         token = int(token)
         self._one_token[0], self._one_pos[0] = token, n
-        self._decode(self._one, 1)
-        keys.append(token)
+        try:
+            self._decode(self._one, 1)
+            keys.append(token)
+        except BaseException:
+            self._resync()
+            raise
         return self._logits(0) if logits else None
 
     @property
     def ctx(self):
+        self._check_open()
         return self._ctx
 
     @property
     def model(self):
+        self._check_open()
         return self._model
