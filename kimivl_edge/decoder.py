@@ -28,7 +28,7 @@ from typing import TypeAlias
 
 import numpy as np
 
-from gguf import GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .errors import GGUFFileError, KimiVLError, UsageError, check_int
 from .gguf_file import GGUFFile
@@ -79,17 +79,58 @@ class DecoderSettings:
                 raise UsageError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.mmap is not None and not isinstance(self.mmap, bool):
             raise UsageError(f"mmap must be True, False or None, got {self.mmap!r}")
+        if kv_block(self.kv_type) > 1 and not self.flash_attn:
+            raise UsageError(f"kv_type {self.kv_type} needs flash_attn=True (--flash-attn): llama.cpp keeps a "
+                             "quantized V cache only with flash attention")
+
+
+def kv_block(kv_type: str) -> int:
+    """Elements per block of a KV cache type (1: not quantized)."""
+    return GGML_QUANT_SIZES[KV_TYPES[kv_type]][0]
+
+
+def check_kv_heads(path: str | Path, kv_type: str) -> None:
+    """A quantized KV cache needs the block size to divide the K and V head sizes (llama.cpp refuses the context
+    otherwise). Checked from the GGUF's metadata before the weights are loaded. With MLA (Kimi-VL) the cached K head
+    is kv_lora_rank + rope dimensions: 576 on the real model, 272 on the tiny ones (not a multiple of 32)."""
+    block = kv_block(kv_type)
+    if block == 1:
+        return
+    try:
+        with GGUFFile(path) as f:
+            meta = f.metadata
+    except GGUFFileError:
+        return  # llama.cpp reports the file
+    arch = meta.get("general.architecture")
+    heads = {k: meta.get(f"{arch}.attention.{k}") for k in ("key_length", "value_length")}
+    bad = [f"{k} {n}" for k, n in heads.items() if isinstance(n, int) and n % block]
+    if bad:
+        raise UsageError(f"kv_type {kv_type} needs head sizes that are multiples of {block}; this model has "
+                         f"{', '.join(bad)} (use f16, bf16 or f32)")
 
 
 _LOG_CB = None  # keeps the ctypes callback alive
+_LOG_ERROR = 4  # GGML_LOG_LEVEL_ERROR
+_errors: list[str] = []  # llama.cpp's error lines since the last _take_errors()
 
 
 def _log(level, text, user_data):
-    """llama.cpp's log goes nowhere unless KIMIVL_EDGE_VERBOSE is set."""
+    """llama.cpp's log goes nowhere unless KIMIVL_EDGE_VERBOSE is set; its error lines are kept for our messages."""
+    line = text.decode("utf-8", "replace")
+    if level == _LOG_ERROR:
+        _errors.append(line.strip())
+        del _errors[:-4]
     if os.environ.get("KIMIVL_EDGE_VERBOSE"):
         import sys
 
-        sys.stderr.write(text.decode("utf-8", "replace"))
+        sys.stderr.write(line)
+
+
+def _take_errors() -> str:
+    """llama.cpp's last error line (its reason for a failure), or a pointer to its log."""
+    reason = _errors[-1] if _errors else "set KIMIVL_EDGE_VERBOSE=1 for its log"
+    _errors.clear()
+    return reason
 
 
 def _repack_types(system_info: str) -> frozenset[GGMLQuantizationType]:
@@ -137,6 +178,8 @@ class Decoder:
     def __init__(self, model_path: str | Path, settings: DecoderSettings | None = None):
         lc = _backend()
         self.settings = s = settings or DecoderSettings()
+        check_kv_heads(model_path, s.kv_type)
+        _take_errors()
         mp = lc.llama_model_default_params()
         mp.n_gpu_layers = 0
         mp.use_extra_bufts = s.repack
@@ -144,7 +187,7 @@ class Decoder:
         mp.load_mode = LOAD_MODE_MMAP if self.mmap else LOAD_MODE_NONE
         self._model = lc.llama_model_load_from_file(str(model_path).encode(), mp)
         if not self._model:
-            raise KimiVLError(f"llama.cpp could not load {model_path} (set KIMIVL_EDGE_VERBOSE=1 for its log)")
+            raise KimiVLError(f"llama.cpp could not load {model_path} ({_take_errors()})")
         cp = lc.llama_context_default_params()
         cp.n_ctx, cp.n_batch, cp.n_ubatch = s.n_ctx, s.n_batch, min(s.n_ubatch, s.n_batch)
         threads = s.n_threads or os.cpu_count() or 1
@@ -156,7 +199,7 @@ class Decoder:
         self._ctx = lc.llama_init_from_model(self._model, cp)
         if not self._ctx:
             lc.llama_model_free(self._model)
-            raise KimiVLError(f"llama.cpp could not create a context of {s.n_ctx} tokens")
+            raise KimiVLError(f"llama.cpp could not create a context of {s.n_ctx} tokens ({_take_errors()})")
         self._lc = lc
         self.n_embd = lc.llama_model_n_embd(self._model)
         self.n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self._model))

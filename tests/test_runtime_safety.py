@@ -326,9 +326,9 @@ def test_a_corrupt_mmproj_gives_a_clear_error_and_no_numpy_warning(pair, picture
     t = next(t for t in reader.tensors if t.tensor_type.name == "F32" and t.n_elements >= 64
              and ".ffn_down.weight" in t.name)
     del reader
-    with open(bad, "r+b") as f:  # NaN bytes over a block of one layer's weights
+    with open(bad, "r+b") as f:  # 3.4e38 over a block of one layer's weights: overflow to inf, then NaN
         f.seek(t.data_offset)
-        f.write(b"\xff" * 256)
+        f.write(b"\x7f\x7f\x7f\x7f" * 64)
     with load(pair[0], bad) as m, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with pytest.raises(KimiVLError, match="non-finite"):
@@ -499,3 +499,26 @@ def test_reasoning_cut_by_max_tokens_is_marked(thinking, monkeypatch):
         list(stream)
     assert out.finish_reason == stream.stats.finish_reason == "length"
     assert out.reasoning_unfinished and stream.reasoning_unfinished and out.answer == "" and out.reasoning
+
+
+# --- defect 11: quantized KV caches -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kv", ["q8_0", "q4_0"])
+def test_a_quantized_kv_cache_is_refused_up_front_with_the_reason(pair, kv):
+    import json
+
+    text_config = json.loads((BUNDLED / "config.json").read_text())["text_config"]
+    k_head = text_config["kv_lora_rank"] + text_config["qk_rope_head_dim"]  # MLA: what llama.cpp caches per head
+    assert k_head % 32
+    with pytest.raises(UsageError, match=f"kv_type {kv} needs flash_attn"):
+        KimiVL.load(pair[0], kv_type=kv)
+    with pytest.raises(UsageError, match=f"multiples of 32; this model has key_length {k_head}"):
+        KimiVL.load(pair[0], kv_type=kv, flash_attn=True)
+
+
+def test_llama_cpp_s_own_reason_is_in_its_errors(pair, monkeypatch):
+    import kimivl_edge.decoder as decoder_module
+
+    monkeypatch.setattr(decoder_module, "check_kv_heads", lambda path, kv_type: None)
+    with pytest.raises(KimiVLError, match="does not divide n_embd_head_k"):
+        KimiVL.load(pair[0], kv_type="q8_0", flash_attn=True)
