@@ -28,9 +28,9 @@ from typing import TypeAlias
 
 import numpy as np
 
-from gguf import GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from .errors import GGUFFileError, KimiVLError, UsageError
+from .errors import GGUFFileError, KimiVLError, UsageError, check_int
 from .gguf_file import GGUFFile
 
 GT = GGMLQuantizationType
@@ -69,21 +69,68 @@ class DecoderSettings:
     def __post_init__(self):
         if self.kv_type not in KV_TYPES:
             raise UsageError(f"unknown KV cache type {self.kv_type!r} (choose from {', '.join(KV_TYPES)})")
-        if not 16 <= self.n_ctx <= 131072:
-            raise UsageError(f"context size {self.n_ctx} out of range (16..131072)")
-        if self.n_batch < 1 or self.n_ubatch < 1:
-            raise UsageError("n_batch and n_ubatch must be >= 1")
+        check_int("n_ctx", self.n_ctx, 16, 131072)
+        check_int("n_batch", self.n_batch, 1, 131072)
+        check_int("n_ubatch", self.n_ubatch, 1, 131072)
+        if self.n_threads is not None:
+            check_int("n_threads", self.n_threads, 1, 1024)
+        for name in ("flash_attn", "repack"):
+            if not isinstance(getattr(self, name), bool):
+                raise UsageError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.mmap is not None and not isinstance(self.mmap, bool):
+            raise UsageError(f"mmap must be True, False or None, got {self.mmap!r}")
+        if kv_block(self.kv_type) > 1 and not self.flash_attn:
+            raise UsageError(f"kv_type {self.kv_type} needs flash_attn=True (--flash-attn): llama.cpp keeps a "
+                             "quantized V cache only with flash attention")
+
+
+def kv_block(kv_type: str) -> int:
+    """Elements per block of a KV cache type (1: not quantized)."""
+    return GGML_QUANT_SIZES[KV_TYPES[kv_type]][0]
+
+
+def check_kv_heads(path: str | Path, kv_type: str) -> None:
+    """A quantized KV cache needs the block size to divide the K and V head sizes (llama.cpp refuses the context
+    otherwise). Checked from the GGUF's metadata before the weights are loaded. With MLA (Kimi-VL) the cached K head
+    is kv_lora_rank + rope dimensions: 576 on the real model, 272 on the tiny ones (not a multiple of 32)."""
+    block = kv_block(kv_type)
+    if block == 1:
+        return
+    try:
+        with GGUFFile(path) as f:
+            meta = f.metadata
+    except GGUFFileError:
+        return  # llama.cpp reports the file
+    arch = meta.get("general.architecture")
+    heads = {k: meta.get(f"{arch}.attention.{k}") for k in ("key_length", "value_length")}
+    bad = [f"{k} {n}" for k, n in heads.items() if isinstance(n, int) and n % block]
+    if bad:
+        raise UsageError(f"kv_type {kv_type} needs head sizes that are multiples of {block}; this model has "
+                         f"{', '.join(bad)} (use f16, bf16 or f32)")
 
 
 _LOG_CB = None  # keeps the ctypes callback alive
+_LOG_ERROR = 4  # GGML_LOG_LEVEL_ERROR
+_errors: list[str] = []  # llama.cpp's error lines since the last _take_errors()
 
 
 def _log(level, text, user_data):
-    """llama.cpp's log goes nowhere unless KIMIVL_EDGE_VERBOSE is set."""
+    """llama.cpp's log goes nowhere unless KIMIVL_EDGE_VERBOSE is set; its error lines are kept for our messages."""
+    line = text.decode("utf-8", "replace")
+    if level == _LOG_ERROR:
+        _errors.append(line.strip())
+        del _errors[:-4]
     if os.environ.get("KIMIVL_EDGE_VERBOSE"):
         import sys
 
-        sys.stderr.write(text.decode("utf-8", "replace"))
+        sys.stderr.write(line)
+
+
+def _take_errors() -> str:
+    """llama.cpp's last error line (its reason for a failure), or a pointer to its log."""
+    reason = _errors[-1] if _errors else "set KIMIVL_EDGE_VERBOSE=1 for its log"
+    _errors.clear()
+    return reason
 
 
 def _repack_types(system_info: str) -> frozenset[GGMLQuantizationType]:
@@ -131,6 +178,8 @@ class Decoder:
     def __init__(self, model_path: str | Path, settings: DecoderSettings | None = None):
         lc = _backend()
         self.settings = s = settings or DecoderSettings()
+        check_kv_heads(model_path, s.kv_type)
+        _take_errors()
         mp = lc.llama_model_default_params()
         mp.n_gpu_layers = 0
         mp.use_extra_bufts = s.repack
@@ -138,7 +187,7 @@ class Decoder:
         mp.load_mode = LOAD_MODE_MMAP if self.mmap else LOAD_MODE_NONE
         self._model = lc.llama_model_load_from_file(str(model_path).encode(), mp)
         if not self._model:
-            raise KimiVLError(f"llama.cpp could not load {model_path} (set KIMIVL_EDGE_VERBOSE=1 for its log)")
+            raise KimiVLError(f"llama.cpp could not load {model_path} ({_take_errors()})")
         cp = lc.llama_context_default_params()
         cp.n_ctx, cp.n_batch, cp.n_ubatch = s.n_ctx, s.n_batch, min(s.n_ubatch, s.n_batch)
         threads = s.n_threads or os.cpu_count() or 1
@@ -150,7 +199,7 @@ class Decoder:
         self._ctx = lc.llama_init_from_model(self._model, cp)
         if not self._ctx:
             lc.llama_model_free(self._model)
-            raise KimiVLError(f"llama.cpp could not create a context of {s.n_ctx} tokens")
+            raise KimiVLError(f"llama.cpp could not create a context of {s.n_ctx} tokens ({_take_errors()})")
         self._lc = lc
         self.n_embd = lc.llama_model_n_embd(self._model)
         self.n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self._model))
@@ -167,14 +216,25 @@ class Decoder:
 
     # -- lifecycle --------------------------------------------------------------------------------------------
     def close(self) -> None:
+        """Free llama.cpp's context and model; idempotent. Every later call raises KimiVLError."""
+        ctx, model = getattr(self, "_ctx", None), getattr(self, "_model", None)
+        if not ctx:
+            return
+        self._ctx = self._model = None  # first, so that nothing can reach the freed memory
         lc = self._lc
-        if getattr(self, "_ctx", None):
-            lc.llama_batch_free(self._tok_batch)
-            lc.llama_batch_free(self._emb_batch)
-            lc.llama_batch_free(self._one)
-            lc.llama_free(self._ctx)
-            lc.llama_model_free(self._model)
-            self._ctx = self._model = None
+        lc.llama_batch_free(self._tok_batch)
+        lc.llama_batch_free(self._emb_batch)
+        lc.llama_batch_free(self._one)
+        lc.llama_free(ctx)
+        lc.llama_model_free(model)
+
+    @property
+    def closed(self) -> bool:
+        return not getattr(self, "_ctx", None)
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise KimiVLError("the model is closed")
 
     def __del__(self):
         try:
@@ -187,8 +247,19 @@ class Decoder:
         return len(self._keys)
 
     def reset(self) -> None:
-        self._lc.llama_memory_clear(self._mem, True)
+        """Empty the cache."""
+        self._check_open()
         self._keys = []
+        self._lc.llama_memory_clear(self._mem, True)
+
+    def _resync(self) -> None:
+        """After an interrupted evaluation (an exception, KeyboardInterrupt included, between or right after
+        llama_decode calls): trim llama.cpp's memory and the keys to the positions both hold, so that the next
+        prefill evaluates exactly what is missing. llama.cpp keeps what a returned llama_decode wrote even when
+        Python never recorded it."""
+        n = min(len(self._keys), self._lc.llama_memory_seq_pos_max(self._mem, 0) + 1)
+        self._lc.llama_memory_seq_rm(self._mem, 0, n, -1)
+        del self._keys[n:]
 
     # -- evaluation -------------------------------------------------------------------------------------------
     @staticmethod
@@ -205,7 +276,15 @@ class Decoder:
         """Make the cache hold exactly ``segments``: the longest prefix it already holds is kept, only the rest is
         evaluated. Returns the logits of the last position ([n_vocab]), or with ``n_logits`` those of the last
         ``n_logits`` positions ([n_logits, n_vocab]); the positions whose logits are returned are always evaluated,
-        cached or not."""
+        cached or not. Interrupted (any exception), the cache keeps the prefix it had evaluated, consistently."""
+        self._check_open()
+        try:
+            return self._prefill(segments, n_logits)
+        except BaseException:
+            self._resync()
+            raise
+
+    def _prefill(self, segments: Sequence[Segment], n_logits: int | None) -> np.ndarray:
         keys = self.segment_keys(segments)
         if not keys:
             raise UsageError("empty prompt")
@@ -238,8 +317,8 @@ class Decoder:
 
     def _truncate(self, n: int) -> None:
         if n < len(self._keys):
-            self._lc.llama_memory_seq_rm(self._mem, 0, n, -1)
             del self._keys[n:]
+            self._lc.llama_memory_seq_rm(self._mem, 0, n, -1)
 
     def _decode(self, batch, n: int) -> None:
         batch.n_tokens = n
@@ -291,20 +370,27 @@ class Decoder:
     def append(self, token: int, logits: bool = False) -> np.ndarray | None:
         """Evaluate one generated token at the end of the cache (the per-token step of generation: a preset one-token
         batch, only its token and position change); with ``logits``, return a copy of its logits ([n_vocab])."""
+        self._check_open()
         keys = self._keys
         n = len(keys)
         if n >= self.n_ctx:
             raise KimiVLError(f"context of {self.n_ctx} tokens is full")
         token = int(token)
         self._one_token[0], self._one_pos[0] = token, n
-        self._decode(self._one, 1)
-        keys.append(token)
+        try:
+            self._decode(self._one, 1)
+            keys.append(token)
+        except BaseException:
+            self._resync()
+            raise
         return self._logits(0) if logits else None
 
     @property
     def ctx(self):
+        self._check_open()
         return self._ctx
 
     @property
     def model(self):
+        self._check_open()
         return self._model

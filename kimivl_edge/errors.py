@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 
@@ -25,6 +26,25 @@ def one_line(e: BaseException, limit: int = 200) -> str:
     """An exception's message folded to one line (for errors that wrap a library's message)."""
     s = " ".join(str(e).split())
     return s[:limit] or type(e).__name__
+
+
+def check_int(name: str, value: object, lo: int, hi: int | None = None) -> int:
+    """An integer option in [lo, hi] (bool is not an integer here), else a one-line UsageError."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= lo and (hi is None or value <= hi):
+        return value
+    where = f">= {lo}" if hi is None else f"in {lo}..{hi}"
+    raise UsageError(f"{name} must be an integer {where}, got {value!r}")
+
+
+def check_float(name: str, value: object, lo: float, hi: float | None = None, lo_open: bool = False) -> float:
+    """A finite number in [lo, hi] (or (lo, hi] with ``lo_open``): NaN and infinities are refused."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        v = float(value)
+        if (v > lo if lo_open else v >= lo) and (hi is None or v <= hi):
+            return v
+    low = f"({lo}" if lo_open else f"[{lo}"
+    where = (f"> {lo}" if lo_open else f">= {lo}") if hi is None else f"in {low}, {hi}]"
+    raise UsageError(f"{name} must be a finite number {where}, got {value!r}")
 
 
 def read_json_object(path: Path) -> dict:

@@ -1,6 +1,7 @@
 """Kimi-VL image preprocessing, exactly as the HF ``KimiVLImageProcessor`` (docs/model.md §4), numpy + Pillow only.
 
-Pipeline per image (§4): load as-is (no EXIF transpose) -> Pillow BICUBIC downscale only when the patch count
+Pipeline per image (§4): load (EXIF orientation applied, as transformers' ``load_image`` does; optional) -> Pillow
+BICUBIC downscale only when the patch count
 exceeds the budget -> zero-pad right/bottom to multiples of 28 in the image's own mode -> "Exceed pos emb" check ->
 ``convert("RGB")`` -> /255 -> (x - mean)/std -> 14x14 patches in (channel, row, col) order, row-major over the grid.
 Padding before ``convert("RGB")`` means RGBA alpha is dropped (not composited) and "P" images pad with palette
@@ -13,12 +14,13 @@ import binascii
 import io
 import math
 import urllib.parse
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence, Union
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import ROPE_MAX_GRID
 from .errors import CheckpointError, ImageError, UsageError, one_line, read_json_object
@@ -119,13 +121,28 @@ def _triple(d: dict, key: str, source: str, positive: bool) -> tuple[float, floa
 # Loading (§4 step 1)
 
 
-# Largest image decoded (2^27 px, e.g. 16384 x 8192): larger files are refused before any pixel is allocated.
+# Largest image decoded (2^27 px = 134 217 728, e.g. 16384 x 8192; a 108 MP phone photo fits): larger files are
+# refused with an ImageError before any pixel is allocated. This is the one limit: Pillow's own decompression-bomb
+# warning (from 89 478 485 px) is not raised for files we read, its error (from 178 956 970 px) is past ours.
 MAX_PIXELS = 1 << 27
+_EXIF_ORIENTATION = 0x0112
 
 
-def load_image(src: ImageSource) -> Image.Image:
-    """A PIL image from a file path, encoded bytes, a ``data:`` URI or a PIL image; decoded as stored (no EXIF
-    transpose, §4 step 1). Unreadable input raises ImageError."""
+def load_image(src: ImageSource, exif_transpose: bool = True) -> Image.Image:
+    """A PIL image from a file path, encoded bytes, a ``data:`` URI or a PIL image. With ``exif_transpose`` (the
+    default, as transformers' ``load_image``) an EXIF orientation tag is applied, so a phone photo is seen upright,
+    as its owner sees it; False gives the pixels as stored (what the HF processor sees when handed
+    ``Image.open(path)``). Unreadable input raises ImageError."""
+    img = _load(src)
+    if exif_transpose and img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+        try:
+            img = ImageOps.exif_transpose(img)
+        except Exception as e:  # a malformed EXIF block
+            raise ImageError(f"image EXIF orientation could not be applied ({one_line(e)})") from None
+    return img
+
+
+def _load(src: ImageSource) -> Image.Image:
     if isinstance(src, Image.Image):
         try:
             src.load()
@@ -152,7 +169,9 @@ def load_image(src: ImageSource) -> Image.Image:
 def _decode(data: bytes, what: str) -> Image.Image:
     """Decode fully now, so that corrupt data fails here rather than halfway through preprocessing."""
     try:
-        img = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():  # MAX_PIXELS is the limit (checked next), not Pillow's warning threshold
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
         w, h = img.size
         if w * h > MAX_PIXELS:  # refuse before allocating: a few KB of PNG can claim gigapixels
             raise ImageError(f"{what}: {w}x{h} = {w * h} pixels exceeds the limit of {MAX_PIXELS} "
@@ -251,17 +270,17 @@ def image_token_counts(grid_hws: Any, merge_kernel_size: Sequence[int] = (2, 2))
 
 
 def preprocess(images: Sequence[ImageSource] | ImageSource, cfg: ImageProcessorConfig,
-               max_patches: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+               max_patches: int | None = None, exif_transpose: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """HF ``KimiVLImageProcessor`` outputs (§4): ``pixel_values`` float32 [sum gh*gw, 3, p, p] (each image's patches
     row-major, images concatenated in order) and ``grid_hws`` int64 [N, 2] of (gh, gw). A single source is treated
-    as a one-image list."""
+    as a one-image list; sources are loaded by ``load_image`` (``exif_transpose`` as there)."""
     if isinstance(images, _SINGLE_SOURCE_TYPES):
         images = [images]
     p = cfg.patch_size
     lut = _normalization_table(cfg)
     patches, grids = [], []
     for src in images:
-        x, g = _preprocess_one(load_image(src), cfg, lut, max_patches)
+        x, g = _preprocess_one(load_image(src, exif_transpose), cfg, lut, max_patches)
         patches.append(x)
         grids.append(g)
     pixel_values = np.concatenate(patches) if patches else np.zeros((0, 3, p, p), np.float32)

@@ -12,6 +12,18 @@ the decoder's segments) and the decoder's prefill, then sampling. ``stream``/``s
 output as a stream that carries its own figures (``.stats``), as mlx-lm's responses do; ``logits`` is the probe for
 tools (teacher-forced logits over positions).
 
+Threads and streams: one ``KimiVL`` holds one llama.cpp context (one KV cache). Its calls are serialised by a lock
+(a call from a second thread waits for the first to finish; a stream holds the lock only while it computes its next
+item), so a model can be shared by threads. A turn owns the KV cache from the moment it starts: a newer turn
+(``stream``, ``stream_tokens``, ``generate``, ``logits``) invalidates an older unfinished stream, whose next read
+raises KimiVLError instead of continuing from someone else's cache. Interrupted calls (Ctrl-C, an exception from
+the encode progress callback, a stream closed early) leave the cache consistent: the next call gives what a fresh
+model gives. After ``close()`` (idempotent) every call raises KimiVLError.
+
+Message *content* is tokenized as text: special-token text a user types (``<|im_end|>``) is ordinary text, only
+the template's own markers are special (HF tokenizes specials everywhere). ``allow_special_in_content=True`` is
+the opt-in for raw prompts.
+
 Prompts follow the HF processor exactly: the chat template stored in the GGUF renders
 ``<|media_start|>image<|media_content|><|media_pad|><|media_end|>`` per image, the k-th pad becomes gh*gw/4
 embedding rows (docs/model.md §4, §7). Tokenization is ours (tiktoken, exactly HF), not llama.cpp's.
@@ -19,20 +31,25 @@ embedding rows (docs/model.md §4, §7). Tokenization is ours (tiktoken, exactly
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Generator, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from PIL import Image
 
 from .decoder import Decoder, DecoderSettings, ImageBlock, Segment
-from .errors import KimiVLError, UsageError
+from .errors import KimiVLError, UsageError, check_int
 from .gguf_model import ModelFileError, TextModelInfo
-from .image import ImageProcessorConfig, ImageSource, load_image, num_image_tokens, preprocess
-from .prompt import ThinkingStreamSplitter, check_messages, image_parts, render, split_thinking
+from .image import (ImageProcessorConfig, ImageSource, effective_token_limit, grid_hw, load_image, num_image_tokens,
+                    preprocess)
+from .prompt import (THINK_CLOSE, ThinkingStreamSplitter, check_messages, image_parts, render_marking_content,
+                     split_thinking)
 from .sampling import SamplerChain, SamplingSettings
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -82,6 +99,7 @@ class Generation:
     tokens: list[int] = field(default_factory=list)
     finish_reason: str = "stop"     # "stop" (end-of-generation token) or "length"
     stats: Stats = field(default_factory=Stats)
+    reasoning_unfinished: bool = False  # ◁think▷ opened but never closed (cut by max_tokens: finish_reason "length")
 
 
 @dataclass(frozen=True)
@@ -136,9 +154,14 @@ def _image_source(part: dict) -> ImageSource:
 
 def decode_pieces(ids: Iterable[int], tokenizer: Tokenizer, thinking: bool) -> Generator[Piece, None, None]:
     """Token ids -> text pieces as they complete (never a broken UTF-8 character); with ``thinking``, "reasoning"
-    pieces, then "answer" pieces (docs/model.md §7.4), else only "answer" pieces."""
+    pieces, then "answer" pieces (docs/model.md §7.4: split as ``split_thinking`` splits the whole text), else only
+    "answer" pieces."""
+    return _pieces(ids, tokenizer, ThinkingStreamSplitter() if thinking else None)
+
+
+def _pieces(ids: Iterable[int], tokenizer: Tokenizer,
+            split: ThinkingStreamSplitter | None) -> Generator[Piece, None, None]:
     dec = StreamDecoder(tokenizer)
-    split = ThinkingStreamSplitter() if thinking else None
     for tok in ids:
         text = dec.feed(tok)
         if not text:
@@ -159,18 +182,45 @@ def decode_pieces(ids: Iterable[int], tokenizer: Tokenizer, thinking: bool) -> G
 class TokenStream(Iterator[int]):
     """The token ids of one turn as they are generated (the stop token excluded); the KV cache keeps the prompt for
     the next turn. Nothing runs before the first id is asked for. ``stats`` are the turn's figures: the prompt's
-    once the first id is out, all of them once the stream is exhausted or closed."""
+    once the first id is out, all of them once the stream is exhausted or closed.
+
+    Each read holds the model's lock while it computes. The stream owns the model's KV cache from its creation
+    until it ends: after a newer turn on the same model (another stream, ``generate``, ``logits``) or ``close()``,
+    reading it raises KimiVLError. ``close()`` stops it early (a server cancelling a request); the cache stays
+    consistent (it keeps what was evaluated) and the model is ready for the next turn."""
 
     def __init__(self, model: KimiVL, messages: Sequence[dict], settings: SamplingSettings):
         self.stats = Stats()
+        self._model = model
         self._ids = self._generate(model, messages, settings)
+        self._done = False
 
     def __next__(self) -> int:
-        return next(self._ids)
+        m = self._model
+        with m._lock:
+            if self._done:
+                raise StopIteration
+            if m._closed or m._turn is not self:
+                self._finish()
+                raise KimiVLError("this stream can no longer be read: " + (
+                    "the model is closed" if m._closed else
+                    "a newer call on the same model (stream, generate or logits) took over its KV cache"))
+            try:
+                return next(self._ids)
+            except BaseException:
+                self._finish()
+                raise
 
     def close(self) -> None:
-        """Stop generating (the KV cache keeps what was evaluated)."""
+        """Stop generating (the KV cache keeps what was evaluated); idempotent, also on a closed model."""
+        with self._model._lock:
+            self._finish()
+
+    def _finish(self) -> None:
+        self._done = True
         self._ids.close()
+        if self._model._turn is self:
+            self._model._turn = None
 
     def _generate(self, model: KimiVL, messages: Sequence[dict], s: SamplingSettings) -> Generator[int, None, None]:
         st, dec, clock = self.stats, model.decoder, time.perf_counter
@@ -213,11 +263,17 @@ class PieceStream(Iterator[Piece]):
 
     def __init__(self, tokens: TokenStream, tokenizer: Tokenizer, thinking: bool):
         self.tokens = tokens
-        self._pieces = decode_pieces(tokens, tokenizer, thinking)
+        self._split = ThinkingStreamSplitter() if thinking else None
+        self._pieces = _pieces(tokens, tokenizer, self._split)
 
     @property
     def stats(self) -> Stats:
         return self.tokens.stats
+
+    @property
+    def reasoning_unfinished(self) -> bool:
+        """As ``Generation.reasoning_unfinished``: ◁think▷ opened and, so far, never closed."""
+        return self._split is not None and self._split.reasoning_unfinished
 
     def __next__(self) -> Piece:
         return next(self._pieces)
@@ -232,32 +288,59 @@ class KimiVL:
     """A loaded Kimi-VL model: text GGUF (llama.cpp) + mmproj GGUF (numpy MoonViT, or llama.cpp's clip)."""
 
     def __init__(self, info: TextModelInfo, decoder: Decoder, vision: VisionEncoder | GgmlVisionEncoder | None,
-                 image_config: ImageProcessorConfig | None, max_image_patches: int | None):
+                 image_config: ImageProcessorConfig | None, max_image_patches: int | None, *,
+                 exif_transpose: bool = True, allow_special_in_content: bool = False):
         self.info = info
         self.tokenizer = info.tokenizer
         self.decoder = decoder
         self.vision = vision
         self.image_config = image_config
         self.max_image_patches = max_image_patches
+        self.exif_transpose = exif_transpose
+        self.allow_special_in_content = allow_special_in_content
         self._image_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self.image_cache_size = 16
         # progress(done, total, unit) while the vision encoder runs (vision.Progress; the CLI sets it on a terminal)
         self.encode_progress: Progress | None = None
+        self._lock = threading.RLock()     # serialises every call (see the module docstring)
+        self._turn: TokenStream | None = None  # the stream that owns the KV cache
+        self._closed = False
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the model's lock for one call; a closed model raises KimiVLError."""
+        with self._lock:
+            if self._closed:
+                raise KimiVLError("the model is closed")
+            yield
 
     # -- loading ----------------------------------------------------------------------------------------------
     @classmethod
     def load(cls, model_gguf: str | Path, mmproj_gguf: str | Path | None = None, *, n_ctx: int = 4096,
              n_threads: int | None = None, kv_type: str = "f16", n_batch: int = 512, flash_attn: bool = False,
              vision_backend: str = "numpy", weight_cache: bool = False,
-             max_image_patches: int | None = None, mmap: bool | None = None, repack: bool = True) -> "KimiVL":
+             max_image_patches: int | None = None, mmap: bool | None = None, repack: bool = True,
+             exif_transpose: bool = True, allow_special_in_content: bool = False) -> "KimiVL":
         """Load the pair. ``max_image_patches`` caps patches per image (a speed knob; resizes like the processor).
         ``mmap``: memory-map the text GGUF (True), read it into llama.cpp's buffers (False), or None: mmap unless
         llama.cpp repacks some of its weights, which would keep both the mapped file and the repacked copy resident.
-        ``repack=False``: no repacked copies (llama.cpp's CPU_REPACK buffers); the mapped file is used as it is."""
+        ``repack=False``: no repacked copies (llama.cpp's CPU_REPACK buffers); the mapped file is used as it is.
+        ``exif_transpose``: apply an image's EXIF orientation (default, as transformers' ``load_image``).
+        ``allow_special_in_content``: tokenize special-token text inside message content as special tokens (HF's
+        behaviour, for trusted raw prompts); by default it is ordinary text, so user input cannot forge turns.
+        A prompt that does not fit ``n_ctx`` is refused before any image is encoded; the error names n_ctx and
+        max_image_patches (Thinking-2506 allows 16384 patches = 4096 image tokens per image, more than the
+        default n_ctx)."""
         if vision_backend not in VISION_BACKENDS:
             raise UsageError(f"unknown vision backend {vision_backend!r} (choose from {', '.join(VISION_BACKENDS)})")
-        if max_image_patches is not None and max_image_patches < 4:
-            raise UsageError("max_image_patches must be >= 4")
+        if max_image_patches is not None:
+            check_int("max_image_patches", max_image_patches, 4)
+        for name, flag in (("weight_cache", weight_cache), ("exif_transpose", exif_transpose),
+                           ("allow_special_in_content", allow_special_in_content)):
+            if not isinstance(flag, bool):
+                raise UsageError(f"{name} must be True or False, got {flag!r}")
+        settings = DecoderSettings(n_ctx=n_ctx, n_threads=n_threads, kv_type=kv_type, n_batch=n_batch,
+                                   n_ubatch=n_batch, flash_attn=flash_attn, mmap=mmap, repack=repack)
         info = TextModelInfo.read(model_gguf)
         vision: Any = None
         image_config = None
@@ -277,17 +360,27 @@ class KimiVL:
                 from .vision_ggml import GgmlVisionEncoder
 
                 vision = GgmlVisionEncoder(mmproj_gguf, threads=n_threads)
-        decoder = Decoder(model_gguf, DecoderSettings(n_ctx=n_ctx, n_threads=n_threads, kv_type=kv_type,
-                                                      n_batch=n_batch, n_ubatch=n_batch, flash_attn=flash_attn,
-                                                      mmap=mmap, repack=repack))
+        decoder = Decoder(model_gguf, settings)
         if decoder.n_embd != info.n_embd:
             raise ModelFileError(f"{model_gguf}: llama.cpp reports n_embd {decoder.n_embd}, metadata {info.n_embd}")
-        return cls(info, decoder, vision, image_config, max_image_patches)
+        return cls(info, decoder, vision, image_config, max_image_patches, exif_transpose=exif_transpose,
+                   allow_special_in_content=allow_special_in_content)
 
     def close(self) -> None:
-        self.decoder.close()
-        if self.vision is not None and hasattr(self.vision, "close"):
-            self.vision.close()
+        """Free the model; idempotent. Waits for a running call; every later call raises KimiVLError."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._turn = None
+            self._image_cache.clear()
+            self.decoder.close()
+            if self.vision is not None and hasattr(self.vision, "close"):
+                self.vision.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def __enter__(self) -> "KimiVL":
         return self
@@ -297,11 +390,14 @@ class KimiVL:
 
     # -- tokens -----------------------------------------------------------------------------------------------
     def tokenize(self, text: str, special: bool = True) -> list[int]:
-        """Exactly the HF tokenizer: special-token strings allowed when ``special``; nothing added at the ends."""
-        return self.tokenizer.encode(text) if special else self.tokenizer.encode_ordinary(text)
+        """Exactly the HF tokenizer: special-token strings allowed when ``special``; nothing added at the ends.
+        (Prompts built from messages tokenize their content with ``special=False``: see ``render_prompt``.)"""
+        with self._locked():
+            return self.tokenizer.encode(text) if special else self.tokenizer.encode_ordinary(text)
 
     def detokenize(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids))
+        with self._locked():
+            return self.tokenizer.decode(list(ids))
 
     # -- images -----------------------------------------------------------------------------------------------
     def _require_vision(self) -> VisionEncoder | GgmlVisionEncoder:
@@ -311,17 +407,24 @@ class KimiVL:
 
     def encode_images(self, images: Sequence[ImageSource]) -> list[np.ndarray]:
         """Projected embeddings per image, ``[n_tokens, n_embd]`` float32 (cached by pixel content)."""
-        return self._embeddings(self._prepare_images(list(images)))
+        with self._locked():
+            return self._embeddings(self._preprocess(self._load_images(list(images))))
 
-    def _prepare_images(self, images: Sequence[ImageSource]) -> list[PromptImage]:
-        """Load and preprocess (docs/model.md §4), without encoding."""
+    def _load_images(self, images: Sequence[ImageSource]) -> list[tuple[Image.Image, tuple[int, int]]]:
+        """Each image decoded (every one readable before any pixel work) with its patch grid (docs/model.md §4)."""
         self._require_vision()
         cfg = self.image_config
         assert cfg is not None  # loaded with the vision encoder
-        loaded = [load_image(i) for i in images]  # every image is readable before any pixel work
-        out = []
-        for img in loaded:
-            patches, grid = preprocess(img, cfg, max_patches=self.max_image_patches)
+        loaded = [load_image(i, self.exif_transpose) for i in images]
+        return [(img, grid_hw(*img.size, cfg, self.max_image_patches)) for img in loaded]
+
+    def _preprocess(self, images: Sequence[tuple[Image.Image, tuple[int, int]]]) -> list[PromptImage]:
+        """Preprocess (docs/model.md §4), without encoding."""
+        cfg = self.image_config
+        out: list[PromptImage] = []
+        for img, _ in images:
+            assert cfg is not None  # images were loaded: the model has its vision encoder
+            patches, grid = preprocess(img, cfg, max_patches=self.max_image_patches, exif_transpose=False)
             key = hashlib.sha1(patches.tobytes() + grid[0].tobytes()).hexdigest()
             gh, gw = int(grid[0, 0]), int(grid[0, 1])
             out.append(PromptImage(patches, (gh, gw), key, num_image_tokens((gh, gw), cfg.merge_kernel_size)))
@@ -339,6 +442,9 @@ class KimiVL:
         if todo:
             grids = np.array([im.grid for im in todo], dtype=np.int64)
             embs = vision.encode(np.concatenate([im.patches for im in todo]), grids, progress=self.encode_progress)
+            if not all(np.isfinite(e).all() for e in embs):
+                raise KimiVLError("the vision encoder produced non-finite values (NaN or Inf): the mmproj file is "
+                                  "corrupt or does not belong to this model")
             for im, e in zip(todo, embs):
                 found[im.key] = self._image_cache[im.key] = e
                 while len(self._image_cache) > self.image_cache_size:
@@ -348,25 +454,49 @@ class KimiVL:
     # -- prompts ----------------------------------------------------------------------------------------------
     def render_prompt(self, messages: Sequence[dict]) -> RenderedPrompt:
         """Chat template -> token ids -> where the images go and how many embedding rows each takes: the images are
-        loaded and preprocessed, not encoded. Raises UsageError when pads and images disagree or the prompt does not
-        fit the context."""
-        msgs = _prepare_history(messages, self.info.is_thinking)
-        ids = self.tokenizer.encode(render(self.info.chat_template, msgs, add_generation_prompt=True))
-        sources = [_image_source(p) for p in image_parts(msgs)]
-        pad = self.tokenizer.media_pad_id
-        n_pads = ids.count(pad)
-        if n_pads != len(sources):
-            raise UsageError(f"the prompt has {n_pads} image placeholder(s) but {len(sources)} image(s)")
-        prompt = RenderedPrompt(ids, self._prepare_images(sources) if sources else [], pad)
-        if prompt.n_tokens >= self.decoder.n_ctx:
-            raise UsageError(f"prompt of {prompt.n_tokens} tokens ({prompt.image_tokens} image tokens) does not "
-                             f"fit the context of {self.decoder.n_ctx}; raise n_ctx or set max_image_patches")
-        return prompt
+        loaded and preprocessed, not encoded. Message content is tokenized as plain text (special-token text in it
+        is not special) unless the model was loaded with ``allow_special_in_content``. Raises UsageError when pads
+        and images disagree, or when the prompt does not fit the context: counted from the image sizes, before any
+        pixel is preprocessed or encoded."""
+        with self._locked():
+            msgs = _prepare_history(messages, self.info.is_thinking)
+            text, content = render_marking_content(self.info.chat_template, msgs, add_generation_prompt=True)
+            ids = self.tokenizer.encode_except(text, [] if self.allow_special_in_content else content)
+            sources = [_image_source(p) for p in image_parts(msgs)]
+            pad = self.tokenizer.media_pad_id
+            n_pads = ids.count(pad)
+            if n_pads != len(sources):
+                raise UsageError(f"the prompt has {n_pads} image placeholder(s) but {len(sources)} image(s)")
+            loaded = self._load_images(sources) if sources else []
+            self._check_fit(len(ids) - len(sources), [g for _, g in loaded])
+            return RenderedPrompt(ids, self._preprocess(loaded), pad)
+
+    def _check_fit(self, n_text: int, grids: Sequence[tuple[int, int]]) -> None:
+        """The prompt must leave one position for the answer; the message says what to change."""
+        n_ctx = self.decoder.n_ctx
+        n_image = 0
+        for k, grid in enumerate(grids):
+            assert self.image_config is not None
+            n_image += num_image_tokens(grid, self.image_config.merge_kernel_size)
+            if n_text + n_image >= n_ctx:
+                limit = effective_token_limit(self.image_config, self.max_image_patches)
+                raise UsageError(
+                    f"the prompt does not fit the context of {n_ctx} tokens: {n_text} text tokens and image "
+                    f"{k + 1} of {len(grids)} reach {n_text + n_image}; load with a larger n_ctx (--ctx) or a smaller "
+                    f"max_image_patches (--max-image-patches, now {limit} patches = up to {limit // 4} tokens "
+                    f"per image)")
+        if n_text >= n_ctx:
+            raise UsageError(f"the prompt of {n_text} tokens does not fit the context of {n_ctx} tokens; load "
+                             "with a larger n_ctx (--ctx)")
 
     def embed_prompt(self, prompt: RenderedPrompt) -> list[Segment]:
         """The decoder's segments for ``prompt``: its token runs and, for each pad, an ImageBlock of the image's
         embedding rows (keyed by the image's content, for KV reuse). Runs the vision encoder on the images that are
         not cached."""
+        with self._locked():
+            return self._segments(prompt)
+
+    def _segments(self, prompt: RenderedPrompt) -> list[Segment]:
         embs = self._embeddings(prompt.images) if prompt.images else []
         blocks = iter([ImageBlock(e, im.key) for im, e in zip(prompt.images, embs)])
         segments: list[Segment] = []
@@ -396,8 +526,12 @@ class KimiVL:
     def stream_tokens(self, messages: Sequence[dict], settings: SamplingSettings | None = None,
                       **overrides: object) -> TokenStream:
         """Generated token ids (stop token excluded) as a ``TokenStream``: iterate it; its ``stats`` are the turn's
-        figures. The KV cache keeps the prompt for the next turn."""
-        return TokenStream(self, messages, self._sampling(settings, overrides))
+        figures. The KV cache keeps the prompt for the next turn. The new stream takes over the KV cache: an older
+        unfinished stream of this model raises KimiVLError when next read."""
+        with self._locked():
+            stream = TokenStream(self, messages, self._sampling(settings, overrides))
+            self._turn = stream
+            return stream
 
     def stream(self, messages: Sequence[dict], settings: SamplingSettings | None = None,
                **overrides: object) -> PieceStream:
@@ -407,22 +541,28 @@ class KimiVL:
 
     def generate(self, messages: Sequence[dict], settings: SamplingSettings | None = None,
                  **overrides: object) -> Generation:
-        stream = self.stream_tokens(messages, settings, **overrides)
-        tokens = list(stream)
+        """The whole turn at once (holding the lock throughout): text, answer and reasoning split as ``stream``
+        splits them, ``reasoning_unfinished`` when ◁think▷ never closed."""
+        with self._locked():
+            stream = self.stream_tokens(messages, settings, **overrides)
+            tokens = list(stream)
         text = self.tokenizer.decode(tokens)
         reasoning, answer = split_thinking(text) if self.info.is_thinking else (None, text)
-        return Generation(text, answer, reasoning, tokens, stream.stats.finish_reason, stream.stats)
+        unfinished = reasoning is not None and THINK_CLOSE not in text
+        return Generation(text, answer, reasoning, tokens, stream.stats.finish_reason, stream.stats, unfinished)
 
     # -- probe ------------------------------------------------------------------------------------------------
     def logits(self, messages: Sequence[dict], continuation: Sequence[int] = ()) -> np.ndarray:
         """Teacher-forced next-token logits, ``[len(continuation) + 1, n_vocab]`` float32: row 0 after the
         generation prompt of ``messages``, row i + 1 after ``continuation[i]`` as well. The cached prefix of the
         prompt is reused (only what follows it is evaluated); the cache then holds prompt + continuation."""
-        segments = self.embed_prompt(self.render_prompt(messages))
-        cont = [int(t) for t in continuation]
-        if cont:
-            segments.append(cont)
-        return self.decoder.prefill(segments, n_logits=len(cont) + 1)
+        with self._locked():
+            self._turn = None  # the cache changes: an unfinished stream cannot continue
+            segments = self.embed_prompt(self.render_prompt(messages))
+            cont = [int(t) for t in continuation]
+            if cont:
+                segments.append(cont)
+            return self.decoder.prefill(segments, n_logits=len(cont) + 1)
 
 
 def load(model_gguf: str | Path, mmproj_gguf: str | Path | None = None, **settings: object) -> KimiVL:

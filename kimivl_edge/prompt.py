@@ -6,6 +6,8 @@ then repeats that id once per image token.
 """
 from __future__ import annotations
 
+import re
+import secrets
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -99,6 +101,43 @@ def render(template: str, messages: Sequence[dict], add_generation_prompt: bool 
         raise UsageError(f"chat template failed: {e}") from None
 
 
+def render_marking_content(template: str, messages: Sequence[dict], add_generation_prompt: bool = True,
+                           **extra) -> tuple[str, list[tuple[int, int]]]:
+    """``render``, and the character spans of the rendered text that hold message *content* (each string content
+    and text part) rather than the template's own text. Each content string is rendered as an unguessable
+    placeholder, then put back, so a template that writes content verbatim (Kimi's does) gives exactly ``render``'s
+    text."""
+    check_messages(messages)
+    nonce = secrets.token_hex(8)
+    texts: list[str] = []
+
+    def mark(text: str) -> str:
+        texts.append(text)
+        return f"\ue000{nonce}:{len(texts) - 1}\ue001"
+
+    masked = []
+    for m in messages:
+        c = m["content"]
+        if isinstance(c, str):
+            m = {**m, "content": mark(c)}
+        else:
+            m = {**m, "content": [p if is_image_part(p) else {**p, "text": mark(p["text"])} for p in c]}
+        masked.append(m)
+    rendered = render(template, masked, add_generation_prompt=add_generation_prompt, **extra)
+    out: list[str] = []
+    spans: list[tuple[int, int]] = []
+    pos = length = 0
+    for mt in re.finditer(f"\ue000{nonce}:(\\d+)\ue001", rendered):
+        text = texts[int(mt.group(1))]
+        out += [rendered[pos:mt.start()], text]
+        length += mt.start() - pos
+        spans.append((length, length + len(text)))
+        length += len(text)
+        pos = mt.end()
+    out.append(rendered[pos:])
+    return "".join(out), spans
+
+
 def is_image_part(part: dict) -> bool:
     """The §7.1 template's test for an image part."""
     return part.get("type") == "image" or "image" in part or "image_url" in part
@@ -146,21 +185,17 @@ def expand_media(ids: Sequence[int], media_pad_id: int, tokens_per_image: Sequen
 # Thinking output (§7.4)
 
 def split_thinking(text: str) -> tuple[str | None, str]:
-    """(reasoning, answer), the model-card helper made total (§7.4):
+    """(reasoning, answer) of a finished output, the model-card helper made total (§7.4):
     - ◁/think▷ present: reasoning = text after the first ◁think▷ before it (or from the start) up to it,
       answer = text after it;
     - only ◁think▷: truncated reasoning (text after it), empty answer;
     - neither: reasoning None, all text is the answer.
-    Both parts are stripped of surrounding whitespace."""
-    close = text.find(THINK_CLOSE)
-    if close >= 0:
-        open_ = text.find(THINK_OPEN, 0, close)
-        start = open_ + len(THINK_OPEN) if open_ >= 0 else 0
-        return text[start:close].strip(), text[close + len(THINK_CLOSE):].strip()
-    open_ = text.find(THINK_OPEN)
-    if open_ >= 0:
-        return text[open_ + len(THINK_OPEN):].strip(), ""
-    return None, text.strip()
+    Both parts are stripped of surrounding whitespace. It is ``ThinkingStreamSplitter`` run over the whole text, so
+    a streamed output splits exactly the same way."""
+    split = ThinkingStreamSplitter()
+    events = split.feed(text) + split.flush()
+    reasoning = "".join(t for k, t in events if k == "reasoning")
+    return (reasoning if split.has_reasoning else None), "".join(t for k, t in events if k == "answer")
 
 
 class _Stripped:
@@ -192,20 +227,26 @@ def _partial_marker_len(text: str, marker: str) -> int:
 
 
 class ThinkingStreamSplitter:
-    """Streaming split of decoded model output into ("reasoning" | "answer", text) events (§7.4).
+    """Streaming split of decoded model output into ("reasoning" | "answer", text) events (§7.4); the joined events
+    equal ``split_thinking`` for every output (it is defined by this class).
 
-    Holds back at most 7 characters (a possible partial marker), plus whitespace that might turn out to be trailing.
-    Output that starts (after whitespace) with ◁think▷ is reasoning up to ◁/think▷, then answer; otherwise it is all
-    answer. The joined events equal ``split_thinking`` for such output. (Text *before* a marker cannot be classified
-    while streaming: ``split_thinking`` treats text ahead of a lone ◁/think▷ as reasoning and drops text ahead of
-    ◁think▷, while this class has already emitted it as answer.) ``saw_thinking`` tells whether a ◁think▷ opened.
+    Until a marker is seen the output cannot be classified, so it is held back: text before ◁think▷ is dropped, text
+    before a lone ◁/think▷ is reasoning, output with no marker at all is answer, released at ``flush``. Kimi's
+    thinking models write ◁think▷ first (§7.4), so their reasoning streams from the start. Inside the reasoning at
+    most 7 characters (a possible partial ◁/think▷) are held back, plus whitespace that might turn out to be
+    trailing. ``has_reasoning``: a marker opened a reasoning part; ``reasoning_unfinished``: it never closed (the
+    output was cut, e.g. by max_tokens).
     """
 
     def __init__(self) -> None:
-        self._state = "start"  # start -> reasoning -> answer, or start -> answer
+        self._state = "undecided"  # undecided -> reasoning -> answer, undecided -> answer, or undecided to the end
         self._buf = ""
         self._sections = {"reasoning": _Stripped(), "answer": _Stripped()}
-        self.saw_thinking = False
+        self.has_reasoning = False
+
+    @property
+    def reasoning_unfinished(self) -> bool:
+        return self._state == "reasoning"
 
     def feed(self, chunk: str) -> list[tuple[str, str]]:
         """Consume one decoded chunk; return the events it completes."""
@@ -216,7 +257,7 @@ class ThinkingStreamSplitter:
         return events
 
     def flush(self) -> list[tuple[str, str]]:
-        """End of output: release everything held back (a partial marker is plain text)."""
+        """End of output: release everything held back (a partial marker is plain text; no marker: answer)."""
         events: list[tuple[str, str]] = []
         kind = "reasoning" if self._state == "reasoning" else "answer"
         self._emit(events, kind, self._buf)
@@ -225,16 +266,20 @@ class ThinkingStreamSplitter:
 
     def _step(self, events: list[tuple[str, str]]) -> bool:
         """Advance the state machine once; False when more input is needed."""
-        if self._state == "start":
-            head = self._buf.lstrip()
-            if head.startswith(THINK_OPEN):
-                self._buf = head[len(THINK_OPEN):]
-                self._state, self.saw_thinking = "reasoning", True
+        if self._state == "undecided":
+            close = self._buf.find(THINK_CLOSE)
+            open_ = self._buf.find(THINK_OPEN, 0, close if close >= 0 else len(self._buf))
+            if open_ >= 0:  # a ◁/think▷ before it would have been complete (the markers cannot overlap)
+                self._buf = self._buf[open_ + len(THINK_OPEN):]
+                self._state, self.has_reasoning = "reasoning", True
                 return True
-            if THINK_OPEN.startswith(head):  # whitespace or a partial ◁think▷: undecided
-                return False
-            self._state = "answer"
-            return True
+            if close >= 0:
+                self.has_reasoning = True
+                self._emit(events, "reasoning", self._buf[:close])
+                self._buf = self._buf[close + len(THINK_CLOSE):]
+                self._state = "answer"
+                return True
+            return False
         if self._state == "reasoning":
             close = self._buf.find(THINK_CLOSE)
             if close >= 0:

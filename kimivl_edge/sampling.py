@@ -9,7 +9,7 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass, replace
 
-from .errors import UsageError
+from .errors import check_float, check_int
 
 
 @dataclass(frozen=True)
@@ -24,16 +24,16 @@ class SamplingSettings:
     max_tokens: int = 512
 
     def validate(self) -> "SamplingSettings":
-        if self.temperature is not None and self.temperature < 0:
-            raise UsageError("temperature must be >= 0")
-        if not 0 < self.top_p <= 1:
-            raise UsageError("top_p must be in (0, 1]")
-        if self.top_k < 0 or not 0 <= self.min_p <= 1:
-            raise UsageError("top_k must be >= 0 and min_p in [0, 1]")
-        if self.repeat_penalty <= 0:
-            raise UsageError("repeat_penalty must be > 0")
-        if self.max_tokens < 1:
-            raise UsageError("max_tokens must be >= 1")
+        """Every number finite and in range (NaN would make llama.cpp's samplers emit garbage), else UsageError."""
+        if self.temperature is not None:
+            check_float("temperature", self.temperature, 0.0)
+        check_float("top_p", self.top_p, 0.0, 1.0, lo_open=True)
+        check_int("top_k", self.top_k, 0)
+        check_float("min_p", self.min_p, 0.0, 1.0)
+        check_float("repeat_penalty", self.repeat_penalty, 0.0, lo_open=True)
+        check_int("repeat_last_n", self.repeat_last_n, 0)
+        check_int("seed", self.seed, -(2**63))
+        check_int("max_tokens", self.max_tokens, 1)
         return self
 
     def resolved(self, default_temperature: float) -> "SamplingSettings":

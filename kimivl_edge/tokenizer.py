@@ -10,8 +10,9 @@ from __future__ import annotations
 import base64
 import binascii
 import codecs
+import re
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import tiktoken
@@ -234,6 +235,7 @@ class Tokenizer:
         self.n_vocab = max(self.n_base, max(special_ids.values()) + 1)
         self._enc = tiktoken.Encoding("kimi", pat_str=PAT_STR, mergeable_ranks=mergeable_ranks,
                                       special_tokens=self.special_ids)
+        self._special_re = re.compile("|".join(re.escape(n) for n in sorted(self.special_ids, key=len, reverse=True)))
         self.bos_id = self.id_of("[BOS]")
         self.eos_id = self.id_of("[EOS]")
         self.pad_id = self.special_ids.get("[PAD]")
@@ -274,6 +276,30 @@ class Tokenizer:
         ids: list[int] = []
         for piece in _cut_long_input(text):
             ids.extend(self._enc.encode(piece, allowed_special="all"))
+        return ids
+
+    def encode_except(self, text: str, plain: Sequence[tuple[int, int]]) -> list[int]:
+        """``encode``, except that special-token text overlapping one of the ``plain`` character spans is ordinary
+        text (BPE). With no special-token text in those spans the ids equal ``encode(text)`` exactly. This is how a
+        prompt keeps user-typed ``<|im_end|>`` from forging a turn: the spans are the messages' content."""
+        ids: list[int] = []
+        offset = 0
+        for piece in _cut_long_input(text):
+            ids.extend(self._encode_piece(piece, [(a - offset, b - offset) for a, b in plain]))
+            offset += len(piece)
+        return ids
+
+    def _encode_piece(self, text: str, plain: list[tuple[int, int]]) -> list[int]:
+        ids: list[int] = []
+        start = pos = 0
+        while (m := self._special_re.search(text, pos)) is not None:
+            if any(a < m.end() and m.start() < b for a, b in plain):
+                pos = m.start() + 1
+                continue
+            ids.extend(self._enc.encode_ordinary(text[start:m.start()]))
+            ids.append(self.special_ids[m.group()])
+            start = pos = m.end()
+        ids.extend(self._enc.encode_ordinary(text[start:]))
         return ids
 
     def encode_ordinary(self, text: str) -> list[int]:

@@ -24,6 +24,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 
@@ -273,6 +274,14 @@ def attend(item: tuple[int, int, int, int, int], qh: np.ndarray, kh: np.ndarray,
 # ---------------------------------------------------------------------------------------------------------------
 # the encoder
 
+def _quiet(fn: Callable, *args: Any) -> Any:
+    """``fn(*args)`` with numpy's floating-point warnings off (``np.errstate`` holds per thread, so every worker task
+    runs under it): corrupt weights overflow to inf/NaN, which the caller reports once from the output (``KimiVL``
+    refuses non-finite embeddings) instead of a stream of RuntimeWarnings."""
+    with np.errstate(all="ignore"):
+        return fn(*args)
+
+
 LAYER_TENSORS = ("ln1.weight", "ln1.bias", "attn_out.weight", "attn_out.bias", "ln2.weight", "ln2.bias",
                  "ffn_up.weight", "ffn_up.bias", "ffn_down.weight", "ffn_down.bias")
 EMBED_TENSORS = ("v.patch_embd.weight", "v.patch_embd.bias", "v.position_embd.weight")
@@ -456,7 +465,7 @@ class VisionEncoder:
     # -- whole stages ------------------------------------------------------------------------------------------
     @staticmethod
     def _run(pool: ThreadPoolExecutor, fn: Callable, items: Sequence, *args) -> None:
-        for _ in pool.map(lambda it: fn(it, *args), items):
+        for _ in pool.map(lambda it: _quiet(fn, it, *args), items):
             pass
 
     def _chunks(self, n: int) -> list[tuple[int, int]]:
@@ -500,7 +509,7 @@ class VisionEncoder:
         """
         patches, grids = self._check_inputs(pixel_values, grid_hws)
         with self._lock, single_threaded_blas():  # the weight buffers and the cache are shared by calls
-            return self._encode_locked(patches, grids, progress) if grids else []
+            return _quiet(self._encode_locked, patches, grids, progress) if grids else []
 
     def _encode_locked(self, patches: np.ndarray, grids: list[tuple[int, int]], progress: Progress | None
                        ) -> list[np.ndarray]:

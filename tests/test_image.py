@@ -323,14 +323,15 @@ def test_truncated_png_raises(png_file):
         load_image(png_file.read_bytes()[:60])
 
 
-def test_no_exif_transpose():
+def test_exif_transpose_is_optional():
     exif = Image.Exif()
-    exif[0x0112] = 6  # orientation: rotate 90 -- must be ignored
-    buf = io.BytesIO()
+    exif[0x0112] = 6  # orientation: rotate 90 (applied by default, as transformers' load_image; see
+    buf = io.BytesIO()  # tests/test_runtime_safety.py for the pixels)
     Image.fromarray(random_rgb(40, 20, seed=12)).save(buf, "JPEG", exif=exif)
-    img = load_image(buf.getvalue())
-    assert img.size == (40, 20)
-    assert preprocess([buf.getvalue()], make_cfg())[1].tolist() == [[2, 4]]
+    assert load_image(buf.getvalue()).size == (20, 40)
+    assert preprocess([buf.getvalue()], make_cfg())[1].tolist() == [[4, 2]]
+    assert load_image(buf.getvalue(), exif_transpose=False).size == (40, 20)
+    assert preprocess([buf.getvalue()], make_cfg(), exif_transpose=False)[1].tolist() == [[2, 4]]
 
 
 # ----------------------------------------------------------------------------------------------------------------

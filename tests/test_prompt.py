@@ -146,12 +146,11 @@ def _stream(chunks: list[str]) -> tuple[str | None, str, list[tuple[str, str]]]:
     events += sp.flush()
     reasoning = "".join(t for k, t in events if k == "reasoning")
     answer = "".join(t for k, t in events if k == "answer")
-    return (reasoning if sp.saw_thinking else None), answer, events
+    return (reasoning if sp.has_reasoning else None), answer, events
 
 
-# Streaming can only classify output that opens with ◁think▷ or has no marker at all (see ThinkingStreamSplitter).
-STREAM_CASES = [(t, r, a) for t, r, a in THINK_CASES
-                if t.lstrip().startswith(OPEN) or (OPEN not in t and CLOSE not in t)] + [
+# Streaming splits every output as split_thinking does (text before a marker is held back until one decides it).
+STREAM_CASES = THINK_CASES + [
     (f"{OPEN}\u4e2d\u6587 r{CLOSE}\u7b54 {OPEN}", "\u4e2d\u6587 r", f"\u7b54 {OPEN}"),
     ("\u25c1thin", None, "\u25c1thin"),                                         # partial open at the end
     (f"\u25c1thinx {CLOSE[:3]}", None, f"\u25c1thinx {CLOSE[:3]}"),
