@@ -115,7 +115,7 @@ def _identity(rows: np.ndarray) -> np.ndarray:
 def _out(w: gguf.GGUFWriter) -> BinaryIO:
     """The writer's one output file (gguf-py keeps a list of shards; we never shard)."""
     assert w.fout is not None, "the GGUF writer has no open file"
-    return _out(w)
+    return w.fout[0]
 
 
 def whole(make: Callable[[], np.ndarray], shape: tuple[int, ...]) -> Callable[[], Iterator[Block]]:
