@@ -18,6 +18,7 @@ SIGTERM the temporaries are removed, and a SIGKILL leaves at most dot-files, nev
 """
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -28,8 +29,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from functools import cached_property
+from io import BufferedWriter
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import gguf
 import numpy as np
@@ -89,7 +91,7 @@ class GGUFPlan:
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        return gguf.GGUFWriter.ggml_pad(w.fout[0].tell(), gguf.GGUF_DEFAULT_ALIGNMENT)
+        return gguf.GGUFWriter.ggml_pad(_out(w).tell(), gguf.GGUF_DEFAULT_ALIGNMENT)
 
     @property
     def file_bytes(self) -> int:
@@ -146,7 +148,7 @@ def whole(make: Callable[[], np.ndarray], shape: tuple[int, ...]) -> Callable[[]
         rows = np.ascontiguousarray(data, dtype=np.float32).reshape(-1, ne0)
         step = max(1, SLICE_BYTES // (4 * ne0))
         for a in range(0, rows.shape[0], step):
-            yield (lambda r=rows[a: a + step]: r)
+            yield functools.partial(np.asarray, rows[a: a + step])
     return blocks
 
 
@@ -239,11 +241,11 @@ def _encode(block: Block, ne0: int, qtype: QType) -> tuple[np.ndarray | None, fl
 
 
 def _stream_tensors(w: gguf.GGUFWriter, tensors: tuple[PlannedTensor, ...], types: list[QType], first: int,
-                    pool: ThreadPoolExecutor, depth: int, on_bytes: Callable[[int], None] | None,
+                    pool: ThreadPoolExecutor, depth: int, on_bytes: Callable[[int], object] | None,
                     nonfinite: dict[int, tuple[int, int]]) -> None:
     """Encode tensors[first:] as ``types`` on the pool and write them in order (``depth`` slices in flight at most);
     ``nonfinite[i]`` gets tensor i's (NaN, Inf) counts."""
-    fout = w.fout[0]
+    fout = _out(w)
     pending: deque[tuple[int, Future | None]] = deque()  # (tensor index, encode job); None marks a tensor's end
     start: dict[int, int] = {}
     written: dict[int, int] = {}
@@ -288,8 +290,15 @@ class _SizingWriter(gguf.GGUFWriter):
     """A GGUFWriter whose "file" is in memory: the header's exact size, packed by gguf's own code."""
 
     def open_output_file(self, path: Path | None = None) -> None:
-        self.fout = [io.BytesIO()]
+        self.fout = [cast(BufferedWriter, io.BytesIO())]  # written, then only tell()
         self.state = WriterState.EMPTY
+
+
+def _out(w: gguf.GGUFWriter) -> BufferedWriter:
+    """The writer's one output file (after ``write_header_to_file``)."""
+    if w.fout is None:
+        raise AssertionError("the GGUF writer has no open file")
+    return w.fout[0]
 
 
 def _fill(w: gguf.GGUFWriter, plan: GGUFPlan, types: list[QType]) -> None:
@@ -321,7 +330,7 @@ def _rewrite_header(path: Path, plan: GGUFPlan, types: list[QType]) -> None:
     side = path.with_name(path.name + ".header")
     try:
         w = _header_writer(side, plan, types)
-        head_len = w.fout[0].tell()
+        head_len = _out(w).tell()
         w.close()
         data = side.read_bytes()[:head_len]
     finally:
@@ -330,7 +339,7 @@ def _rewrite_header(path: Path, plan: GGUFPlan, types: list[QType]) -> None:
         f.write(data)
 
 
-def write_gguf(final: str | Path, plan: GGUFPlan, on_bytes: Callable[[int], None] | None = None,
+def write_gguf(final: str | Path, plan: GGUFPlan, on_bytes: Callable[[int], object] | None = None,
                threads: int | None = None) -> WriteReport:
     """Write ``plan`` to ``final`` atomically (``partial_files``) and report what was written (``write_partial``)."""
     final = Path(final)
@@ -338,7 +347,7 @@ def write_gguf(final: str | Path, plan: GGUFPlan, on_bytes: Callable[[int], None
         return write_partial(tmp, final, plan, on_bytes, threads)
 
 
-def write_partial(tmp: Path, final: Path, plan: GGUFPlan, on_bytes: Callable[[int], None] | None = None,
+def write_partial(tmp: Path, final: Path, plan: GGUFPlan, on_bytes: Callable[[int], object] | None = None,
                   threads: int | None = None) -> WriteReport:
     """Write ``plan`` to ``tmp`` (to be renamed ``final`` by the caller) and report what was written.
     ``on_bytes(n)`` is called as tensor data is written.
@@ -365,8 +374,8 @@ def write_partial(tmp: Path, final: Path, plan: GGUFPlan, on_bytes: Callable[[in
                 except _Overflow as e:
                     q, why = policy.range_fallback(types[e.index], e.amax, bf16_ok=plan.bf16_fallback)
                     types[e.index], fallbacks[e.index], first = q, f"range: {why}", e.index
-                    w.fout[0].seek(e.offset)
-                    w.fout[0].truncate()
+                    _out(w).seek(e.offset)
+                    _out(w).truncate()
     except BaseException:
         with suppress(OSError):  # the error in flight is the one to report, not the close's
             w.close()

@@ -22,7 +22,7 @@ from ..checkpoint import Checkpoint
 from ..config import TextConfig
 from ..gguf_keys import EdgeKeys
 from ..quant import policy
-from ..quant.types import FType, as_ftype, nbytes
+from ..quant.types import FType, QType, as_ftype, nbytes
 from .gguf_out import SLICE_BYTES, Block, GGUFPlan, PlannedTensor, whole
 
 ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.DEEPSEEK2]
@@ -95,7 +95,8 @@ def _blocks(ck: Checkpoint, x: TextTensor) -> Callable[[], Iterable[Block]]:
     return lambda: (blk for n in x.sources for blk in ck.row_blocks(n, SLICE_BYTES))
 
 
-def text_types(t: TextConfig, shapes: list[tuple[str, tuple[int, ...]]], outtype: str) -> dict[str, tuple]:
+def text_types(t: TextConfig, shapes: list[tuple[str, tuple[int, ...]]],
+               outtype: str) -> dict[str, tuple[QType, str]]:
     """{gguf name: (type, reason)} for (gguf name, numpy shape) pairs: ``quant.policy`` on a bf16 source (K-quant
     mixes get llama.cpp's ``llama_model_quantize`` types, quantized directly)."""
     return policy.text_plan([(n, tuple(reversed(s))) for n, s in shapes], as_ftype(outtype), t.num_hidden_layers,

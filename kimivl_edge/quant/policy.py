@@ -246,8 +246,8 @@ def text_tensor_type(gguf_name: str, ne: Sequence[int], ftype: FTypeLike, n_laye
     if src not in (FType.F32, FType.F16, FType.BF16):
         raise ValueError(f"the source type of a K-quant mix must be F32/F16/BF16, not {src.value}")
     if not llama_allows_quantization(gguf_name, ne):
-        t, why = _own_type(gguf_name, ne, src)
-        return t, f"not quantized by llama.cpp; {why}"
+        own, own_why = _own_type(gguf_name, ne, src)
+        return own, f"not quantized by llama.cpp; {own_why}"
     t, why = _kquant_rule(gguf_name, ne, ft, n_layers, n_expert, tied_embeddings, attn_v_index, n_attn_v)
     if ft == FType.Q4_K_EDGE and tensor_category(gguf_name) == "TOKEN_EMBD" and t == GT.Q4_K:
         why.append(f"edge: token_embd -> {EDGE_TOKEN_EMBD.name} (one row read per token)")
