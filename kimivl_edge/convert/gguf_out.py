@@ -18,8 +18,6 @@ SIGTERM the temporaries are removed, and a SIGKILL leaves at most dot-files, nev
 """
 from __future__ import annotations
 
-import functools
-import io
 import math
 import os
 import signal
@@ -28,8 +26,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from functools import cached_property
-from io import BufferedWriter
+from functools import cached_property, partial
+from io import BufferedWriter, BytesIO
 from pathlib import Path
 from typing import Any, cast
 
@@ -148,7 +146,7 @@ def whole(make: Callable[[], np.ndarray], shape: tuple[int, ...]) -> Callable[[]
         rows = np.ascontiguousarray(data, dtype=np.float32).reshape(-1, ne0)
         step = max(1, SLICE_BYTES // (4 * ne0))
         for a in range(0, rows.shape[0], step):
-            yield functools.partial(np.asarray, rows[a: a + step])
+            yield partial(np.asarray, rows[a: a + step])
     return blocks
 
 
@@ -290,7 +288,7 @@ class _SizingWriter(gguf.GGUFWriter):
     """A GGUFWriter whose "file" is in memory: the header's exact size, packed by gguf's own code."""
 
     def open_output_file(self, path: Path | None = None) -> None:
-        self.fout = [cast(BufferedWriter, io.BytesIO())]  # written, then only tell()
+        self.fout = [cast(BufferedWriter, BytesIO())]  # written, then only tell()
         self.state = WriterState.EMPTY
 
 
