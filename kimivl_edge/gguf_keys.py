@@ -11,6 +11,7 @@ class EdgeKeys:
     PREFIX = "kimivl_edge."
 
     VARIANT = "kimivl_edge.variant"                        # instruct | thinking | thinking-2506
+    VARIANT_SOURCE = "kimivl_edge.variant_source"          # what decided it: "--variant", or the checkpoint's files
     FILE_TYPE = "kimivl_edge.file_type"                    # our recipe name (Q4_K_EDGE has no llama_ftype of its own)
     MEDIA_PLACEHOLDER_TOKEN_ID = "kimivl_edge.media_placeholder_token_id"
 

@@ -382,8 +382,7 @@ def test_not_enough_disk_is_refused_before_writing(ckpts, tmp_path, monkeypatch)
 def test_killed_conversion_leaves_no_file_at_the_target(ckpts, tmp_path, sig):
     """Kill the converter while it writes (slowed down by a hook in a wrapper script): no final file appears."""
     out = tmp_path / "out"
-    script = tmp_path / "slow.py"
-    script.write_text(
+    code = (
         "import sys, time\n"
         "import kimivl_edge.quant.codec as codec\n"
         "orig = codec.quantize\n"
@@ -393,7 +392,8 @@ def test_killed_conversion_leaves_no_file_at_the_target(ckpts, tmp_path, sig):
         "codec.quantize = slow\n"
         "from kimivl_edge.cli import main\n"
         f"sys.exit(main(['convert', {str(ckpts['instruct'])!r}, '--outtype', 'f32', '--outdir', {str(out)!r}]))\n")
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=Path(__file__).resolve().parent.parent)  # imports this checkout's kimivl_edge
     deadline = time.time() + 60
     while time.time() < deadline and not (out.exists() and any(p.name.startswith(".") for p in out.iterdir())):
         time.sleep(0.05)

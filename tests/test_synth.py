@@ -5,7 +5,9 @@ The expected a3b names and shapes are written here from docs/model.md §3 (table
 from __future__ import annotations
 
 import base64
+import errno
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -201,6 +203,7 @@ def test_bf16_conversion_matches_round_to_nearest_even():
     (["--preset", "huge"], "unknown preset"),
     (["--variant", "pro"], "unknown variant"),
     (["--seed", "x"], "invalid int value"),
+    (["--seed", "-1"], "seed must be a non-negative integer"),
 ])
 def test_synth_cli_rejects_bad_arguments(tmp_path: Path, args, msg):
     r = run_cli("synth", str(tmp_path / "out"), *args)
@@ -235,6 +238,33 @@ def test_synth_leaves_nothing_when_interrupted(tmp_path: Path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         synth_mod.synth(tmp_path / "out", "tiny")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_synth_onto_a_read_only_file_system_is_one_line(tmp_path: Path):
+    """EROFS when the output directory is created (as a read-only mount gives it, even to root)."""
+    code = (
+        "import errno, os, pathlib, sys\n"
+        "def read_only(self, *a, **k):\n"
+        "    raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))\n"
+        "pathlib.Path.mkdir = read_only\n"
+        "from kimivl_edge.cli import main\n"
+        f"sys.exit(main(['synth', {str(tmp_path / 'out')!r}]))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parent.parent)  # imports this checkout's kimivl_edge
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "read-only file system" in r.stderr.lower()
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EDQUOT, errno.EACCES])
+def test_synth_write_errors_are_usage_errors_and_leave_nothing(tmp_path: Path, monkeypatch, err):
+    def fail(*a, **k):
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(synth_writer, "write_safetensors", fail)
+    with pytest.raises(UsageError, match=os.strerror(err)) as e:
+        synth_mod.synth(tmp_path / "out", "tiny")
+    assert "\n" not in str(e.value) and list(tmp_path.iterdir()) == []
 
 
 # --- the checkpoint loader rejects broken directories ----------------------------------------------------------

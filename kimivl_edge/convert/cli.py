@@ -1,9 +1,11 @@
 """`kimivl-edge convert`: HF Kimi-VL checkpoint -> text GGUF + mmproj GGUF.
 
     kimivl-edge convert CHECKPOINT [--outtype f32|f16|bf16|q8_0|q4_0|q4_k_m|q5_k_m|q6_k|q4_k_edge]
-                        [--mmproj-type f32|f16|q8_0|q4_0] [--outdir DIR] [--variant V] [--dry-run]
+                        [--mmproj-type f32|f16|q8_0|q4_0] [--outdir DIR] [--variant V] [--allow-nonfinite]
+                        [--dry-run]
 
-CHECKPOINT is a directory or a Hugging Face repo id found in the local HF cache (no network).
+CHECKPOINT is a directory or a Hugging Face repo id found in the local HF cache (no network). The files go to the
+current directory unless --outdir says otherwise (never into the HF cache or the installed package).
 """
 from __future__ import annotations
 
@@ -21,8 +23,11 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"text GGUF type: {', '.join(TEXT_TYPES)} (default q8_0)")
     ap.add_argument("--mmproj-type", default="f16", type=str.lower, choices=MMPROJ_TYPES, metavar="TYPE",
                     help=f"mmproj GGUF type: {', '.join(MMPROJ_TYPES)} (default f16)")
-    ap.add_argument("--outdir", help="output directory (default: the checkpoint directory)")
-    ap.add_argument("--variant", help="instruct, thinking or thinking-2506 (default: from the path)")
+    ap.add_argument("--outdir", help="output directory (default: the current directory)")
+    ap.add_argument("--variant", help="instruct, thinking or thinking-2506 (default: from the checkpoint's chat "
+                                      "template, generation config, config name, README or directory name)")
+    ap.add_argument("--allow-nonfinite", action="store_true",
+                    help="convert weights that are NaN or Inf (listed) instead of refusing the checkpoint")
     ap.add_argument("--threads", type=int, help="encoder threads (default: every core)")
     ap.add_argument("--dry-run", action="store_true", help="print the per-tensor plan and sizes; write nothing")
     args = ap.parse_args(argv)
@@ -33,5 +38,6 @@ def main(argv: list[str] | None = None) -> int:
                                           args.variant)))
         return 0
     print(format_result(convert_checkpoint(args.checkpoint, args.outtype, args.mmproj_type, args.outdir, args.variant,
-                                           progress=sys.stderr.isatty(), threads=args.threads)))
+                                           progress=sys.stderr.isatty(), threads=args.threads,
+                                           allow_nonfinite=args.allow_nonfinite)))
     return 0

@@ -2,8 +2,9 @@
 (``convert_checkpoint``, which returns what was written).
 
 Data flows one way: the plan (frozen ``ConvertPlan``: paths, metadata, every tensor's planned type and why) is
-built from the checkpoint's config and headers alone, no tensor read; ``gguf_out.write_gguf`` writes each file from
-it and returns a ``WriteReport`` (the written types, range fallbacks included), collected in ``ConvertResult``.
+built from the checkpoint's config and headers alone, no tensor read; ``gguf_out.write_partial`` writes each file
+from it under a partial name (both renamed together at the end) and returns a ``WriteReport`` (the written types,
+range fallbacks and NaN / Inf counts included), collected in ``ConvertResult``.
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import math
 import os
 import re
 import resource
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,16 +21,18 @@ import gguf
 from gguf import Keys
 
 from ..checkpoint import Checkpoint
-from ..config import TEMPERATURE, VARIANTS
+from ..config import TEMPERATURE
 from ..errors import CheckpointError, UsageError
 from ..gguf_keys import EdgeKeys
 from ..quant.policy import MMPROJ_TYPES
 from ..quant.types import FType, as_ftype
-from .gguf_out import GGUFPlan, WriteReport, write_gguf
+from .gguf_out import GGUFPlan, WriteReport, partial_files, write_partial
+from .outdir import (DISK_ERRNOS, check_space, check_writable, default_outdir, disk_error, format_size,
+                     hf_hub_cache, remove_stale_partials)
+from .variant import detect_variant, model_name
 
-__all__ = ["TEXT_TYPES", "MMPROJ_TYPES", "TEMPERATURE", "resolve_checkpoint", "detect_variant", "model_name",
-           "ConvertPlan", "plan_conversion", "format_plan", "check_outdir", "ConvertResult", "convert_checkpoint",
-           "format_result"]
+__all__ = ["TEXT_TYPES", "MMPROJ_TYPES", "TEMPERATURE", "resolve_checkpoint", "ConvertPlan", "plan_conversion",
+           "format_plan", "check_outdir", "ConvertResult", "convert_checkpoint", "format_result"]
 
 TEXT_TYPES = tuple(f.value.lower() for f in FType)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -45,9 +47,8 @@ def resolve_checkpoint(spec: str | os.PathLike) -> Path:
         return p
     s = str(spec)
     if re.fullmatch(r"[\w.-]+/[\w.-]+", s) and not p.exists():
-        home = os.environ.get("HF_HOME")
-        hub = os.environ.get("HF_HUB_CACHE") or (Path(home) / "hub" if home else Path.home() / ".cache/huggingface/hub")
-        repo = Path(hub) / ("models--" + s.replace("/", "--"))
+        hub = hf_hub_cache()
+        repo = hub / ("models--" + s.replace("/", "--"))
         snaps = repo / "snapshots"
         if snaps.is_dir():
             ref = repo / "refs" / "main"
@@ -59,26 +60,6 @@ def resolve_checkpoint(spec: str | os.PathLike) -> Path:
         raise UsageError(f"{s}: not a directory and not in the local Hugging Face cache ({hub}); "
                          "download it first (no network access is used)")
     raise UsageError(f"{spec}: no such checkpoint directory")
-
-
-def detect_variant(path: Path, given: str | None) -> tuple[str, str]:
-    """The variant and how it was decided: --variant, else the directory / HF repo name, else instruct."""
-    if given:
-        if given not in VARIANTS:
-            raise UsageError(f"unknown variant {given!r} (choose from {', '.join(VARIANTS)})")
-        return given, "--variant"
-    text = str(path.resolve()).lower()
-    if "thinking-2506" in text or "thinking_2506" in text:
-        return "thinking-2506", "from the path"
-    if "thinking" in text:
-        return "thinking", "from the path"
-    if "instruct" in text:
-        return "instruct", "from the path"
-    return "instruct", "assumed (pass --variant)"
-
-
-def model_name(variant: str) -> str:
-    return "Kimi-VL-A3B-" + {"instruct": "Instruct", "thinking": "Thinking", "thinking-2506": "Thinking-2506"}[variant]
 
 
 @dataclass(frozen=True)
@@ -122,8 +103,8 @@ def _size_label(ck: Checkpoint) -> str:
     return gguf.size_label(n_total, n_total - n_expert, n_expert, t.n_routed_experts)
 
 
-def _common_metadata(variant: str) -> dict[str, tuple[object, object]]:
-    """The ``general.*`` keys both files carry, and the variant."""
+def _common_metadata(variant: str, variant_source: str) -> dict[str, tuple[object, object]]:
+    """The ``general.*`` keys both files carry, the variant and what decided it."""
     name = model_name(variant)
     G = Keys.General
     return {
@@ -135,12 +116,14 @@ def _common_metadata(variant: str) -> dict[str, tuple[object, object]]:
         G.QUANTIZATION_VERSION: (gguf.GGML_QUANT_VERSION, None),
         G.SAMPLING_TEMP: (TEMPERATURE[variant], None),
         EdgeKeys.VARIANT: (variant, None),
+        EdgeKeys.VARIANT_SOURCE: (variant_source, None),
     }
 
 
 def plan_conversion(checkpoint: str | os.PathLike, outtype: str = "q8_0", mmproj_type: str = "f16",
                     outdir: str | os.PathLike | None = None, variant: str | None = None) -> ConvertPlan:
-    """Both files' plans from the checkpoint's config, headers and tokenizer files (no tensor is read)."""
+    """Both files' plans from the checkpoint's config, headers and tokenizer files (no tensor is read). The files
+    go to ``outdir``, by default the current directory (``outdir.default_outdir``)."""
     from .mmproj import mmproj_plan
     from .text import text_metadata, text_plan
     from .tokenizer import vocab_metadata
@@ -155,9 +138,9 @@ def plan_conversion(checkpoint: str | os.PathLike, outtype: str = "q8_0", mmproj
     ck = Checkpoint(path)
     var, how = detect_variant(path, variant)
     name = model_name(var)
-    out = Path(outdir) if outdir is not None else path
+    out = Path(outdir) if outdir is not None else default_outdir()
     ftype = as_ftype(outtype)
-    common = _common_metadata(var)
+    common = _common_metadata(var, how)
     text_kv = {**common, Keys.General.SIZE_LABEL: (_size_label(ck), None),
                Keys.General.FILE_TYPE: (ftype.llama_ftype, None), EdgeKeys.FILE_TYPE: (ftype.value, None),
                **text_metadata(ck), **vocab_metadata(path)}
@@ -177,40 +160,35 @@ def format_plan(plan: ConvertPlan) -> str:
         lines.append(f"== {title}: {len(gp.tensors)} tensors")
         lines += [f"{p.name:36s} {str(list(p.ne)):22s} {p.qtype.value:7s} {p.reason}" for p in gp.tensors]
         lines.append("")
-    tb, mb = plan.expected_text_bytes(), plan.mmproj.data_bytes
-    lines.append(f"{plan.text_path}  ~{tb / 1e6:.1f} MB ({_bits_per_weight(tb, plan.text.n_params):.2f} bits/weight)")
-    lines.append(f"{plan.mmproj_path}  ~{mb / 1e6:.1f} MB "
-                 f"({_bits_per_weight(mb, plan.mmproj.n_params):.2f} bits/weight)")
+    for path, gp in ((plan.text_path, plan.text), (plan.mmproj_path, plan.mmproj)):
+        lines.append(f"{path}  ~{format_size(gp.file_bytes)} "
+                     f"({_bits_per_weight(gp.file_bytes, gp.n_params):.2f} bits/weight)")
     lines.append(f"({RANGE_NOTE})")
     return "\n".join(lines)
 
 
-def check_outdir(plan: ConvertPlan) -> None:
-    """The output directory exists (created if need be), is writable and has room for both files."""
+def check_outdir(plan: ConvertPlan) -> list[Path]:
+    """The output directory exists (created if need be), takes files (not a file, not read-only, not the HF cache
+    or the package) and, once the stale partial files of killed conversions are removed (returned), has room for
+    both files, headers included."""
     out = plan.text_path.parent
-    if not out.exists():
-        try:
-            out.mkdir(parents=True)
-        except OSError as e:
-            raise UsageError(f"cannot create output directory {out}: {e.strerror}") from None
-    if not out.is_dir() or not os.access(out, os.W_OK | os.X_OK):
-        raise UsageError(f"output directory {out} is not writable")
-    need = plan.expected_text_bytes() + plan.mmproj.data_bytes
-    free = shutil.disk_usage(out).free
-    if need > free:
-        raise UsageError(f"not enough free disk in {out}: the conversion needs {need / 1e9:.2f} GB, "
-                         f"{free / 1e9:.2f} GB free")
+    check_writable(out)
+    removed = remove_stale_partials(out)
+    check_space(out, plan.text.file_bytes + plan.mmproj.file_bytes)
+    return removed
 
 
 @dataclass(frozen=True)
 class ConvertResult:
-    """What ``convert_checkpoint`` wrote (one ``WriteReport`` per file), from which plan, in what time and memory."""
+    """What ``convert_checkpoint`` wrote (one ``WriteReport`` per file), from which plan, in what time and memory,
+    and the stale partial files of killed conversions it removed."""
 
     plan: ConvertPlan
     text: WriteReport
     mmproj: WriteReport
     seconds: float
     peak_rss_bytes: int
+    removed_partials: tuple[Path, ...] = ()
 
     @property
     def text_path(self) -> Path:
@@ -224,14 +202,31 @@ class ConvertResult:
         return iter((self.text_path, self.mmproj_path))
 
 
+def _nonfinite_error(reports: tuple[WriteReport, ...]) -> CheckpointError | None:
+    """The one-line refusal of a checkpoint with NaN / Inf weights (per tensor), or None."""
+    bad = [t for r in reports for t in r.nonfinite]
+    if not bad:
+        return None
+    listed = ", ".join(f"{t.name}: {t.nan} NaN, {t.inf} Inf" for t in bad[:6])
+    more = f" and {len(bad) - 6} more" if len(bad) > 6 else ""
+    return CheckpointError(f"non-finite weights in {len(bad)} tensor(s) ({listed}{more}); nothing was written "
+                           "(pass --allow-nonfinite to convert them anyway)")
+
+
 def convert_checkpoint(checkpoint: str | os.PathLike, outtype: str = "q8_0", mmproj_type: str = "f16",
                        outdir: str | os.PathLike | None = None, variant: str | None = None,
-                       progress: bool = False, threads: int | None = None) -> ConvertResult:
+                       progress: bool = False, threads: int | None = None,
+                       allow_nonfinite: bool = False) -> ConvertResult:
     """Convert and quantize with ``threads`` encoder threads (default: every core); returns what was written (the
-    text GGUF's and mmproj GGUF's ``WriteReport``), the wall time and the process's peak RSS."""
+    text GGUF's and mmproj GGUF's ``WriteReport``), the wall time and the process's peak RSS.
+
+    The pair is all-or-nothing: both files are written under partial names and renamed at the end, so a failure or
+    interrupt (even in the mmproj phase) leaves neither at its final name. A weight that is NaN or Inf refuses the
+    conversion (listed per tensor) unless ``allow_nonfinite``. A full disk (ENOSPC, EDQUOT) or read-only file system
+    (EROFS) is a one-line ``KimiVLError``."""
     t0 = time.perf_counter()
     plan = plan_conversion(checkpoint, outtype, mmproj_type, outdir, variant)
-    check_outdir(plan)
+    removed = tuple(check_outdir(plan))
     bar = None
     if progress:
         from tqdm import tqdm
@@ -239,21 +234,35 @@ def convert_checkpoint(checkpoint: str | os.PathLike, outtype: str = "q8_0", mmp
         bar = tqdm(total=plan.text.data_bytes + plan.mmproj.data_bytes, unit="B", unit_scale=True, desc="convert")
     on_bytes: Callable[[int], None] | None = bar.update if bar is not None else None
     try:
-        text = write_gguf(plan.text_path, plan.text, on_bytes, threads)
-        mmproj = write_gguf(plan.mmproj_path, plan.mmproj, on_bytes, threads)
+        with partial_files([plan.text_path, plan.mmproj_path]) as (text_tmp, mmproj_tmp):
+            text = write_partial(text_tmp, plan.text_path, plan.text, on_bytes, threads)
+            mmproj = write_partial(mmproj_tmp, plan.mmproj_path, plan.mmproj, on_bytes, threads)
+            refusal = None if allow_nonfinite else _nonfinite_error((text, mmproj))
+            if refusal is not None:
+                raise refusal
+    except OSError as e:
+        if e.errno in DISK_ERRNOS:
+            raise disk_error(e, plan.text_path.parent) from None
+        raise
     finally:
         if bar is not None:
             bar.close()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return ConvertResult(plan, text, mmproj, time.perf_counter() - t0, rss)
+    return ConvertResult(plan, text, mmproj, time.perf_counter() - t0, rss, removed)
 
 
 def format_result(r: ConvertResult) -> str:
-    """Each written file (size, bits per weight), every range fallback, the time and peak RSS."""
+    """The stale partials removed, the variant and what decided it, each written file (size, bits per weight), every
+    range fallback and kept non-finite tensor, the time and peak RSS."""
     lines = []
+    if r.removed_partials:
+        lines.append(f"removed {len(r.removed_partials)} stale partial file(s) of killed conversions: "
+                     + ", ".join(p.name for p in r.removed_partials))
+    lines.append(f"variant {r.plan.variant} ({r.plan.variant_source})")
     for rep in (r.text, r.mmproj):
-        lines.append(f"wrote {rep.path}  {rep.file_bytes / 1e6:.1f} MB, "
+        lines.append(f"wrote {rep.path}  {format_size(rep.file_bytes)}, "
                      f"{_bits_per_weight(rep.file_bytes, rep.n_params):.2f} bits/weight")
         lines += [f"  {t.name}: written {t.qtype.value} ({t.range_fallback})" for t in rep.range_fallbacks]
+        lines += [f"  {t.name}: {t.nan} NaN, {t.inf} Inf kept (--allow-nonfinite)" for t in rep.nonfinite]
     lines.append(f"time {r.seconds:.1f} s, peak RSS {r.peak_rss_bytes / 2**20:.0f} MiB")
     return "\n".join(lines)

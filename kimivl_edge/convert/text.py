@@ -95,7 +95,8 @@ def _blocks(ck: Checkpoint, x: TextTensor) -> Callable[[], Iterable[Block]]:
     return lambda: (blk for n in x.sources for blk in ck.row_blocks(n, SLICE_BYTES))
 
 
-def text_types(t: TextConfig, shapes: list[tuple[str, tuple[int, ...]]], outtype: str) -> dict[str, tuple[QType, str]]:
+def text_types(t: TextConfig, shapes: list[tuple[str, tuple[int, ...]]],
+               outtype: str) -> dict[str, tuple[QType, str]]:
     """{gguf name: (type, reason)} for (gguf name, numpy shape) pairs: ``quant.policy`` on a bf16 source (K-quant
     mixes get llama.cpp's ``llama_model_quantize`` types, quantized directly)."""
     return policy.text_plan([(n, tuple(reversed(s))) for n, s in shapes], as_ftype(outtype), t.num_hidden_layers,

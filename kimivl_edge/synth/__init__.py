@@ -26,6 +26,7 @@ import numpy as np
 
 from ..checkpoint import hf_tensor_specs
 from ..config import VARIANTS, KimiVLConfig
+from ..convert.outdir import format_size
 from ..errors import UsageError
 from .presets import PRESET_DIMS, PRESETS, config_files, preset_config, preset_config_dict, scaled_config_dict
 from .template import KIMI_VL_CHAT_TEMPLATE
@@ -54,6 +55,8 @@ def synth(outdir: str | Path, preset: str = "tiny", variant: str = "instruct", s
         raise UsageError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
     if variant not in VARIANTS:
         raise UsageError(f"unknown variant {variant!r} (choose from {', '.join(VARIANTS)})")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise UsageError(f"seed must be a non-negative integer, got {seed!r}")
     out = Path(outdir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out} exists and is not a directory")
@@ -64,19 +67,23 @@ def synth(outdir: str | Path, preset: str = "tiny", variant: str = "instruct", s
         raise UsageError(f"parent directory {parent} does not exist")
     need = sum(2 * int(np.prod(s.shape)) for s in hf_tensor_specs(KimiVLConfig.from_dict(
         scaled_config_dict(preset, variant, layers))))
-    free = shutil.disk_usage(parent).free
-    if need > free:
-        raise UsageError(f"not enough disk space in {parent}: need {need / 1e9:.1f} GB, {free / 1e9:.1f} GB free")
     tmp = parent / f".{out.name}.partial-{os.getpid()}"
-    tmp.mkdir()
     try:
-        write_checkpoint(tmp, preset, variant, seed, progress=progress, weights=weights, layers=layers)
-        if out.is_dir():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        tmp.mkdir()  # first: a read-only location is refused as such, not as "no space" (it may report 0 free)
+        try:
+            free = shutil.disk_usage(parent).free
+            if need > free:
+                raise UsageError(f"not enough disk space in {parent}: need {format_size(need)}, "
+                                 f"{format_size(free)} free")
+            write_checkpoint(tmp, preset, variant, seed, progress=progress, weights=weights, layers=layers)
+            if out.is_dir():
+                shutil.rmtree(out)
+            tmp.rename(out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    except OSError as e:  # read-only, full, no permission: the output location, never a bug
+        raise UsageError(f"cannot write the checkpoint to {out}: {e.strerror or e}") from None
     return out
 
 
