@@ -423,6 +423,14 @@ def test_queue_full_is_429_and_a_disconnect_stops_the_generation(scripted):
     assert waited and waited[0].choices[0].message.content == "The red one is on the left."
 
 
+def test_a_non_streaming_client_that_gives_up_stops_its_generation(scripted):
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up on a generation that never ends by itself
+        httpx.post(scripted.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "slow"}]},
+                   timeout=1)
+    m = scripted.client(timeout=60).chat.completions.create(model="s", messages=[{"role": "user", "content": "x"}])
+    assert m.choices[0].message.content == "The red one is on the left."
+
+
 # -- the CLI: key, limits, CORS, warning, load -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def keyed(pair, tmp_path_factory) -> Iterator[str]:
