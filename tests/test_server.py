@@ -537,3 +537,11 @@ def test_load_100_concurrent_streams_some_cancelled(keyed, media, pair):
     assert rss_kib(pid) - before < 64 * 1024  # RSS bound: 64 MiB over the warm server
     time.sleep(0.5)  # the log line of the last response is written after its last byte is sent
     assert log.read_text().count("POST /v1/chat/completions") - n_logged == 101  # one log line per request
+
+
+def test_response_format_json_object_parses(server, media, pair):
+    r = server.client().chat.completions.create(
+        model=pair[0].name, messages=ask("What colour is the triangle?", data_uri(media / "pics" / "triangle.png")),
+        temperature=0, max_tokens=64, response_format={"type": "json_object"})
+    assert r.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
