@@ -16,6 +16,7 @@ VERBS = {
     "convert": ("kimivl_edge.convert.cli", "convert an HF checkpoint to a text GGUF + mmproj GGUF (quantized)"),
     "run": ("kimivl_edge.run", "answer one prompt (with images), streamed"),
     "chat": ("kimivl_edge.chat", "interactive chat with images (REPL)"),
+    "serve": ("kimivl_edge.serve", "an OpenAI-compatible HTTP server (chat completions with images)"),
     "demo": ("kimivl_edge.demo", "run the main job on the bundled tiny model"),
     "reference": ("kimivl_edge.reference.run", "answer with the fp32 torch reference (needs the reference extra)"),
     "bench": ("kimivl_edge.bench", "benchmarks side by side with llama.cpp"),

@@ -22,6 +22,7 @@ class SamplingSettings:
     repeat_last_n: int = 64
     seed: int = 0
     max_tokens: int = 512
+    grammar: str | None = None  # GBNF: only output the grammar admits (llama.cpp's grammar sampler)
 
     def validate(self) -> "SamplingSettings":
         """Every number finite and in range (NaN would make llama.cpp's samplers emit garbage), else UsageError."""
@@ -53,6 +54,7 @@ class SamplerChain:
         import llama_cpp as lc
 
         self._lc = lc
+        self._grammar = s.grammar
         params = lc.llama_sampler_chain_default_params()
         params.no_perf = True
         self._chain = lc.llama_sampler_chain_init(params)
@@ -73,7 +75,23 @@ class SamplerChain:
 
     def sample(self, ctx) -> int:
         """Sample from the logits of the last evaluated position (and accept the token into the chain)."""
+        if self._grammar is not None:
+            self._put_grammar_first(ctx, self._grammar)
         return int(self._lc.llama_sampler_sample(self._chain, ctx, -1))
+
+    def _put_grammar_first(self, ctx, gbnf: str) -> None:
+        """Wrap the chain in one that runs the grammar sampler first (it needs the vocabulary: ``ctx``'s model)."""
+        lc = self._lc
+        grammar = lc.llama_sampler_init_grammar(lc.llama_model_get_vocab(lc.llama_get_model(ctx)),
+                                                gbnf.encode(), b"root")
+        if not grammar:
+            raise UsageError("llama.cpp could not parse the grammar")
+        params = lc.llama_sampler_chain_default_params()
+        params.no_perf = True
+        outer = lc.llama_sampler_chain_init(params)
+        lc.llama_sampler_chain_add(outer, grammar)
+        lc.llama_sampler_chain_add(outer, self._chain)  # the outer chain owns (and frees) the inner one
+        self._chain, self._grammar = outer, None
 
     def close(self) -> None:
         if self._chain is not None:
