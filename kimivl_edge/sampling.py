@@ -9,7 +9,7 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass, replace
 
-from .errors import check_float, check_int
+from .errors import UsageError, check_float, check_int
 
 
 @dataclass(frozen=True)
