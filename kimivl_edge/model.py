@@ -31,7 +31,9 @@ import numpy as np
 from .decoder import Decoder, DecoderSettings, ImageBlock, Segment
 from .errors import KimiVLError, UsageError
 from .gguf_model import ModelFileError, TextModelInfo
+from .grounding import Action, parse_actions
 from .image import ImageProcessorConfig, ImageSource, load_image, num_image_tokens, preprocess
+from .media import MediaSettings, MediaStats, expand_parts
 from .prompt import ThinkingStreamSplitter, check_messages, image_parts, render, split_thinking
 from .sampling import SamplerChain, SamplingSettings
 from .tokenizer import StreamDecoder, Tokenizer
@@ -64,6 +66,7 @@ class Stats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     finish_reason: str = "stop"     # "stop" (end-of-generation token) or "length"
+    media: MediaStats = field(default_factory=MediaStats)  # video frames / PDF pages expanded into images
 
     @property
     def decode_tps(self) -> float:
@@ -82,6 +85,7 @@ class Generation:
     tokens: list[int] = field(default_factory=list)
     finish_reason: str = "stop"     # "stop" (end-of-generation token) or "length"
     stats: Stats = field(default_factory=Stats)
+    grounding: list[Action] = field(default_factory=list)  # actions/points/boxes of the answer, original pixels
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,7 @@ class PromptImage:
     grid: tuple[int, int]   # (gh, gw)
     key: str                # hash of patches and grid: the key of the embedding cache and of the KV cache rows
     n_rows: int             # embedding rows (image tokens): gh*gw / merge area
+    size: tuple[int, int] = (0, 0)  # (w, h) of the image as given, before the processor's resize and padding
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,7 @@ class RenderedPrompt:
     ids: list[int]
     images: list[PromptImage]
     media_pad_id: int
+    media: MediaStats = field(default_factory=MediaStats)
 
     @property
     def image_tokens(self) -> int:
@@ -163,6 +169,7 @@ class TokenStream(Iterator[int]):
 
     def __init__(self, model: KimiVL, messages: Sequence[dict], settings: SamplingSettings):
         self.stats = Stats()
+        self.image_sizes: list[tuple[int, int]] = []  # original (w, h) of the prompt's images, once rendered
         self._ids = self._generate(model, messages, settings)
 
     def __next__(self) -> int:
@@ -175,7 +182,8 @@ class TokenStream(Iterator[int]):
     def _generate(self, model: KimiVL, messages: Sequence[dict], s: SamplingSettings) -> Generator[int, None, None]:
         st, dec, clock = self.stats, model.decoder, time.perf_counter
         prompt = model.render_prompt(messages)
-        st.image_tokens, st.prompt_tokens = prompt.image_tokens, prompt.n_tokens
+        st.image_tokens, st.prompt_tokens, st.media = prompt.image_tokens, prompt.n_tokens, prompt.media
+        self.image_sizes = [im.size for im in prompt.images]
         t0 = clock()
         segments = model.embed_prompt(prompt)
         st.encode_seconds = clock() - t0 if prompt.images else 0.0
@@ -243,6 +251,8 @@ class KimiVL:
         self.image_cache_size = 16
         # progress(done, total, unit) while the vision encoder runs (vision.Progress; the CLI sets it on a terminal)
         self.encode_progress: Progress | None = None
+        # how video and document parts become images (media.MediaSettings: frames, pages, budgets)
+        self.media_settings = MediaSettings()
 
     # -- loading ----------------------------------------------------------------------------------------------
     @classmethod
@@ -324,7 +334,8 @@ class KimiVL:
             patches, grid = preprocess(img, cfg, max_patches=self.max_image_patches)
             key = hashlib.sha1(patches.tobytes() + grid[0].tobytes()).hexdigest()
             gh, gw = int(grid[0, 0]), int(grid[0, 1])
-            out.append(PromptImage(patches, (gh, gw), key, num_image_tokens((gh, gw), cfg.merge_kernel_size)))
+            out.append(PromptImage(patches, (gh, gw), key, num_image_tokens((gh, gw), cfg.merge_kernel_size),
+                                   img.size))
         return out
 
     def _embeddings(self, images: Sequence[PromptImage]) -> list[np.ndarray]:
@@ -350,6 +361,8 @@ class KimiVL:
         """Chat template -> token ids -> where the images go and how many embedding rows each takes: the images are
         loaded and preprocessed, not encoded. Raises UsageError when pads and images disagree or the prompt does not
         fit the context."""
+        messages, media = expand_parts(messages, self.media_settings, self.image_config, self.max_image_patches,
+                                       self.decoder.n_ctx)
         msgs = _prepare_history(messages, self.info.is_thinking)
         ids = self.tokenizer.encode(render(self.info.chat_template, msgs, add_generation_prompt=True))
         sources = [_image_source(p) for p in image_parts(msgs)]
@@ -357,7 +370,7 @@ class KimiVL:
         n_pads = ids.count(pad)
         if n_pads != len(sources):
             raise UsageError(f"the prompt has {n_pads} image placeholder(s) but {len(sources)} image(s)")
-        prompt = RenderedPrompt(ids, self._prepare_images(sources) if sources else [], pad)
+        prompt = RenderedPrompt(ids, self._prepare_images(sources) if sources else [], pad, media)
         if prompt.n_tokens >= self.decoder.n_ctx:
             raise UsageError(f"prompt of {prompt.n_tokens} tokens ({prompt.image_tokens} image tokens) does not "
                              f"fit the context of {self.decoder.n_ctx}; raise n_ctx or set max_image_patches")
@@ -411,7 +424,8 @@ class KimiVL:
         tokens = list(stream)
         text = self.tokenizer.decode(tokens)
         reasoning, answer = split_thinking(text) if self.info.is_thinking else (None, text)
-        return Generation(text, answer, reasoning, tokens, stream.stats.finish_reason, stream.stats)
+        return Generation(text, answer, reasoning, tokens, stream.stats.finish_reason, stream.stats,
+                          parse_actions(answer, stream.image_sizes))
 
     # -- probe ------------------------------------------------------------------------------------------------
     def logits(self, messages: Sequence[dict], continuation: Sequence[int] = ()) -> np.ndarray:
