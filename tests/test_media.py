@@ -501,3 +501,16 @@ def test_chat_video_and_pdf_commands(model_pair, videos, tmp_path):
 
 def test_media_errors_are_kimivl_errors():
     assert issubclass(MediaError, KimiVLError)
+
+
+def test_grounding_uses_the_original_size_of_a_resized_image(model, tmp_path):
+    from kimivl_edge.grounding import parse_actions
+
+    shot = tmp_path / "big.png"
+    picture(9, (1500, 1100)).save(shot)    # over the 4096-patch budget: the processor shrinks it
+    msgs = [{"role": "user", "content": [{"type": "image", "image": str(shot)}, {"type": "text", "text": "Where?"}]}]
+    stream = model.stream_tokens(msgs, max_tokens=2, temperature=0)
+    list(stream)
+    assert stream.image_sizes == [(1500, 1100)]
+    out = model.generate(msgs, max_tokens=2, temperature=0)
+    assert out.grounding == parse_actions(out.answer, [(1500, 1100)])
