@@ -2,7 +2,8 @@
 
     kimivl-edge chat -m MODEL.gguf --mmproj MMPROJ.gguf [--temp T] ...
 
-Commands: /image PATH (attach to the next message), /clear (forget the conversation), /quit.
+Commands: /image PATH, /video PATH, /pdf PATH [PAGES] (attach to the next message), /clear (forget the
+conversation), /quit.
 The KV cache is reused across turns: a follow-up only evaluates the new tokens, and an image is encoded once.
 """
 from __future__ import annotations
@@ -10,12 +11,14 @@ from __future__ import annotations
 import sys
 
 from .cli_common import add_model_args, add_sampling_args, load_model, print_stream, sampling
+from .media_cli import add_media_args, attach, media_settings, report, with_media
 from .prompt import user_message
 
 
 def repl(model, settings, inp=sys.stdin, out=sys.stdout, err=sys.stderr) -> None:
     history: list[dict] = []
     pending: list[str] = []
+    media: list[dict] = []  # /video and /pdf parts for the next message
     interactive = inp.isatty()
     while True:
         if interactive:
@@ -30,7 +33,7 @@ def repl(model, settings, inp=sys.stdin, out=sys.stdout, err=sys.stderr) -> None
         if line in ("/quit", "/exit"):
             return
         if line == "/clear":
-            history, pending = [], []
+            history, pending, media = [], [], []
             err.write("(conversation cleared)\n")
             continue
         if line.startswith("/image"):
@@ -45,12 +48,15 @@ def repl(model, settings, inp=sys.stdin, out=sys.stdout, err=sys.stderr) -> None
             pending.append(path)
             err.write(f"(image {path} attached to the next message)\n")
             continue
-        if line.startswith("/"):
-            err.write("commands: /image PATH, /clear, /quit\n")
+        if line.split(" ")[0] in ("/video", "/pdf"):
+            attach(model, line, media, err)
             continue
-        msg = user_message(line, pending)
+        if line.startswith("/"):
+            err.write("commands: /image PATH, /clear, /quit, /video PATH, /pdf PATH [PAGES]\n")
+            continue
+        msg = with_media(user_message(line, pending), media)
         try:
-            answer, _ = print_stream(model, history + [msg], settings, out, err)
+            answer, st = print_stream(model, history + [msg], settings, out, err)
         except Exception as e:
             from .errors import KimiVLError
 
@@ -58,8 +64,9 @@ def repl(model, settings, inp=sys.stdin, out=sys.stdout, err=sys.stderr) -> None
                 raise
             err.write(f"error: {e}\n")
             continue
+        report(st.media, err)
         history += [msg, {"role": "assistant", "content": answer}]
-        pending = []
+        pending, media = [], []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,9 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = OneLineParser(prog="kimivl-edge chat", description=__doc__.split("\n\n")[0])
     add_model_args(ap)
     add_sampling_args(ap)
+    add_media_args(ap)
     args = ap.parse_args(argv)
     settings = sampling(args)
+    media = media_settings(args)
     model = load_model(args)
+    model.media_settings = media
     try:
         repl(model, settings)
     finally:

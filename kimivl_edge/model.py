@@ -46,8 +46,10 @@ from PIL import Image
 from .decoder import Decoder, DecoderSettings, ImageBlock, Segment
 from .errors import KimiVLError, UsageError, check_int
 from .gguf_model import ModelFileError, TextModelInfo
+from .grounding import Action, parse_actions
 from .image import (ImageProcessorConfig, ImageSource, effective_token_limit, grid_hw, load_image, num_image_tokens,
                     preprocess)
+from .media import MediaSettings, MediaStats, expand_parts
 from .prompt import (THINK_CLOSE, ThinkingStreamSplitter, check_messages, image_parts, render_marking_content,
                      split_thinking)
 from .sampling import SamplerChain, SamplingSettings
@@ -81,6 +83,7 @@ class Stats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     finish_reason: str = "stop"     # "stop" (end-of-generation token) or "length"
+    media: MediaStats = field(default_factory=MediaStats)  # video frames / PDF pages expanded into images
 
     @property
     def decode_tps(self) -> float:
@@ -100,6 +103,7 @@ class Generation:
     finish_reason: str = "stop"     # "stop" (end-of-generation token) or "length"
     stats: Stats = field(default_factory=Stats)
     reasoning_unfinished: bool = False  # ◁think▷ opened but never closed (cut by max_tokens: finish_reason "length")
+    grounding: list[Action] = field(default_factory=list)  # actions/points/boxes of the answer, original pixels
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,7 @@ class PromptImage:
     grid: tuple[int, int]   # (gh, gw)
     key: str                # hash of patches and grid: the key of the embedding cache and of the KV cache rows
     n_rows: int             # embedding rows (image tokens): gh*gw / merge area
+    size: tuple[int, int] = (0, 0)  # (w, h) of the image as given, before the processor's resize and padding
 
 
 @dataclass(frozen=True)
@@ -120,6 +125,7 @@ class RenderedPrompt:
     ids: list[int]
     images: list[PromptImage]
     media_pad_id: int
+    media: MediaStats = field(default_factory=MediaStats)
 
     @property
     def image_tokens(self) -> int:
@@ -192,6 +198,7 @@ class TokenStream(Iterator[int]):
     def __init__(self, model: KimiVL, messages: Sequence[dict], settings: SamplingSettings):
         self.stats = Stats()
         self._model = model
+        self.image_sizes: list[tuple[int, int]] = []  # original (w, h) of the prompt's images, once rendered
         self._ids = self._generate(model, messages, settings)
         self._done = False
 
@@ -225,7 +232,8 @@ class TokenStream(Iterator[int]):
     def _generate(self, model: KimiVL, messages: Sequence[dict], s: SamplingSettings) -> Generator[int, None, None]:
         st, dec, clock = self.stats, model.decoder, time.perf_counter
         prompt = model.render_prompt(messages)
-        st.image_tokens, st.prompt_tokens = prompt.image_tokens, prompt.n_tokens
+        st.image_tokens, st.prompt_tokens, st.media = prompt.image_tokens, prompt.n_tokens, prompt.media
+        self.image_sizes = [im.size for im in prompt.images]
         t0 = clock()
         segments = model.embed_prompt(prompt)
         st.encode_seconds = clock() - t0 if prompt.images else 0.0
@@ -302,6 +310,8 @@ class KimiVL:
         self.image_cache_size = 16
         # progress(done, total, unit) while the vision encoder runs (vision.Progress; the CLI sets it on a terminal)
         self.encode_progress: Progress | None = None
+        # how video and document parts become images (media.MediaSettings: frames, pages, budgets)
+        self.media_settings = MediaSettings()
         self._lock = threading.RLock()     # serialises every call (see the module docstring)
         self._turn: TokenStream | None = None  # the stream that owns the KV cache
         self._closed = False
@@ -427,7 +437,8 @@ class KimiVL:
             patches, grid = preprocess(img, cfg, max_patches=self.max_image_patches, exif_transpose=False)
             key = hashlib.sha1(patches.tobytes() + grid[0].tobytes()).hexdigest()
             gh, gw = int(grid[0, 0]), int(grid[0, 1])
-            out.append(PromptImage(patches, (gh, gw), key, num_image_tokens((gh, gw), cfg.merge_kernel_size)))
+            out.append(PromptImage(patches, (gh, gw), key, num_image_tokens((gh, gw), cfg.merge_kernel_size),
+                                   img.size))
         return out
 
     def _embeddings(self, images: Sequence[PromptImage]) -> list[np.ndarray]:
@@ -459,6 +470,8 @@ class KimiVL:
         and images disagree, or when the prompt does not fit the context: counted from the image sizes, before any
         pixel is preprocessed or encoded."""
         with self._locked():
+            messages, media = expand_parts(messages, self.media_settings, self.image_config, self.max_image_patches,
+                                           self.decoder.n_ctx)
             msgs = _prepare_history(messages, self.info.is_thinking)
             text, content = render_marking_content(self.info.chat_template, msgs, add_generation_prompt=True)
             ids = self.tokenizer.encode_except(text, [] if self.allow_special_in_content else content)
@@ -469,7 +482,7 @@ class KimiVL:
                 raise UsageError(f"the prompt has {n_pads} image placeholder(s) but {len(sources)} image(s)")
             loaded = self._load_images(sources) if sources else []
             self._check_fit(len(ids) - len(sources), [g for _, g in loaded])
-            return RenderedPrompt(ids, self._preprocess(loaded), pad)
+            return RenderedPrompt(ids, self._preprocess(loaded), pad, media)
 
     def _check_fit(self, n_text: int, grids: Sequence[tuple[int, int]]) -> None:
         """The prompt must leave one position for the answer; the message says what to change."""
@@ -549,7 +562,8 @@ class KimiVL:
         text = self.tokenizer.decode(tokens)
         reasoning, answer = split_thinking(text) if self.info.is_thinking else (None, text)
         unfinished = reasoning is not None and THINK_CLOSE not in text
-        return Generation(text, answer, reasoning, tokens, stream.stats.finish_reason, stream.stats, unfinished)
+        return Generation(text, answer, reasoning, tokens, stream.stats.finish_reason, stream.stats, unfinished,
+                          parse_actions(answer, stream.image_sizes))
 
     # -- probe ------------------------------------------------------------------------------------------------
     def logits(self, messages: Sequence[dict], continuation: Sequence[int] = ()) -> np.ndarray:

@@ -3,6 +3,8 @@
     kimivl-edge run -m MODEL.gguf --mmproj MMPROJ.gguf [--image PATH]... -p PROMPT [--temp T] [--max-tokens N]
                     [--seed S] [--threads N] [--ctx N] [--vision-backend numpy|ggml] [--max-image-patches N]
                     [--mmap auto|on|off] [--no-repack]
+                    [--video PATH]... [--pdf PATH [--pages 1-20]] [--fps F] [--max-frames N] ...
+    kimivl-edge run -m MODEL.gguf --mmproj MMPROJ.gguf --ground "INSTRUCTION" --image shot.png [--draw OUT.png]
 
 Thinking models: the reasoning goes to stderr, the answer to stdout.
 """
@@ -11,7 +13,8 @@ from __future__ import annotations
 import sys
 
 from .cli_common import add_model_args, add_sampling_args, load_model, print_stream, sampling
-from .prompt import user_message
+from .media import user_message
+from .media_cli import add_media_args, media_settings, print_grounding, report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,18 +23,43 @@ def main(argv: list[str] | None = None) -> int:
     ap = OneLineParser(prog="kimivl-edge run", description=__doc__.split("\n\n")[0])
     add_model_args(ap)
     ap.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
-    ap.add_argument("-p", "--prompt", required=True)
+    ap.add_argument("--video", action="append", default=[], help="video file: mp4/webm/mkv/mov, GIF/WebP (repeat)")
+    ap.add_argument("--pdf", action="append", default=[], help="PDF file, its pages as images (repeat)")
+    ap.add_argument("--pages", help="PDF pages to use, e.g. 1-20 or 1-3,7,10- (default: all, up to --max-pages)")
+    ap.add_argument("-p", "--prompt")
+    ap.add_argument("--ground", metavar="INSTRUCTION", help="OS-agent grounding on the --image screenshot with the "
+                    "model card's prompt; prints the parsed actions in pixels")
+    ap.add_argument("--draw", metavar="OUT", help="with --ground: write the screenshot with the actions drawn")
+    add_media_args(ap)
     add_sampling_args(ap)
     ap.add_argument("--stats", action="store_true", help="print timings to stderr")
     args = ap.parse_args(argv)
     settings = sampling(args)
-    if args.image and not args.mmproj:
-        ap.error("--image needs --mmproj")
+    media = media_settings(args)
+    if (args.prompt is None) == (args.ground is None):
+        ap.error("give exactly one of -p/--prompt and --ground")
+    if args.ground is not None and len(args.image) != 1:
+        ap.error("--ground needs exactly one --image (the screenshot)")
+    if args.draw and args.ground is None:
+        ap.error("--draw needs --ground")
+    if (args.image or args.video or args.pdf) and not args.mmproj:
+        ap.error("--image, --video and --pdf need --mmproj")
+    if args.pages and not args.pdf:
+        ap.error("--pages needs --pdf")
+    if args.ground is not None:
+        from .grounding import ground_prompt
+
+        args.prompt = ground_prompt(args.ground)
     model = load_model(args)
+    model.media_settings = media
     try:
-        _, st = print_stream(model, [user_message(args.prompt, args.image)], settings)
+        answer, st = print_stream(model, [user_message(args.prompt, args.image, args.video, args.pdf, args.pages)],
+                                  settings)
     finally:
         model.close()
+    report(st.media, verbose=args.stats)
+    if args.ground is not None:
+        print_grounding(answer, args.image[0], args.draw)
     if args.stats:
         print(f"image tokens {st.image_tokens}, encode {st.encode_seconds:.2f} s, prefill {st.evaluated_tokens} tok "
               f"{st.prefill_tps:.1f} tok/s, decode {st.generated_tokens} tok {st.decode_tps:.1f} tok/s",
