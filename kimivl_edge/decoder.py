@@ -133,10 +133,24 @@ def _take_errors() -> str:
     return reason
 
 
+def _cpu_flags(system_info: str) -> set[str]:
+    """The features llama.cpp's CPU backend reports as on, from its system info ("AVX2 = 1 | ... | REPACK = 1")."""
+    return {f.split("=")[0].strip() for f in system_info.split("|") if f.strip().endswith("= 1")}
+
+
+def extra_buffers_safe(system_info: str) -> bool:
+    """Whether llama.cpp's extra weight buffers (``use_extra_bufts``) can be used for deepseek2 here. On a CPU with
+    AMX (Xeon Sapphire Rapids and later) they include the AMX buffer, which takes Q4_0/Q4_K/Q5_K/Q6_K/Q8_0 matrices
+    including MLA's 3-D ``attn_k_b``/``attn_v_b``; the graph then holds a matmul no backend supports and llama.cpp
+    aborts the process (``GGML_ASSERT(*cur_backend_id != -1)`` in ggml-backend.cpp, llama-cpp-python 0.3.36) at the
+    first context. There, the weights stay in their file layout (what ``repack=False`` does everywhere)."""
+    return "AMX_INT8" not in _cpu_flags(system_info)
+
+
 def _repack_types(system_info: str) -> frozenset[GGMLQuantizationType]:
     """Weight types llama.cpp's CPU backend repacks here, from its system info ("AVX2 = 1 | ... | REPACK = 1")."""
-    flags = {f.split("=")[0].strip() for f in system_info.split("|") if f.strip().endswith("= 1")}
-    if "REPACK" not in flags:
+    flags = _cpu_flags(system_info)
+    if "REPACK" not in flags or not extra_buffers_safe(system_info):
         return frozenset()
     if "AVX2" in flags:
         return _REPACK_AVX2 | ({GT.Q2_K} if "AVX512" in flags else set())
@@ -182,8 +196,10 @@ class Decoder:
         _take_errors()
         mp = lc.llama_model_default_params()
         mp.n_gpu_layers = 0
-        mp.use_extra_bufts = s.repack
-        self.mmap = s.mmap if s.mmap is not None else not (s.repack and repacked_tensors(model_path))
+        # repack=True asks for llama.cpp's repacked copies where they are safe (see extra_buffers_safe)
+        self.repack = s.repack and extra_buffers_safe(lc.llama_print_system_info().decode("utf-8", "replace"))
+        mp.use_extra_bufts = self.repack
+        self.mmap = s.mmap if s.mmap is not None else not (self.repack and repacked_tensors(model_path))
         mp.load_mode = LOAD_MODE_MMAP if self.mmap else LOAD_MODE_NONE
         self._model = lc.llama_model_load_from_file(str(model_path).encode(), mp)
         if not self._model:

@@ -151,3 +151,34 @@ def test_loading_without_mmap_gives_the_same_logits(ggufs):
         dec.close()
     assert np.isfinite(out[0]).all()
     np.testing.assert_array_equal(out[1], out[0])
+
+
+def test_extra_buffers_are_refused_only_where_amx_is_on():
+    """llama.cpp's AMX buffer aborts the process on deepseek2 (3-D MLA matrices); CPU_REPACK alone is fine."""
+    from kimivl_edge.decoder import _repack_types, extra_buffers_safe
+
+    zen3 = "CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | AVX512 = 0 | AMX_INT8 = 0 | REPACK = 1 | "
+    spr = "CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | AVX512 = 1 | AMX_INT8 = 1 | REPACK = 1 | "
+    assert extra_buffers_safe(zen3) and not extra_buffers_safe(spr)
+    assert _repack_types(zen3) and not _repack_types(spr)
+
+
+LOAD_QUANTIZED = r"""
+import sys
+from kimivl_edge.decoder import Decoder, DecoderSettings
+dec = Decoder(sys.argv[1], DecoderSettings(n_ctx=64, n_threads=1, repack=True))
+print(int(dec.prefill([[5, 6, 7, 8]]).argmax()), dec.repack)
+"""
+
+
+@pytest.mark.parametrize("outtype", ["q8_0", "q4_k_m", "q6_k"])
+def test_quantized_files_load_and_evaluate_with_repack_on(tiny_checkpoint, converted, outtype):
+    """Default settings on every quantized text type, in a child process: on an AMX CPU, llama.cpp's AMX buffer
+    used to abort it (GGML_ASSERT, exit -6) at the first context. The logits must equal those without repacking."""
+    text, _ = converted(tiny_checkpoint("instruct"), outtype, "f16")
+    got = subprocess.run([sys.executable, "-c", LOAD_QUANTIZED, str(text)], capture_output=True, text=True,
+                         timeout=300)
+    assert got.returncode == 0, got.stderr[-1500:]
+    dec = Decoder(text, DecoderSettings(n_ctx=64, n_threads=1, repack=False))
+    assert got.stdout.split()[0] == str(int(dec.prefill([[5, 6, 7, 8]]).argmax()))
+    dec.close()
