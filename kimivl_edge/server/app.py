@@ -27,6 +27,7 @@ from .config import ServerConfig
 from .errors import INTERNAL, LOADING, APIError, bad_request, invalid_field
 from .scheduler import Job, QueueFull, Scheduler
 from .schemas import ChatRequest, DetokenizeRequest, TokenizeRequest
+from .web import add_web_routes
 
 log = logging.getLogger("kimivl_edge.server")
 
@@ -50,6 +51,7 @@ def create_app(cfg: ServerConfig, loader: Callable[[], Any], on_load_error: Call
     app.add_api_route("/v1/chat/completions", api.chat, methods=["POST"])
     app.add_api_route("/tokenize", api.tokenize, methods=["POST"])
     app.add_api_route("/detokenize", api.detokenize, methods=["POST"])
+    add_web_routes(app, cfg)
     _add_error_handlers(app)
     app.add_middleware(BodyLimit, limit=cfg.max_body_bytes)
     if cfg.api_key:
