@@ -216,8 +216,8 @@ async def _send_error(send: Send, e: APIError) -> None:
 
 # -- ASGI layers ----------------------------------------------------------------------------------------------
 class RequestLog:
-    """Gives each request an id and logs one line when its response ends: id, method, path, status, prompt and
-    completion tokens, seconds."""
+    """Gives each request an id and logs one line when it ends: id, method, path, status, prompt and completion
+    tokens, seconds, and "(client gone)" when the response did not reach its end."""
 
     _ids = itertools.count(1)
 
@@ -229,19 +229,21 @@ class RequestLog:
             return await self.app(scope, receive, send)
         state = scope.setdefault("state", {})
         state["request_id"] = rid = f"{next(self._ids):06d}"
-        t0, status = time.perf_counter(), [0]
+        t0, status, ended = time.perf_counter(), [0], [False]
 
-        async def logged_send(msg: Message) -> None:
+        async def watched_send(msg: Message) -> None:
             if msg["type"] == "http.response.start":
                 status[0] = msg["status"]
             await send(msg)
-            if msg["type"] == "http.response.body" and not msg.get("more_body"):
-                st = state.get("usage")
-                tokens = f"prompt {st.prompt_tokens} completion {st.generated_tokens}" if st else "-"
-                log.info("%s %s %s %d %s %.3fs", rid, scope["method"], scope["path"], status[0], tokens,
-                         time.perf_counter() - t0)
+            ended[0] = msg["type"] == "http.response.body" and not msg.get("more_body")
 
-        await self.app(scope, receive, logged_send)
+        try:
+            await self.app(scope, receive, watched_send)
+        finally:
+            st = state.get("usage")
+            tokens = f"prompt {st.prompt_tokens} completion {st.generated_tokens}" if st else "-"
+            log.info("%s %s %s %d %s %.3fs%s", rid, scope["method"], scope["path"], status[0], tokens,
+                     time.perf_counter() - t0, "" if ended[0] else " (client gone)")
 
 
 class ApiKey:
