@@ -268,6 +268,20 @@ def test_pasted_images_several_in_one_message(page, pics):
     assert page.page.locator(".msg.user").nth(1).locator("img.thumb").count() == 2
 
 
+def test_dropped_image(page, pics):
+    page.greedy()
+    page.page.evaluate("""([name, b64]) => {
+        const dt = new DataTransfer();
+        dt.items.add(new File([Uint8Array.from(atob(b64), (c) => c.charCodeAt(0))], name, {type: "image/png"}));
+        for (const type of ["dragover", "drop"]) {
+            document.getElementById("messages").dispatchEvent(new DragEvent(type, {dataTransfer: dt, bubbles: true,
+                                                                                  cancelable: true}));
+        }
+    }""", ["one.png", base64.b64encode(pics["one.png"].read_bytes()).decode()])
+    expect(page.page.locator("#attachments img")).to_have_count(1)
+    assert page.ask("What shape is the green one?").strip() == "square"
+
+
 def test_refused_images_are_shown_next_to_the_input(page, pics):
     pg = page.page
     pg.set_input_files("#file-input", str(pics["broken.png"]))
@@ -406,14 +420,37 @@ def test_markdown_renders_and_hostile_output_stays_inert(page):
     assert sent[0]["stream"] is True and sent[0]["messages"][-1]["content"][-1]["text"] == "Show me Markdown."
 
 
+# The page's fetch of /v1/chat/completions gets a stream that sends the reasoning, then waits for
+# window.releaseAnswer() before it sends the answer: the page is seen in the middle of a thinking turn.
+GATED_FETCH = """([first, rest]) => {
+    const real = window.fetch;
+    window.fetch = (url, opts) => {
+        if (!String(url).endsWith("/v1/chat/completions")) return real(url, opts);
+        const enc = new TextEncoder();
+        const gate = new Promise((resolve) => { window.releaseAnswer = resolve; });
+        const body = new ReadableStream({ async start(c) {
+            c.enqueue(enc.encode(first)); await gate; c.enqueue(enc.encode(rest)); c.close(); } });
+        return Promise.resolve(new Response(body, {status: 200, headers: {"Content-Type": "text/event-stream"}}));
+    };
+}"""
+
+
 def test_thinking_answer_in_a_collapsible_block(page, pics, tmp_path):
     pg = page.page
     reasoning = "The image shows one shape. It has three corners, so it is a triangle, and it is yellow."
-    mock_answer(page, *({"reasoning_content": w + " "} for w in reasoning.split()),
-                {"content": "The triangle is **yellow**."})
+    stream = sse(*({"reasoning_content": w + " "} for w in reasoning.split()), {"content": "The triangle is "},
+                 {"content": "**yellow**."})
+    cut = stream.index('{"content": "The triangle')
+    cut = stream.rindex("data: ", 0, cut)
+    pg.evaluate(GATED_FETCH, [stream[:cut], stream[cut:]])
     page.attach(pics["triangle.png"])
-    answer = page.ask("What colour is the triangle? Think first.")
+    pg.fill("#input", "What colour is the triangle? Think first.")
+    pg.press("#input", "Enter")
     block = pg.locator(".msg.assistant details.thinking")
+    expect(block.locator(".reasoning")).to_have_text(reasoning + " ")
+    assert block.get_attribute("open") is not None and pg.locator(".msg.assistant .body").inner_text() == ""
+    pg.evaluate("window.releaseAnswer()")  # the answer starts: the block collapses
+    answer = page.answer(0)
     assert answer == "The triangle is yellow." and block.get_attribute("open") is None
     assert block.locator(".reasoning").text_content().strip() == reasoning
     block.locator("summary").click()
