@@ -423,6 +423,14 @@ def test_queue_full_is_429_and_a_disconnect_stops_the_generation(scripted):
     assert waited and waited[0].choices[0].message.content == "The red one is on the left."
 
 
+def test_a_non_streaming_client_that_gives_up_stops_its_generation(scripted):
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up on a generation that never ends by itself
+        httpx.post(scripted.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "slow"}]},
+                   timeout=1)
+    m = scripted.client(timeout=60).chat.completions.create(model="s", messages=[{"role": "user", "content": "x"}])
+    assert m.choices[0].message.content == "The red one is on the left."
+
+
 # -- the CLI: key, limits, CORS, warning, load -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def keyed(pair, tmp_path_factory) -> Iterator[str]:
@@ -529,3 +537,11 @@ def test_load_100_concurrent_streams_some_cancelled(keyed, media, pair):
     assert rss_kib(pid) - before < 64 * 1024  # RSS bound: 64 MiB over the warm server
     time.sleep(0.5)  # the log line of the last response is written after its last byte is sent
     assert log.read_text().count("POST /v1/chat/completions") - n_logged == 101  # one log line per request
+
+
+def test_response_format_json_object_parses(server, media, pair):
+    r = server.client().chat.completions.create(
+        model=pair[0].name, messages=ask("What colour is the triangle?", data_uri(media / "pics" / "triangle.png")),
+        temperature=0, max_tokens=64, response_format={"type": "json_object"})
+    assert r.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
