@@ -114,7 +114,7 @@ def browser():
 class Page:
     """A fresh browser profile on the page, recording every request and every dialog."""
 
-    def __init__(self, browser, url: str, width: int = 1280, height: int = 800):
+    def __init__(self, browser, url: str, width: int = 1280, height: int = 800, ready: bool = True):
         self.url = url
         self.context = browser.new_context(viewport={"width": width, "height": height}, accept_downloads=True)
         self.page = self.context.new_page()
@@ -124,11 +124,13 @@ class Page:
         self.page.on("request", lambda r: self.requests.append(r.url))
         self.page.on("dialog", lambda d: (self.dialogs.append(d.message), d.dismiss()))
         self.page.on("pageerror", lambda e: self.errors.append(str(e)))
-        self.load()
+        self.load(ready)
 
-    def load(self) -> None:
+    def load(self, ready: bool = True) -> None:
+        """(Re)load the page; with ``ready``, until it has the model's settings."""
         self.page.goto(self.url + "/")
-        self.page.wait_for_selector("body[data-ready]")
+        if ready:
+            self.page.wait_for_selector("body[data-ready]")
 
     def foreign_requests(self) -> list[str]:
         origin = urlsplit(self.url)
@@ -372,6 +374,27 @@ def test_reload_rename_export_delete_import(page, pics, tmp_path):
     bad.write_text('{"format": "something else"}')
     pg.set_input_files("#import-file", str(bad))
     expect(pg.locator("#composer-error")).to_contain_text("not a kimivl-edge chat export")
+
+
+def test_api_key_is_asked_for_and_used(browser, converted, pics, tmp_path):
+    text, mmproj = converted(ASSET, "f32", "f32")
+    srv = Served(text, mmproj, tmp_path / "server.log", "--api-key", "sk-page-test")
+    p = Page(browser, srv.url, ready=False)
+    try:
+        pg = p.page
+        assert httpx.get(srv.url + "/props").status_code == 401 and httpx.get(srv.url + "/").status_code == 200
+        expect(pg.locator("#key-form")).to_be_visible()
+        for key in ("wrong", "sk-page-test"):
+            pg.fill("#key-input", key)
+            pg.press("#key-input", "Enter")
+            expect(pg.locator("#status")).to_contain_text("API key" if key == "wrong" else "context 2048")
+        pg.wait_for_selector("body[data-ready]")
+        p.greedy()
+        p.attach(pics["triangle.png"])
+        assert p.ask("What colour is the triangle?").strip() == "yellow"
+    finally:
+        p.close()
+        srv.stop()
 
 
 # -- answers injected at the route level -----------------------------------------------------------------------

@@ -22,6 +22,11 @@ HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", 
            "Cache-Control": "no-cache"}
 
 
+def is_page_file(path: str) -> bool:
+    """The page's static files need no API key (they hold no secret; the page then asks for the key)."""
+    return path == "/" or path.startswith("/web/")
+
+
 def page_files() -> dict[str, bytes]:
     """The page's files by name, read once from the package."""
     root = resources.files(__package__) / "web"

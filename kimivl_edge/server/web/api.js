@@ -14,14 +14,27 @@ export class ApiError extends Error {
   }
 }
 
+const KEY = "kimivl-edge.api-key";
+
+// The server's --api-key, kept in this browser once the user has typed it.
+export function setApiKey(key) {
+  localStorage.setItem(KEY, key);
+}
+
+function headers(h) {
+  const key = localStorage.getItem(KEY);
+  return key ? { ...h, Authorization: `Bearer ${key}` } : h;
+}
+
 async function json(path) {
-  const r = await fetch(path, { headers: { Accept: "application/json" } });
+  const r = await fetch(path, { headers: headers({ Accept: "application/json" }) });
   const body = await r.json().catch(() => null);
   if (!r.ok) throw new ApiError(r.status, body?.error);
   return body;
 }
 
-// The model's id, context size, thinking flag and default temperature; waits while the model loads.
+// The model's id, context size, thinking flag and default temperature; waits while the model loads. Rejects with
+// ApiError 401 when the server wants an API key this browser does not have.
 export async function serverInfo(onWait) {
   for (;;) {
     try {
@@ -41,7 +54,7 @@ export async function serverInfo(onWait) {
 // error or an error event, with the fetch's AbortError when `signal` aborts.
 export async function streamChat(body, signal, on) {
   const r = await fetch("/v1/chat/completions", {
-    method: "POST", signal, headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
+    method: "POST", signal, headers: headers({ "Content-Type": "application/json", Accept: "text/event-stream" }),
     body: JSON.stringify({ ...body, stream: true, stream_options: { include_usage: true } }),
   });
   if (!r.ok) {

@@ -2,7 +2,7 @@
 // rendering of messages (markdown.js, grounding.js). State flows one way: an action changes `state.conv`, saves
 // it, and redraws what changed.
 
-import { ApiError, serverInfo, streamChat } from "./api.js";
+import { ApiError, serverInfo, setApiKey, streamChat } from "./api.js";
 import { groundingMarks } from "./grounding.js";
 import { renderMarkdown } from "./markdown.js";
 import * as store from "./store.js";
@@ -516,16 +516,23 @@ function wire() {
     $("scrim").hidden = !on;
   });
   $("scrim").addEventListener("click", closeSidebarOnMobile);
+  $("key-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    setApiKey($("key-input").value.trim());
+    connect();
+  });
 }
 
-async function start() {
-  wire();
+async function connect() {
   try {
     state.info = await serverInfo((msg) => setStatus(`${msg}…`));
   } catch (e) {
-    setStatus(`The server is not available: ${e.message}`);
+    $("key-form").hidden = !(e instanceof ApiError && e.status === 401);
+    setStatus($("key-form").hidden ? `The server is not available: ${e.message}`
+      : `This server needs its API key (${e.message}).`);
     return;
   }
+  $("key-form").hidden = true;
   setStatus(`${state.info.id} · context ${state.info.n_ctx}${state.info.thinking ? " · thinking" : ""}`);
   state.convs = await store.loadAll();
   const last = state.convs.find((c) => c.id === localStorage.getItem(LAST_OPEN));
@@ -533,4 +540,5 @@ async function start() {
   document.body.dataset.ready = "1";
 }
 
-start();
+wire();
+connect();
