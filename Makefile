@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml
 	CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/python -m pip install --quiet "$(LLAMA)"
 	$(BIN)/python -m pip install --quiet "torch==2.13.0"
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@command -v chromium >/dev/null || echo "note: chromium is missing, so tests/test_web.py will fail: sudo apt-get install -y chromium"
 	touch $(STAMP)
 
 demo: setup

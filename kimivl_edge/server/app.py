@@ -27,6 +27,7 @@ from .config import ServerConfig
 from .errors import INTERNAL, LOADING, APIError, bad_request, invalid_field
 from .scheduler import Job, QueueFull, Scheduler
 from .schemas import ChatRequest, DetokenizeRequest, TokenizeRequest
+from .web import add_web_routes, is_page_file
 
 log = logging.getLogger("kimivl_edge.server")
 
@@ -50,6 +51,7 @@ def create_app(cfg: ServerConfig, loader: Callable[[], Any], on_load_error: Call
     app.add_api_route("/v1/chat/completions", api.chat, methods=["POST"])
     app.add_api_route("/tokenize", api.tokenize, methods=["POST"])
     app.add_api_route("/detokenize", api.detokenize, methods=["POST"])
+    add_web_routes(app, cfg)
     _add_error_handlers(app)
     app.add_middleware(BodyLimit, limit=cfg.max_body_bytes)
     if cfg.api_key:
@@ -245,13 +247,15 @@ class RequestLog:
 
 
 class ApiKey:
-    """``Authorization: Bearer KEY`` on every route but /health, compared in constant time."""
+    """``Authorization: Bearer KEY`` on every route but /health and the page's static files, compared in constant
+    time."""
 
     def __init__(self, app: ASGIApp, key: str):
         self.app, self.key = app, key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] != "/health" and scope["method"] != "OPTIONS":
+        if scope["type"] == "http" and scope["path"] != "/health" and not is_page_file(scope["path"]) \
+                and scope["method"] != "OPTIONS":
             auth = dict(scope["headers"]).get(b"authorization", b"")
             scheme, _, given = auth.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.key):
