@@ -181,7 +181,7 @@ class TokenStream(Iterator[int]):
         st.encode_seconds = clock() - t0 if prompt.images else 0.0
         before = dec.n_evaluated
         t0 = clock()
-        dec.prefill(segments)
+        dec.prefill(segments, progress=model.prefill_progress)
         st.prefill_seconds = clock() - t0
         st.evaluated_tokens = dec.n_evaluated - before
         stops, n_ctx = frozenset(model.tokenizer.stop_ids), dec.n_ctx
@@ -243,17 +243,21 @@ class KimiVL:
         self.image_cache_size = 16
         # progress(done, total, unit) while the vision encoder runs (vision.Progress; the CLI sets it on a terminal)
         self.encode_progress: Progress | None = None
+        # progress(done, total, "token") per evaluated chunk of a prefill (the CLI sets it on a terminal)
+        self.prefill_progress: Progress | None = None
 
     # -- loading ----------------------------------------------------------------------------------------------
     @classmethod
     def load(cls, model_gguf: str | Path, mmproj_gguf: str | Path | None = None, *, n_ctx: int = 4096,
              n_threads: int | None = None, kv_type: str = "f16", n_batch: int = 512, flash_attn: bool = False,
              vision_backend: str = "numpy", weight_cache: bool = False,
-             max_image_patches: int | None = None, mmap: bool | None = None, repack: bool = True) -> "KimiVL":
+             max_image_patches: int | None = None, mmap: bool | None = None, repack: bool = True,
+             load_progress: Progress | None = None) -> "KimiVL":
         """Load the pair. ``max_image_patches`` caps patches per image (a speed knob; resizes like the processor).
         ``mmap``: memory-map the text GGUF (True), read it into llama.cpp's buffers (False), or None: mmap unless
         llama.cpp repacks some of its weights, which would keep both the mapped file and the repacked copy resident.
-        ``repack=False``: no repacked copies (llama.cpp's CPU_REPACK buffers); the mapped file is used as it is."""
+        ``repack=False``: no repacked copies (llama.cpp's CPU_REPACK buffers); the mapped file is used as it is.
+        ``load_progress(done, total, "%")``: progress of llama.cpp's load of the text GGUF."""
         if vision_backend not in VISION_BACKENDS:
             raise UsageError(f"unknown vision backend {vision_backend!r} (choose from {', '.join(VISION_BACKENDS)})")
         if max_image_patches is not None and max_image_patches < 4:
@@ -279,7 +283,7 @@ class KimiVL:
                 vision = GgmlVisionEncoder(mmproj_gguf, threads=n_threads)
         decoder = Decoder(model_gguf, DecoderSettings(n_ctx=n_ctx, n_threads=n_threads, kv_type=kv_type,
                                                       n_batch=n_batch, n_ubatch=n_batch, flash_attn=flash_attn,
-                                                      mmap=mmap, repack=repack))
+                                                      mmap=mmap, repack=repack), progress=load_progress)
         if decoder.n_embd != info.n_embd:
             raise ModelFileError(f"{model_gguf}: llama.cpp reports n_embd {decoder.n_embd}, metadata {info.n_embd}")
         return cls(info, decoder, vision, image_config, max_image_patches)
@@ -346,10 +350,10 @@ class KimiVL:
         return [found[im.key] for im in images]
 
     # -- prompts ----------------------------------------------------------------------------------------------
-    def render_prompt(self, messages: Sequence[dict]) -> RenderedPrompt:
+    def render_prompt(self, messages: Sequence[dict], check_fit: bool = True) -> RenderedPrompt:
         """Chat template -> token ids -> where the images go and how many embedding rows each takes: the images are
-        loaded and preprocessed, not encoded. Raises UsageError when pads and images disagree or the prompt does not
-        fit the context."""
+        loaded and preprocessed, not encoded. Raises UsageError when pads and images disagree or (``check_fit``)
+        the prompt does not fit the context."""
         msgs = _prepare_history(messages, self.info.is_thinking)
         ids = self.tokenizer.encode(render(self.info.chat_template, msgs, add_generation_prompt=True))
         sources = [_image_source(p) for p in image_parts(msgs)]
@@ -358,7 +362,7 @@ class KimiVL:
         if n_pads != len(sources):
             raise UsageError(f"the prompt has {n_pads} image placeholder(s) but {len(sources)} image(s)")
         prompt = RenderedPrompt(ids, self._prepare_images(sources) if sources else [], pad)
-        if prompt.n_tokens >= self.decoder.n_ctx:
+        if check_fit and prompt.n_tokens >= self.decoder.n_ctx:
             raise UsageError(f"prompt of {prompt.n_tokens} tokens ({prompt.image_tokens} image tokens) does not "
                              f"fit the context of {self.decoder.n_ctx}; raise n_ctx or set max_image_patches")
         return prompt

@@ -4,11 +4,12 @@
                     [--seed S] [--threads N] [--ctx N] [--vision-backend numpy|ggml] [--max-image-patches N]
                     [--mmap auto|on|off] [--no-repack]
 
-Thinking models: the reasoning goes to stderr, the answer to stdout.
+Thinking models: the reasoning goes to stderr (labelled "Thinking:", then "Answer:"), the answer to stdout.
 """
 from __future__ import annotations
 
 import sys
+from contextlib import closing
 
 from .cli_common import add_model_args, add_sampling_args, load_model, print_stream, sampling
 from .prompt import user_message
@@ -27,11 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = sampling(args)
     if args.image and not args.mmproj:
         ap.error("--image needs --mmproj")
-    model = load_model(args)
-    try:
-        _, st = print_stream(model, [user_message(args.prompt, args.image)], settings)
-    finally:
-        model.close()
+    with load_model(args) as model, closing(model.stream([user_message(args.prompt, args.image)], settings)) as stream:
+        print_stream(stream)
+    st = stream.stats
     if args.stats:
         print(f"image tokens {st.image_tokens}, encode {st.encode_seconds:.2f} s, prefill {st.evaluated_tokens} tok "
               f"{st.prefill_tps:.1f} tok/s, decode {st.generated_tokens} tok {st.decode_tps:.1f} tok/s",
