@@ -23,7 +23,7 @@ from shared import run_cli
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory, tiny_checkpoint, converted) -> tuple[Path, Path, Path]:
     root = tmp_path_factory.mktemp("cli")
-    text, mm = converted(tiny_checkpoint("thinking", seed=4), "q8_0", "f16")
+    text, mm = converted(tiny_checkpoint("thinking", seed=4), "f32", "f16")
     img = root / "red.png"
     Image.new("RGB", (120, 80), "red").save(img)
     return text, mm, img
