@@ -1,14 +1,19 @@
 """`kimivl-edge VERB ...`: one module per verb, each with its own ``main(argv)``.
 
 User errors (KimiVLError, bad arguments) print one line on stderr and exit with code 2; no traceback.
+A reader that goes away (``kimivl-edge run ... | head``) ends the verb quietly with code 141, as a shell reports a
+coreutils tool killed by SIGPIPE (128 + 13).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from .errors import KimiVLError
+
+EXIT_BROKEN_PIPE = 128 + 13  # 128 + SIGPIPE
 
 # verb -> (module, one-line help)
 VERBS = {
@@ -31,7 +36,16 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        try:
+            return _dispatch(sys.argv[1:] if argv is None else list(argv))
+        finally:  # also on argparse's SystemExit (--help): a closed pipe shows here, not at interpreter exit
+            sys.stdout.flush()
+    except BrokenPipeError:
+        return _reader_gone()
+
+
+def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: kimivl-edge VERB [options]\n\nverbs:")
         for verb, (_, text) in VERBS.items():
@@ -49,6 +63,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"kimivl-edge {verb}: interrupted", file=sys.stderr)
         return 130
+
+
+def _reader_gone() -> int:
+    """stdout's reader has gone: point stdout at /dev/null so that the interpreter's final flush of what is still
+    buffered neither fails nor prints "Exception ignored" (the recipe of Python's ``signal`` docs, "Note on
+    SIGPIPE")."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -5,25 +5,54 @@ A verb module imports this, never another verb.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
-from typing import TYPE_CHECKING, TextIO
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Protocol, TextIO
 
 if TYPE_CHECKING:
-    from .model import KimiVL, Stats
+    from .model import KimiVL, Piece, Stats
     from .sampling import SamplingSettings
 
 MMAP_CHOICES = {"auto": None, "on": True, "off": False}
+MAX_THREADS = 512            # GGML_MAX_N_THREADS (ggml.h)
+PREFILL_PROGRESS_MIN = 256   # prompts with fewer positions to evaluate show no prefill progress
+
+
+def number(kind: type, lo: float, hi: float | None = None, above: bool = False) -> Callable[[str], float]:
+    """An argparse ``type``: a finite ``kind`` (int or float) in [lo, hi] (``above``: lo excluded; no ``hi``: no
+    upper bound), else a one-line argparse error that names the option and the rule."""
+    name = "an integer" if kind is int else "a number"
+    if hi is None:
+        rule = f"{name} {'>' if above else '>='} {lo}"
+    elif kind is int:
+        rule = f"{name} in {lo}..{hi}"
+    else:
+        rule = f"{name} in {'(' if above else '['}{lo}, {hi}]"
+
+    def parse(text: str) -> float:
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {name}, got {text!r}") from None
+        if not (math.isfinite(v) and (v > lo if above else v >= lo) and (hi is None or v <= hi)):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return v
+
+    return parse
 
 
 def add_model_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("-m", "--model", required=True, help="text GGUF (deepseek2) written by kimivl-edge convert")
     ap.add_argument("--mmproj", help="vision GGUF (mmproj-*.gguf); needed for images")
-    ap.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
-    ap.add_argument("--ctx", type=int, default=4096, help="context size in tokens (default 4096, up to 131072)")
+    ap.add_argument("--threads", type=number(int, 1, MAX_THREADS), help="CPU threads (default: all cores)")
+    ap.add_argument("--ctx", type=number(int, 16, 131072), default=4096,
+                    help="context size in tokens (default 4096, 16..131072)")
     ap.add_argument("--kv-type", default="f16", choices=("f16", "f32", "q8_0", "bf16"), help="KV cache type")
     ap.add_argument("--vision-backend", default="numpy", choices=("numpy", "ggml"),
                     help="numpy (exact, default) or ggml (llama.cpp's clip; see README for its deviations)")
-    ap.add_argument("--max-image-patches", type=int, help="cap patches per image (speed knob; 4 patches = 1 token)")
+    ap.add_argument("--max-image-patches", type=number(int, 4),
+                    help="cap patches per image (speed knob; 4 patches = 1 token)")
     ap.add_argument("--weight-cache", action="store_true", help="keep dequantized vision weights in RAM (faster)")
     ap.add_argument("--flash-attn", action="store_true", help="llama.cpp flash attention (faster on long contexts, "
                     "rounds through F16)")
@@ -35,32 +64,53 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--temp", type=float, help="temperature (default: the model's, Instruct 0.2 / Thinking 0.8)")
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--top-k", type=int, default=0)
-    ap.add_argument("--min-p", type=float, default=0.0)
-    ap.add_argument("--repeat-penalty", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-tokens", type=int, default=512)
+    ap.add_argument("--temp", type=number(float, 0), help="temperature (default: the model's, Instruct 0.2 / "
+                    "Thinking 0.8; 0 = greedy)")
+    ap.add_argument("--top-p", type=number(float, 0, 1, above=True), default=1.0)
+    ap.add_argument("--top-k", type=number(int, 0), default=0)
+    ap.add_argument("--min-p", type=number(float, 0, 1), default=0.0)
+    ap.add_argument("--repeat-penalty", type=number(float, 0, above=True), default=1.0)
+    ap.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0)
+    ap.add_argument("--max-tokens", type=number(int, 1), default=512, help="tokens per answer (default 512)")
 
 
 def load_model(args: argparse.Namespace) -> KimiVL:
+    """The pair the options name; on a terminal, progress of the load, of image encodes and of long prefills."""
     from .model import KimiVL
 
+    tty = sys.stderr.isatty()
     model = KimiVL.load(args.model, args.mmproj, n_ctx=args.ctx, n_threads=args.threads, kv_type=args.kv_type,
                         vision_backend=args.vision_backend, weight_cache=args.weight_cache,
                         flash_attn=args.flash_attn, max_image_patches=args.max_image_patches,
-                        mmap=MMAP_CHOICES[args.mmap], repack=not args.no_repack)
-    if sys.stderr.isatty():
+                        mmap=MMAP_CHOICES[args.mmap], repack=not args.no_repack,
+                        load_progress=load_progress if tty else None)
+    if tty:
         model.encode_progress = encode_progress
+        model.prefill_progress = prefill_progress
     return model
+
+
+def _progress_line(text: str, done: int, total: int) -> None:
+    """One self-overwriting line on stderr, erased when ``done`` reaches ``total``."""
+    sys.stderr.write(f"\r{text}" + ("\r\033[K" if done >= total else ""))
+    sys.stderr.flush()
+
+
+def load_progress(done: int, total: int, unit: str) -> None:
+    """Progress of llama.cpp's model load (percent)."""
+    _progress_line(f"loading model: {done}{unit}", done, total)
 
 
 def encode_progress(done: int, total: int, unit: str) -> None:
     """Progress of a long image encode (``vision.Progress``: "layer i/n" from the numpy backend, "image i/n" from
-    llama.cpp's clip), on the terminal only."""
-    sys.stderr.write(f"\rencoding images: {unit} {done}/{total}" + ("\r\033[K" if done == total else ""))
-    sys.stderr.flush()
+    llama.cpp's clip)."""
+    _progress_line(f"encoding images: {unit} {done}/{total}", done, total)
+
+
+def prefill_progress(done: int, total: int, unit: str) -> None:
+    """Progress of a prefill of at least PREFILL_PROGRESS_MIN positions (shorter ones are quick)."""
+    if total >= PREFILL_PROGRESS_MIN:
+        _progress_line(f"reading the prompt: {done}/{total} {unit}s", done, total)
 
 
 def sampling(args: argparse.Namespace) -> SamplingSettings:
@@ -70,23 +120,43 @@ def sampling(args: argparse.Namespace) -> SamplingSettings:
                             repeat_penalty=args.repeat_penalty, seed=args.seed, max_tokens=args.max_tokens).validate()
 
 
-def print_stream(model: KimiVL, messages: list[dict], settings: SamplingSettings, out: TextIO = sys.stdout,
-                 err: TextIO = sys.stderr) -> tuple[str, Stats]:
-    """Stream a turn: reasoning to ``err``, answer to ``out``. Returns the answer and the turn's figures."""
-    stream = model.stream(messages, settings)
+class Turn(Protocol):
+    """What ``print_stream`` reads: pieces, then the turn's figures (``model.PieceStream`` is one)."""
+
+    @property
+    def stats(self) -> Stats: ...
+
+    def __iter__(self) -> Iterator[Piece]: ...
+
+
+def print_stream(stream: Turn, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> str:
+    """Write a turn as it streams and return its answer. The answer goes to ``out``. A thinking model's reasoning
+    goes to ``err`` after a "Thinking:" line, and "Answer:" follows it there, so a terminal shows the two apart
+    while piped stdout holds the answer alone. A turn stopped by the token limit (``--max-tokens`` or a full
+    context) says so on ``err``, and whether that cut the reasoning, leaving no answer."""
     answer: list[str] = []
-    reasoning: list[str] = []
+    section = ""
     for piece in stream:
         if piece.kind == "reasoning":
-            reasoning.append(piece.text)
+            if not section:
+                err.write("Thinking:\n")
+            section = "reasoning"
             err.write(piece.text)
             err.flush()
-        else:
-            if reasoning and not answer:
-                err.write("\n")
-            answer.append(piece.text)
-            out.write(piece.text)
-            out.flush()
+            continue
+        if section == "reasoning":
+            err.write("\nAnswer:\n")
+            err.flush()
+        section = "answer"
+        answer.append(piece.text)
+        out.write(piece.text)
+        out.flush()
     out.write("\n")
     out.flush()
-    return "".join(answer), stream.stats
+    if section == "reasoning":
+        err.write("\n")
+    if stream.stats.finish_reason == "length":
+        where = "inside the reasoning: no answer" if section == "reasoning" else "the answer is cut"
+        err.write(f"(stopped at the token limit, --max-tokens or the context: {where})\n")
+    err.flush()
+    return "".join(answer)

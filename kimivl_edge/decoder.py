@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
 import numpy as np
 
@@ -32,6 +32,9 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .errors import GGUFFileError, KimiVLError, UsageError, check_int
 from .gguf_file import GGUFFile
+
+if TYPE_CHECKING:
+    from .vision import Progress
 
 GT = GGMLQuantizationType
 KV_TYPES = {"f32": GT.F32, "f16": GT.F16, "q8_0": GT.Q8_0, "q4_0": GT.Q4_0, "bf16": GT.BF16}
@@ -186,10 +189,46 @@ def _backend():
     return llama_cpp
 
 
+def _load_callback(progress: Progress, failed: list[BaseException]):
+    """llama.cpp's load progress (a float 0..1, many calls) as ``progress(percent, 100, "%")`` once per new percent.
+    An exception in ``progress`` (Ctrl-C included) cancels the load and is kept in ``failed`` to be re-raised."""
+    import llama_cpp
+
+    last = [-1]
+
+    def call(fraction: float, user_data) -> bool:
+        try:
+            pct = min(100, int(fraction * 100))
+            if pct > last[0]:
+                last[0] = pct
+                progress(pct, 100, "%")
+            return True
+        except BaseException as e:  # noqa: B036 (a ctypes callback cannot raise: cancel, re-raise after the load)
+            failed.append(e)
+            return False
+
+    return llama_cpp.llama_progress_callback(call)
+
+
+def _counter(progress: Progress | None, total: int) -> Callable[[int], None]:
+    """``advance(n)``: n more of ``total`` positions evaluated, reported as ``progress(done, total, "token")``."""
+    done = 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, total, "token")
+
+    return advance
+
+
 class Decoder:
     """One llama.cpp model + context, a single sequence, with prefix-reusing evaluation."""
 
-    def __init__(self, model_path: str | Path, settings: DecoderSettings | None = None):
+    def __init__(self, model_path: str | Path, settings: DecoderSettings | None = None,
+                 progress: Progress | None = None):
+        """``progress(done, 100, "%")``: progress of llama.cpp's model load (an exception it raises cancels it)."""
         lc = _backend()
         self.settings = s = settings or DecoderSettings()
         check_kv_heads(model_path, s.kv_type)
@@ -201,7 +240,14 @@ class Decoder:
         mp.use_extra_bufts = self.repack
         self.mmap = s.mmap if s.mmap is not None else not (self.repack and repacked_tensors(model_path))
         mp.load_mode = LOAD_MODE_MMAP if self.mmap else LOAD_MODE_NONE
+        failed: list[BaseException] = []
+        if progress is not None:
+            mp.progress_callback = _load_callback(progress, failed)  # mp keeps the ctypes callback alive
         self._model = lc.llama_model_load_from_file(str(model_path).encode(), mp)
+        if failed:
+            if self._model:
+                lc.llama_model_free(self._model)
+            raise failed[0]
         if not self._model:
             raise KimiVLError(f"llama.cpp could not load {model_path} ({_take_errors()})")
         cp = lc.llama_context_default_params()
@@ -288,19 +334,22 @@ class Decoder:
                 keys.extend(int(t) for t in seg)
         return keys
 
-    def prefill(self, segments: Sequence[Segment], n_logits: int | None = None) -> np.ndarray:
+    def prefill(self, segments: Sequence[Segment], n_logits: int | None = None,
+                progress: Progress | None = None) -> np.ndarray:
         """Make the cache hold exactly ``segments``: the longest prefix it already holds is kept, only the rest is
         evaluated. Returns the logits of the last position ([n_vocab]), or with ``n_logits`` those of the last
         ``n_logits`` positions ([n_logits, n_vocab]); the positions whose logits are returned are always evaluated,
-        cached or not. Interrupted (any exception), the cache keeps the prefix it had evaluated, consistently."""
+        cached or not. ``progress(done, total, "token")`` is called after each evaluated chunk: ``done`` of the
+        ``total`` positions this call evaluates. Interrupted (any exception), the cache keeps the prefix it had
+        evaluated, consistently."""
         self._check_open()
         try:
-            return self._prefill(segments, n_logits)
+            return self._prefill(segments, n_logits, progress)
         except BaseException:
             self._resync()
             raise
 
-    def _prefill(self, segments: Sequence[Segment], n_logits: int | None) -> np.ndarray:
+    def _prefill(self, segments: Sequence[Segment], n_logits: int | None, progress: Progress | None) -> np.ndarray:
         keys = self.segment_keys(segments)
         if not keys:
             raise UsageError("empty prompt")
@@ -318,6 +367,7 @@ class Decoder:
             common += 1
         common = min(common, first)
         self._truncate(common)
+        advance = _counter(progress, len(keys) - common)
         out = []
         pos = 0
         for seg in segments:
@@ -325,9 +375,10 @@ class Decoder:
             lo = max(common - pos, 0)
             if lo < n:
                 if isinstance(seg, ImageBlock):
-                    out += self._eval_embd(seg.rows[lo:], pos + lo, [(seg.key, i) for i in range(lo, n)], first)
+                    out += self._eval_embd(seg.rows[lo:], pos + lo, [(seg.key, i) for i in range(lo, n)], first,
+                                           advance)
                 else:
-                    out += self._eval_tokens([int(t) for t in seg[lo:]], pos + lo, first)
+                    out += self._eval_tokens([int(t) for t in seg[lo:]], pos + lo, first, advance)
             pos += n
         return out[-1] if n_logits is None else np.stack(out)
 
@@ -347,7 +398,8 @@ class Decoder:
         p = self._lc.llama_get_logits_ith(self._ctx, i)
         return np.ctypeslib.as_array(p, shape=(self.n_vocab,)).copy()
 
-    def _eval_tokens(self, ids: list[int], pos0: int, logits_from: int) -> list[np.ndarray]:
+    def _eval_tokens(self, ids: list[int], pos0: int, logits_from: int,
+                     advance: Callable[[int], None] = lambda n: None) -> list[np.ndarray]:
         """Evaluate ``ids`` at positions pos0..; returns the logits of the positions >= ``logits_from``."""
         b, out = self._tok_batch, []
         for s in range(0, len(ids), self.n_batch):
@@ -360,10 +412,12 @@ class Decoder:
                 b.logits[j] = pos0 + s + j >= logits_from
             self._decode(b, len(chunk))
             self._keys.extend(chunk)
+            advance(len(chunk))
             out += [self._logits(j) for j in range(len(chunk)) if pos0 + s + j >= logits_from]
         return out
 
-    def _eval_embd(self, rows: np.ndarray, pos0: int, keys: list, logits_from: int) -> list[np.ndarray]:
+    def _eval_embd(self, rows: np.ndarray, pos0: int, keys: list, logits_from: int,
+                   advance: Callable[[int], None] = lambda n: None) -> list[np.ndarray]:
         """Evaluate embedding ``rows`` at positions pos0..; returns the logits of the positions >= ``logits_from``."""
         rows = np.ascontiguousarray(rows, dtype=np.float32)
         if rows.ndim != 2 or rows.shape[1] != self.n_embd:
@@ -380,6 +434,7 @@ class Decoder:
                 b.logits[j] = pos0 + s + j >= logits_from
             self._decode(b, n)
             self._keys.extend(keys[s: s + n])
+            advance(n)
             out += [self._logits(j) for j in range(n) if pos0 + s + j >= logits_from]
         return out
 

@@ -239,7 +239,7 @@ class TokenStream(Iterator[int]):
         st.encode_seconds = clock() - t0 if prompt.images else 0.0
         before = dec.n_evaluated
         t0 = clock()
-        dec.prefill(segments)
+        dec.prefill(segments, progress=model.prefill_progress)
         st.prefill_seconds = clock() - t0
         st.evaluated_tokens = dec.n_evaluated - before
         stops, n_ctx = frozenset(model.tokenizer.stop_ids), dec.n_ctx
@@ -310,6 +310,8 @@ class KimiVL:
         self.image_cache_size = 16
         # progress(done, total, unit) while the vision encoder runs (vision.Progress; the CLI sets it on a terminal)
         self.encode_progress: Progress | None = None
+        # progress(done, total, "token") per evaluated chunk of a prefill (the CLI sets it on a terminal)
+        self.prefill_progress: Progress | None = None
         # how video and document parts become images (media.MediaSettings: frames, pages, budgets)
         self.media_settings = MediaSettings()
         self._lock = threading.RLock()     # serialises every call (see the module docstring)
@@ -330,7 +332,8 @@ class KimiVL:
              n_threads: int | None = None, kv_type: str = "f16", n_batch: int = 512, flash_attn: bool = False,
              vision_backend: str = "numpy", weight_cache: bool = False,
              max_image_patches: int | None = None, mmap: bool | None = None, repack: bool = True,
-             exif_transpose: bool = True, allow_special_in_content: bool = False) -> "KimiVL":
+             exif_transpose: bool = True, allow_special_in_content: bool = False,
+             load_progress: Progress | None = None) -> "KimiVL":
         """Load the pair. ``max_image_patches`` caps patches per image (a speed knob; resizes like the processor).
         ``mmap``: memory-map the text GGUF (True), read it into llama.cpp's buffers (False), or None: mmap unless
         llama.cpp repacks some of its weights, which would keep both the mapped file and the repacked copy resident.
@@ -340,7 +343,7 @@ class KimiVL:
         behaviour, for trusted raw prompts); by default it is ordinary text, so user input cannot forge turns.
         A prompt that does not fit ``n_ctx`` is refused before any image is encoded; the error names n_ctx and
         max_image_patches (Thinking-2506 allows 16384 patches = 4096 image tokens per image, more than the
-        default n_ctx)."""
+        default n_ctx). ``load_progress(done, total, "%")``: progress of llama.cpp's load of the text GGUF."""
         if vision_backend not in VISION_BACKENDS:
             raise UsageError(f"unknown vision backend {vision_backend!r} (choose from {', '.join(VISION_BACKENDS)})")
         if max_image_patches is not None:
@@ -370,7 +373,7 @@ class KimiVL:
                 from .vision_ggml import GgmlVisionEncoder
 
                 vision = GgmlVisionEncoder(mmproj_gguf, threads=n_threads)
-        decoder = Decoder(model_gguf, settings)
+        decoder = Decoder(model_gguf, settings, progress=load_progress)
         if decoder.n_embd != info.n_embd:
             raise ModelFileError(f"{model_gguf}: llama.cpp reports n_embd {decoder.n_embd}, metadata {info.n_embd}")
         return cls(info, decoder, vision, image_config, max_image_patches, exif_transpose=exif_transpose,
@@ -463,12 +466,12 @@ class KimiVL:
         return [found[im.key] for im in images]
 
     # -- prompts ----------------------------------------------------------------------------------------------
-    def render_prompt(self, messages: Sequence[dict]) -> RenderedPrompt:
+    def render_prompt(self, messages: Sequence[dict], check_fit: bool = True) -> RenderedPrompt:
         """Chat template -> token ids -> where the images go and how many embedding rows each takes: the images are
         loaded and preprocessed, not encoded. Message content is tokenized as plain text (special-token text in it
         is not special) unless the model was loaded with ``allow_special_in_content``. Raises UsageError when pads
-        and images disagree, or when the prompt does not fit the context: counted from the image sizes, before any
-        pixel is preprocessed or encoded."""
+        and images disagree, or (``check_fit``) when the prompt does not fit the context: counted from the image
+        sizes, before any pixel is preprocessed or encoded."""
         with self._locked():
             messages, media = expand_parts(messages, self.media_settings, self.image_config, self.max_image_patches,
                                            self.decoder.n_ctx)
@@ -481,7 +484,8 @@ class KimiVL:
             if n_pads != len(sources):
                 raise UsageError(f"the prompt has {n_pads} image placeholder(s) but {len(sources)} image(s)")
             loaded = self._load_images(sources) if sources else []
-            self._check_fit(len(ids) - len(sources), [g for _, g in loaded])
+            if check_fit:
+                self._check_fit(len(ids) - len(sources), [g for _, g in loaded])
             return RenderedPrompt(ids, self._preprocess(loaded), pad, media)
 
     def _check_fit(self, n_text: int, grids: Sequence[tuple[int, int]]) -> None:

@@ -6,11 +6,12 @@
                     [--video PATH]... [--pdf PATH [--pages 1-20]] [--fps F] [--max-frames N] ...
     kimivl-edge run -m MODEL.gguf --mmproj MMPROJ.gguf --ground "INSTRUCTION" --image shot.png [--draw OUT.png]
 
-Thinking models: the reasoning goes to stderr, the answer to stdout.
+Thinking models: the reasoning goes to stderr (labelled "Thinking:", then "Answer:"), the answer to stdout.
 """
 from __future__ import annotations
 
 import sys
+from contextlib import closing
 
 from .cli_common import add_model_args, add_sampling_args, load_model, print_stream, sampling
 from .media import user_message
@@ -50,13 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         from .grounding import ground_prompt
 
         args.prompt = ground_prompt(args.ground)
-    model = load_model(args)
-    model.media_settings = media
-    try:
-        answer, st = print_stream(model, [user_message(args.prompt, args.image, args.video, args.pdf, args.pages)],
-                                  settings)
-    finally:
-        model.close()
+    message = user_message(args.prompt, args.image, args.video, args.pdf, args.pages)
+    with load_model(args) as model:
+        model.media_settings = media
+        with closing(model.stream([message], settings)) as stream:
+            answer = print_stream(stream)
+    st = stream.stats
     report(st.media, verbose=args.stats)
     if args.ground is not None:
         print_grounding(answer, args.image[0], args.draw)

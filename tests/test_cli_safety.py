@@ -1,0 +1,198 @@
+"""The CLI where people and shells push it: numeric options checked at argument time, readers that go away
+(``| head``), and progress reporting (the hooks, and silence when stderr is not a terminal)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from shared import run_cli
+
+EXIT_SIGPIPE = 141  # what a shell reports for a coreutils tool killed by SIGPIPE: 128 + 13
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_checkpoint, converted) -> tuple[Path, Path]:
+    return converted(tiny_checkpoint("instruct", seed=3), "f32", "f16")
+
+
+# -- numeric options ------------------------------------------------------------------------------------------
+
+BAD_VALUES = [
+    ("--temp", "nan"), ("--temp", "inf"), ("--temp", "-1"), ("--temp", "warm"),
+    ("--top-p", "2"), ("--top-p", "0"), ("--top-p", "nan"),
+    ("--top-k", "-1"), ("--top-k", "1.5"),
+    ("--min-p", "1.5"), ("--min-p", "-0.1"),
+    ("--repeat-penalty", "0"), ("--repeat-penalty", "nan"), ("--repeat-penalty", "-inf"),
+    ("--seed", "-1"), ("--seed", str(2**32)),
+    ("--ctx", "-5"), ("--ctx", "8"), ("--ctx", "200000"),
+    ("--threads", "0"), ("--threads", "513"),
+    ("--max-tokens", "0"), ("--max-tokens", "-3"),
+    ("--max-image-patches", "1"),
+]
+
+
+@pytest.mark.parametrize("verb", ["run", "chat"])
+@pytest.mark.parametrize("option,value", BAD_VALUES)
+def test_numeric_options_are_checked_at_argument_time(cli, verb, option, value):
+    # the model file does not exist: an argument-time check answers before anything is loaded
+    args = [verb, "-m", "missing.gguf", f"{option}={value}"] + (["-p", "x"] if verb == "run" else [])
+    r = cli(*args, stdin="")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"kimivl-edge {verb}: error: argument {option}:") and value in lines[0], r.stderr
+
+
+def test_boundary_values_are_accepted(cli, pair):
+    text, _ = pair
+    r = cli("run", "-m", str(text), "-p", "Hi", "--temp", "0", "--top-p", "1", "--top-k", "0", "--min-p", "1",
+            "--repeat-penalty", "0.5", "--seed", str(2**32 - 1), "--ctx", "64", "--threads", "1",
+            "--max-tokens", "1", "--max-image-patches", "4")
+    assert r.returncode == 0, r.stderr
+
+
+# -- broken pipes ---------------------------------------------------------------------------------------------
+
+def _cli_into_closed_pipe(*args: str) -> subprocess.CompletedProcess:
+    """The CLI writing into a pipe whose reader has already gone (``... | true``): every write fails with EPIPE."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run([sys.executable, "-m", "kimivl_edge", *args], stdout=write_end, stderr=subprocess.PIPE,
+                              stdin=subprocess.DEVNULL, text=True, timeout=300)
+    finally:
+        os.close(write_end)
+
+
+def _cli_into_head(*args: str) -> tuple[int, str, bytes]:
+    """``kimivl-edge ARGS | head -1``: read one line, close the pipe, let the CLI finish."""
+    p = subprocess.Popen([sys.executable, "-m", "kimivl_edge", *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    assert p.stdout is not None and p.stderr is not None
+    first = p.stdout.readline()
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    return p.wait(timeout=300), err, first
+
+
+def _quiet(err: str) -> bool:
+    return "Traceback" not in err and "Exception ignored" not in err and "BrokenPipe" not in err
+
+
+def test_run_into_a_closed_pipe_exits_quietly(pair):
+    text, _ = pair
+    r = _cli_into_closed_pipe("run", "-m", str(text), "-p", "Hi", "--max-tokens", "8")
+    assert r.returncode == EXIT_SIGPIPE and _quiet(r.stderr), r.stderr
+
+
+def test_convert_dry_run_into_a_closed_pipe_exits_quietly(tiny_checkpoint):
+    r = _cli_into_closed_pipe("convert", str(tiny_checkpoint("instruct", seed=3)), "--dry-run")
+    assert r.returncode == EXIT_SIGPIPE and _quiet(r.stderr), r.stderr
+
+
+def test_chat_into_a_closed_pipe_exits_quietly(pair):
+    text, _ = pair
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        r = subprocess.run([sys.executable, "-m", "kimivl_edge", "chat", "-m", str(text), "--max-tokens", "4"],
+                           input="Hi\nHello\n", stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(write_end)
+    assert r.returncode == EXIT_SIGPIPE and _quiet(r.stderr), r.stderr
+
+
+def test_head_of_run_and_convert_dry_run(pair, tiny_checkpoint):
+    # A reader that leaves after one line: the CLI ends quietly, with 141 if it wrote after the reader left, or 0
+    # if everything was already in the pipe's buffer when it did.
+    text, _ = pair
+    ckpt = tiny_checkpoint("instruct", seed=3)
+    for args in (["run", "-m", str(text), "-p", "Hi", "--temp", "1", "--max-tokens", "64"],
+                 ["convert", str(ckpt), "--dry-run"]):
+        rc, err, first = _cli_into_head(*args)
+        assert rc in (0, EXIT_SIGPIPE) and _quiet(err), err
+    assert first  # the dry-run's first line came through
+
+
+def test_help_into_a_closed_pipe_exits_quietly():
+    r = _cli_into_closed_pipe("run", "--help")  # argparse swallows the write error itself: 0 or 141
+    assert r.returncode in (0, EXIT_SIGPIPE) and _quiet(r.stderr), r.stderr
+
+
+# -- progress -------------------------------------------------------------------------------------------------
+
+def _check_counts(calls: list[tuple[int, int, str]], total: int, unit: str) -> None:
+    """Monotonic counts of one ``total``, ending at it."""
+    assert calls and all(t == total and u == unit for _, t, u in calls), calls
+    done = [d for d, _, _ in calls]
+    assert done == sorted(done) and done[-1] == total and done[0] >= 0, calls
+
+
+def test_load_progress_reaches_100_percent(pair):
+    from kimivl_edge.decoder import Decoder, DecoderSettings
+
+    calls: list[tuple[int, int, str]] = []
+    dec = Decoder(pair[0], DecoderSettings(n_ctx=64, n_threads=1), progress=lambda *a: calls.append(a))
+    dec.close()
+    _check_counts(calls, 100, "%")
+    assert len({d for d, _, _ in calls}) == len(calls)  # one call per new percent
+
+
+def test_an_exception_in_load_progress_cancels_the_load(pair):
+    from kimivl_edge.decoder import Decoder, DecoderSettings
+
+    def stop(done, total, unit):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Decoder(pair[0], DecoderSettings(n_ctx=64, n_threads=1), progress=stop)
+
+
+def test_prefill_progress_counts_chunks_of_the_evaluated_positions(pair):
+    from kimivl_edge.decoder import Decoder, DecoderSettings
+
+    dec = Decoder(pair[0], DecoderSettings(n_ctx=256, n_batch=16, n_threads=1, kv_type="f32"))
+    try:
+        ids = [int(t) for t in np.random.default_rng(0).integers(300, 1000, 50)]
+        calls: list[tuple[int, int, str]] = []
+        dec.prefill([ids], progress=lambda *a: calls.append(a))
+        _check_counts(calls, 50, "token")
+        assert [d for d, _, _ in calls] == [16, 32, 48, 50]  # chunks of n_batch
+        calls.clear()
+        before = dec.n_evaluated
+        dec.prefill([ids + [400] * 20], progress=lambda *a: calls.append(a))
+        _check_counts(calls, 20, "token")  # the 50 cached positions are not evaluated again
+        assert dec.n_evaluated - before == 20
+    finally:
+        dec.close()
+
+
+def test_model_prefill_progress_covers_text_and_image_rows(pair, tmp_path):
+    from kimivl_edge import KimiVL
+    from kimivl_edge.prompt import user_message
+
+    img = tmp_path / "blue.png"
+    Image.new("RGB", (120, 80), "blue").save(img)
+    calls: list[tuple[int, int, str]] = []
+    with KimiVL.load(*pair, n_ctx=512, n_threads=1, n_batch=8) as model:
+        model.prefill_progress = lambda *a: calls.append(a)
+        out = model.generate([user_message("What colour?", [img])], max_tokens=1)
+    _check_counts(calls, out.stats.evaluated_tokens, "token")
+    assert out.stats.image_tokens == 15 and calls[-1][0] > 15  # the image rows and the text around them
+
+
+def test_no_progress_when_stderr_is_not_a_terminal(pair, tmp_path):
+    text, mm = pair
+    img = tmp_path / "green.png"
+    Image.new("RGB", (120, 80), "green").save(img)
+    long_prompt = "Describe the picture in every detail. " * 60  # several hundred tokens: a prefill with progress
+    r = run_cli("run", "-m", str(text), "--mmproj", str(mm), "--image", str(img), "-p", long_prompt,
+                "--max-tokens", "2", "--temp", "0")
+    assert r.returncode == 0, r.stderr
+    assert "\r" not in r.stderr and "loading" not in r.stderr and "encoding" not in r.stderr, r.stderr
+    assert "reading the prompt" not in r.stderr, r.stderr
