@@ -150,6 +150,17 @@ def extra_buffers_safe(system_info: str) -> bool:
     return "AMX_INT8" not in _cpu_flags(system_info)
 
 
+def model_params(repack: bool = True):
+    """llama.cpp's model parameters for a CPU load of a text GGUF: no GPU layers, and llama.cpp's extra (repacked)
+    weight buffers when ``repack`` and where they are safe (``extra_buffers_safe``). Every llama.cpp load of a
+    deepseek2 file in this project (the decoder, the bench's raw loop, the libmtmd comparison) starts from these."""
+    lc = _backend()
+    mp = lc.llama_model_default_params()
+    mp.n_gpu_layers = 0
+    mp.use_extra_bufts = repack and extra_buffers_safe(lc.llama_print_system_info().decode("utf-8", "replace"))
+    return mp
+
+
 def _repack_types(system_info: str) -> frozenset[GGMLQuantizationType]:
     """Weight types llama.cpp's CPU backend repacks here, from its system info ("AVX2 = 1 | ... | REPACK = 1")."""
     flags = _cpu_flags(system_info)
@@ -233,11 +244,8 @@ class Decoder:
         self.settings = s = settings or DecoderSettings()
         check_kv_heads(model_path, s.kv_type)
         _take_errors()
-        mp = lc.llama_model_default_params()
-        mp.n_gpu_layers = 0
-        # repack=True asks for llama.cpp's repacked copies where they are safe (see extra_buffers_safe)
-        self.repack = s.repack and extra_buffers_safe(lc.llama_print_system_info().decode("utf-8", "replace"))
-        mp.use_extra_bufts = self.repack
+        mp = model_params(s.repack)
+        self.repack = bool(mp.use_extra_bufts)  # repack=True asks for repacked copies where they are safe
         self.mmap = s.mmap if s.mmap is not None else not (self.repack and repacked_tensors(model_path))
         mp.load_mode = LOAD_MODE_MMAP if self.mmap else LOAD_MODE_NONE
         failed: list[BaseException] = []

@@ -59,7 +59,7 @@ def test_chat_repl_commands_and_history(pair):
     err = r.stderr
     assert f"(image {img} attached to the next message)" in err
     assert "error: /nonexistent.png: image file not found" in err
-    assert "commands: /image PATH, /clear, /quit" in err
+    assert "commands: /image PATH, /video PATH, /pdf PATH [PAGES], /clear, /quit" in err
     assert "(conversation cleared)" in err
     assert r.stdout.count("\n") >= 3  # three answered turns
 
@@ -397,7 +397,8 @@ def test_chat_on_a_terminal_pastes_10_kb_shows_progress_and_quits_on_ctrl_d(pair
                     "--threads", "1")
     term.expect(rb"loading model: 100%")
     term.expect(rb"kimivl-edge chat: .*\(thinking, context 4096 tokens; images: /image PATH\)")
-    term.expect(rb"commands: /image PATH, /clear, /quit\. Ctrl-C stops an answer, Ctrl-D leaves")
+    term.expect(rb"commands: /image PATH, /video PATH, /pdf PATH \[PAGES\], /clear, /quit\. "
+                rb"Ctrl-C stops an answer, Ctrl-D leaves")
     term.expect(PROMPT)
     term.type(line.encode() + b"\r")  # longer than a canonical-mode terminal line (4095 bytes)
     needs = term.expect(rb"this message needs (\d+) tokens, more than the context of 4096")

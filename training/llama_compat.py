@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from kimivl_edge.decoder import model_params
+
 from .tasks import Question
 
 DEFAULT_CKPT = Path(__file__).resolve().parent.parent / "kimivl_edge" / "assets" / "kimi-vl-tiny"
@@ -89,8 +91,7 @@ class Mtmd:
         self.text_gguf, self.mmproj_gguf, self.n_ctx = Path(text_gguf), Path(mmproj_gguf), n_ctx
         _quiet()
         llama_cpp.llama_backend_init()
-        self._model: Any = llama_cpp.llama_model_load_from_file(str(self.text_gguf).encode(),
-                                                                llama_cpp.llama_model_default_params())
+        self._model: Any = llama_cpp.llama_model_load_from_file(str(self.text_gguf).encode(), model_params())
         self._ctx: Any = None
         self._mctx: Any = None
         if not self._model:

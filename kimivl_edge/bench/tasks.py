@@ -11,6 +11,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from ..tokenizer import N_SPECIAL
+from ..decoder import model_params
 from ..errors import KimiVLError
 from .probes import current_rss, gemm_peak, peak_rss, read_bandwidth
 
@@ -107,9 +108,7 @@ class _RawEngine:
 
         self.lc = lc
         lc.llama_backend_init()
-        mp = lc.llama_model_default_params()
-        mp.n_gpu_layers = 0
-        self.model = lc.llama_model_load_from_file(t["gguf"].encode(), mp)
+        self.model = lc.llama_model_load_from_file(t["gguf"].encode(), model_params())
         if not self.model:
             raise KimiVLError(f"llama.cpp could not load {t['gguf']}")
         cp = lc.llama_context_default_params()
@@ -174,9 +173,11 @@ def _raw_loop(t: dict, prompts: Prompts) -> dict:
 def _high_level(t: dict, prompts: Prompts) -> dict:
     """llama-cpp-python's ``Llama.generate`` (greedy): prefill = time to the first token (prompt evaluation plus one
     sample), decode = the next ``decode_tokens`` tokens, each one evaluation plus one sample."""
-    from llama_cpp import Llama
+    import llama_cpp.llama as high
 
-    llm = Llama(t["gguf"], n_gpu_layers=0, n_ctx=t["n_ctx"], n_batch=t["n_batch"], n_ubatch=t["n_batch"],
+    # Llama has no option for llama.cpp's extra buffers: its defaults come from the same call (an AMX CPU aborts)
+    high.llama_cpp.llama_model_default_params = model_params
+    llm = high.Llama(t["gguf"], n_gpu_layers=0, n_ctx=t["n_ctx"], n_batch=t["n_batch"], n_ubatch=t["n_batch"],
                 n_threads=t["threads"], n_threads_batch=t["threads"], flash_attn=False, type_k=int(KV_TYPE),
                 type_v=int(KV_TYPE), no_perf=True, verbose=False)
     n = t["decode_tokens"]
