@@ -32,6 +32,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .errors import GGUFFileError, KimiVLError, UsageError, check_int
 from .gguf_file import GGUFFile
+from .gguf_model import check_text_gguf
 
 GT = GGMLQuantizationType
 KV_TYPES = {"f32": GT.F32, "f16": GT.F16, "q8_0": GT.Q8_0, "q4_0": GT.Q4_0, "bf16": GT.BF16}
@@ -190,8 +191,9 @@ class Decoder:
     """One llama.cpp model + context, a single sequence, with prefix-reusing evaluation."""
 
     def __init__(self, model_path: str | Path, settings: DecoderSettings | None = None):
-        lc = _backend()
         self.settings = s = settings or DecoderSettings()
+        check_text_gguf(model_path)  # llama.cpp aborts on some hostile files: it sees only files that pass
+        lc = _backend()
         check_kv_heads(model_path, s.kv_type)
         _take_errors()
         mp = lc.llama_model_default_params()
