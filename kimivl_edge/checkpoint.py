@@ -125,11 +125,10 @@ class Checkpoint:
             if not isinstance(wm, dict) or not wm:
                 raise CheckpointError(f"{index}: not a valid safetensors index (no weight_map)")
             # shard names are plain file names in this directory (never a path that leads out of it)
-            bad = next((s for s in wm.values() if not isinstance(s, str) or Path(s).name != s or s in ("", ".", "..")),
-                       None)
-            if bad is not None:
-                raise CheckpointError(f"{index}: weight_map names a shard {str(bad)[:80]!r} that is not a file name "
-                                      "in the checkpoint directory")
+            bad = [s for s in wm.values() if not isinstance(s, str) or Path(s).name != s or s in ("", ".", "..")]
+            if bad:
+                raise CheckpointError(f"{index}: weight_map names a shard {str(bad[0])[:80]!r} that is not a file "
+                                      "name in the checkpoint directory")
             missing = sorted({s for s in wm.values() if not (self.path / s).is_file()})
             if missing:
                 raise CheckpointError(f"{self.path}: {INDEX_FILE} names missing shard(s) {', '.join(missing)}")

@@ -126,7 +126,8 @@ def _check_entries(fname: str, entries: dict, data_bytes: int) -> None:
         where = f"{fname}: tensor {name[:80]!r}"
         if not isinstance(e, dict):
             raise CheckpointError(f"{where}: entry is not a JSON object")
-        dt = STORAGE.get(e.get("dtype")) if isinstance(e.get("dtype"), str) else None
+        dtype = e.get("dtype")
+        dt = STORAGE.get(dtype) if isinstance(dtype, str) else None
         if dt is None:
             raise CheckpointError(f"{where} has unsupported dtype {str(e.get('dtype'))[:40]}")
         shape, offsets = e.get("shape"), e.get("data_offsets")

@@ -253,8 +253,9 @@ class Tokenizer:
         self.media_end_id = self.id_of("<|media_end|>")
         stops = [self.eos_id, self.im_end_id, *extra_stop_ids]  # §7.3: always [EOS] and <|im_end|>
         self.stop_ids: tuple[int, ...] = tuple(dict.fromkeys(stops))
-        for tid in self.stop_ids:
-            self._check_id(tid)
+        unknown = [t for t in self.stop_ids if not (0 <= t < self.n_base or t in self._special_names)]
+        if unknown:  # a stop id the vocabulary lacks would never stop generation, or fail at decode
+            raise CheckpointError(f"stop token id {unknown[0]} is not in the vocabulary (0..{self.n_vocab - 1})")
 
     @classmethod
     def from_checkpoint(cls, ckpt_dir: str | Path) -> "Tokenizer":
