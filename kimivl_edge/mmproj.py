@@ -129,8 +129,8 @@ class MmprojFile:
     def _check_kind(self) -> None:
         arch = self.value("general.architecture")
         if not isinstance(arch, str) or arch != "clip":
-            raise MmprojError(f"{self.path}: a {_short(arch) if arch else 'unknown'}-architecture GGUF, not a vision "
-                              "projector (mmproj) file")
+            raise MmprojError(f"{self.path}: a {'unknown' if arch is None else _short(arch)}-architecture GGUF, not "
+                              "a vision projector (mmproj) file")
         ptype = self.value("clip.projector_type")
         if not isinstance(ptype, str) or ptype != "kimivl":
             raise MmprojError(f"{self.path}: clip projector_type is {_short(ptype)}, expected 'kimivl' (not a "
