@@ -203,16 +203,17 @@ def check_tensors(f: GGUFFile, hp: TextHParams) -> None:
                 raise ModelFileError(f"{f.path}: tensor {name} is outside the {hp.n_layer} layers of the header")
 
 
-def open_text_gguf(path: str | Path) -> tuple[GGUFFile, TextHParams]:
-    """The text GGUF opened and checked as llama.cpp will read it (header, vocabulary arrays, tensor index): a file
-    that passes is one llama.cpp either loads or refuses, never one it crashes on. Every failure is one line."""
+def open_text_gguf(path: str | Path, tensors: bool) -> tuple[GGUFFile, TextHParams]:
+    """The text GGUF opened and its header checked as llama.cpp will read it (hyper-parameters, vocabulary arrays),
+    with ``tensors`` its tensor index too. Every failure is one line."""
     try:
-        f = GGUFFile(path)
+        f = GGUFFile(path, tensors=tensors)
     except GGUFFileError as e:  # missing, not a GGUF, truncated, ...: the same one line, as a ModelFileError
         raise ModelFileError(str(e)) from None
     try:
         hp = check_hparams(_Header(f))
-        check_tensors(f, hp)
+        if tensors:
+            check_tensors(f, hp)
     except BaseException:
         f.close()
         raise
@@ -220,8 +221,9 @@ def open_text_gguf(path: str | Path) -> tuple[GGUFFile, TextHParams]:
 
 
 def check_text_gguf(path: str | Path) -> None:
-    """``open_text_gguf`` for its checks only (the decoder's guard before llama.cpp sees the file)."""
-    open_text_gguf(path)[0].close()
+    """The decoder's guard: a file that passes is one llama.cpp either loads or refuses, never one it crashes on
+    (header, vocabulary arrays and tensor index checked)."""
+    open_text_gguf(path, tensors=True)[0].close()
 
 
 @dataclass(frozen=True)
@@ -244,7 +246,7 @@ class TextModelInfo:
     @classmethod
     def read(cls, path: str | Path) -> TextModelInfo:
         path = Path(path)
-        f, hp = open_text_gguf(path)
+        f, hp = open_text_gguf(path, tensors=False)  # the metadata only (a vocabulary-only file is fine here)
         try:
             h = _Header(f)
             tok = _tokenizer(h)
