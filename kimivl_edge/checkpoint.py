@@ -7,7 +7,6 @@ checkpoint: the ``*.py`` files of a download are never read.
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import KimiVLConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, read_json_object
 from .safetensors_io import SafetensorsFile, bf16_to_f32
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -122,10 +121,14 @@ class Checkpoint:
     def _read_weight_map(self) -> dict[str, str]:
         index = self.path / INDEX_FILE
         if index.is_file():
-            try:
-                wm = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise CheckpointError(f"{index}: not a valid safetensors index (no weight_map)") from None
+            wm = read_json_object(index).get("weight_map")
+            if not isinstance(wm, dict) or not wm:
+                raise CheckpointError(f"{index}: not a valid safetensors index (no weight_map)")
+            # shard names are plain file names in this directory (never a path that leads out of it)
+            bad = [s for s in wm.values() if not isinstance(s, str) or Path(s).name != s or s in ("", ".", "..")]
+            if bad:
+                raise CheckpointError(f"{index}: weight_map names a shard {str(bad[0])[:80]!r} that is not a file "
+                                      "name in the checkpoint directory")
             missing = sorted({s for s in wm.values() if not (self.path / s).is_file()})
             if missing:
                 raise CheckpointError(f"{self.path}: {INDEX_FILE} names missing shard(s) {', '.join(missing)}")

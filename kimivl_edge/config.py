@@ -6,8 +6,10 @@ checkpoints (``tiny``, ``a3b``) live in ``kimivl_edge.synth.presets``.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 from .errors import CheckpointError, read_json_object
 
@@ -109,9 +111,12 @@ class KimiVLConfig:
                 raise CheckpointError(f"config.json: unsupported architectures {d.get('architectures')!r} "
                                       "(expected KimiVLForConditionalGeneration)")
             vc, tc = d["vision_config"], d["text_config"]
-            vision = VisionConfig(**_required(VisionConfig, vc) | {"merge_kernel_size": tuple(vc["merge_kernel_size"])})
-            text = TextConfig(**_required(TextConfig, tc))
-            media = int(d["media_placeholder_token_id"])
+            if not isinstance(vc, dict) or not isinstance(tc, dict):
+                raise TypeError("not JSON objects")
+            vision = VisionConfig(**_required(VisionConfig, vc, "vision_config") |
+                                  {"merge_kernel_size": tuple(vc["merge_kernel_size"])})
+            text = TextConfig(**_required(TextConfig, tc, "text_config"))
+            media = _checked("media_placeholder_token_id", "int", d["media_placeholder_token_id"])
         except KeyError as e:
             raise CheckpointError(f"config.json: missing key {e.args[0]!r}") from None
         except TypeError as e:
@@ -127,9 +132,39 @@ class KimiVLConfig:
         return cls.from_dict(read_json_object(path))
 
 
-def _required(cls, d: dict) -> dict:
-    """The fields of ``cls`` that the file must provide (those without a code default); KeyError if absent."""
-    return {f.name: d[f.name] for f in fields(cls) if f.default is MISSING}
+def _required(cls, d: dict, where: str) -> dict:
+    """The fields of ``cls`` that the file must provide (those without a code default), each of its annotated type
+    and range; KeyError if absent."""
+    return {f.name: _checked(f"{where}.{f.name}", str(f.type), d[f.name])
+            for f in fields(cls) if f.default is MISSING and f.name != "merge_kernel_size"}
+
+
+# Loops run over these counts (the tensor list has layers x experts entries): bounded so a hostile config.json
+# cannot make the checkpoint reader run for hours. llama.cpp's own limits (LLAMA_MAX_LAYERS, LLAMA_MAX_EXPERTS).
+_MAX_COUNT = {"num_hidden_layers": 512, "n_routed_experts": 1024}
+_MAY_BE_ZERO = ("first_k_dense_replace", "n_shared_experts", "bos_token_id", "eos_token_id", "pad_token_id",
+                "media_placeholder_token_id")
+_MAX_INT = 2**31 - 1
+
+
+def _checked(key: str, annotation: str, v: Any) -> Any:
+    """``v`` if it is of the field's type: ints are integers (not booleans) in 1..2^31-1 (0 allowed for offsets and
+    ids), floats are finite numbers; CheckpointError (one line) otherwise."""
+    kinds = annotation.split(" | ")
+    name = key.rsplit(".", 1)[-1]
+    if v is None and "None" in kinds:
+        return v
+    if "int" in kinds and isinstance(v, int) and not isinstance(v, bool):
+        lo = 0 if name in _MAY_BE_ZERO else 1
+        if lo <= v <= _MAX_COUNT.get(name, _MAX_INT):
+            return v
+        raise CheckpointError(f"config.json: {key} = {v} is out of range ({lo}..{_MAX_COUNT.get(name, _MAX_INT)})")
+    ok = ("float" in kinds and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)) or \
+        ("bool" in kinds and isinstance(v, bool)) or ("str" in kinds and isinstance(v, str)) or \
+        ("dict" in kinds and isinstance(v, dict))
+    if not ok:
+        raise CheckpointError(f"config.json: {key} = {str(v)[:40]!r} is not of type {annotation}")
+    return v
 
 
 def _check(v: VisionConfig, t: TextConfig) -> None:

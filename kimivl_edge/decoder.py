@@ -32,6 +32,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .errors import GGUFFileError, KimiVLError, UsageError, check_int
 from .gguf_file import GGUFFile
+from .gguf_model import check_text_gguf
 
 if TYPE_CHECKING:
     from .vision import Progress
@@ -240,8 +241,9 @@ class Decoder:
     def __init__(self, model_path: str | Path, settings: DecoderSettings | None = None,
                  progress: Progress | None = None):
         """``progress(done, 100, "%")``: progress of llama.cpp's model load (an exception it raises cancels it)."""
-        lc = _backend()
         self.settings = s = settings or DecoderSettings()
+        check_text_gguf(model_path)  # llama.cpp aborts on some hostile files: it sees only files that pass
+        lc = _backend()
         check_kv_heads(model_path, s.kv_type)
         _take_errors()
         mp = model_params(s.repack)

@@ -48,18 +48,31 @@ def check_float(name: str, value: object, lo: float, hi: float | None = None, lo
 
 
 def read_json_object(path: Path) -> dict:
-    """A checkpoint's JSON file that must hold an object; every failure is a one-line ``CheckpointError``."""
+    """A checkpoint's JSON file that must hold an object; every failure is a one-line ``CheckpointError``. Python's
+    json extensions are refused: NaN, Infinity and numbers that overflow to infinity are not JSON and no Kimi-VL
+    setting can be one."""
     try:
-        d = json.loads(Path(path).read_text(encoding="utf-8"))
+        d = json.loads(Path(path).read_text(encoding="utf-8"), parse_constant=_not_json, parse_float=_finite)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({' '.join(str(e).split())})") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, ours; nesting too deep
+        raise CheckpointError(f"{path}: not valid JSON ({one_line(e)})") from None
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
     if not isinstance(d, dict):
         raise CheckpointError(f"{path}: not a JSON object")
     return d
+
+
+def _not_json(word: str) -> float:
+    raise ValueError(f"{word} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    v = float(text)
+    if not math.isfinite(v):
+        raise ValueError(f"number {text[:40]} overflows to infinity")
+    return v
 
 
 class ImageError(KimiVLError):

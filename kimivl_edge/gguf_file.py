@@ -110,13 +110,14 @@ class _Cursor:
         self.pos = pos
         return out
 
-    def value(self, vtype: int) -> Any:
+    def value(self, vtype: int) -> tuple[Any, GGUFValueType | None]:
+        """(value, array element type or None)."""
         if vtype == GGUFValueType.STRING:
-            return self.string()
+            return self.string(), None
         if vtype == GGUFValueType.ARRAY:
             etype, count = self.scalar("<I"), self.scalar("<Q")
             if etype == GGUFValueType.STRING:
-                return self.strings(count)
+                return self.strings(count), GGUFValueType.STRING
             if etype not in _SCALAR_FORMAT:
                 raise ValueError(f"unsupported array element type {etype}")
             dtype = np.dtype(_SCALAR_FORMAT[GGUFValueType(etype)])
@@ -124,10 +125,10 @@ class _Cursor:
                 raise ValueError("array runs past the end of the file")
             arr = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos).copy()
             self.pos += count * dtype.itemsize
-            return arr
+            return arr, GGUFValueType(etype)
         if vtype not in _SCALAR_FORMAT:
             raise ValueError(f"unsupported value type {vtype}")
-        return self.scalar(_SCALAR_FORMAT[GGUFValueType(vtype)])
+        return self.scalar(_SCALAR_FORMAT[GGUFValueType(vtype)]), None
 
 
 def _tensor_nbytes(name: str, ne: tuple[int, ...], qtype: GGMLQuantizationType) -> int:
@@ -145,6 +146,8 @@ class GGUFFile:
         self.path = Path(path)
         self.version = 0
         self.metadata: dict[str, Any] = {}
+        # key -> (GGUF value type, element type of an array): llama.cpp reads a key only in its exact type
+        self.types: dict[str, tuple[GGUFValueType, GGUFValueType | None]] = {}
         self.tensors: dict[str, TensorInfo] = {}
         self.data_start: int | None = None  # None when the tensor index was not read
         self._map: mmap.mmap | None = None
@@ -185,7 +188,9 @@ class GGUFFile:
             key = cur.string()
             if key in meta:  # llama.cpp and gguf-py refuse it too: which value would count?
                 raise ValueError(f"key {key} listed twice")
-            meta[key] = cur.value(cur.scalar("<I"))
+            vtype = cur.scalar("<I")
+            meta[key], etype = cur.value(vtype)
+            self.types[key] = (GGUFValueType(vtype), etype)
         if not with_tensors:
             return
         align = meta.get(Keys.General.ALIGNMENT, GGUF_DEFAULT_ALIGNMENT)

@@ -4,20 +4,25 @@ The runtime tokenizes itself (tiktoken with the Kimi pattern), not with llama.cp
 rebuilt from the GGUF: base tokens (GPT-2 byte-to-unicode strings) in id order are the BPE ranks, CONTROL tokens are
 the specials by name. A GGUF without merges is refused: llama.cpp would load it and silently tokenize byte by byte.
 
-Only the key/value header is read (``gguf_file.read_metadata``), not the tensor index: gguf-py's ``GGUFReader``
-takes 15-25 s on a real-size vocabulary (163 840 tokens + ~163 000 merges), the header parser well under a second.
+The file is read with ``gguf_file.GGUFFile`` (gguf-py's ``GGUFReader`` takes 15-25 s on a real-size vocabulary of
+163 840 tokens + ~163 000 merges; this parser well under a second). Files come from the internet: before llama.cpp
+sees one (``Decoder`` calls ``check_text_gguf``), every key llama.cpp reads is checked for its exact type and for a
+range where llama.cpp neither aborts (GGML_ASSERT) nor silently computes garbage, and the vocabulary arrays for what
+llama.cpp indexes without checking (tests/test_fuzz.py mutates real files to find what slips through).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-from gguf import TokenType
+from gguf import ExpertGatingFuncType, GGUFValueType, TokenType
 
 from .config import TEMPERATURE
 from .errors import GGUFFileError, KimiVLError
-from .gguf_file import read_metadata
+from .gguf_file import GGUFFile
+from .gguf_keys import EdgeKeys
 from .tokenizer import Tokenizer, decode_byte_alphabet
 
 
@@ -33,7 +38,192 @@ def token_bytes(text: str) -> bytes:
         raise ModelFileError(str(e)) from None
 
 
-_REQUIRED_HPARAMS = ("deepseek2.embedding_length", "deepseek2.block_count", "deepseek2.context_length")
+U32, I32, F32, BOOL, STR = (GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.FLOAT32, GGUFValueType.BOOL,
+                            GGUFValueType.STRING)
+_INT_MAX = 2**31 - 1  # llama.cpp keeps most sizes in int32 arithmetic
+LLAMA_MAX_LAYERS, LLAMA_MAX_EXPERTS = 512, 1024  # src/llama-hparams.h of the llama.cpp we load with
+_ARCH = "deepseek2"
+_MAX_TEMPERATURE = 100.0  # a recommended temperature above this is not a sampling default but a damaged file
+_SPECIAL_ID_KEYS = ("bos", "eos", "eot", "eom", "unknown", "seperator", "padding", "mask")
+
+
+class _Header:
+    """Typed, range-checked reads of a GGUF header. llama.cpp reads a key only in its one exact GGUF type (else it
+    refuses the file), but it aborts the process (GGML_ASSERT) or computes garbage on some out-of-range values; so
+    every value it or we will use is checked here first, with a one-line ModelFileError."""
+
+    def __init__(self, f: GGUFFile):
+        self.f, self.path = f, f.path
+
+    def _get(self, key: str, vtype: GGUFValueType, etype: GGUFValueType | None, required: bool) -> Any:
+        if key not in self.f.metadata:
+            if required:
+                raise ModelFileError(f"{self.path}: missing metadata {key}")
+            return None
+        got = self.f.types[key]
+        if got != (vtype, etype):
+            raise ModelFileError(f"{self.path}: metadata {key} is {_type_name(*got)}, expected "
+                                 f"{_type_name(vtype, etype)}")
+        return self.f.metadata[key]
+
+    def uint(self, key: str, lo: int = 1, hi: int = _INT_MAX, required: bool = True) -> int | None:
+        v = self._get(key, U32, None, required)
+        if v is not None and not lo <= v <= hi:
+            raise ModelFileError(f"{self.path}: metadata {key} = {v} is out of range ({lo}..{hi})")
+        return v
+
+    def need(self, key: str, lo: int = 1, hi: int = _INT_MAX) -> int:
+        """A required UINT32 value in [lo, hi]."""
+        v = self.uint(key, lo, hi)
+        assert v is not None
+        return v
+
+    def float(self, key: str, lo: float, hi: float, required: bool = True) -> float | None:
+        """A finite FLOAT32 value in [lo, hi] (NaN is refused: it passes every comparison llama.cpp makes)."""
+        v = self._get(key, F32, None, required)
+        if v is not None and not (math.isfinite(v) and lo <= v <= hi):
+            raise ModelFileError(f"{self.path}: metadata {key} = {v} is out of range ({lo}..{hi})")
+        return v
+
+    def string(self, key: str, required: bool = True) -> str | None:
+        return self._get(key, STR, None, required)
+
+    def array(self, key: str, etype: GGUFValueType, required: bool = True) -> Any:
+        return self._get(key, GGUFValueType.ARRAY, etype, required)
+
+
+def _type_name(vtype: GGUFValueType, etype: GGUFValueType | None) -> str:
+    return f"an array of {etype.name}" if etype is not None else vtype.name
+
+
+@dataclass(frozen=True)
+class TextHParams:
+    n_embd: int
+    n_layer: int
+    n_ctx_train: int
+    n_vocab: int
+
+
+def check_hparams(h: _Header) -> TextHParams:
+    """The ``deepseek2.*`` keys llama.cpp reads for this architecture (llama-model.cpp ``load_hparams``,
+    models/deepseek2.cpp), each in its type, in the range where llama.cpp neither aborts nor divides by zero."""
+    a = _ARCH + "."
+    arch = h.f.metadata.get("general.architecture")
+    if arch != _ARCH:
+        raise ModelFileError(f"{h.path}: architecture {arch!r} is not a Kimi-VL text model ({_ARCH})")
+    n_layer = h.need(a + "block_count", 1, LLAMA_MAX_LAYERS)
+    n_embd = h.need(a + "embedding_length")
+    n_ctx = h.need(a + "context_length")
+    n_head = h.need(a + "attention.head_count")
+    h.uint(a + "attention.head_count_kv", required=False)
+    h.uint(a + "feed_forward_length")
+    h.uint(a + "expert_feed_forward_length")
+    h.uint(a + "attention.kv_lora_rank")
+    h.uint(a + "expert_shared_count", 0)
+    h.uint(a + "attention.q_lora_rank", 0, 0, required=False)  # Kimi-VL has no q LoRA
+    h.uint(a + "leading_dense_block_count", 0, n_layer, required=False)
+    n_expert = h.need(a + "expert_count", 1, LLAMA_MAX_EXPERTS)
+    h.uint(a + "expert_used_count", 1, n_expert)
+    groups = h.uint(a + "expert_group_count", 0, n_expert - 1, required=False) or 0
+    if groups > 1:
+        if n_expert % groups:
+            raise ModelFileError(f"{h.path}: {n_expert} experts do not split into {groups} groups")
+        h.uint(a + "expert_group_used_count", 1, groups - 1)
+    gating = h.uint(a + "expert_gating_func", 0, 3, required=False)
+    if gating not in (None, int(ExpertGatingFuncType.SIGMOID)):
+        raise ModelFileError(f"{h.path}: expert gating function {gating} is not Kimi-VL's sigmoid")
+    _check_head_dims(h, n_embd, n_head)
+    h.float(a + "attention.layer_norm_rms_epsilon", 1e-12, 1.0)
+    h.float(a + "rope.freq_base", 1.0, 1e12, required=False)
+    h.float(a + "expert_weights_scale", 1e-6, 1e6, required=False)
+    h._get(a + "expert_weights_norm", BOOL, None, required=False)
+    for key in h.f.metadata:
+        if key.startswith(a + "rope.scaling."):  # Kimi-VL has none; llama.cpp aborts on an unknown scaling type
+            raise ModelFileError(f"{h.path}: unexpected metadata {key} (Kimi-VL has no RoPE scaling)")
+    n_vocab = _check_vocab(h)
+    h.uint(a + "vocab_size", n_vocab, n_vocab, required=False)
+    return TextHParams(n_embd=n_embd, n_layer=n_layer, n_ctx_train=n_ctx, n_vocab=n_vocab)
+
+
+def _check_head_dims(h: _Header, n_embd: int, n_head: int) -> None:
+    """MLA head sizes: llama.cpp asserts that the no-RoPE part of a query head is at least 1 wide."""
+    a = _ARCH + "."
+    k_len = h.uint(a + "attention.key_length", required=False) or n_embd // n_head
+    k_mla = h.uint(a + "attention.key_length_mla", required=False)
+    v_mla = h.uint(a + "attention.value_length_mla", required=False)
+    h.uint(a + "attention.value_length", required=False)
+    n_rot = h.uint(a + "rope.dimension_count", 2, required=False) or k_len
+    k_head = k_mla if k_mla and v_mla else k_len
+    if n_rot % 2 or n_rot >= k_head:
+        raise ModelFileError(f"{h.path}: RoPE dimension {n_rot} must be even and below the key head size {k_head}")
+
+
+def _check_vocab(h: _Header) -> int:
+    """The vocabulary arrays llama.cpp indexes: tokens unique and non-empty (it aborts on a duplicate), token types
+    one per token, merges in "left right" form, special ids inside the vocabulary. Returns the vocabulary size."""
+    if h.string("tokenizer.ggml.model") != "gpt2":
+        raise ModelFileError(f"{h.path}: no BPE vocabulary (tokenizer.ggml.model is not gpt2)")
+    tokens = h.array("tokenizer.ggml.tokens", STR)
+    n = len(tokens)
+    if n == 0 or n > _INT_MAX:
+        raise ModelFileError(f"{h.path}: tokenizer.ggml.tokens is empty")
+    if len(set(tokens)) != n or "" in tokens:
+        raise ModelFileError(f"{h.path}: tokenizer.ggml.tokens has an empty or repeated token text")
+    for key, etype in (("tokenizer.ggml.token_type", I32), ("tokenizer.ggml.scores", F32)):
+        arr = h.array(key, etype, required=key.endswith("token_type"))
+        if arr is not None and len(arr) != n:
+            raise ModelFileError(f"{h.path}: {key} has {len(arr)} entries for {n} tokens")
+    merges = h.array("tokenizer.ggml.merges", STR, required=False)
+    if not merges:
+        raise ModelFileError(f"{h.path}: the vocabulary has no merges (llama.cpp would tokenize byte by byte); "
+                             "reconvert it with kimivl-edge convert")
+    bad = next((m for m in merges if m.find(" ", 1) in (-1, len(m) - 1)), None)
+    if bad is not None:
+        raise ModelFileError(f"{h.path}: merge {bad!r} is not two token texts separated by a space")
+    for kind in _SPECIAL_ID_KEYS:
+        h.uint(f"tokenizer.ggml.{kind}_token_id", 0, n - 1, required=False)
+    return n
+
+
+def check_tensors(f: GGUFFile, hp: TextHParams) -> None:
+    """What the tensor index must agree on with the header (llama.cpp checks each tensor's shape against the
+    hyper-parameters itself; these give a clearer message): the embedding and output tables are [n_vocab, n_embd],
+    every layer's tensors lie below block_count."""
+    for name in ("token_embd.weight", "output.weight"):
+        t = f.tensors.get(name)
+        if t is None and name == "token_embd.weight":
+            raise ModelFileError(f"{f.path}: missing tensor {name}")
+        if t is not None and t.ne != (hp.n_embd, hp.n_vocab):
+            raise ModelFileError(f"{f.path}: tensor {name} has shape {list(t.shape)}, the header implies "
+                                 f"{[hp.n_vocab, hp.n_embd]} (n_vocab, n_embd)")
+    for name in f.tensors:
+        if name.startswith("blk."):
+            layer = name.split(".")[1]
+            if not layer.isdigit() or int(layer) >= hp.n_layer:
+                raise ModelFileError(f"{f.path}: tensor {name} is outside the {hp.n_layer} layers of the header")
+
+
+def open_text_gguf(path: str | Path, tensors: bool) -> tuple[GGUFFile, TextHParams]:
+    """The text GGUF opened and its header checked as llama.cpp will read it (hyper-parameters, vocabulary arrays),
+    with ``tensors`` its tensor index too. Every failure is one line."""
+    try:
+        f = GGUFFile(path, tensors=tensors)
+    except GGUFFileError as e:  # missing, not a GGUF, truncated, ...: the same one line, as a ModelFileError
+        raise ModelFileError(str(e)) from None
+    try:
+        hp = check_hparams(_Header(f))
+        if tensors:
+            check_tensors(f, hp)
+    except BaseException:
+        f.close()
+        raise
+    return f, hp
+
+
+def check_text_gguf(path: str | Path) -> None:
+    """The decoder's guard: a file that passes is one llama.cpp either loads or refuses, never one it crashes on
+    (header, vocabulary arrays and tensor index checked)."""
+    open_text_gguf(path, tensors=True)[0].close()
 
 
 @dataclass(frozen=True)
@@ -56,54 +246,47 @@ class TextModelInfo:
     @classmethod
     def read(cls, path: str | Path) -> TextModelInfo:
         path = Path(path)
+        f, hp = open_text_gguf(path, tensors=False)  # the metadata only (a vocabulary-only file is fine here)
         try:
-            meta = read_metadata(path)
-        except GGUFFileError as e:  # missing, not a GGUF, truncated, ...: the same one line, as a ModelFileError
-            raise ModelFileError(str(e)) from None
-        arch = meta.get("general.architecture")
-        if arch != "deepseek2":
-            raise ModelFileError(f"{path}: architecture {arch!r} is not a Kimi-VL text model (deepseek2)")
-        if meta.get("tokenizer.ggml.model") != "gpt2" or "tokenizer.ggml.tokens" not in meta:
-            raise ModelFileError(f"{path}: no BPE vocabulary")
-        if len(meta.get("tokenizer.ggml.merges", ())) == 0:
-            raise ModelFileError(f"{path}: the vocabulary has no merges (llama.cpp would tokenize byte by byte); "
-                                 "reconvert it with kimivl-edge convert")
-        missing = [k for k in _REQUIRED_HPARAMS if k not in meta]
-        if missing:
-            raise ModelFileError(f"{path}: missing metadata {', '.join(missing)}")
-        tokens = meta.get("tokenizer.ggml.tokens")
-        if not isinstance(tokens, list):
-            raise ModelFileError(f"{path}: no tokenizer.ggml.tokens list")
-        types = np.asarray(meta.get("tokenizer.ggml.token_type", ()), dtype=np.int64)
-        ranks: dict[bytes, int] = {}
-        specials: dict[str, int] = {}
-        for i, (t, ty) in enumerate(zip(tokens, types)):
-            if ty == TokenType.CONTROL or ty == TokenType.USER_DEFINED:
-                specials[t] = i
-            elif ty == TokenType.NORMAL:
-                if len(ranks) != i:
-                    raise ModelFileError(f"{path}: base token {i} follows a special or unused id")
-                ranks[token_bytes(t)] = i
-        eos = meta.get("tokenizer.ggml.eos_token_id")
-        eot = meta.get("tokenizer.ggml.eot_token_id")
-        try:
-            tok = Tokenizer(ranks, specials, extra_stop_ids=[int(x) for x in (eos, eot) if x is not None])
-        except KimiVLError as e:
-            raise ModelFileError(f"{path}: {e}") from None
-        media = int(meta.get("kimivl_edge.media_placeholder_token_id", tok.media_pad_id))
-        if media != tok.media_pad_id:
-            raise ModelFileError(f"{path}: media placeholder id {media} is not <|media_pad|> ({tok.media_pad_id})")
-        variant = str(meta.get("kimivl_edge.variant", "instruct"))
-        temp_default = TEMPERATURE.get(variant, TEMPERATURE["instruct"])
-        return cls(
-            path=path,
-            n_embd=int(meta["deepseek2.embedding_length"]),
-            n_layer=int(meta["deepseek2.block_count"]),
-            n_ctx_train=int(meta["deepseek2.context_length"]),
-            n_vocab=len(tokens),
-            variant=variant,
-            temperature=float(meta.get("general.sampling.temp", temp_default)),
-            chat_template=str(meta.get("tokenizer.chat_template", "")),
-            media_placeholder_id=media,
-            tokenizer=tok,
-        )
+            h = _Header(f)
+            tok = _tokenizer(h)
+            media = h.uint(EdgeKeys.MEDIA_PLACEHOLDER_TOKEN_ID, 0, hp.n_vocab - 1, required=False)
+            if media is not None and media != tok.media_pad_id:
+                raise ModelFileError(f"{path}: media placeholder id {media} is not <|media_pad|> "
+                                     f"({tok.media_pad_id})")
+            variant = h.string(EdgeKeys.VARIANT, required=False) or "instruct"
+            if variant not in TEMPERATURE:
+                raise ModelFileError(f"{path}: unknown variant {variant!r} (expected one of "
+                                     f"{', '.join(TEMPERATURE)})")
+            temperature = h.float("general.sampling.temp", 0.0, _MAX_TEMPERATURE, required=False)
+            return cls(
+                path=path, n_embd=hp.n_embd, n_layer=hp.n_layer, n_ctx_train=hp.n_ctx_train, n_vocab=hp.n_vocab,
+                variant=variant, temperature=TEMPERATURE[variant] if temperature is None else temperature,
+                chat_template=h.string("tokenizer.chat_template", required=False) or "",
+                media_placeholder_id=tok.media_pad_id, tokenizer=tok,
+            )
+        finally:
+            f.close()
+
+
+def _tokenizer(h: _Header) -> Tokenizer:
+    """Base tokens (NORMAL, in id order) are the BPE ranks; CONTROL and USER_DEFINED tokens the specials by name."""
+    meta, path = h.f.metadata, h.path
+    tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+    ranks: dict[bytes, int] = {}
+    specials: dict[str, int] = {}
+    for i, (t, ty) in enumerate(zip(tokens, types.tolist())):
+        if ty == TokenType.CONTROL or ty == TokenType.USER_DEFINED:
+            specials[t] = i
+        elif ty == TokenType.NORMAL:
+            if len(ranks) != i:
+                raise ModelFileError(f"{path}: base token {i} follows a special or unused id")
+            b = token_bytes(t)
+            if b in ranks:
+                raise ModelFileError(f"{path}: base tokens {ranks[b]} and {i} have the same bytes")
+            ranks[b] = i
+    stops = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta]
+    try:
+        return Tokenizer(ranks, specials, extra_stop_ids=stops)
+    except KimiVLError as e:
+        raise ModelFileError(f"{path}: {e}") from None

@@ -110,10 +110,11 @@ def _triple(d: dict, key: str, source: str, positive: bool) -> tuple[float, floa
     v = d[key]
     vals = [v] * 3 if isinstance(v, (int, float)) and not isinstance(v, bool) else v
     ok = (isinstance(vals, (list, tuple)) and len(vals) == 3
-          and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in vals))
+          # abs(x) < 1e30, not math.isfinite(x): that raises OverflowError on a 400-digit JSON integer; NaN fails both
+          and all(isinstance(x, (int, float)) and not isinstance(x, bool) and abs(x) < 1e30 for x in vals))
     if not ok or (positive and any(x <= 0 for x in vals)):
         kind = "three positive numbers" if positive else "three numbers"
-        raise CheckpointError(f"{source}: {key} must be {kind}, got {v!r}")
+        raise CheckpointError(f"{source}: {key} must be {kind}, got {repr(v)[:60]}")
     return float(vals[0]), float(vals[1]), float(vals[2])
 
 

@@ -38,6 +38,7 @@ with our converter to get it."""
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0")
 
 _OURS = "kimivl_edge."
+_MAX_DIM = 1 << 24  # no Kimi-VL size comes near; larger values only make shape checks overflow into huge numbers
 
 
 class MmprojError(GGUFFileError):
@@ -80,16 +81,18 @@ class MmprojFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        if not self.path.is_file():
-            raise MmprojError(f"{self.path}: no such mmproj file")
-        try:
+        try:  # a missing file, a directory, a truncated or foreign file: GGUFFile's one line
             self._file = GGUFFile(self.path)
         except GGUFFileError as e:
             raise MmprojError(str(e)) from None
         self._tensors = self._file.tensors
-        self._check_kind()
-        self.hparams = self._read_hparams()
-        self._check_tensors()
+        try:
+            self._check_kind()
+            self.hparams = self._read_hparams()
+            self._check_tensors()
+        except MmprojError:
+            self._file.close()
+            raise
 
     # -- metadata -------------------------------------------------------------------------------------------------
     def value(self, key: str, default: Any = None) -> Any:
@@ -102,53 +105,80 @@ class MmprojFile:
             raise MmprojError(f"{self.path}: missing metadata key {key}")
         return v
 
+    def _int(self, key: str, lo: int, hi: int, default: int | None = None) -> int:
+        """An integer value (any GGUF integer type) in [lo, hi]; ``default`` when absent, if given."""
+        v = self.value(key) if default is None else self.value(key, default)
+        if v is None:
+            raise MmprojError(f"{self.path}: missing metadata key {key}")
+        if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+            raise MmprojError(f"{self.path}: metadata {key} = {_short(v)} is not an integer in {lo}..{hi}")
+        return v
+
+    def _float(self, key: str, lo: float, hi: float) -> float:
+        v = self._required(key)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not (math.isfinite(v) and lo <= v <= hi):
+            raise MmprojError(f"{self.path}: metadata {key} = {_short(v)} is not a number in {lo}..{hi}")
+        return float(v)
+
+    def _str(self, key: str, default: str) -> str:
+        v = self.value(key, default)
+        if not isinstance(v, str):
+            raise MmprojError(f"{self.path}: metadata {key} = {_short(v)} is not a string")
+        return v
+
     def _check_kind(self) -> None:
         arch = self.value("general.architecture")
-        if arch != "clip":
-            raise MmprojError(f"{self.path}: a {arch or 'unknown'}-architecture GGUF, not a vision projector (mmproj) "
-                              "file")
+        if not isinstance(arch, str) or arch != "clip":
+            raise MmprojError(f"{self.path}: a {'unknown' if arch is None else _short(arch)}-architecture GGUF, not "
+                              "a vision projector (mmproj) file")
         ptype = self.value("clip.projector_type")
-        if ptype != "kimivl":
-            raise MmprojError(f"{self.path}: clip projector_type is {ptype!r}, expected 'kimivl' (not a Kimi-VL "
-                              "mmproj)")
+        if not isinstance(ptype, str) or ptype != "kimivl":
+            raise MmprojError(f"{self.path}: clip projector_type is {_short(ptype)}, expected 'kimivl' (not a "
+                              "Kimi-VL mmproj)")
         if self.value("clip.has_vision_encoder", True) is not True:
             raise MmprojError(f"{self.path}: the file has no vision encoder")
 
     def _read_hparams(self) -> VisionHParams:
-        g = self._required
-        hidden, heads = int(g("clip.vision.embedding_length")), int(g("clip.vision.attention.head_count"))
-        if heads <= 0 or hidden % heads or (hidden // heads) % 4:
+        """Every value in its type and in a range the encoder can use. Sizes are bounded by the tensor count
+        (layers) or by what a tensor in this file could hold, so no hostile value makes a loop or table huge."""
+        n = len(self._tensors)
+        size = self._int
+        hidden, heads = size("clip.vision.embedding_length", 1, _MAX_DIM), size("clip.vision.attention.head_count", 1,
+                                                                                _MAX_DIM)
+        if hidden % heads or (hidden // heads) % 4:
             raise MmprojError(f"{self.path}: {hidden} hidden / {heads} heads: the head dim must be a multiple of 4")
-        layout = self.value(_OURS + "vision.rope_layout", "hf_interleaved")
+        layout = self._str(_OURS + "vision.rope_layout", "hf_interleaved")
         if layout not in ROPE_LAYOUTS:
             raise MmprojError(f"{self.path}: unknown {_OURS}vision.rope_layout {layout!r}")
-        gelu = self.value(_OURS + "projector.gelu", "erf")
+        gelu = self._str(_OURS + "projector.gelu", "erf")
         if gelu != "erf":
             raise MmprojError(f"{self.path}: projector GELU {gelu!r} is not supported (Kimi-VL uses erf)")
         pos_h, pos_w = self._pos_grid()
         limit = self.value(_OURS + "vision.in_token_limit")
         pad = self.value(_OURS + "vision.pad_input")
+        if pad is not None and not isinstance(pad, bool):
+            raise MmprojError(f"{self.path}: metadata {_OURS}vision.pad_input = {_short(pad)} is not a boolean")
         return VisionHParams(
             hidden_size=hidden, num_heads=heads,
-            num_layers=int(g("clip.vision.block_count")),
-            intermediate_size=int(g("clip.vision.feed_forward_length")),
-            patch_size=int(g("clip.vision.patch_size")),
-            layer_norm_eps=float(g("clip.vision.attention.layer_norm_epsilon")),
+            num_layers=size("clip.vision.block_count", 1, n),  # every layer has 16 tensors
+            intermediate_size=size("clip.vision.feed_forward_length", 1, _MAX_DIM),
+            patch_size=size("clip.vision.patch_size", 1, _MAX_DIM),
+            layer_norm_eps=self._float("clip.vision.attention.layer_norm_epsilon", 1e-12, 1.0),
             pos_emb_height=pos_h, pos_emb_width=pos_w,
-            projection_dim=int(g("clip.vision.projection_dim")),
-            merge_size=int(self.value("clip.vision.projector.scale_factor", 2)),
-            image_mean=_triple(g("clip.vision.image_mean"), "image_mean", self.path),
-            image_std=_triple(g("clip.vision.image_std"), "image_std", self.path),
-            in_token_limit=None if limit is None else int(limit),
-            pad_input=None if pad is None else bool(pad),
-            rope_layout=str(layout), projector_gelu=str(gelu),
+            projection_dim=size("clip.vision.projection_dim", 1, _MAX_DIM),
+            merge_size=size("clip.vision.projector.scale_factor", 2, 2, default=2),  # Kimi-VL merges 2x2
+            image_mean=_triple(self._required("clip.vision.image_mean"), "image_mean", self.path),
+            image_std=_triple(self._required("clip.vision.image_std"), "image_std", self.path, positive=True),
+            in_token_limit=None if limit is None else size(_OURS + "vision.in_token_limit", 1, _MAX_DIM),
+            pad_input=pad, rope_layout=layout, projector_gelu=gelu,
         )
 
     def _pos_grid(self) -> tuple[int, int]:
         """(H, W) of the pos-emb table: our keys, else the square root of its row count (llama.cpp assumes square)."""
         h, w = self.value(_OURS + "vision.pos_emb_height"), self.value(_OURS + "vision.pos_emb_width")
         if h is not None and w is not None:
-            return int(h), int(w)
+            return (self._int(_OURS + "vision.pos_emb_height", 1, _MAX_DIM),
+                    self._int(_OURS + "vision.pos_emb_width", 1, _MAX_DIM))
         t = self._tensors.get("v.position_embd.weight")
         if t is None:
             raise MmprojError(f"{self.path}: missing tensor v.position_embd.weight")
@@ -222,10 +252,19 @@ class MmprojFile:
         return f"MmprojFile({str(self.path)!r})"
 
 
-def _triple(v: Any, key: str, path: Path) -> tuple[float, float, float]:
+def _triple(v: Any, key: str, path: Path, positive: bool = False) -> tuple[float, float, float]:
     many = isinstance(v, (list, tuple, np.ndarray))
     vals: list[Any] = [x.item() if isinstance(x, np.generic) else x for x in v] if many else [v] * 3
-    if len(vals) != 3 or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in vals):
-        raise MmprojError(f"{path}: clip.vision.{key} must be three numbers, got {v!r}")
+    ok = len(vals) == 3 and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                                and (x > 0 or not positive) for x in vals)
+    if not ok:
+        what = "positive numbers" if positive else "numbers"
+        raise MmprojError(f"{path}: clip.vision.{key} must be three {what}, got {_short(v)}")
     return float(vals[0]), float(vals[1]), float(vals[2])
+
+
+def _short(v: Any) -> str:
+    """A metadata value for a one-line message (a hostile file's value can be a huge array or a long string)."""
+    r = " ".join(repr(v).split())
+    return r if len(r) <= 60 else r[:57] + "..."
 

@@ -8,6 +8,7 @@ Writing streams one tensor at a time: the 16B-parameter synthetic checkpoint nev
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -21,6 +22,7 @@ from .quant.codec import bf16_to_f32, f32_to_bf16  # the one definition of each;
 
 __all__ = ["STORAGE", "SafetensorsFile", "write_safetensors", "bf16_to_f32", "f32_to_bf16"]
 
+MAX_HEADER_BYTES = 100_000_000  # the reference reader's limit too
 # safetensors dtype name -> (numpy storage dtype, bytes per element)
 STORAGE: dict[str, np.dtype] = {
     "BF16": np.dtype("<u2"),
@@ -39,29 +41,31 @@ class SafetensorsFile:
         self.path = Path(path)
         try:
             with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
                 head = f.read(8)
                 if len(head) != 8:
                     raise CheckpointError(f"{self.path.name}: truncated safetensors file")
                 (n,) = struct.unpack("<Q", head)
-                if n > 100_000_000:
+                if n > MAX_HEADER_BYTES:
                     raise CheckpointError(f"{self.path.name}: implausible safetensors header size {n}")
+                if n > size - 8:
+                    raise CheckpointError(f"{self.path.name}: header of {n} bytes runs past the end of the file "
+                                          f"({size} bytes; truncated?)")
                 header = json.loads(f.read(n))
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if self.path.stat().st_size else None
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
         except OSError as e:
             raise CheckpointError(f"cannot read {self.path}: {e.strerror}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # RecursionError: [[[[... nested deep
             raise CheckpointError(f"{self.path.name}: corrupt safetensors header") from None
-        self.metadata = header.pop("__metadata__", {}) or {}
-        self.entries: dict[str, dict] = header
         self._base = 8 + n
-        size = self.path.stat().st_size
-        for name, ent in header.items():
-            dt = STORAGE.get(ent.get("dtype"))
-            if dt is None:
-                raise CheckpointError(f"{self.path.name}: tensor {name} has unsupported dtype {ent.get('dtype')}")
-            start, end = ent["data_offsets"]
-            if end - start != dt.itemsize * int(np.prod(ent["shape"], dtype=np.int64)) or self._base + end > size:
-                raise CheckpointError(f"{self.path.name}: tensor {name} has inconsistent offsets (truncated file?)")
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path.name}: corrupt safetensors header (not a JSON object)")
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict):
+            raise CheckpointError(f"{self.path.name}: __metadata__ is not a JSON object")
+        self.metadata: dict = metadata
+        self.entries: dict[str, dict] = header
+        _check_entries(self.path.name, header, size - self._base)
 
     def dtype(self, name: str) -> str:
         return self.entries[name]["dtype"]
@@ -111,6 +115,43 @@ class SafetensorsFile:
         if self.dtype(name) == "BF16":
             return bf16_to_f32(raw)
         return raw.astype(np.float32)
+
+
+def _check_entries(fname: str, entries: dict, data_bytes: int) -> None:
+    """Every tensor entry as the format defines it (dtype, shape of non-negative integers, [start, end] offsets
+    whose span holds exactly the shape's bytes), and the spans tile the data section exactly, as the reference
+    reader requires: no overlap, no gap, nothing past the end. One-line CheckpointError otherwise."""
+    spans = []
+    for name, e in entries.items():
+        where = f"{fname}: tensor {name[:80]!r}"
+        if not isinstance(e, dict):
+            raise CheckpointError(f"{where}: entry is not a JSON object")
+        dtype = e.get("dtype")
+        dt = STORAGE.get(dtype) if isinstance(dtype, str) else None
+        if dt is None:
+            raise CheckpointError(f"{where} has unsupported dtype {str(e.get('dtype'))[:40]}")
+        shape, offsets = e.get("shape"), e.get("data_offsets")
+        if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
+            raise CheckpointError(f"{where}: shape is not a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+            raise CheckpointError(f"{where}: data_offsets is not [start, end]")
+        start, end = offsets
+        if end < start or end - start != dt.itemsize * math.prod(shape) or end > data_bytes:
+            raise CheckpointError(f"{where} has inconsistent offsets (truncated file?)")
+        spans.append((start, end, name))
+    spans.sort()
+    pos = 0
+    for start, end, name in spans:
+        if start != pos:
+            what = "overlaps the previous tensor" if start < pos else f"leaves a gap of {start - pos} bytes"
+            raise CheckpointError(f"{fname}: tensor {name[:80]!r} {what}")
+        pos = end
+    if pos != data_bytes:
+        raise CheckpointError(f"{fname}: {data_bytes - pos} bytes after the last tensor (not a safetensors file?)")
+
+
+def _is_count(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def write_safetensors(path: str | Path, specs: Iterable[tuple[str, tuple[int, ...], str]],

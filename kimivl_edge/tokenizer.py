@@ -171,8 +171,8 @@ def decode_byte_alphabet(text: str) -> bytes:
 # tokenizer_config.json and generation_config.json (§7.2, §7.3)
 
 def read_special_tokens(path: str | Path, n_base: int) -> dict[str, int]:
-    """name -> id from ``added_tokens_decoder`` (§7.2); every id must lie above the base ranks and names be unique.
-    Unnamed ids of the 256-block get <|reserved_token_{id}|>."""
+    """name -> id from ``added_tokens_decoder`` (§7.2); every id must lie in the 256-id block right after the base
+    ranks and names be unique. Unnamed ids of the block get <|reserved_token_{id}|>."""
     cfg = read_json_object(Path(path))
     dec = cfg.get("added_tokens_decoder")
     if not isinstance(dec, dict) or not dec:
@@ -187,6 +187,9 @@ def read_special_tokens(path: str | Path, n_base: int) -> dict[str, int]:
             raise CheckpointError(f"{path}: added_tokens_decoder entry {key!r} has no string content")
         if tid < n_base:
             raise CheckpointError(f"{path}: special token {name!r} id {tid} collides with base rank (< {n_base})")
+        if tid >= n_base + N_SPECIAL:
+            raise CheckpointError(f"{path}: special token {name!r} id {tid} is past the {N_SPECIAL}-id special block "
+                                  f"({n_base}..{n_base + N_SPECIAL - 1})")
         if name in specials:
             raise CheckpointError(f"{path}: special token {name!r} listed twice ({specials[name]}, {tid})")
         specials[name] = tid
@@ -222,6 +225,10 @@ class Tokenizer:
     def __init__(self, mergeable_ranks: dict[bytes, int], special_ids: dict[str, int],
                  extra_stop_ids: Iterable[int] = ()):
         self.n_base = len(mergeable_ranks)
+        missing_bytes = [b for b in range(256) if bytes([b]) not in mergeable_ranks]
+        if missing_bytes:  # tiktoken's BPE indexes every single byte: without one it panics mid-encode
+            raise CheckpointError(f"the base vocabulary lacks {len(missing_bytes)} single-byte tokens (first "
+                                  f"0x{missing_bytes[0]:02x}); byte-level BPE needs all 256")
         for name, tid in special_ids.items():
             if tid < self.n_base:
                 raise CheckpointError(f"special token {name!r} id {tid} collides with base rank (< {self.n_base})")
@@ -246,8 +253,9 @@ class Tokenizer:
         self.media_end_id = self.id_of("<|media_end|>")
         stops = [self.eos_id, self.im_end_id, *extra_stop_ids]  # §7.3: always [EOS] and <|im_end|>
         self.stop_ids: tuple[int, ...] = tuple(dict.fromkeys(stops))
-        for tid in self.stop_ids:
-            self._check_id(tid)
+        unknown = [t for t in self.stop_ids if not (0 <= t < self.n_base or t in self._special_names)]
+        if unknown:  # a stop id the vocabulary lacks would never stop generation, or fail at decode
+            raise CheckpointError(f"stop token id {unknown[0]} is not in the vocabulary (0..{self.n_vocab - 1})")
 
     @classmethod
     def from_checkpoint(cls, ckpt_dir: str | Path) -> "Tokenizer":

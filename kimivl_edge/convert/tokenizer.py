@@ -20,7 +20,6 @@ further stop id listed by ``generation_config.json`` goes to ``eom_token_id``; m
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from typing import Any
 from gguf import GGUFValueType, TokenType
 
 from ..config import KimiVLConfig
-from ..errors import CheckpointError
+from ..errors import CheckpointError, read_json_object
 from ..prompt import load_chat_template
 from ..tokenizer import (BYTE_ALPHABET, bpe_parts, encode_byte_alphabet, generation_stop_ids, read_special_tokens,
                          read_tiktoken_model)
@@ -169,7 +168,7 @@ def vocab_metadata(ckpt_dir: str | Path) -> KV:
         raise CheckpointError(f"{d / 'tiktoken.model'}: single-byte tokens missing ({len(missing)}, first "
                               f"0x{missing[0]:02x}); byte-level BPE needs all 256")
     specials = read_special_tokens(d / "tokenizer_config.json", len(ranks))
-    tok_cfg = json.loads((d / "tokenizer_config.json").read_text(encoding="utf-8"))
+    tok_cfg = read_json_object(d / "tokenizer_config.json")
     eos_id = _required_id(tok_cfg, "eos_token", specials)
     ids = {
         "bos": _required_id(tok_cfg, "bos_token", specials),
