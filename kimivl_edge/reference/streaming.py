@@ -167,10 +167,9 @@ class StreamingReference:
         return e
 
     @torch.no_grad()
-    def forward(self, embeds: Sequence[torch.Tensor], n_rows: Sequence[int], stage: str = "decoder"
-                ) -> list[torch.Tensor]:
-        """The logits of the last ``n_rows[k]`` positions of each sequence ``embeds[k]`` ([T, hidden]), all
-        sequences through one layer before the next (§9.2)."""
+    def hidden(self, embeds: Sequence[torch.Tensor], stage: str = "decoder") -> list[torch.Tensor]:
+        """The final-normed hidden states [T, hidden] of each sequence ``embeds[k]`` ([T, hidden]), all sequences
+        through one layer before the next (§9.2)."""
         cfg = self.config.text
         hs = [e.float() for e in embeds]
         positions = [torch.arange(h.shape[0]) for h in hs]
@@ -181,11 +180,11 @@ class StreamingReference:
             self._tick(stage, i + 1, n)
         norm = text_ref.MODEL + "norm.weight"
         with self.layer(norm) as w:
-            hs = [text_ref.rms_norm(h[h.shape[0] - r:], w[norm], cfg.rms_norm_eps) for h, r in zip(hs, n_rows)]
-        return self._head(hs)
+            return [text_ref.rms_norm(h, w[norm], cfg.rms_norm_eps) for h in hs]
 
-    def _head(self, hs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """h @ lm_headᵀ with the head read in row blocks of at most HEAD_BLOCK_BYTES (float32)."""
+    @torch.no_grad()
+    def head(self, hs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Logits h @ lm_headᵀ of each [T, hidden], the head read in row blocks of at most HEAD_BLOCK_BYTES."""
         outs: list[list[torch.Tensor]] = [[] for _ in hs]
         for block in self.ckpt.row_blocks(text_ref.LM + "lm_head.weight", HEAD_BLOCK_BYTES):
             w = torch.from_numpy(block())
@@ -195,24 +194,27 @@ class StreamingReference:
             self.meter.release(w.nbytes)
         return [torch.cat(o, dim=-1) for o in outs]
 
+    def forward(self, embeds: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Logits [T, vocab] of every position of each sequence."""
+        return self.head(self.hidden(embeds))
+
     @torch.no_grad()
     def greedy(self, prompts: Sequence[tuple[Sequence[int], torch.Tensor | None]], max_new_tokens: int,
                stop_ids: Sequence[int]) -> list[tuple[list[int], torch.Tensor]]:
-        """Each prompt's greedy continuation (up to and including a stop token) and the logits of the positions
-        that predict its tokens, ``[len(continuation), vocab]``: one layer-major pass per generated token, all
+        """Each prompt's greedy continuation (up to and including a stop token) and the final-normed hidden states
+        of prompt + continuation (``head`` makes them logits): one layer-major pass per generated token, all
         prompts together. Prompts are (token ids with one media pad per image row, image embeddings)."""
         stop = {int(s) for s in stop_ids}
         conts: list[list[int]] = [[] for _ in prompts]
-        rows: list[torch.Tensor] = [torch.empty(0) for _ in prompts]
+        states: list[torch.Tensor] = [torch.empty(0) for _ in prompts]
         active = list(range(len(prompts)))
         for step in range(max_new_tokens):
             embeds = [self.embed([*prompts[k][0], *conts[k]], prompts[k][1]) for k in active]
-            logits = self.forward(embeds, [len(conts[k]) + 1 for k in active],
-                                  stage=f"decoder pass {step + 1}/{max_new_tokens}")
-            for k, lg in zip(active, logits):
+            hs = self.hidden(embeds, stage=f"decoder pass {step + 1}/{max_new_tokens}")
+            for k, h, lg in zip(active, hs, self.head([h[-1:] for h in hs])):
                 conts[k].append(int(torch.argmax(lg[-1])))
-                rows[k] = lg
+                states[k] = h
             active = [k for k in active if conts[k][-1] not in stop]
             if not active:
                 break
-        return list(zip(conts, rows))
+        return list(zip(conts, states))
