@@ -1,7 +1,7 @@
 """`kimivl-edge verify`: is a converted GGUF pair faithful to its checkpoint? Compared with the fp32 reference.
 
     kimivl-edge verify CHECKPOINT -m MODEL.gguf [--mmproj MMPROJ.gguf] [--image PATH ...] [--prompts FILE.jsonl]
-                       [--max-new-tokens N] [--json OUT]
+                       [--max-new-tokens N] [--threads N] [--json OUT]
 
 Both sides get the same token ids and the same preprocessed pixels (rendered by our runtime from the GGUF's chat
 template); only the weights and their arithmetic differ. The reference is the layer-streaming fp32 one
@@ -344,7 +344,8 @@ def parse(argv: list[str] | None):
     ap.add_argument("--mmproj", help="vision GGUF (without it, prompts with images are skipped)")
     ap.add_argument("--image", action="append", default=[], help="image to check (repeat; replaces the defaults)")
     ap.add_argument("--prompts", help="JSONL file of prompts (replaces the defaults)")
-    ap.add_argument("--max-new-tokens", type=int, default=16, help="greedy continuation length (default 16)")
+    ap.add_argument("--max-new-tokens", type=int, default=8,
+                    help="greedy continuation length (default 8; the reference reads all layers once per token)")
     ap.add_argument("--threads", type=int, help="CPU threads for the runtime (default: all cores)")
     ap.add_argument("--json", help="write all figures to this file")
     args = ap.parse_args(argv)
