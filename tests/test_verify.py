@@ -302,3 +302,65 @@ def test_pair_from_another_checkpoint_is_refused():
     check_pair(SimpleNamespace(info=SimpleNamespace(n_vocab=1024, n_embd=256)), ref)
     with pytest.raises(UsageError, match="not converted from this checkpoint"):
         check_pair(SimpleNamespace(info=SimpleNamespace(n_vocab=163840, n_embd=2048)), ref)
+
+
+# -- terminal progress and Ctrl-C -----------------------------------------------------------------------------
+
+class _Terminal:
+    def __init__(self, tty: bool):
+        self.tty, self.text = tty, ""
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, s: str) -> None:
+        self.text += s
+
+    def flush(self) -> None:
+        pass
+
+
+def test_progress_per_layer_on_a_terminal_only(tiny_checkpoint):
+    from kimivl_edge.verify import terminal_progress
+
+    assert terminal_progress(_Terminal(False)) is None
+    term = _Terminal(True)
+    stream = StreamingReference(Checkpoint(tiny_checkpoint()), progress=terminal_progress(term))
+    stream.forward([stream.embed([1, 2, 3], None)])
+    n = stream.config.text.num_hidden_layers
+    shown = [f"reference: decoder, layer {i}/{n}" for i in range(1, n + 1)]
+    assert all(s in term.text for s in shown), term.text
+    assert term.text.endswith("\r\033[K")  # the status line is cleared when the stage ends
+
+
+def test_ctrl_c_leaves_no_json(q8, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    prompts = tmp_path / "many.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Count to {k}."}) + "\n" for k in range(60)))
+    out = tmp_path / "report.json"
+    proc = subprocess.Popen([sys.executable, "-m", "kimivl_edge", "verify", str(ASSET), "-m", str(q8[0]),
+                             "--threads", "1", "--max-new-tokens", "2", "--prompts", str(prompts), "--json", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.stdout is not None
+    first = proc.stdout.readline()  # the first per-prompt line: the comparison is under way
+    assert first.startswith("  line 1:"), first
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == ["kimivl-edge verify: interrupted"]
+    assert sorted(os.listdir(tmp_path)) == ["many.jsonl"]
+
+
+def test_json_is_written_atomically(tmp_path):
+    from kimivl_edge.verify import write_json_atomic
+
+    target = tmp_path / "out.json"
+    with pytest.raises(TypeError):  # fails half-way through the dump, after "a" was written
+        write_json_atomic(str(target), {"a": list(range(1000)), "b": object()})
+    assert os.listdir(tmp_path) == []
+    write_json_atomic(str(target), {"a": 1})
+    assert json.loads(target.read_text()) == {"a": 1} and os.listdir(tmp_path) == ["out.json"]
