@@ -364,3 +364,17 @@ def test_json_is_written_atomically(tmp_path):
     assert os.listdir(tmp_path) == []
     write_json_atomic(str(target), {"a": 1})
     assert json.loads(target.read_text()) == {"a": 1} and os.listdir(tmp_path) == ["out.json"]
+
+
+def test_default_inputs():
+    from kimivl_edge.image import ImageProcessorConfig
+    from kimivl_edge.verify import MAX_IMAGE_PATCHES, default_cases
+
+    plain, thinking = default_cases(False), default_cases(True)
+    assert len(thinking) == len(plain) + 1 and any(c.name == "thinking" for c in thinking)
+    texts = [c.messages[0]["content"] for c in plain if not c.images]
+    assert len(texts) == 4 and any("\u0301" in t for t in texts) and any("\u0300" in t for t in texts)
+    sizes = [c.images[0].size for c in plain if c.images]
+    patch = ImageProcessorConfig.from_checkpoint(ASSET).patch_size
+    assert all(w % (2 * patch) and h % (2 * patch) for w, h in sizes)  # every image is padded
+    assert any((w // patch) * (h // patch) > MAX_IMAGE_PATCHES for w, h in sizes)  # one is resized
