@@ -58,6 +58,10 @@ def test_logit_metrics_by_hand():
     assert m["kld_mean"] == pytest.approx(0.125 * math.log(2), abs=1e-7)
     assert m["top1"] == 0.5  # argmax 0 vs 1 in row 0, the same in row 1
     assert m["top5"] == 1.0
+    assert logit_metrics(test, ref, chunk=1) == m  # row chunks pool to the same figures
+    only0 = logit_metrics(test, ref, rows=np.array([0]))
+    assert only0["positions"] == 1 and only0["top1"] == 0.0
+    assert only0["kld_mean"] == pytest.approx(0.25 * math.log(2), abs=1e-7)
 
 
 def test_top5_overlap_by_hand():
