@@ -182,7 +182,8 @@ def logit_metrics(test: np.ndarray, ref: np.ndarray, rows: np.ndarray | None = N
 
 
 def pooled(rows: Sequence[dict[str, float]], weight: str) -> dict[str, float]:
-    """Per-case metrics pooled over cases: means weighted by ``weight`` (tokens/positions), extremes over all."""
+    """Per-case metrics pooled over cases: means weighted by ``weight`` (tokens/positions); ``_max`` the highest,
+    ``_min`` and ``_p1`` the lowest of the cases (for the 1st percentile: the worst case's, a conservative figure)."""
     w = np.array([r[weight] for r in rows], np.float64)
     out: dict[str, float] = {weight: int(w.sum())}
     for key in rows[0]:
