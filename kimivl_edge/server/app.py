@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .completion import DELTA_FIELD, Done, ModelCard, chunk, completion, prepare_turn, run_turn, timings, usage
+from .completion import DELTA_FIELD, STARTED, Done, ModelCard, chunk, completion, prepare_turn, run_turn, timings, usage
 from .config import ServerConfig
 from .errors import INTERNAL, LOADING, APIError, bad_request, invalid_field
 from .scheduler import Job, QueueFull, Scheduler
@@ -129,7 +129,8 @@ class _Api:
             while not isinstance(ev, Done):
                 if ev is None:  # cancelled before it ran: the client has gone
                     raise APIError(400, "request cancelled", "cancelled")
-                text[ev[0]].append(ev[1])
+                if ev != STARTED:
+                    text[ev[0]].append(ev[1])
                 ev = await anext(events, None)
         finally:
             watcher.cancel()
@@ -163,8 +164,9 @@ async def _sse(cid: str, created: int, card: ModelCard, first: Any, events: Asyn
                 if include_usage:
                     yield data({**chunk(cid, created, card, {}), "choices": [], "usage": usage(ev.stats)})
                 break
-            kind, text = ev
-            yield data(chunk(cid, created, card, {DELTA_FIELD[kind]: text}))
+            if ev != STARTED:
+                kind, text = ev
+                yield data(chunk(cid, created, card, {DELTA_FIELD[kind]: text}))
             ev = await anext(events, None)
         yield "data: [DONE]\n\n"
     except APIError as e:

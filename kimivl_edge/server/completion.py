@@ -5,10 +5,11 @@ from __future__ import annotations
 import secrets
 import threading
 from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from ..errors import KimiVLError, UsageError
-from ..model import PieceStream, Stats
+from ..model import Stats, decode_pieces
 from ..sampling import SamplingSettings
 from .config import ServerConfig
 from .errors import APIError, invalid_field
@@ -52,6 +53,12 @@ class Turn:
 class Done:
     stats: Stats
     finish_reason: str
+
+
+STARTED = "started"
+"""The event sent once the prompt is evaluated and the first token is out: the request can no longer fail as a bad
+request, so a stream's headers go out even while the first piece is held back (a thinking model's output before any
+marker is held until a marker decides it, docs/model.md §7.4)."""
 
 
 def prepare_turn(req: ChatRequest, cfg: ServerConfig, card: ModelCard) -> Turn:
@@ -100,7 +107,7 @@ def _message(m: Message, i: int, cfg: ServerConfig) -> dict:
 def run_turn(model: KimiVL, turn: Turn, emit: Emit, cancelled: threading.Event) -> None:
     """On the worker thread: stream the turn's pieces through the stop strings; stop at once when cancelled."""
     tokens = model.stream_tokens(turn.messages, turn.settings)
-    pieces = PieceStream(tokens, model.tokenizer, turn.split_thinking)
+    pieces = decode_pieces(_watched(tokens, emit, cancelled), model.tokenizer, turn.split_thinking)
     stop = StopFilter(turn.stops)
     try:
         for piece in pieces:
@@ -114,7 +121,19 @@ def run_turn(model: KimiVL, turn: Turn, emit: Emit, cancelled: threading.Event) 
         raise APIError(400, str(e), "invalid_request") from None
     finally:
         pieces.close()
+        tokens.close()
     emit(Done(tokens.stats, "stop" if stop.stopped else tokens.stats.finish_reason))
+
+
+def _watched(tokens: Iterator[int], emit: Emit, cancelled: threading.Event) -> Iterator[int]:
+    """``tokens``, with STARTED emitted before the first one, until the request is cancelled: checked per token, as
+    text held back by the thinking split may yield no piece for many tokens."""
+    for i, t in enumerate(tokens):
+        if cancelled.is_set():
+            return
+        if i == 0:
+            emit(STARTED)
+        yield t
 
 
 def usage(st: Stats) -> dict:
