@@ -3,7 +3,13 @@
 A job is a function ``work(emit, cancelled)`` run on the worker thread; it reports through ``emit`` (delivered to
 the job's asyncio queue on the event loop) and stops early when ``cancelled`` is set. The worker first runs the
 loader; until it returns, ``ready`` is False. Past ``max_queue`` waiting jobs, ``submit`` raises QueueFull. A job
-that raises hands the exception to its reader and the worker goes on with the next one."""
+that raises hands the exception to its reader and the worker goes on with the next one.
+
+A job may also have a ``prepare(model)`` step that does not need the worker (``KimiVL.pre_encode``: rendering and
+the vision encoder). The encoder thread runs it for the job next in line while the worker runs the current job, so
+an image's encode does not stall the decode of the request before it; the worker starts a job once its
+``prepare`` has finished. ``prepare`` only warms caches: its errors are ignored (the job itself meets them).
+Only the next job is prepared ahead, so what it puts in the model's caches is still there when it runs."""
 from __future__ import annotations
 
 import asyncio
@@ -17,6 +23,7 @@ log = logging.getLogger("kimivl_edge.server")
 
 Emit = Callable[[Any], None]
 Work = Callable[[Emit, threading.Event], None]
+Prepare = Callable[[Any], object]
 _DONE = object()
 
 
@@ -27,8 +34,13 @@ class QueueFull(Exception):
 class Job:
     """A submitted piece of work and the events it emits, read on the event loop with ``events()``."""
 
-    def __init__(self, work: Work, loop: asyncio.AbstractEventLoop):
+    def __init__(self, work: Work, loop: asyncio.AbstractEventLoop, prepare: Prepare | None = None):
         self.work = work
+        self.prepare = prepare
+        self.claimed = prepare is None    # the encoder thread has taken (or the worker has skipped) ``prepare``
+        self.prepared = threading.Event()  # ``prepare`` has finished (or there is none)
+        if prepare is None:
+            self.prepared.set()
         self.cancelled = threading.Event()
         self._loop = loop
         self._events: asyncio.Queue[Any] = asyncio.Queue()
@@ -63,6 +75,7 @@ class Scheduler:
         self._stopping = False
         self._current: Job | None = None
         self._thread = threading.Thread(target=self._run, name="kimivl-worker", daemon=True)
+        self._encoder = threading.Thread(target=self._prepare_loop, name="kimivl-encoder", daemon=True)
 
     @property
     def ready(self) -> bool:
@@ -85,7 +98,7 @@ class Scheduler:
             self._jobs.clear()
             if self._current is not None:
                 self._current.cancel()
-            self._cv.notify()
+            self._cv.notify_all()
         self._thread.join()
 
     def submit(self, job: Job) -> None:
@@ -93,7 +106,7 @@ class Scheduler:
             if len(self._jobs) >= self.max_queue:
                 raise QueueFull
             self._jobs.append(job)
-            self._cv.notify()
+            self._cv.notify_all()
 
     def _run(self) -> None:
         try:
@@ -104,6 +117,7 @@ class Scheduler:
             if self._on_load_error is not None:
                 self._on_load_error()
             return
+        self._encoder.start()
         try:
             while True:
                 with self._cv:
@@ -112,10 +126,38 @@ class Scheduler:
                     if self._stopping:
                         break
                     job = self._current = self._jobs.popleft()
+                    if not job.claimed:  # the encoder thread is busy elsewhere: the job encodes for itself
+                        job.claimed = True
+                        job.prepared.set()
+                    self._cv.notify_all()  # the next job is now first in line
+                job.prepared.wait()
                 self._run_job(job)
                 self._current = None
         finally:
+            with self._cv:
+                self._stopping = True
+                self._cv.notify_all()
+            self._encoder.join()
             self.model.close()
+
+    def _prepare_loop(self) -> None:
+        """The encoder thread: ``prepare`` the job first in line, while the worker runs the one before it."""
+        while True:
+            with self._cv:
+                while not self._stopping and (not self._jobs or self._jobs[0].claimed):
+                    self._cv.wait()
+                if self._stopping:
+                    return
+                job = self._jobs[0]
+                job.claimed = True
+            try:
+                if not job.cancelled.is_set():
+                    assert job.prepare is not None  # jobs without one are claimed from the start
+                    job.prepare(self.model)
+            except Exception as e:  # the job meets the same error when it runs, and reports it
+                log.debug("prepare failed: %s", e)
+            finally:
+                job.prepared.set()
 
     @staticmethod
     def _run_job(job: Job) -> None:
