@@ -36,7 +36,7 @@ log = logging.getLogger("kimivl_edge.server")
 def create_app(cfg: ServerConfig, loader: Callable[[], Any], on_load_error: Callable[[], None] | None = None
                ) -> FastAPI:
     """The app; ``loader()`` returns the KimiVL and runs on the worker thread when the app starts."""
-    sched = Scheduler(loader, cfg.max_queue, on_load_error)
+    sched = Scheduler(loader, cfg.max_queue, on_load_error, cfg.parallel)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -108,7 +108,7 @@ class _Api:
         card = self.card
         turn = await run_in_threadpool(prepare_turn, body, self.cfg, card)
         job = Job(lambda emit, cancelled: run_turn(self.sched.model, turn, emit, cancelled), asyncio.get_running_loop(),
-                  (lambda model: model.pre_encode(turn.messages)) if _has_media(turn.messages) else None)
+                  (lambda model: model.pre_encode(turn.messages)) if _has_media(turn.messages) else None, turn)
         try:
             self.sched.submit(job)
         except QueueFull:
