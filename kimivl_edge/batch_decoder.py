@@ -35,6 +35,7 @@ class BatchDecoder:
         self.n_vocab = dec.n_vocab
         self._mem = lc.llama_get_memory(self._ctx)
         self._keys: list[list[Hashable]] = [[] for _ in range(n_seq)]
+        self._used = [0] * n_seq  # when each sequence was last prefilled (a counter), for choose()
         self._tok = lc.llama_batch_init(max(self.n_batch, n_seq), 0, 1)
         self._emb = lc.llama_batch_init(self.n_batch, self.n_embd, 1)
 
@@ -62,6 +63,16 @@ class BatchDecoder:
             n += 1
         return n
 
+    def choose(self, free: Sequence[int], keys: Sequence[Hashable]) -> int:
+        """The free sequence to prefill ``keys`` into: the one whose cache shares the longest prefix with them if
+        that covers at least half of what it holds (a follow-up lands where its conversation is, as llama-server's
+        slot similarity does), else the least recently used one."""
+        def shared(s: int) -> int:
+            return self.common_prefix(s, keys)
+
+        alike = [s for s in free if self._keys[s] and 2 * shared(s) >= len(self._keys[s])]
+        return max(alike, key=shared) if alike else min(free, key=lambda s: self._used[s])
+
     def prefill(self, seq: int, segments: Sequence[Segment]) -> int:
         """Make sequence ``seq`` hold exactly ``segments``, evaluating only what follows its cached prefix (the last
         position is always evaluated: its logits are batch entry -1 afterwards). Returns the positions evaluated."""
@@ -69,6 +80,7 @@ class BatchDecoder:
         if not 0 < len(keys) <= self.n_ctx:
             raise UsageError(f"prompt of {len(keys)} positions does not fit the context of {self.n_ctx}")
         common = min(self.common_prefix(seq, keys), len(keys) - 1)
+        self._used[seq] = max(self._used) + 1
         self._truncate(seq, common)
         try:
             pos = 0

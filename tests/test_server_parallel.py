@@ -86,14 +86,17 @@ def held_steps(monkeypatch, hold) -> list[int]:
 
 def test_concurrent_greedy_requests_equal_one_at_a_time(parallel_server, pics, solo, monkeypatch):
     srv = parallel_server
-    held = {"done": False}
+    state: dict = {}
+    inner_start = batch.BatchRunner.start
 
-    def hold(runner):  # the first step waits until the other two requests are queued
-        if not held["done"]:
-            held["done"] = True
-            wait_for(lambda: srv.scheduler.waiting + len(runner.running) >= 3, "the other requests")
+    def start(runner, job):  # the first request starts once the other two are queued
+        if not state:
+            state["first"] = True
+            wait_for(lambda: srv.scheduler.waiting >= 2, "the other requests")
+        return inner_start(runner, job)
 
-    sizes = held_steps(monkeypatch, hold)
+    monkeypatch.setattr(batch.BatchRunner, "start", start)
+    sizes = held_steps(monkeypatch, lambda runner: None)
     c = srv.client(timeout=300)
     answers: dict[int, str] = {}
 
@@ -103,12 +106,14 @@ def test_concurrent_greedy_requests_equal_one_at_a_time(parallel_server, pics, s
                                       max_tokens=MAX_TOKENS)
         answers[i] = r.choices[0].message.content
 
-    threads = [threading.Thread(target=ask_one, args=(i,)) for i in range(len(QUESTIONS))]
-    for th in threads:
+    threads = [threading.Thread(target=ask_one, args=(i,)) for i in (1, 0, 2)]  # a 6-token answer first
+    threads[0].start()
+    wait_for(lambda: state, "the first request")
+    for th in threads[1:]:
         th.start()
     for th in threads:
         th.join(300)
-    assert sizes[0] == 3 and 2 in sizes  # all three in one step, then the two longer ones
+    assert sizes[:2] == [1, 3] and 2 in sizes  # the first alone, then all three in one step, then the longer two
     expected = {i: solo_answer(solo, pics, q, img) for i, (q, img) in enumerate(QUESTIONS)}
     assert answers == expected
     assert "yellow" in answers[0].lower() and answers[1].startswith("(") and answers[2] != answers[1]
@@ -150,3 +155,18 @@ def test_cancelling_one_request_leaves_the_other_intact(parallel_server, pics, s
     again = c.chat.completions.create(model="tiny", messages=ask(*QUESTIONS[0][:1], data_uri(pics / "triangle.png")),
                                       temperature=0, max_tokens=MAX_TOKENS)
     assert again.choices[0].message.content == solo_answer(solo, pics, *QUESTIONS[0])
+
+
+def test_a_follow_up_reuses_its_slots_prefix(parallel_server, pics, solo):
+    c = parallel_server.client(timeout=300)
+    q, img = QUESTIONS[1]
+    msgs = ask(q, data_uri(pics / img))
+    first = c.chat.completions.create(model="tiny", messages=msgs, temperature=0, max_tokens=MAX_TOKENS)
+    other = c.chat.completions.create(model="tiny", messages=ask(*QUESTIONS[0][:1], data_uri(pics / "triangle.png")),
+                                      temperature=0, max_tokens=MAX_TOKENS)  # lands in another free slot or not
+    follow = msgs + [{"role": "assistant", "content": first.choices[0].message.content},
+                     {"role": "user", "content": "How many shapes are there?"}]
+    r = c.chat.completions.create(model="tiny", messages=follow, temperature=0, max_tokens=MAX_TOKENS)
+    assert other.choices[0].message.content == solo_answer(solo, pics, *QUESTIONS[0])
+    assert r.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 2
+    assert "3" in r.choices[0].message.content

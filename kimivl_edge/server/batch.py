@@ -1,7 +1,7 @@
 """``--parallel N``: up to N turns decode together, one token each per ``BatchDecoder.step`` (continuous batching).
 
 A ``BatchTurn`` is one request in a sequence slot: its prompt prefilled (reusing the slot's cached prefix; the slot
-is the free one whose cache shares the longest prefix), its own sampler chain, and its output turned into events as
+is chosen by ``BatchDecoder.choose``), its own sampler chain, and its output turned into events as
 ``completion.run_turn`` makes them (pieces through the thinking split and the stop filter, then ``Done``). The
 scheduler's worker owns the ``BatchRunner``: it starts turns in free slots, steps all running turns at once, and
 frees a slot when its turn ends (finished, stopped, cancelled or failed)."""
@@ -48,7 +48,7 @@ class BatchTurn:
             raise APIError(400, str(e), "invalid_request") from None
         st.image_tokens, st.prompt_tokens, st.media = prompt.image_tokens, prompt.n_tokens, prompt.media
         keys = Decoder.segment_keys(segments)
-        self.slot = max(free, key=lambda s: bd.common_prefix(s, keys))
+        self.slot = bd.choose(free, keys)
         free.remove(self.slot)
         self.chain = SamplerChain(self.settings, bd.n_vocab)
         try:
