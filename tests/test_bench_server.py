@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from kimivl_edge.bench.harness import Children
-from kimivl_edge.bench.server import CLIENTS, server_markdown, server_section
+from kimivl_edge.bench.server import CLIENTS, PARALLEL, server_markdown, server_section
 
 ASSET = Path(__file__).resolve().parents[1] / "kimivl_edge" / "assets" / "kimi-vl-tiny"
 SIDE = {"ttft", "decode_tps", "followup"}
@@ -26,7 +26,10 @@ def test_server_section_smoke(converted, tmp_path):
             assert len(st["values"]) == 1 and all(math.isfinite(v) and v >= 0 for v in st["values"])
         assert s[side]["ttft"]["median"] > 0 and s[side]["followup"]["median"] > 0
     assert s["http_over_inprocess_ttft"] > 0
-    assert set(s["aggregate_tps"]) == {str(c) for c in CLIENTS}
-    assert all(len(v["values"]) == 1 and v["median"] > 0 for v in s["aggregate_tps"].values())
+    assert set(s["aggregate_tps"]) == {str(p) for p in PARALLEL}
+    for by_clients in s["aggregate_tps"].values():
+        assert set(by_clients) == {str(c) for c in CLIENTS}
+        assert all(len(v["values"]) == 1 and v["median"] > 0 for v in by_clients.values())
     md = "\n".join(server_markdown({"server": s}))
     assert "## 6. Server over loopback" in md and md.count("\n| ") >= 3 + 2 + len(CLIENTS)
+    assert "`--parallel 4`" in md

@@ -8,9 +8,13 @@ One child process first runs the in-process API (``KimiVL.stream_tokens``), clos
 - follow-up: a second question about the same image, answered with one token (prefix reuse: only the new tokens
   are evaluated);
 - aggregate: 1, 2 and 4 clients each sending a different text question at once; completion tokens of all over the
-  wall time (prefill included). The server runs one request at a time (it has no ``--parallel``).
+  wall time (prefill included), with ``--parallel 1`` (one request at a time) and ``--parallel 4`` (their decode
+  steps batched).
 
-Parent side (``server_section``), child side (``task_server``) and the bench.md table (``server_markdown``).
+Parent side (``server_section``), child side (``task_server``), the bench.md table (``server_markdown``), and a
+``main`` that runs this section alone on a given pair:
+
+    python -m kimivl_edge.bench.server --model TEXT.gguf --mmproj MMPROJ.gguf [--threads 1] [--runs 3]
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from typing import Any
 from ..errors import KimiVLError
 
 CLIENTS = (1, 2, 4)
+PARALLEL = (1, 4)
 SERVER_START_SECONDS = 600  # bound on model load in the server subprocess
 HTTP_TIMEOUT = 600.0
 
@@ -138,12 +143,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_server(t: dict, log: Path) -> tuple[subprocess.Popen, str]:
+def _start_server(t: dict, log: Path, parallel: int) -> tuple[subprocess.Popen, str]:
     import httpx
 
     port = _free_port()
     cmd = [sys.executable, "-m", "kimivl_edge", "serve", "-m", t["text"], "--mmproj", t["mmproj"], "--port",
-           str(port), "--threads", str(t["threads"]), "--max-queue", str(max(CLIENTS))]
+           str(port), "--threads", str(t["threads"]), "--max-queue", str(max(CLIENTS)), "--parallel", str(parallel)]
     with open(log, "ab") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
     url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + SERVER_START_SECONDS
@@ -165,23 +170,26 @@ def task_server(t: dict) -> dict:
 
     from ..model import KimiVL
 
-    res: dict = {"inprocess": [], "http": [], "aggregate": {str(c): [] for c in CLIENTS}}
+    res: dict = {"inprocess": [], "http": [], "aggregate": {str(p): {str(c): [] for c in CLIENTS} for p in PARALLEL}}
     model = KimiVL.load(t["text"], t["mmproj"], n_threads=t["threads"])
     res["n_ctx"] = model.decoder.n_ctx
     try:
         res["inprocess"] = [_inprocess_run(model, t, 2000 + r) for r in range(t["runs"] + 1)][1:]
     finally:
         model.close()
-    proc, url = _start_server(t, Path(t["log"]))
-    try:
-        with httpx.Client(timeout=HTTP_TIMEOUT, limits=httpx.Limits(max_connections=2 * max(CLIENTS))) as client:
-            res["http"] = [_http_run(client, url, t, 2000 + r) for r in range(t["runs"] + 1)][1:]
-            for _ in range(t["runs"]):
-                for c in CLIENTS:
-                    res["aggregate"][str(c)].append(_aggregate(client, url, c, t["decode_tokens"]))
-    finally:
-        proc.terminate()
-        proc.wait(60)
+    for p in PARALLEL:
+        proc, url = _start_server(t, Path(t["log"]), p)
+        try:
+            with httpx.Client(timeout=HTTP_TIMEOUT, limits=httpx.Limits(max_connections=2 * max(CLIENTS))) as client:
+                if p == 1:
+                    res["http"] = [_http_run(client, url, t, 2000 + r) for r in range(t["runs"] + 1)][1:]
+                _aggregate(client, url, max(CLIENTS), t["decode_tokens"])  # warm-up
+                for _ in range(t["runs"]):
+                    for c in CLIENTS:
+                        res["aggregate"][str(p)][str(c)].append(_aggregate(client, url, c, t["decode_tokens"]))
+        finally:
+            proc.terminate()
+            proc.wait(60)
     return res
 
 
@@ -205,7 +213,7 @@ def server_section(ch: Any, text: Path, mmproj: Path, runs: int, decode_tokens: 
             "http_over_inprocess_ttft": http["ttft"]["median"] / inp["ttft"]["median"],
             "http_over_inprocess_decode_tps": (http["decode_tps"]["median"] / inp["decode_tps"]["median"]
                                                if inp["decode_tps"]["median"] else None),
-            "aggregate_tps": {c: summarize(v) for c, v in data["aggregate"].items()}}
+            "aggregate_tps": {p: {c: summarize(v) for c, v in by_c.items()} for p, by_c in data["aggregate"].items()}}
 
 
 def server_markdown(r: dict) -> list[str]:
@@ -225,7 +233,33 @@ def server_markdown(r: dict) -> list[str]:
              f"{'-' if ratio is None else f'{ratio:.3f}'} |",
              f"| follow-up, same image, 1-token answer, s | {_fmt(inp['followup'])} | {_fmt(http['followup'])} | "
              f"{http['followup']['median'] / inp['followup']['median']:.3f} |", "",
-             "| concurrent clients (text questions, one request at a time on the server) | completion tokens/s, "
-             "all clients |", "|---|---|"]
-    lines += [f"| {c} | {_fmt(v)} |" for c, v in s["aggregate_tps"].items()]
+             "| concurrent clients (text questions) | " + " | ".join(
+                 f"completion tokens/s, all clients, `--parallel {p}`" for p in s["aggregate_tps"]) + " |",
+             "|---" * (1 + len(s["aggregate_tps"])) + "|"]
+    lines += [f"| {c} | " + " | ".join(_fmt(by_c[c]) for by_c in s["aggregate_tps"].values()) + " |"
+              for c in next(iter(s["aggregate_tps"].values()))]
     return lines + [""]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import os
+    import tempfile
+
+    from .harness import Children
+
+    ap = argparse.ArgumentParser(prog="python -m kimivl_edge.bench.server", description="bench section 6 alone")
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--mmproj", required=True)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--decode-tokens", type=int, default=64)
+    a = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as work:
+        s = server_section(Children(Path(work), a.threads), Path(a.model), Path(a.mmproj), a.runs, a.decode_tokens)
+    print("\n".join(server_markdown({"server": s})))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
