@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import openai
 import pytest
 
 from kimivl_edge.model import KimiVL
@@ -170,3 +171,22 @@ def test_a_follow_up_reuses_its_slots_prefix(parallel_server, pics, solo):
     assert other.choices[0].message.content == solo_answer(solo, pics, *QUESTIONS[0])
     assert r.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 2
     assert "3" in r.choices[0].message.content
+
+
+def test_a_failing_request_leaves_the_batch_usable(parallel_server, pics, solo):
+    c = parallel_server.client(timeout=300)
+    with pytest.raises(openai.BadRequestError) as e:  # does not fit the context: refused before any decode
+        c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "shape " * (2 * CTX)}],
+                                  max_tokens=4)
+    assert "context" in e.value.body["message"]
+    r = c.chat.completions.create(model="tiny", messages=ask(QUESTIONS[0][0], data_uri(pics / "triangle.png")),
+                                  temperature=0, max_tokens=MAX_TOKENS)
+    assert r.choices[0].message.content == solo_answer(solo, pics, *QUESTIONS[0])
+
+
+def test_parallel_below_one_is_a_usage_error():
+    from kimivl_edge.errors import UsageError
+    from kimivl_edge.serve import _parser, config
+
+    with pytest.raises(UsageError, match="--parallel is too small: 0"):
+        config(_parser().parse_args(["-m", "x.gguf", "--parallel", "0"]))
