@@ -5,6 +5,7 @@ certain with events, not clocks: the batched step is held (bounded waits) until 
 until a client has gone."""
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -190,3 +191,21 @@ def test_parallel_below_one_is_a_usage_error():
 
     with pytest.raises(UsageError, match="--parallel is too small: 0"):
         config(_parser().parse_args(["-m", "x.gguf", "--parallel", "0"]))
+
+
+def test_json_object_is_enforced_in_a_batch(parallel_server, pics):
+    c = parallel_server.client(timeout=300)
+    out: dict[int, str] = {}
+
+    def one(i: int) -> None:
+        q, img = QUESTIONS[i]
+        r = c.chat.completions.create(model="tiny", messages=ask(q, data_uri(pics / img)), temperature=0,
+                                      max_tokens=48, response_format={"type": "json_object"})
+        out[i] = r.choices[0].message.content
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(300)
+    assert all(isinstance(json.loads(out[i]), dict) for i in range(2)), out
