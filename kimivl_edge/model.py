@@ -14,7 +14,8 @@ tools (teacher-forced logits over positions).
 
 Threads and streams: one ``KimiVL`` holds one llama.cpp context (one KV cache). Its calls are serialised by a lock
 (a call from a second thread waits for the first to finish; a stream holds the lock only while it computes its next
-item), so a model can be shared by threads. A turn owns the KV cache from the moment it starts: a newer turn
+item), so a model can be shared by threads; ``pre_encode`` (a server's encoder thread) renders and encodes images
+without it, beside a decoding stream. A turn owns the KV cache from the moment it starts: a newer turn
 (``stream``, ``stream_tokens``, ``generate``, ``logits``) invalidates an older unfinished stream, whose next read
 raises KimiVLError instead of continuing from someone else's cache. Interrupted calls (Ctrl-C, an exception from
 the encode progress callback, a stream closed early) leave the cache consistent: the next call gives what a fresh
@@ -315,6 +316,7 @@ class KimiVL:
         # how video and document parts become images (media.MediaSettings: frames, pages, budgets)
         self.media_settings = MediaSettings()
         self._lock = threading.RLock()     # serialises every call (see the module docstring)
+        self._vision_lock = threading.Lock()  # the vision encoder's calls (``pre_encode`` runs it without _lock)
         self._turn: TokenStream | None = None  # the stream that owns the KV cache
         self._closed = False
 
@@ -389,7 +391,8 @@ class KimiVL:
             self._image_cache.clear()
             self.decoder.close()
             if self.vision is not None and hasattr(self.vision, "close"):
-                self.vision.close()
+                with self._vision_lock:  # a pre_encode may be running
+                    self.vision.close()
 
     @property
     def closed(self) -> bool:
@@ -454,16 +457,42 @@ class KimiVL:
                 found[im.key] = self._image_cache[im.key]
         todo = list({im.key: im for im in images if im.key not in found}.values())
         if todo:
-            grids = np.array([im.grid for im in todo], dtype=np.int64)
-            embs = vision.encode(np.concatenate([im.patches for im in todo]), grids, progress=self.encode_progress)
-            if not all(np.isfinite(e).all() for e in embs):
-                raise KimiVLError("the vision encoder produced non-finite values (NaN or Inf): the mmproj file is "
-                                  "corrupt or does not belong to this model")
-            for im, e in zip(todo, embs):
-                found[im.key] = self._image_cache[im.key] = e
-                while len(self._image_cache) > self.image_cache_size:
-                    self._image_cache.popitem(last=False)
+            for im, e in zip(todo, self._encode(vision, todo)):
+                found[im.key] = e
+                self._cache_put(im.key, e)
         return [found[im.key] for im in images]
+
+    def _encode(self, vision: VisionEncoder | GgmlVisionEncoder, images: Sequence[PromptImage]) -> list[np.ndarray]:
+        grids = np.array([im.grid for im in images], dtype=np.int64)
+        with self._vision_lock:
+            embs = vision.encode(np.concatenate([im.patches for im in images]), grids, progress=self.encode_progress)
+        if not all(np.isfinite(e).all() for e in embs):
+            raise KimiVLError("the vision encoder produced non-finite values (NaN or Inf): the mmproj file is "
+                              "corrupt or does not belong to this model")
+        return embs
+
+    def _cache_put(self, key: str, emb: np.ndarray) -> None:
+        self._image_cache[key] = emb
+        while len(self._image_cache) > self.image_cache_size:
+            self._image_cache.popitem(last=False)
+
+    def pre_encode(self, messages: Sequence[dict]) -> int:
+        """Put the embeddings of ``messages``' images in the cache, holding the model's lock only to read and fill
+        the cache: rendering and the vision encoder (neither touches llama.cpp) run beside another thread's decode,
+        so a server can encode a queued request's images while the current one generates; the queued turn then
+        finds them cached. Returns the number of images encoded. Raises what ``render_prompt`` raises."""
+        with self._locked():
+            vision = self._require_vision()
+        prompt = self._render(messages)
+        with self._locked():
+            todo = list({im.key: im for im in prompt.images if im.key not in self._image_cache}.values())
+        if not todo:
+            return 0
+        embs = self._encode(vision, todo)
+        with self._locked():
+            for im, e in zip(todo, embs):
+                self._cache_put(im.key, e)
+        return len(todo)
 
     # -- prompts ----------------------------------------------------------------------------------------------
     def render_prompt(self, messages: Sequence[dict], check_fit: bool = True) -> RenderedPrompt:
@@ -473,20 +502,24 @@ class KimiVL:
         and images disagree, or (``check_fit``) when the prompt does not fit the context: counted from the image
         sizes, before any pixel is preprocessed or encoded."""
         with self._locked():
-            messages, media = expand_parts(messages, self.media_settings, self.image_config, self.max_image_patches,
-                                           self.decoder.n_ctx)
-            msgs = _prepare_history(messages, self.info.is_thinking)
-            text, content = render_marking_content(self.info.chat_template, msgs, add_generation_prompt=True)
-            ids = self.tokenizer.encode_except(text, [] if self.allow_special_in_content else content)
-            sources = [_image_source(p) for p in image_parts(msgs)]
-            pad = self.tokenizer.media_pad_id
-            n_pads = ids.count(pad)
-            if n_pads != len(sources):
-                raise UsageError(f"the prompt has {n_pads} image placeholder(s) but {len(sources)} image(s)")
-            loaded = self._load_images(sources) if sources else []
-            if check_fit:
-                self._check_fit(len(ids) - len(sources), [g for _, g in loaded])
-            return RenderedPrompt(ids, self._preprocess(loaded), pad, media)
+            return self._render(messages, check_fit)
+
+    def _render(self, messages: Sequence[dict], check_fit: bool = True) -> RenderedPrompt:
+        """``render_prompt`` without the lock: it reads only the model's settings, never llama.cpp."""
+        messages, media = expand_parts(messages, self.media_settings, self.image_config, self.max_image_patches,
+                                       self.decoder.n_ctx)
+        msgs = _prepare_history(messages, self.info.is_thinking)
+        text, content = render_marking_content(self.info.chat_template, msgs, add_generation_prompt=True)
+        ids = self.tokenizer.encode_except(text, [] if self.allow_special_in_content else content)
+        sources = [_image_source(p) for p in image_parts(msgs)]
+        pad = self.tokenizer.media_pad_id
+        n_pads = ids.count(pad)
+        if n_pads != len(sources):
+            raise UsageError(f"the prompt has {n_pads} image placeholder(s) but {len(sources)} image(s)")
+        loaded = self._load_images(sources) if sources else []
+        if check_fit:
+            self._check_fit(len(ids) - len(sources), [g for _, g in loaded])
+        return RenderedPrompt(ids, self._preprocess(loaded), pad, media)
 
     def _check_fit(self, n_text: int, grids: Sequence[tuple[int, int]]) -> None:
         """The prompt must leave one position for the answer; the message says what to change."""

@@ -73,11 +73,12 @@ class SamplerChain:
         add(lc.llama_sampler_init_temp(s.temperature))
         add(lc.llama_sampler_init_dist(ctypes.c_uint32(s.seed & 0xFFFFFFFF).value))
 
-    def sample(self, ctx) -> int:
-        """Sample from the logits of the last evaluated position (and accept the token into the chain)."""
+    def sample(self, ctx, idx: int = -1) -> int:
+        """Sample from the logits of the last evaluated position, or of batch entry ``idx`` (and accept the token
+        into the chain)."""
         if self._grammar is not None:
             self._put_grammar_first(ctx, self._grammar)
-        return int(self._lc.llama_sampler_sample(self._chain, ctx, -1))
+        return int(self._lc.llama_sampler_sample(self._chain, ctx, idx))
 
     def _put_grammar_first(self, ctx, gbnf: str) -> None:
         """Wrap the chain in one that runs the grammar sampler first (it needs the vocabulary: ``ctx``'s model)."""

@@ -38,13 +38,15 @@ def _parser():
                     "before decoding (default 2^25)")
     ap.add_argument("--max-queue", type=int, default=64, help="requests waiting behind the running one; past it "
                     "the server answers 429 (default 64)")
+    ap.add_argument("--parallel", type=int, default=4, help="requests decoded together, one llama.cpp batch per "
+                    "token (continuous batching; N sequences of --ctx tokens each; default 4, as measured in README)")
     return ap
 
 
 def config(args):
     from .server.config import ServerConfig
 
-    for name in ("max_body", "max_images", "max_image_pixels", "max_queue"):
+    for name in ("max_body", "max_images", "max_image_pixels", "max_queue", "parallel"):
         if getattr(args, name) < (0 if name == "max_queue" else 1):
             raise UsageError(f"--{name.replace('_', '-')} is too small: {getattr(args, name)}")
     if args.media_dir is not None and not args.media_dir.is_dir():
@@ -53,7 +55,7 @@ def config(args):
                         cors_origins=tuple(args.cors_origin), allow_remote_images=args.allow_remote_images,
                         media_dir=args.media_dir, max_body_bytes=args.max_body, max_images=args.max_images,
                         max_image_pixels=args.max_image_pixels, max_queue=args.max_queue,
-                        reasoning_format=args.reasoning_format)
+                        reasoning_format=args.reasoning_format, parallel=args.parallel)
 
 
 def main(argv: list[str] | None = None) -> int:

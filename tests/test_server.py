@@ -347,7 +347,9 @@ class ScriptedTokens:
         pass
 
 
-def endless(tok: int) -> Iterator[int]:
+def endless(opening: list[int], tok: int) -> Iterator[int]:
+    """◁think▷, then ``tok`` for ever: a thinking model's output streams only once a marker decided its kind."""
+    yield from opening
     while True:
         time.sleep(0.01)
         yield tok
@@ -364,7 +366,8 @@ class ScriptedModel:
 
     def stream_tokens(self, messages, settings):
         last = messages[-1]["content"]
-        ids = endless(self.tokenizer.encode("a")[0]) if last == "slow" else iter(self.tokenizer.encode(self.script))
+        enc = self.tokenizer.encode
+        ids = endless(enc(THINK_OPEN), enc("a")[0]) if last == "slow" else iter(enc(self.script))
         return ScriptedTokens(ids, last == "boom")
 
     def close(self) -> None:

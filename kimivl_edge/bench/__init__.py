@@ -16,14 +16,17 @@ One run writes DIR/bench.md (markdown tables) and DIR/bench.json (every figure):
 4. vision encode per mmproj type (F16, Q8_0, Q4_0) and image size: numpy backend decoding weights per layer, numpy
    with cached weights, ggml (llama.cpp's clip); GFLOP/s against a measured float32 GEMM peak; peak RSS;
 5. time to first token for a 448x448 image + a short question, a follow-up question about the same image, and the
-   memory of a process with the model loaded against the GGUF sizes.
+   memory of a process with the model loaded against the GGUF sizes;
+6. ``kimivl-edge serve`` over loopback (httpx, streamed) against the in-process API: time to first token, decode
+   tokens/s, follow-up time, and completion tokens/s of 1, 2 and 4 concurrent clients.
 
 Every figure is the median of ``--runs`` runs with min and max. Each measured step runs in its own child process
 (``python -c`` on ``child_main``), so peak RSS is that process's own (``wait4`` rusage / ``VmHWM``).
 
 Modules: ``probes`` (the machine, RSS, read bandwidth, GEMM peak, raw read), ``roofline`` (bytes per token, KV
 bytes, vision FLOPs), ``harness`` (child processes), ``tasks`` (the measured child steps), ``sections`` (the parent
-side of each section: child runs -> figures), ``report`` (bench.md), ``cli`` (options, ``run_bench``, ``main``).
+side of each section: child runs -> figures), ``server`` (section 6, both sides), ``report`` (bench.md), ``cli``
+(options, ``run_bench``, ``main``).
 """
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from .sections import TEXT_TYPES
+from .server import server_markdown
 
 METHOD_NAMES = {"kimivl_edge": "kimivl-edge (Decoder + SamplerChain)", "llama_decode_loop": "raw llama_decode loop",
                 "llama_cpp_python": "llama-cpp-python Llama.generate"}
@@ -157,7 +158,7 @@ def _ttft(r: dict) -> list[str]:
 
 def render_markdown(r: dict) -> str:
     """bench.md from the bench.json dictionary."""
-    lines = _header(r) + _conversion(r) + _decode(r) + _roofline(r) + _vision(r) + _ttft(r)
+    lines = _header(r) + _conversion(r) + _decode(r) + _roofline(r) + _vision(r) + _ttft(r) + server_markdown(r)
     lines += ["## Not measured", ""] + [f"- {s}" for s in r["not_measured"]] + [""]
     return "\n".join(lines)
 

@@ -14,6 +14,7 @@ from ..tokenizer import N_SPECIAL
 from ..decoder import model_params
 from ..errors import KimiVLError
 from .probes import current_rss, gemm_peak, peak_rss, read_bandwidth
+from .server import task_server
 
 KV_TYPE = GGMLQuantizationType.F16  # every engine's KV cache, as Decoder's default
 WARMUP_PROMPT_TOKENS = 8
@@ -324,5 +325,5 @@ def task_ttft(t: dict) -> dict:
 
 CHILD_TASKS: dict[str, Callable[[dict], dict]] = {
     "limits": task_limits, "synth": task_synth, "convert": task_convert, "mmproj": task_mmproj,
-    "decode": task_decode, "vision": task_vision, "ttft": task_ttft,
+    "decode": task_decode, "vision": task_vision, "ttft": task_ttft, "server": task_server,
 }

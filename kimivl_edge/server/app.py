@@ -1,7 +1,8 @@
 """The FastAPI app: routes, and the ASGI layers around them (request log -> CORS -> API key -> body limit).
 
 Every error leaves in the OpenAI shape (``errors.APIError``); an unexpected exception is logged with its traceback
-and the client gets a one-line 500. The model is touched only by the scheduler's worker thread.
+and the client gets a one-line 500. The model's decoder is touched only by the scheduler's worker thread; a request
+with images is also handed to its encoder thread (``KimiVL.pre_encode``) while it waits.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ log = logging.getLogger("kimivl_edge.server")
 def create_app(cfg: ServerConfig, loader: Callable[[], Any], on_load_error: Callable[[], None] | None = None
                ) -> FastAPI:
     """The app; ``loader()`` returns the KimiVL and runs on the worker thread when the app starts."""
-    sched = Scheduler(loader, cfg.max_queue, on_load_error)
+    sched = Scheduler(loader, cfg.max_queue, on_load_error, cfg.parallel)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -106,7 +107,8 @@ class _Api:
     async def chat(self, body: ChatRequest, request: Request) -> Any:
         card = self.card
         turn = await run_in_threadpool(prepare_turn, body, self.cfg, card)
-        job = Job(lambda emit, cancelled: run_turn(self.sched.model, turn, emit, cancelled), asyncio.get_running_loop())
+        job = Job(lambda emit, cancelled: run_turn(self.sched.model, turn, emit, cancelled), asyncio.get_running_loop(),
+                  (lambda model: model.pre_encode(turn.messages)) if _has_media(turn.messages) else None, turn)
         try:
             self.sched.submit(job)
         except QueueFull:
@@ -137,6 +139,11 @@ class _Api:
         request.state.usage = ev.stats
         reasoning = "".join(text["reasoning"]) if turn.split_thinking else None
         return JSONResponse(completion(cid, created, card, "".join(text["answer"]), reasoning, ev))
+
+
+def _has_media(messages: list[dict]) -> bool:
+    """Whether a turn has parts for the vision encoder (what the scheduler's encoder thread prepares)."""
+    return any(p.get("type") != "text" for m in messages if isinstance(m["content"], list) for p in m["content"])
 
 
 async def _cancel_on_disconnect(receive: Receive, job: Job) -> None:

@@ -3,7 +3,16 @@
 A job is a function ``work(emit, cancelled)`` run on the worker thread; it reports through ``emit`` (delivered to
 the job's asyncio queue on the event loop) and stops early when ``cancelled`` is set. The worker first runs the
 loader; until it returns, ``ready`` is False. Past ``max_queue`` waiting jobs, ``submit`` raises QueueFull. A job
-that raises hands the exception to its reader and the worker goes on with the next one."""
+that raises hands the exception to its reader and the worker goes on with the next one.
+
+A job may also have a ``prepare(model)`` step that does not need the worker (``KimiVL.pre_encode``: rendering and
+the vision encoder). The encoder thread runs it for the job next in line while the worker runs the current job, so
+an image's encode does not stall the decode of the request before it; the worker starts a job once its
+``prepare`` has finished. ``prepare`` only warms caches: its errors are ignored (the job itself meets them).
+Only the next job is prepared ahead, so what it puts in the model's caches is still there when it runs.
+
+With ``parallel`` > 1 the worker runs up to that many chat turns at once (``batch.BatchRunner``: one llama_decode
+per step for all of them); such jobs carry their ``turn`` and their ``work`` is not used."""
 from __future__ import annotations
 
 import asyncio
@@ -17,6 +26,7 @@ log = logging.getLogger("kimivl_edge.server")
 
 Emit = Callable[[Any], None]
 Work = Callable[[Emit, threading.Event], None]
+Prepare = Callable[[Any], object]
 _DONE = object()
 
 
@@ -27,8 +37,15 @@ class QueueFull(Exception):
 class Job:
     """A submitted piece of work and the events it emits, read on the event loop with ``events()``."""
 
-    def __init__(self, work: Work, loop: asyncio.AbstractEventLoop):
+    def __init__(self, work: Work, loop: asyncio.AbstractEventLoop, prepare: Prepare | None = None,
+                 turn: Any = None):
         self.work = work
+        self.turn = turn  # the chat turn (completion.Turn), for the batched worker
+        self.prepare = prepare
+        self.claimed = prepare is None    # the encoder thread has taken (or the worker has skipped) ``prepare``
+        self.prepared = threading.Event()  # ``prepare`` has finished (or there is none)
+        if prepare is None:
+            self.prepared.set()
         self.cancelled = threading.Event()
         self._loop = loop
         self._events: asyncio.Queue[Any] = asyncio.Queue()
@@ -52,8 +69,9 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, loader: Callable[[], Any], max_queue: int, on_load_error: Callable[[], None] | None = None):
-        self.max_queue = max_queue
+    def __init__(self, loader: Callable[[], Any], max_queue: int, on_load_error: Callable[[], None] | None = None,
+                 parallel: int = 1):
+        self.max_queue, self.parallel = max_queue, parallel
         self._on_load_error = on_load_error
         self.model: Any = None
         self.load_error: str | None = None
@@ -63,6 +81,7 @@ class Scheduler:
         self._stopping = False
         self._current: Job | None = None
         self._thread = threading.Thread(target=self._run, name="kimivl-worker", daemon=True)
+        self._encoder = threading.Thread(target=self._prepare_loop, name="kimivl-encoder", daemon=True)
 
     @property
     def ready(self) -> bool:
@@ -85,7 +104,7 @@ class Scheduler:
             self._jobs.clear()
             if self._current is not None:
                 self._current.cancel()
-            self._cv.notify()
+            self._cv.notify_all()
         self._thread.join()
 
     def submit(self, job: Job) -> None:
@@ -93,7 +112,7 @@ class Scheduler:
             if len(self._jobs) >= self.max_queue:
                 raise QueueFull
             self._jobs.append(job)
-            self._cv.notify()
+            self._cv.notify_all()
 
     def _run(self) -> None:
         try:
@@ -104,18 +123,89 @@ class Scheduler:
             if self._on_load_error is not None:
                 self._on_load_error()
             return
+        self._encoder.start()
+        try:
+            if self.parallel > 1:
+                self._serve_batched()
+            else:
+                self._serve()
+        finally:
+            with self._cv:
+                self._stopping = True
+                self._cv.notify_all()
+            self._encoder.join()
+            self.model.close()
+
+    def _take(self) -> Job:
+        """Under the lock: the job first in line, out of the queue."""
+        job = self._jobs.popleft()
+        if not job.claimed:  # the encoder thread is busy elsewhere: the job encodes for itself
+            job.claimed = True
+            job.prepared.set()
+        self._cv.notify_all()  # the next job is now first in line
+        return job
+
+    def _serve(self) -> None:
+        while True:
+            with self._cv:
+                while not self._jobs and not self._stopping:
+                    self._cv.wait()
+                if self._stopping:
+                    return
+                job = self._current = self._take()
+            job.prepared.wait()
+            self._run_job(job)
+            self._current = None
+
+    def _serve_batched(self) -> None:
+        from .batch import BatchRunner
+
+        runner = BatchRunner(self.model, self.parallel)
         try:
             while True:
                 with self._cv:
-                    while not self._jobs and not self._stopping:
+                    while not self._jobs and not runner.running and not self._stopping:
                         self._cv.wait()
                     if self._stopping:
-                        break
-                    job = self._current = self._jobs.popleft()
-                self._run_job(job)
-                self._current = None
+                        return
+                    starting = [self._take() for _ in range(min(len(self._jobs), len(runner.free)))]
+                for job in starting:
+                    job.prepared.wait()
+                    self._start_batched(runner, job)
+                for job in runner.step() if runner.running else []:
+                    job.emit(_DONE)
         finally:
-            self.model.close()
+            for t in runner.running.values():
+                t.job.emit(_DONE)
+            runner.close()
+
+    @staticmethod
+    def _start_batched(runner: Any, job: Job) -> None:
+        try:
+            if not job.cancelled.is_set() and runner.start(job):
+                return  # running: its _DONE comes when a step ends it
+        except Exception as e:  # the job's failure is its reader's; the others go on
+            job.emit(e)
+        job.emit(_DONE)
+
+    def _prepare_loop(self) -> None:
+        """The encoder thread: ``prepare`` the job first in line, while the worker runs the one before it."""
+        while True:
+            with self._cv:
+                while not self._stopping and (not self._jobs or self._jobs[0].claimed):
+                    self._cv.wait()
+                if self._stopping:
+                    return
+                job = self._jobs[0]
+                job.claimed = True
+            try:
+                if not job.cancelled.is_set():
+                    assert job.prepare is not None  # jobs without one are claimed from the start
+                    job.prepare(self.model)
+            except Exception as e:  # the job meets the same error when it runs, and reports it
+                log.debug("prepare failed: %s", e)
+            finally:
+                job.prepared.set()
 
     @staticmethod
     def _run_job(job: Job) -> None:
