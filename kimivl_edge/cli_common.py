@@ -61,6 +61,8 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
                     "Q4_0, IQ4_NL on x86), which would keep the file and the repacked copy in RAM")
     ap.add_argument("--no-repack", action="store_true", help="use weights in their file layout, no repacked copies "
                     "(with --mmap auto the file is then mapped: fastest load, same memory)")
+    ap.add_argument("--no-exif", action="store_true", help="use an image's stored pixels as they are; by default "
+                    "its EXIF orientation is applied, as transformers' load_image does")
 
 
 def add_sampling_args(ap: argparse.ArgumentParser) -> None:
@@ -82,12 +84,32 @@ def load_model(args: argparse.Namespace) -> KimiVL:
     model = KimiVL.load(args.model, args.mmproj, n_ctx=args.ctx, n_threads=args.threads, kv_type=args.kv_type,
                         vision_backend=args.vision_backend, weight_cache=args.weight_cache,
                         flash_attn=args.flash_attn, max_image_patches=args.max_image_patches,
-                        mmap=MMAP_CHOICES[args.mmap], repack=not args.no_repack,
+                        mmap=MMAP_CHOICES[args.mmap], repack=not args.no_repack, exif_transpose=not args.no_exif,
                         load_progress=load_progress if tty else None)
+    note = image_budget_note(model)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     if tty:
         model.encode_progress = encode_progress
         model.prefill_progress = prefill_progress
     return model
+
+
+def image_budget_note(model: KimiVL) -> str | None:
+    """When one image at the model's patch budget can take more tokens than the context holds (Thinking-2506:
+    16384 patches = 4096 tokens, against the default --ctx 4096), say so at load, naming what to change."""
+    cfg = model.image_config
+    if cfg is None:
+        return None
+    from .image import effective_token_limit
+
+    area = cfg.merge_kernel_size[0] * cfg.merge_kernel_size[1]
+    patches = effective_token_limit(cfg, model.max_image_patches)
+    n_ctx = model.decoder.n_ctx
+    if patches // area <= n_ctx // 2:
+        return None
+    return (f"one image may take up to {patches // area} image tokens ({patches} patches) of the {n_ctx}-token "
+            f"context; raise --ctx or set --max-image-patches {n_ctx // 2 * area} (half the context per image)")
 
 
 def _progress_line(text: str, done: int, total: int) -> None:

@@ -196,3 +196,49 @@ def test_no_progress_when_stderr_is_not_a_terminal(pair, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "\r" not in r.stderr and "loading" not in r.stderr and "encoding" not in r.stderr, r.stderr
     assert "reading the prompt" not in r.stderr, r.stderr
+
+
+def test_an_image_budget_larger_than_half_the_context_is_said_at_load():
+    """Issue 14 defect 7: Thinking-2506's 16384 patches (4096 tokens) do not fit the default --ctx 4096; the load
+    says so in one line with the knobs, and says nothing when the budget fits (the bundled model: 4096 patches)."""
+    from kimivl_edge.cli_common import image_budget_note
+    from kimivl_edge.image import ImageProcessorConfig
+
+    class Fake:  # only what the note reads: the processor's budget, the user's cap, the context
+        def __init__(self, limit: int, cap: int | None, n_ctx: int):
+            self.image_config = ImageProcessorConfig(patch_size=14, merge_kernel_size=(2, 2), in_token_limit=limit,
+                                                     image_mean=(0.5,) * 3, image_std=(0.5,) * 3, pad_input=True)
+            self.max_image_patches, self.decoder = cap, type("D", (), {"n_ctx": n_ctx})()
+
+    note = image_budget_note(Fake(16384, None, 4096))  # type: ignore[arg-type]
+    assert note is not None and "4096 image tokens (16384 patches)" in note
+    assert "--max-image-patches 8192" in note and "--ctx" in note
+    assert image_budget_note(Fake(16384, 8192, 4096)) is None  # type: ignore[arg-type]
+    assert image_budget_note(Fake(4096, None, 4096)) is None  # type: ignore[arg-type]
+    assert image_budget_note(Fake(4096, None, 2048)) is None  # type: ignore[arg-type]  # 1024 tokens: half
+    assert image_budget_note(Fake(4096, None, 1024)) is not None  # type: ignore[arg-type]
+
+
+def test_no_exif_reaches_the_loader(monkeypatch):
+    """--no-exif turns off the EXIF orientation the API applies by default (KimiVL.load's exif_transpose)."""
+    import argparse
+
+    from kimivl_edge import cli_common
+    from kimivl_edge.model import KimiVL
+
+    seen: list[dict] = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_load(*a, **kw):
+        seen.append(kw)
+        raise Stop
+
+    monkeypatch.setattr(KimiVL, "load", staticmethod(fake_load))
+    for argv, want in ((["-m", "x.gguf"], True), (["-m", "x.gguf", "--no-exif"], False)):
+        ap = argparse.ArgumentParser()
+        cli_common.add_model_args(ap)
+        with pytest.raises(Stop):
+            cli_common.load_model(ap.parse_args(argv))
+        assert seen[-1]["exif_transpose"] is want
