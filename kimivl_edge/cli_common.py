@@ -8,6 +8,8 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, TextIO
 
+from .errors import check_int
+
 if TYPE_CHECKING:
     from .model import KimiVL, Stats
     from .sampling import SamplingSettings
@@ -32,6 +34,11 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
                     "Q4_0, IQ4_NL on x86), which would keep the file and the repacked copy in RAM")
     ap.add_argument("--no-repack", action="store_true", help="use weights in their file layout, no repacked copies "
                     "(with --mmap auto the file is then mapped: fastest load, same memory)")
+    ap.add_argument("--cache-dir", help="prefix cache directory: the state after a prompt's images, reused by later "
+                    "prompts and processes (default $XDG_CACHE_HOME/kimivl-edge, else ~/.cache/kimivl-edge)")
+    ap.add_argument("--cache-max-mb", type=int, default=2048, help="prefix cache size bound in MiB, least recently "
+                    "used entries go first (default 2048)")
+    ap.add_argument("--no-cache", action="store_true", help="no prefix cache: read and write nothing on disk")
 
 
 def add_sampling_args(ap: argparse.ArgumentParser) -> None:
@@ -46,11 +53,14 @@ def add_sampling_args(ap: argparse.ArgumentParser) -> None:
 
 def load_model(args: argparse.Namespace) -> KimiVL:
     from .model import KimiVL
+    from .prefix_cache import PrefixCache
 
+    max_bytes = check_int("--cache-max-mb", args.cache_max_mb, 0) << 20
+    cache = None if args.no_cache else PrefixCache(args.cache_dir, max_bytes)
     model = KimiVL.load(args.model, args.mmproj, n_ctx=args.ctx, n_threads=args.threads, kv_type=args.kv_type,
                         vision_backend=args.vision_backend, weight_cache=args.weight_cache,
                         flash_attn=args.flash_attn, max_image_patches=args.max_image_patches,
-                        mmap=MMAP_CHOICES[args.mmap], repack=not args.no_repack)
+                        mmap=MMAP_CHOICES[args.mmap], repack=not args.no_repack, prefix_cache=cache)
     if sys.stderr.isatty():
         model.encode_progress = encode_progress
     return model
