@@ -153,7 +153,7 @@ def test_text_only_state_round_trip(pair):
 
 
 # -- misses -----------------------------------------------------------------------------------------------------
-def test_misses(pair, ckpt, converted, images, tmp_path):
+def test_misses(pair, ckpt, converted, images, tmp_path, caplog):
     cache = PrefixCache(tmp_path)
     history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     base = history + q(images[0], "What is it?")
@@ -169,6 +169,7 @@ def test_misses(pair, ckpt, converted, images, tmp_path):
     assert restored(pair, cache, base, kv_type="f16") == 0, "another KV type"
     assert restored(pair, cache, base, vision_backend="ggml") == 0, "another vision backend"
     assert len(entries(tmp_path)) == 7
+    assert not [r for r in caplog.records if r.name == LOGGER]  # each a plain miss, not a refused entry
 
 
 # -- bad entries and directories --------------------------------------------------------------------------------

@@ -16,7 +16,10 @@ One run writes DIR/bench.md (markdown tables) and DIR/bench.json (every figure):
 4. vision encode per mmproj type (F16, Q8_0, Q4_0) and image size: numpy backend decoding weights per layer, numpy
    with cached weights, ggml (llama.cpp's clip); GFLOP/s against a measured float32 GEMM peak; peak RSS;
 5. time to first token for a 448x448 image + a short question, a follow-up question about the same image, and the
-   memory of a process with the model loaded against the GGUF sizes.
+   memory of a process with the model loaded against the GGUF sizes;
+6. the prefix cache: the same image, a new question, in a new process: time to first token with the cache (filled
+   by an earlier process) and with it disabled, restore seconds against the encode + prefill they replace, cache
+   bytes per image token.
 
 Every figure is the median of ``--runs`` runs with min and max. Each measured step runs in its own child process
 (``python -c`` on ``child_main``), so peak RSS is that process's own (``wait4`` rusage / ``VmHWM``).
