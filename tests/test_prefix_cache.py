@@ -319,3 +319,42 @@ def test_run_uses_the_cache_by_default_and_not_with_no_cache(pair, images, cli, 
     assert again.stdout == off.stdout
     other = cli(*common, "-p", "Describe the colours.", "--cache-dir", str(tmp_path / "mine"), env=env)
     assert other.returncode == 0 and len(entries(tmp_path / "mine")) == 1
+
+
+def test_serve_reuses_the_cache_across_restarts(pair, images, tmp_path):
+    """Two servers one after the other, loaded by `kimivl-edge serve`'s own options: the second one's first
+    request, a new question about the first one's image, comes mostly from the cache."""
+    import httpx
+
+    from kimivl_edge.cli_common import load_model
+    from kimivl_edge.serve import _parser, config
+    from kimivl_edge.server.app import create_app
+    from test_server import ThreadServer, ask, data_uri
+
+    args = _parser().parse_args(["-m", str(pair[0]), "--mmproj", str(pair[1]), "--kv-type", "f32", "--ctx", "512",
+                                 "--threads", "1", "--cache-dir", str(tmp_path)])
+    cached = []
+    for question in ("What is it?", "Describe the colours."):
+        srv = ThreadServer(create_app(config(args), lambda: load_model(args)))
+        try:
+            srv.wait_ready()
+            r = httpx.post(srv.url + "/v1/chat/completions", timeout=120, json={
+                "model": pair[0].name, "messages": ask(question, data_uri(Path(images[0]))), "max_tokens": 1})
+            assert r.status_code == 200, r.text
+            cached.append(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
+        finally:
+            srv.stop()
+    assert cached[0] == 0 and cached[1] > 20 and len(entries(tmp_path)) == 1
+
+
+def test_chat_uses_the_cache_of_an_earlier_process(pair, images, cli, tmp_path):
+    text, mm = map(str, pair)
+    common = ("chat", "-m", text, "--mmproj", mm, "--kv-type", "f32", "--ctx", "512", "--threads", "1",
+              "--max-tokens", "4", "--cache-dir", str(tmp_path))
+    first = cli(*common, stdin=f"/image {images[0]}\nWhat is it?\n")
+    assert first.returncode == 0, first.stderr
+    [p] = entries(tmp_path)
+    os.utime(p, (1e9, 1e9))  # long unused
+    again = cli(*common, stdin=f"/image {images[0]}\nDescribe the colours.\n")
+    assert again.returncode == 0, again.stderr
+    assert entries(tmp_path) == [p] and p.stat().st_mtime > 1e9  # read (an entry is touched when restored)
