@@ -306,9 +306,14 @@ class Decoder:
     def load_state(self, state: bytes, keys: Sequence[Hashable]) -> bool:
         """Replace the cache by a saved state holding ``keys``; False (cache left empty) if llama.cpp refuses it."""
         self.reset()
-        buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
-        ok = self._lc.llama_state_seq_set_data(self._ctx, buf, len(state), 0) == len(state)
-        if not ok or self._lc.llama_memory_seq_pos_max(self._mem, 0) + 1 != len(keys):
+        try:
+            buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+            ok = self._lc.llama_state_seq_set_data(self._ctx, buf, len(state), 0) == len(state)
+            ok = ok and self._lc.llama_memory_seq_pos_max(self._mem, 0) + 1 == len(keys)
+        except BaseException:
+            self.reset()  # interrupted: llama.cpp's memory may hold part of the state, the keys none
+            raise
+        if not ok:
             _take_errors()
             self.reset()
             return False
