@@ -582,16 +582,19 @@ class KimiVL:
         return len(prefix)
 
     def _store_prefix(self, prompt: RenderedPrompt, segments: list[Segment]) -> None:
-        """Prefill up to the end of the prompt's last image and store that state, unless the cache holds it."""
-        cache, prefix = self.prefix_cache, self._image_prefix(prompt)
+        """Prefill up to the end of the prompt's last image and store that state, unless the cache holds it, or the
+        KV cache holds it followed by more (a conversation going on: storing would cut and re-evaluate the rest)."""
+        cache, prefix, dec = self.prefix_cache, self._image_prefix(prompt), self.decoder
         if cache is None or not prefix or not cache.writable or cache.contains(self._prefix_identity, prefix):
+            return
+        if dec.cached_prefix(prefix) == len(prefix) < dec.n_past:
             return
         from .prefix_cache import Entry
 
         last = max(i for i, seg in enumerate(segments) if isinstance(seg, ImageBlock))
-        self.decoder.prefill(segments[: last + 1])
+        dec.prefill(segments[: last + 1])
         embs = {seg.key: seg.rows for seg in segments[: last + 1] if isinstance(seg, ImageBlock)}
-        cache.store(self._prefix_identity, Entry(prefix, self.decoder.save_state(), embs))  # type: ignore[arg-type]
+        cache.store(self._prefix_identity, Entry(prefix, dec.save_state(), embs))  # type: ignore[arg-type]
 
     # -- generation -------------------------------------------------------------------------------------------
     def _sampling(self, settings: SamplingSettings | None, overrides: dict[str, Any]) -> SamplingSettings:

@@ -364,3 +364,19 @@ def test_chat_uses_the_cache_of_an_earlier_process(pair, images, cli, tmp_path):
     again = cli(*common, stdin=f"/image {images[0]}\nDescribe the colours.\n")
     assert again.returncode == 0, again.stderr
     assert entries(tmp_path) == [p] and p.stat().st_mtime > 1e9  # read (an entry is touched when restored)
+
+
+def test_a_conversation_going_on_is_not_cut_to_store_its_prefix(pair, images, tmp_path):
+    """Turn 2 of a chat whose entry was removed meanwhile (another process, the size bound): the KV cache holds the
+    image and the first turn, so only the new tokens are evaluated, and nothing is stored."""
+    cache = PrefixCache(tmp_path)
+    first = q(images[0], "What is it?")
+    with load(*pair, cache) as m:
+        answer = m.generate(first, max_tokens=3).text
+        [p] = entries(tmp_path)
+        p.unlink()
+        follow = first + [{"role": "assistant", "content": answer}, {"role": "user", "content": "And then?"}]
+        held = m.decoder.cached_prefix(m.decoder.segment_keys(m.embed_prompt(m.render_prompt(follow))))
+        st = m.generate(follow, max_tokens=1).stats
+    assert held > 20 and st.evaluated_tokens == st.prompt_tokens - held
+    assert entries(tmp_path) == []
