@@ -568,7 +568,8 @@ class KimiVL:
     def _restore_prefix(self, prompt: RenderedPrompt) -> int:
         """Restore the state after the prompt's images from the prefix cache when the KV cache does not already
         hold it; their embeddings go to the image cache. Returns the positions restored."""
-        cache, prefix = self.prefix_cache, self._image_prefix(prompt)
+        cache = self.prefix_cache
+        prefix = self._image_prefix(prompt) if cache is not None else []
         if cache is None or not prefix or self.decoder.cached_prefix(prefix) == len(prefix):
             return 0
         entry = cache.load(self._prefix_identity, prefix)
@@ -584,7 +585,8 @@ class KimiVL:
     def _store_prefix(self, prompt: RenderedPrompt, segments: list[Segment]) -> None:
         """Prefill up to the end of the prompt's last image and store that state, unless the cache holds it, or the
         KV cache holds it followed by more (a conversation going on: storing would cut and re-evaluate the rest)."""
-        cache, prefix, dec = self.prefix_cache, self._image_prefix(prompt), self.decoder
+        cache, dec = self.prefix_cache, self.decoder
+        prefix = self._image_prefix(prompt) if cache is not None else []
         if cache is None or not prefix or not cache.writable or cache.contains(self._prefix_identity, prefix):
             return
         if dec.cached_prefix(prefix) == len(prefix) < dec.n_past:
