@@ -63,6 +63,11 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
                     "(with --mmap auto the file is then mapped: fastest load, same memory)")
     ap.add_argument("--no-exif", action="store_true", help="use an image's stored pixels as they are; by default "
                     "its EXIF orientation is applied, as transformers' load_image does")
+    ap.add_argument("--cache-dir", help="prefix cache directory: the state after a prompt's images, reused by later "
+                    "prompts and processes (default $XDG_CACHE_HOME/kimivl-edge, else ~/.cache/kimivl-edge)")
+    ap.add_argument("--cache-max-mb", type=number(int, 0), default=2048, help="prefix cache size bound in MiB, "
+                    "least recently used entries go first (default 2048)")
+    ap.add_argument("--no-cache", action="store_true", help="no prefix cache: read and write nothing on disk")
 
 
 def add_sampling_args(ap: argparse.ArgumentParser) -> None:
@@ -79,13 +84,15 @@ def add_sampling_args(ap: argparse.ArgumentParser) -> None:
 def load_model(args: argparse.Namespace) -> KimiVL:
     """The pair the options name; on a terminal, progress of the load, of image encodes and of long prefills."""
     from .model import KimiVL
+    from .prefix_cache import PrefixCache
 
     tty = sys.stderr.isatty()
+    cache = None if args.no_cache else PrefixCache(args.cache_dir, args.cache_max_mb << 20)
     model = KimiVL.load(args.model, args.mmproj, n_ctx=args.ctx, n_threads=args.threads, kv_type=args.kv_type,
                         vision_backend=args.vision_backend, weight_cache=args.weight_cache,
                         flash_attn=args.flash_attn, max_image_patches=args.max_image_patches,
                         mmap=MMAP_CHOICES[args.mmap], repack=not args.no_repack, exif_transpose=not args.no_exif,
-                        load_progress=load_progress if tty else None)
+                        load_progress=load_progress if tty else None, prefix_cache=cache)
     note = image_budget_note(model)
     if note:
         print(f"note: {note}", file=sys.stderr)

@@ -333,6 +333,49 @@ class Decoder:
         self._lc.llama_memory_seq_rm(self._mem, 0, n, -1)
         del self._keys[n:]
 
+    # -- state (the persistent prefix cache, prefix_cache.py) --------------------------------------------------
+    def state_settings(self) -> dict[str, object]:
+        """The settings a saved state depends on (its layout, or the numbers that produced it)."""
+        s = self.settings
+        return {"kv_type": s.kv_type, "flash_attn": s.flash_attn, "n_ctx": self.n_ctx, "n_batch": self.n_batch,
+                "n_ubatch": min(s.n_ubatch, s.n_batch), "repack": self.repack}
+
+    def cached_prefix(self, keys: Sequence[Hashable]) -> int:
+        """How many leading ``keys`` the cache holds."""
+        n = 0
+        for a, b in zip(self._keys, keys):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    def save_state(self) -> bytes:
+        """llama.cpp's state of the sequence (its KV cells), as ``load_state`` takes it back."""
+        self._check_open()
+        lc = self._lc
+        n = lc.llama_state_seq_get_size(self._ctx, 0)
+        buf = (ctypes.c_uint8 * n)()
+        if lc.llama_state_seq_get_data(self._ctx, buf, n, 0) != n:
+            raise KimiVLError(f"llama.cpp could not save the sequence state ({_take_errors()})")
+        return bytes(buf)
+
+    def load_state(self, state: bytes, keys: Sequence[Hashable]) -> bool:
+        """Replace the cache by a saved state holding ``keys``; False (cache left empty) if llama.cpp refuses it."""
+        self.reset()
+        try:
+            buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+            ok = self._lc.llama_state_seq_set_data(self._ctx, buf, len(state), 0) == len(state)
+            ok = ok and self._lc.llama_memory_seq_pos_max(self._mem, 0) + 1 == len(keys)
+        except BaseException:
+            self.reset()  # interrupted: llama.cpp's memory may hold part of the state, the keys none
+            raise
+        if not ok:
+            _take_errors()
+            self.reset()
+            return False
+        self._keys = list(keys)
+        return True
+
     # -- evaluation -------------------------------------------------------------------------------------------
     @staticmethod
     def segment_keys(segments: Sequence[Segment]) -> list[Hashable]:
@@ -370,12 +413,7 @@ class Decoder:
         if not 1 <= k <= len(keys):
             raise UsageError(f"n_logits must be between 1 and the {len(keys)} positions of the prompt, got {k}")
         first = len(keys) - k  # the first position whose logits are returned
-        common = 0
-        for a, b in zip(self._keys, keys):
-            if a != b:
-                break
-            common += 1
-        common = min(common, first)
+        common = min(self.cached_prefix(keys), first)
         self._truncate(common)
         advance = _counter(progress, len(keys) - common)
         out = []

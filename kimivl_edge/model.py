@@ -57,6 +57,7 @@ from .sampling import SamplerChain, SamplingSettings
 from .tokenizer import StreamDecoder, Tokenizer
 
 if TYPE_CHECKING:
+    from .prefix_cache import PrefixCache
     from .vision import Progress, VisionEncoder
     from .vision_ggml import GgmlVisionEncoder
 
@@ -79,6 +80,8 @@ class Stats:
     image_tokens: int = 0
     prompt_tokens: int = 0
     evaluated_tokens: int = 0   # prompt positions actually evaluated (the rest came from the KV cache)
+    restored_tokens: int = 0    # prompt positions restored from the persistent prefix cache (prefix_cache.py)
+    restore_seconds: float = 0.0
     generated_tokens: int = 0
     encode_seconds: float = 0.0     # image embeddings: the vision encoder, or its cache
     prefill_seconds: float = 0.0
@@ -236,10 +239,14 @@ class TokenStream(Iterator[int]):
         st.image_tokens, st.prompt_tokens, st.media = prompt.image_tokens, prompt.n_tokens, prompt.media
         self.image_sizes = [im.size for im in prompt.images]
         t0 = clock()
+        st.restored_tokens = model._restore_prefix(prompt)
+        st.restore_seconds = clock() - t0
+        t0 = clock()
         segments = model.embed_prompt(prompt)
         st.encode_seconds = clock() - t0 if prompt.images else 0.0
         before = dec.n_evaluated
         t0 = clock()
+        model._store_prefix(prompt, segments)
         dec.prefill(segments, progress=model.prefill_progress)
         st.prefill_seconds = clock() - t0
         st.evaluated_tokens = dec.n_evaluated - before
@@ -298,7 +305,8 @@ class KimiVL:
 
     def __init__(self, info: TextModelInfo, decoder: Decoder, vision: VisionEncoder | GgmlVisionEncoder | None,
                  image_config: ImageProcessorConfig | None, max_image_patches: int | None, *,
-                 exif_transpose: bool = True, allow_special_in_content: bool = False):
+                 exif_transpose: bool = True, allow_special_in_content: bool = False,
+                 prefix_cache: PrefixCache | None = None, prefix_identity: str = ""):
         self.info = info
         self.tokenizer = info.tokenizer
         self.decoder = decoder
@@ -319,6 +327,8 @@ class KimiVL:
         self._vision_lock = threading.Lock()  # the vision encoder's calls (``pre_encode`` runs it without _lock)
         self._turn: TokenStream | None = None  # the stream that owns the KV cache
         self._closed = False
+        self.prefix_cache = prefix_cache      # the persistent prefix cache, or None
+        self._prefix_identity = prefix_identity  # prefix_cache.model_identity of the files and settings
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -335,7 +345,7 @@ class KimiVL:
              vision_backend: str = "numpy", weight_cache: bool = False,
              max_image_patches: int | None = None, mmap: bool | None = None, repack: bool = True,
              exif_transpose: bool = True, allow_special_in_content: bool = False,
-             load_progress: Progress | None = None) -> "KimiVL":
+             load_progress: Progress | None = None, prefix_cache: PrefixCache | None = None) -> "KimiVL":
         """Load the pair. ``max_image_patches`` caps patches per image (a speed knob; resizes like the processor).
         ``mmap``: memory-map the text GGUF (True), read it into llama.cpp's buffers (False), or None: mmap unless
         llama.cpp repacks some of its weights, which would keep both the mapped file and the repacked copy resident.
@@ -345,7 +355,11 @@ class KimiVL:
         behaviour, for trusted raw prompts); by default it is ordinary text, so user input cannot forge turns.
         A prompt that does not fit ``n_ctx`` is refused before any image is encoded; the error names n_ctx and
         max_image_patches (Thinking-2506 allows 16384 patches = 4096 image tokens per image, more than the
-        default n_ctx). ``load_progress(done, total, "%")``: progress of llama.cpp's load of the text GGUF."""
+        default n_ctx). ``load_progress(done, total, "%")``: progress of llama.cpp's load of the text GGUF.
+        ``prefix_cache``: a ``PrefixCache(directory, max_bytes)`` keeps the decoder state after a prompt's images on
+        disk, so that a later prompt starting with the same images and text, in this or another process, skips
+        their encoding and prefill (README "Prefix cache"). Default None: the API writes nothing to disk unless
+        asked (the CLI verbs use one by default)."""
         if vision_backend not in VISION_BACKENDS:
             raise UsageError(f"unknown vision backend {vision_backend!r} (choose from {', '.join(VISION_BACKENDS)})")
         if max_image_patches is not None:
@@ -378,8 +392,16 @@ class KimiVL:
         decoder = Decoder(model_gguf, settings, progress=load_progress)
         if decoder.n_embd != info.n_embd:
             raise ModelFileError(f"{model_gguf}: llama.cpp reports n_embd {decoder.n_embd}, metadata {info.n_embd}")
+        identity = ""
+        if prefix_cache is not None:
+            from .prefix_cache import PrefixCache, model_identity
+
+            if not isinstance(prefix_cache, PrefixCache):
+                raise UsageError(f"prefix_cache must be a PrefixCache or None, got {prefix_cache!r}")
+            identity = model_identity(model_gguf, mmproj_gguf, vision_backend, decoder.state_settings())
         return cls(info, decoder, vision, image_config, max_image_patches, exif_transpose=exif_transpose,
-                   allow_special_in_content=allow_special_in_content)
+                   allow_special_in_content=allow_special_in_content, prefix_cache=prefix_cache,
+                   prefix_identity=identity)
 
     def close(self) -> None:
         """Free the model; idempotent. Waits for a running call; every later call raises KimiVLError."""
@@ -563,6 +585,55 @@ class KimiVL:
             segments.append(run)
         return segments
 
+    # -- persistent prefix cache (prefix_cache.py) -------------------------------------------------------------
+    @staticmethod
+    def _image_prefix(prompt: RenderedPrompt) -> list:
+        """The decoder keys of ``prompt`` up to the end of its last image ([] without images)."""
+        keys: list = []
+        images = iter(prompt.images)
+        end = 0
+        for t in prompt.ids:
+            if t == prompt.media_pad_id:
+                im = next(images)
+                keys.extend((im.key, i) for i in range(im.n_rows))
+                end = len(keys)
+            else:
+                keys.append(t)
+        return keys[:end]
+
+    def _restore_prefix(self, prompt: RenderedPrompt) -> int:
+        """Restore the state after the prompt's images from the prefix cache when the KV cache does not already
+        hold it; their embeddings go to the image cache. Returns the positions restored."""
+        cache = self.prefix_cache
+        prefix = self._image_prefix(prompt) if cache is not None else []
+        if cache is None or not prefix or self.decoder.cached_prefix(prefix) == len(prefix):
+            return 0
+        entry = cache.load(self._prefix_identity, prefix)
+        if entry is None:
+            return 0
+        if not self.decoder.load_state(entry.state, prefix):
+            cache.reject(self._prefix_identity, prefix, "llama.cpp refused the state")
+            return 0
+        for key, emb in entry.embeddings.items():
+            self._image_cache[key] = emb
+        return len(prefix)
+
+    def _store_prefix(self, prompt: RenderedPrompt, segments: list[Segment]) -> None:
+        """Prefill up to the end of the prompt's last image and store that state, unless the cache holds it, or the
+        KV cache holds it followed by more (a conversation going on: storing would cut and re-evaluate the rest)."""
+        cache, dec = self.prefix_cache, self.decoder
+        prefix = self._image_prefix(prompt) if cache is not None else []
+        if cache is None or not prefix or not cache.writable or cache.contains(self._prefix_identity, prefix):
+            return
+        if dec.cached_prefix(prefix) == len(prefix) < dec.n_past:
+            return
+        from .prefix_cache import Entry
+
+        last = max(i for i, seg in enumerate(segments) if isinstance(seg, ImageBlock))
+        dec.prefill(segments[: last + 1])
+        embs = {seg.key: seg.rows for seg in segments[: last + 1] if isinstance(seg, ImageBlock)}
+        cache.store(self._prefix_identity, Entry(prefix, dec.save_state(), embs))  # type: ignore[arg-type]
+
     # -- generation -------------------------------------------------------------------------------------------
     def _sampling(self, settings: SamplingSettings | None, overrides: dict[str, Any]) -> SamplingSettings:
         s = settings or SamplingSettings()
@@ -609,7 +680,10 @@ class KimiVL:
         prompt is reused (only what follows it is evaluated); the cache then holds prompt + continuation."""
         with self._locked():
             self._turn = None  # the cache changes: an unfinished stream cannot continue
-            segments = self.embed_prompt(self.render_prompt(messages))
+            prompt = self.render_prompt(messages)
+            self._restore_prefix(prompt)
+            segments = self.embed_prompt(prompt)
+            self._store_prefix(prompt, segments)
             cont = [int(t) for t in continuation]
             if cont:
                 segments.append(cont)

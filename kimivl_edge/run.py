@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.ground is not None:
         print_grounding(answer, args.image[0], args.draw)
     if args.stats:
-        print(f"image tokens {st.image_tokens}, encode {st.encode_seconds:.2f} s, prefill {st.evaluated_tokens} tok "
+        print(f"image tokens {st.image_tokens}, restored {st.restored_tokens} tok from the prefix cache "
+              f"{st.restore_seconds:.2f} s, encode {st.encode_seconds:.2f} s, prefill {st.evaluated_tokens} tok "
               f"{st.prefill_tps:.1f} tok/s, decode {st.generated_tokens} tok {st.decode_tps:.1f} tok/s",
               file=sys.stderr)
     return 0

@@ -6,6 +6,7 @@ checkpoint on purpose copies it first (``copy_checkpoint``).
 """
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -17,6 +18,15 @@ from shared import run_cli
 
 CKPT_NAMES = {"instruct": "Kimi-VL-A3B-Instruct", "thinking": "Kimi-VL-A3B-Thinking",
               "thinking-2506": "Kimi-VL-A3B-Thinking-2506"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_home(tmp_path_factory) -> Path:
+    """The CLI verbs keep a prefix cache under $XDG_CACHE_HOME by default: tests (and the CLI subprocesses they
+    start) use a private one, never the user's."""
+    home = tmp_path_factory.mktemp("xdg-cache")
+    os.environ["XDG_CACHE_HOME"] = str(home)
+    return home
 
 
 @pytest.fixture(scope="session")

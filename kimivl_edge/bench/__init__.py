@@ -19,6 +19,9 @@ One run writes DIR/bench.md (markdown tables) and DIR/bench.json (every figure):
    memory of a process with the model loaded against the GGUF sizes;
 6. ``kimivl-edge serve`` over loopback (httpx, streamed) against the in-process API: time to first token, decode
    tokens/s, follow-up time, and completion tokens/s of 1, 2 and 4 concurrent clients.
+7. the prefix cache: the same image, a new question, in a new process: time to first token with the cache (filled
+   by an earlier process) and with it disabled, restore seconds against the encode + prefill they replace, cache
+   bytes per image token.
 
 Every figure is the median of ``--runs`` runs with min and max. Each measured step runs in its own child process
 (``python -c`` on ``child_main``), so peak RSS is that process's own (``wait4`` rusage / ``VmHWM``).

@@ -156,9 +156,30 @@ def _ttft(r: dict) -> list[str]:
             f"| peak RSS / GGUF size | {t['peak_rss_over_gguf']:.2f} |", ""]
 
 
+def _prefix(r: dict) -> list[str]:
+    p = r["prefix_cache"]
+    return ["## 7. Prefix cache: the same image, a new question, a new process", "",
+            f"Q4_K_M + Q8_0 as in section 5, one {p['image']} image ({p['image_tokens']} image tokens). One process "
+            "asks a first question (filling an empty cache), a new process asks another question about the same "
+            "image with the cache, and another without it. Time to first token after the model is loaded.", "",
+            "| figure | value |", "|---|---|",
+            f"| time to first token with the cache, s | {_fmt(p['ttft_hit_seconds'])} "
+            f"({p['restored_tokens']} positions restored, {p['hit_evaluated_tokens']} evaluated) |",
+            f"| time to first token, cache disabled, s | {_fmt(p['ttft_off_seconds'])} "
+            f"({p['off_evaluated_tokens']} evaluated) |",
+            f"| first question, filling the cache, s | {_fmt(p['ttft_fill_seconds'])} |",
+            f"| restore, s | {_fmt(p['restore_seconds'])} |",
+            f"| what it replaced (encode + prefill of the prefix), s | {_fmt(p['recompute_seconds'])} |",
+            f"| restore / recompute | {_fmt(p['restore_over_recompute'], digits=3)} |",
+            f"| cache entry | {p['cache_bytes'] / 1e6:.2f} MB, {p['cache_bytes_per_image_token'] / 1e3:.1f} kB "
+            "per image token |",
+            f"| model load (every process), s | {_fmt(p['load_seconds'])} |", ""]
+
+
 def render_markdown(r: dict) -> str:
     """bench.md from the bench.json dictionary."""
-    lines = _header(r) + _conversion(r) + _decode(r) + _roofline(r) + _vision(r) + _ttft(r) + server_markdown(r)
+    lines = (_header(r) + _conversion(r) + _decode(r) + _roofline(r) + _vision(r) + _ttft(r) + server_markdown(r)
+             + _prefix(r))
     lines += ["## Not measured", ""] + [f"- {s}" for s in r["not_measured"]] + [""]
     return "\n".join(lines)
 

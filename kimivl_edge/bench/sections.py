@@ -263,6 +263,39 @@ def ttft_section(ch: Children, text: Path, mmproj: Path, runs: int) -> dict:
     }
 
 
+def prefix_section(ch: Children, text: Path, mmproj: Path, runs: int) -> dict:
+    """Section 7: the same image, a new question, in a new process, with the prefix cache (filled by an earlier
+    process that asked the first question) and without it. Each run starts from an empty cache directory."""
+    say(f"prefix cache, {text.name} + {mmproj.name}")
+    rows: dict[str, list[dict]] = {"fill": [], "hit": [], "off": []}
+    for r in range(runs):
+        cache = ch.workdir / f"prefix-cache-{r}"
+        for name, question, cache_dir in (("fill", TTFT_QUESTION, cache), ("hit", FOLLOWUP_QUESTION, cache),
+                                          ("off", FOLLOWUP_QUESTION, None)):
+            data, _ = ch.run({"kind": "prefix", "text": str(text), "mmproj": str(mmproj), "threads": ch.threads,
+                              "image": list(TTFT_IMAGE), "question": question,
+                              "cache_dir": None if cache_dir is None else str(cache_dir)})
+            rows[name].append(data)
+    hit, off = rows["hit"], rows["off"]
+    # what the restore replaced: the off run's encode + prefill, less the new tokens the hit run still prefilled
+    recompute = [o["encode"] + o["prefill"] - h["prefill"] for h, o in zip(hit, off)]
+    image_tokens = hit[-1]["image_tokens"]
+    return {
+        "image": f"{TTFT_IMAGE[0]}x{TTFT_IMAGE[1]}", "image_tokens": image_tokens,
+        "prompt_tokens": hit[-1]["prompt_tokens"], "restored_tokens": hit[-1]["restored_tokens"],
+        "hit_evaluated_tokens": hit[-1]["evaluated_tokens"], "off_evaluated_tokens": off[-1]["evaluated_tokens"],
+        "ttft_hit_seconds": summarize([h["ttft"] for h in hit]),
+        "ttft_off_seconds": summarize([o["ttft"] for o in off]),
+        "ttft_fill_seconds": summarize([f["ttft"] for f in rows["fill"]]),
+        "load_seconds": summarize([x["load_seconds"] for x in hit + off]),
+        "restore_seconds": summarize([h["restore_seconds"] for h in hit]),
+        "recompute_seconds": summarize(recompute),
+        "restore_over_recompute": summarize([h["restore_seconds"] / c for h, c in zip(hit, recompute)]),
+        "cache_bytes": rows["fill"][-1]["cache_bytes"],
+        "cache_bytes_per_image_token": rows["fill"][-1]["cache_bytes"] / image_tokens,
+    }
+
+
 def not_measured(res: dict) -> list[str]:
     """What this run could not measure, one line each."""
     out = []
@@ -274,4 +307,5 @@ def not_measured(res: dict) -> list[str]:
     out.append("llama.cpp's own vision encoder timed through llama-mtmd-cli (the ggml rows use the same clip graph "
                "through our binding)")
     out.append("cold-cache disk reads (the page cache is not dropped; see conversion.raw_read.page_cache_note)")
+    out.append("prefix cache: the 10-page PDF row and cold start against llama-mtmd-cli (not built here)")
     return out

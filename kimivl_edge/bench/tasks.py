@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -323,7 +324,33 @@ def task_ttft(t: dict) -> dict:
     return res
 
 
+def task_prefix(t: dict) -> dict:
+    """A new process asks one question about the bench image, with the prefix cache in ``cache_dir`` or without
+    (None): load time, time to the first token and where it went, the entries' bytes afterwards."""
+    from ..model import KimiVL
+    from ..prefix_cache import SUFFIX, PrefixCache
+    from ..prompt import user_message
+
+    t0 = time.perf_counter()
+    cache = PrefixCache(t["cache_dir"]) if t["cache_dir"] else None
+    model = KimiVL.load(t["text"], t["mmproj"], n_threads=t["threads"], prefix_cache=cache)
+    load = time.perf_counter() - t0
+    msgs = [user_message(t["question"], [_noise_image(tuple(t["image"]), 7)])]
+    t0 = time.perf_counter()
+    it = model.stream_tokens(msgs, temperature=0.0, max_tokens=1)
+    next(it, None)
+    ttft = time.perf_counter() - t0
+    it.close()
+    st = it.stats
+    model.close()
+    entries = list(Path(t["cache_dir"]).glob("*" + SUFFIX)) if t["cache_dir"] else []
+    return {"load_seconds": load, "ttft": ttft, "restored_tokens": st.restored_tokens,
+            "restore_seconds": st.restore_seconds, "encode": st.encode_seconds, "prefill": st.prefill_seconds,
+            "evaluated_tokens": st.evaluated_tokens, "image_tokens": st.image_tokens,
+            "prompt_tokens": st.prompt_tokens, "cache_bytes": sum(p.stat().st_size for p in entries)}
+
+
 CHILD_TASKS: dict[str, Callable[[dict], dict]] = {
     "limits": task_limits, "synth": task_synth, "convert": task_convert, "mmproj": task_mmproj,
-    "decode": task_decode, "vision": task_vision, "ttft": task_ttft, "server": task_server,
+    "decode": task_decode, "vision": task_vision, "ttft": task_ttft, "server": task_server, "prefix": task_prefix,
 }
