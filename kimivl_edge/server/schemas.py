@@ -15,10 +15,20 @@ class ImageURL(_Body):
     url: str
 
 
+class FileData(_Body):
+    """OpenAI's ``file`` part: only inline ``file_data`` (a ``data:application/pdf;base64,...`` URI) is served."""
+
+    file_data: str | None = None
+    filename: str | None = None
+    file_id: str | None = None
+
+
 class ContentPart(_Body):
     type: str
     text: str | None = None
     image_url: ImageURL | str | None = None
+    video_url: ImageURL | str | None = None   # vLLM's video part: a data URI or a path under --media-dir
+    file: FileData | None = None
 
 
 class Message(_Body):
@@ -55,6 +65,7 @@ class ChatRequest(_Body):
     n: int = 1
     response_format: ResponseFormat | None = None
     reasoning_format: Literal["deepseek", "none"] | None = None  # llama-server's per-request switch
+    return_progress: bool = False  # llama-server's: stream "prompt_progress" chunks while the prompt is read
 
     @property
     def stops(self) -> list[str]:
