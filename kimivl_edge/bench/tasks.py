@@ -12,6 +12,7 @@ from gguf import GGMLQuantizationType
 
 from ..tokenizer import N_SPECIAL
 from ..errors import KimiVLError
+from .media import task_media
 from .probes import current_rss, gemm_peak, peak_rss, read_bandwidth
 
 KV_TYPE = GGMLQuantizationType.F16  # every engine's KV cache, as Decoder's default
@@ -323,5 +324,5 @@ def task_ttft(t: dict) -> dict:
 
 CHILD_TASKS: dict[str, Callable[[dict], dict]] = {
     "limits": task_limits, "synth": task_synth, "convert": task_convert, "mmproj": task_mmproj,
-    "decode": task_decode, "vision": task_vision, "ttft": task_ttft,
+    "decode": task_decode, "vision": task_vision, "ttft": task_ttft, "media": task_media,
 }
