@@ -167,7 +167,7 @@ def _media(r: dict) -> list[str]:
             f"Same pair as section 5; a {m['frames']}-frame video (640x360, MediaSettings defaults) and a "
             f"{m['pages']}-page Letter PDF ({m['page_patches']} patches per page).", "",
             f"Video decode + sampling: {_fmt(m['decode_frames_per_s'])} frames/s; PDF render: "
-            f"{_fmt(m['render_seconds_per_page'])} s/page.", "",
+            f"{_fmt(m['render_seconds_per_page'], digits=3)} s/page.", "",
             "| question | image tokens | first token, s | media decode, s | encode, s | prefill, s | evaluated |",
             "|---|---|---|---|---|---|---|",
             row("video, first", m["video"]["first"]), row("video, second", m["video"]["second"]),
