@@ -65,7 +65,6 @@ class ChatRequest(_Body):
     n: int = 1
     response_format: ResponseFormat | None = None
     reasoning_format: Literal["deepseek", "none"] | None = None  # llama-server's per-request switch
-    return_progress: bool = False  # llama-server's: stream "prompt_progress" chunks while the prompt is read
 
     @property
     def stops(self) -> list[str]:
