@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import KimiVLError, UsageError
+from ..grounding import parse_actions
 from ..model import PieceStream, Stats
 from ..sampling import SamplingSettings
 from .config import ServerConfig
 from .errors import APIError, invalid_field
 from .grammar import response_grammar
-from ..grounding import parse_actions
 from .media import document_bytes, image_bytes, video_bytes
 from .schemas import ChatRequest, ContentPart, Message
 from .scheduler import Emit
