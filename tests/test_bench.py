@@ -23,7 +23,7 @@ ASSET = Path(__file__).resolve().parents[1] / "kimivl_edge" / "assets" / "kimi-v
 # The fields bench.json must have, written out here (not taken from the module).
 TOP = {"schema", "command", "preset", "layers", "scaled", "scale_note", "runs", "threads", "started",
        "total_seconds", "machine", "limits", "checkpoint", "conversion", "decode", "roofline", "vision", "ttft",
-       "prefix_cache", "not_measured"}
+       "prefix_cache", "media", "not_measured"}
 MACHINE = {"cpu_model", "cpu_family", "cpu_model_number", "cpu_flags", "logical_cpus", "ram_bytes", "os", "python",
            "numpy", "llama_cpp_python", "load_average", "load_average_end"}
 LIMITS = {"read_bandwidth_bytes_per_s", "read_bandwidth_method", "gemm_flops_per_s", "gemm_method"}
@@ -52,6 +52,10 @@ PREFIX = {"image", "image_tokens", "prompt_tokens", "restored_tokens", "hit_eval
           "ttft_hit_seconds", "ttft_off_seconds", "ttft_fill_seconds", "load_seconds", "restore_seconds",
           "recompute_seconds", "restore_over_recompute", "cache_bytes", "cache_bytes_per_image_token"}
 STAT = {"median", "min", "max", "values"}
+MEDIA = {"decode_frames_per_s", "render_seconds_per_page", "frames", "pages", "page_patches", "video", "pdf",
+         "peak_rss_bytes"}
+MEDIA_TURN = {"ttft_seconds", "media_seconds", "encode_seconds", "prefill_seconds", "image_tokens", "prompt_tokens",
+              "evaluated_tokens"}
 
 
 def _has(d: dict, keys: set[str], where: str) -> None:
@@ -118,6 +122,7 @@ def test_smoke_run_has_every_field(tiny_run):
         for it in res["items"] if res["available"] else []:
             _has(it, VISION_ITEM, "vision item")
             _stat(it["seconds"], "vision seconds")
+    _has(r["media"], MEDIA, "media")
     _has(r["ttft"], TTFT, "ttft")
     for k in ("ttft_seconds", "encode_seconds", "prefill_seconds", "followup_seconds"):
         _stat(r["ttft"][k], f"ttft.{k}")
@@ -339,3 +344,21 @@ def test_usage_errors_are_one_line(tmp_path, capsys):
     assert main(["bench", "--preset", "tiny", "--runs", "0", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(e.startswith("kimivl-edge bench: error:") for e in err)
+
+
+def test_media_section_on_the_tiny_preset(tiny_checkpoint, converted, tmp_path):
+    """Section 8 alone, in a child as the bench runs it, on the tiny preset's synthetic checkpoint (F32 files)."""
+    from kimivl_edge.bench.sections import media_section
+
+    text, mm = converted(tiny_checkpoint("instruct"), "f32", "f32")
+    m = media_section(Children(tmp_path, 1), text, mm, tmp_path, runs=1)
+    _has(m, MEDIA, "media")
+    for k in ("decode_frames_per_s", "render_seconds_per_page"):
+        _stat(m[k], f"media.{k}")
+    # 16 s at 2 fps, capped at 16 frames; 640x360 under 768 patches -> 528x297 -> 38x22 patches -> 209 tokens
+    assert (m["frames"], m["pages"]) == (16, 10) and m["video"]["first"]["image_tokens"] == 16 * 209
+    for what in ("video", "pdf"):   # the second question evaluates only its new tokens
+        first, second = m[what]["first"], m[what]["second"]
+        _has(first, MEDIA_TURN, what)
+        assert second["image_tokens"] == first["image_tokens"] and second["evaluated_tokens"] < 64
+        assert first["evaluated_tokens"] == first["prompt_tokens"]

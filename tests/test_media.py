@@ -514,3 +514,36 @@ def test_grounding_uses_the_original_size_of_a_resized_image(model, tmp_path):
     assert stream.image_sizes == [(1500, 1100)]
     out = model.generate(msgs, max_tokens=2, temperature=0)
     assert out.grounding == parse_actions(out.answer, [(1500, 1100)])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decoded frames and pages are cached by file identity (a chat resends its history every turn)
+
+
+def test_history_media_are_decoded_once_and_again_when_the_file_changes(tmp_path, monkeypatch):
+    import kimivl_edge.media as media
+
+    calls: list[str] = []
+    for name in ("decode_video", "render_document"):
+        real = getattr(media, name)
+        monkeypatch.setattr(media, name, lambda plan, real=real, name=name: calls.append(name) or real(plan))
+    monkeypatch.setattr(media, "DECODED", media.DecodedCache(size=2))
+    video, pdf = write_video(tmp_path / "v.mp4", 5), write_pdf(tmp_path / "d.pdf", 2)
+    msgs = [{"role": "user", "content": [{"type": "video", "video": str(video)},
+                                         {"type": "document", "document": str(pdf)}]}]
+    s = MediaSettings(frames=2)
+
+    def numbers() -> list[int]:
+        out, _ = expand_parts(msgs, s, CFG)
+        return [number(p["image"]) for p in out[0]["content"]]
+
+    assert numbers() == [0, 4, 1, 2] and numbers() == [0, 4, 1, 2]
+    assert calls == ["decode_video", "render_document"]          # the second turn decoded nothing
+    write_video(video, 9)                                         # the same path, new content: decoded again
+    assert numbers() == [0, 8, 1, 2] and calls[2:] == ["decode_video"]
+    data = video.read_bytes()
+    for _ in range(2):                                            # bytes are keyed by their hash
+        out, _ = expand_parts([{"role": "user", "content": [{"type": "video", "video": data}]}], s, CFG)
+    assert calls[3:] == ["decode_video"]
+    numbers()      # two entries at most: the bytes' frames evicted the file's, whose new entry then evicted the pages
+    assert calls[4:] == ["decode_video", "render_document"]

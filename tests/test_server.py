@@ -332,6 +332,7 @@ class ScriptedTokens:
 
     def __init__(self, ids: Iterator[int], fail: bool):
         self.stats = Stats(prompt_tokens=5, evaluated_tokens=5)
+        self.image_sizes: list[tuple[int, int]] = []  # as TokenStream: original sizes of the prompt's images
         self._ids, self._fail = ids, fail
 
     def __iter__(self):

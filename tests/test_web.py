@@ -194,15 +194,17 @@ def shots_dir(tmp_path: Path) -> Path:
     return d
 
 
-def sse(*deltas: dict, timings: dict | None = None) -> str:
-    """An OpenAI stream of ``deltas``, as the server sends it."""
+def sse(*deltas: dict, timings: dict | None = None, grounding: list | None = None) -> str:
+    """An OpenAI stream of ``deltas``, as the server sends it (``grounding``: its parsed actions, in the final
+    chunk's delta)."""
     def data(obj):
         return f"data: {json.dumps(obj)}\n\n"
 
     base = {"id": "chatcmpl-x", "object": "chat.completion.chunk", "created": 0, "model": "m"}
     out = [data({**base, "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]})]
     out += [data({**base, "choices": [{"index": 0, "delta": d, "finish_reason": None}]}) for d in deltas]
-    out.append(data({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+    final = {"grounding": grounding} if grounding else {}
+    out.append(data({**base, "choices": [{"index": 0, "delta": final, "finish_reason": "stop"}],
                      "timings": timings or {"predicted_per_second": 10.0, "image_tokens": 0, "prompt_n": 5,
                                             "cache_n": 0, "predicted_n": len(deltas)}}))
     out.append(data({**base, "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": len(deltas),
@@ -210,13 +212,14 @@ def sse(*deltas: dict, timings: dict | None = None) -> str:
     return "".join(out) + "data: [DONE]\n\n"
 
 
-def mock_answer(p: Page, *deltas: dict) -> list[dict]:
+def mock_answer(p: Page, *deltas: dict, grounding: list | None = None) -> list[dict]:
     """Answer the page's next chat requests with ``deltas`` at the route level; the request bodies it sent."""
     sent: list[dict] = []
 
     def handle(route):
         sent.append(json.loads(route.request.post_data))
-        route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=sse(*deltas))
+        route.fulfill(status=200, headers={"Content-Type": "text/event-stream"},
+                      body=sse(*deltas, grounding=grounding))
 
     p.page.route("**/v1/chat/completions", handle)
     return sent
@@ -492,6 +495,17 @@ def test_grounding_overlay_on_the_shape(page, pics, answer, selector, want):
     x, y = marker_pixel(page, selector, pics["triangle.png"])
     assert abs(x - want[0]) < 1 and abs(y - want[1]) < 1
     assert colour_at(pics["triangle.png"], x, y) == YELLOW
+
+
+def test_grounding_overlay_uses_the_servers_actions(page, pics):
+    """The server's parsed actions win over the page's own parse: here the text has no coordinates at all."""
+    click = {"kind": "click", "points": [[105.0, 49.92]], "boxes": [], "text": None, "amount": None,
+             "image_index": 0, "normalized": [0.75, 0.52]}
+    mock_answer(page, {"content": "The triangle."}, grounding=[click])
+    page.attach(pics["triangle.png"])
+    page.ask("Click the triangle.")
+    x, y = marker_pixel(page, ".mark-point", pics["triangle.png"])
+    assert abs(x - 105.0) < 1 and abs(y - 49.92) < 1 and colour_at(pics["triangle.png"], x, y) == YELLOW
 
 
 # -- keyboard and layout -----------------------------------------------------------------------------------------

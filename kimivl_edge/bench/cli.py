@@ -20,7 +20,7 @@ from .probes import load_average, machine_info
 from .report import render_markdown, write_outputs
 from .server import server_section
 from .sections import (CONVERT_ORDER, DECODE_TOKENS, MMPROJ_FOR_TEXT, TEXT_TYPES, conversion_section,
-                       decode_section, edge_vs_llama, limits_section, not_measured, raw_read_section,
+                       decode_section, edge_vs_llama, limits_section, media_section, not_measured, raw_read_section,
                        prefix_section, roofline_section, say, ttft_section, vision_section)
 
 SCHEMA = 1
@@ -155,6 +155,7 @@ def _measure(o: BenchOptions, ch: Children, work: Path, res: dict) -> None:
     res["ttft"] = ttft_section(ch, paths["q4_k_m"], paths["mmproj_q8_0"], o.runs)
     res["server"] = server_section(ch, paths["q4_k_m"], paths["mmproj_q8_0"], o.runs, o.decode_tokens)
     res["prefix_cache"] = prefix_section(ch, paths["q4_k_m"], paths["mmproj_q8_0"], o.runs)
+    res["media"] = media_section(ch, paths["q4_k_m"], paths["mmproj_q8_0"], work, o.runs)
 
 
 def run_bench(o: BenchOptions, command: str = "kimivl-edge bench") -> dict:

@@ -176,10 +176,29 @@ def _prefix(r: dict) -> list[str]:
             f"| model load (every process), s | {_fmt(p['load_seconds'])} |", ""]
 
 
+def _media(r: dict) -> list[str]:
+    m = r["media"]
+
+    def row(name: str, t: dict) -> str:
+        return (f"| {name} | {t['image_tokens']} | {t['ttft_seconds']:.2f} | {t['media_seconds']:.2f} | "
+                f"{t['encode_seconds']:.2f} | {t['prefill_seconds']:.2f} | {t['evaluated_tokens']} of "
+                f"{t['prompt_tokens']} |")
+
+    return ["", "## 8. Video and PDF", "",
+            f"Same pair as section 5; a {m['frames']}-frame video (640x360, MediaSettings defaults) and a "
+            f"{m['pages']}-page Letter PDF ({m['page_patches']} patches per page).", "",
+            f"Video decode + sampling: {_fmt(m['decode_frames_per_s'])} frames/s; PDF render: "
+            f"{_fmt(m['render_seconds_per_page'], digits=3)} s/page.", "",
+            "| question | image tokens | first token, s | media decode, s | encode, s | prefill, s | evaluated |",
+            "|---|---|---|---|---|---|---|",
+            row("video, first", m["video"]["first"]), row("video, second", m["video"]["second"]),
+            row("PDF, first", m["pdf"]["first"]), row("PDF, second", m["pdf"]["second"]), ""]
+
+
 def render_markdown(r: dict) -> str:
     """bench.md from the bench.json dictionary."""
     lines = (_header(r) + _conversion(r) + _decode(r) + _roofline(r) + _vision(r) + _ttft(r) + server_markdown(r)
-             + _prefix(r))
+             + _prefix(r) + _media(r))
     lines += ["## Not measured", ""] + [f"- {s}" for s in r["not_measured"]] + [""]
     return "\n".join(lines)
 

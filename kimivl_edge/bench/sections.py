@@ -296,6 +296,20 @@ def prefix_section(ch: Children, text: Path, mmproj: Path, runs: int) -> dict:
     }
 
 
+def media_section(ch: Children, text: Path, mmproj: Path, work: Path, runs: int) -> dict:
+    """Section 8: video decode + sampling and PDF rendering speed; first and second question about a 16-frame video
+    and a 10-page PDF (kimivl_edge/bench/media.py), same pair as section 5."""
+    from .media import PAGE_PATCHES
+
+    say(f"video and PDF, {text.name} + {mmproj.name}")
+    data, m = ch.run({"kind": "media", "text": str(text), "mmproj": str(mmproj), "threads": ch.threads,
+                      "runs": runs, "n_ctx": 8192, "page_patches": PAGE_PATCHES, "workdir": str(work / "media")})
+    return {"decode_frames_per_s": summarize(data["decode_frames_per_s"]),
+            "render_seconds_per_page": summarize(data["render_seconds_per_page"]),
+            "frames": data["frames"], "pages": data["pages"], "page_patches": PAGE_PATCHES,
+            "video": data["video"], "pdf": data["pdf"], "peak_rss_bytes": m.peak_rss_bytes}
+
+
 def not_measured(res: dict) -> list[str]:
     """What this run could not measure, one line each."""
     out = []

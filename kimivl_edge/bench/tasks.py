@@ -14,6 +14,7 @@ from gguf import GGMLQuantizationType
 from ..tokenizer import N_SPECIAL
 from ..decoder import model_params
 from ..errors import KimiVLError
+from .media import task_media
 from .probes import current_rss, gemm_peak, peak_rss, read_bandwidth
 from .server import task_server
 
@@ -353,4 +354,5 @@ def task_prefix(t: dict) -> dict:
 CHILD_TASKS: dict[str, Callable[[dict], dict]] = {
     "limits": task_limits, "synth": task_synth, "convert": task_convert, "mmproj": task_mmproj,
     "decode": task_decode, "vision": task_vision, "ttft": task_ttft, "server": task_server, "prefix": task_prefix,
+    "media": task_media,
 }

@@ -23,7 +23,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .completion import DELTA_FIELD, STARTED, Done, ModelCard, chunk, completion, prepare_turn, run_turn, timings, usage
+from .completion import (DELTA_FIELD, STARTED, Done, ModelCard, chunk, completion, final_chunk, prepare_turn,
+                         run_turn, usage)
 from .config import ServerConfig
 from .errors import INTERNAL, LOADING, APIError, bad_request, invalid_field
 from .scheduler import Job, QueueFull, Scheduler
@@ -165,9 +166,7 @@ async def _sse(cid: str, created: int, card: ModelCard, first: Any, events: Asyn
         while ev is not None:
             if isinstance(ev, Done):
                 request.state.usage = ev.stats
-                final = chunk(cid, created, card, {}, ev.finish_reason)
-                final["timings"] = timings(ev.stats)
-                yield data(final)
+                yield data(final_chunk(cid, created, card, ev))
                 if include_usage:
                     yield data({**chunk(cid, created, card, {}), "choices": [], "usage": usage(ev.stats)})
                 break

@@ -1,21 +1,28 @@
-"""One chat turn: the validated request -> a ``Turn`` (messages with image bytes, sampling settings, stops), run on
-the worker thread -> events (``(kind, text)`` pieces, then ``Done``) -> OpenAI response objects."""
+"""One chat turn: the validated request -> a ``Turn`` (messages with image, video and PDF bytes, sampling settings,
+stops), run on the worker thread -> events (``(kind, text)`` pieces, then ``Done``) -> OpenAI response objects.
+
+Videos (``video_url``) and PDFs (``file``) become the runtime's video and document parts; the runtime expands
+them into frames and pages (kimivl_edge.media) under the model's ``media_settings``. The answer's grounding
+actions (kimivl_edge.grounding) travel in an extra field OpenAI clients ignore: ``message.grounding``, and
+``delta.grounding`` in the stream's chunk that carries the finish_reason; only when the answer has any."""
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import threading
-from dataclasses import dataclass
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import KimiVLError, UsageError
+from ..grounding import parse_actions
 from ..model import Stats, decode_pieces
 from ..sampling import SamplingSettings
 from .config import ServerConfig
 from .errors import APIError, invalid_field
 from .grammar import response_grammar
-from .media import image_bytes
-from .schemas import ChatRequest, Message
+from .media import document_bytes, image_bytes, video_bytes
+from .schemas import ChatRequest, ContentPart, Message
 from .scheduler import Emit
 from .stops import StopFilter
 
@@ -53,6 +60,7 @@ class Turn:
 class Done:
     stats: Stats
     finish_reason: str
+    grounding: list[dict] = field(default_factory=list)  # the answer's actions, in pixels of their image
 
 
 STARTED = "started"
@@ -71,12 +79,14 @@ def prepare_turn(req: ChatRequest, cfg: ServerConfig, card: ModelCard) -> Turn:
     max_tokens = req.max_completion_tokens or req.max_tokens or card.n_ctx
     if max_tokens > card.n_ctx:
         raise invalid_field(f"max_tokens {max_tokens} exceeds the context of {card.n_ctx}", "max_tokens")
-    n_images = sum(1 for m in req.messages if isinstance(m.content, list) for p in m.content if p.type == "image_url")
+    types = [p.type for m in req.messages if isinstance(m.content, list) for p in m.content]
+    n_images = types.count("image_url")
     if n_images > cfg.max_images:
         raise APIError(413, f"{n_images} images exceed the limit of {cfg.max_images} per request (--max-images)",
                        "too_many_images", "messages")
-    if n_images and not card.vision:
-        raise invalid_field("this model was loaded without --mmproj: images are not available", "messages")
+    if not card.vision and any(t in MEDIA_PARTS for t in types):
+        raise invalid_field("this model was loaded without --mmproj: images, videos and PDFs are not available",
+                            "messages")
     try:
         settings = SamplingSettings(temperature=req.temperature, top_p=req.top_p, max_tokens=max_tokens,
                                     seed=secrets.randbits(32) if req.seed is None else req.seed,
@@ -87,21 +97,33 @@ def prepare_turn(req: ChatRequest, cfg: ServerConfig, card: ModelCard) -> Turn:
     return Turn([_message(m, i, cfg) for i, m in enumerate(req.messages)], settings, req.stops, split)
 
 
+MEDIA_PARTS = ("image_url", "video_url", "file")
+
+
 def _message(m: Message, i: int, cfg: ServerConfig) -> dict:
     role = "system" if m.role == "developer" else m.role
     if not isinstance(m.content, list):
         return {"role": role, "content": m.content or ""}
-    parts: list[dict[str, Any]] = []
-    for j, p in enumerate(m.content):
-        param = f"messages[{i}].content[{j}]"
-        if p.type == "text" and p.text is not None:
-            parts.append({"type": "text", "text": p.text})
-        elif p.type == "image_url" and p.image_url is not None:
-            url = p.image_url if isinstance(p.image_url, str) else p.image_url.url
-            parts.append({"type": "image", "image": image_bytes(url, cfg, param + ".image_url")})
-        else:
-            raise invalid_field(f"content part of type {p.type!r} is not supported (text, image_url)", param)
-    return {"role": role, "content": parts}
+    return {"role": role, "content": [_part(p, f"messages[{i}].content[{j}]", cfg) for j, p in enumerate(m.content)]}
+
+
+def _part(p: ContentPart, param: str, cfg: ServerConfig) -> dict[str, Any]:
+    """One content part as the runtime's part: text, image bytes, video bytes or PDF bytes."""
+    if p.type == "text" and p.text is not None:
+        return {"type": "text", "text": p.text}
+    if p.type == "image_url" and p.image_url is not None:
+        return {"type": "image", "image": image_bytes(_url(p.image_url), cfg, param + ".image_url")}
+    if p.type == "video_url" and p.video_url is not None:
+        return {"type": "video", "video": video_bytes(_url(p.video_url), cfg, param + ".video_url")}
+    if p.type == "file" and p.file is not None:
+        # the runtime's OpenAI-shaped part, its data decoded: the file name then names the PDF in errors
+        return {"type": "file", "file": {"file_data": document_bytes(p.file, param + ".file"),
+                                         "filename": p.file.filename}}
+    raise invalid_field(f"content part of type {p.type!r} is not supported (text, {', '.join(MEDIA_PARTS)})", param)
+
+
+def _url(u: Any) -> str:
+    return u if isinstance(u, str) else u.url
 
 
 def run_turn(model: KimiVL, turn: Turn, emit: Emit, cancelled: threading.Event) -> None:
@@ -109,20 +131,28 @@ def run_turn(model: KimiVL, turn: Turn, emit: Emit, cancelled: threading.Event) 
     tokens = model.stream_tokens(turn.messages, turn.settings)
     pieces = decode_pieces(_watched(tokens, emit, cancelled), model.tokenizer, turn.split_thinking)
     stop = StopFilter(turn.stops)
+    answer: list[str] = []
+
+    def send(events: list) -> None:
+        for ev in events:
+            if ev[0] == "answer":
+                answer.append(ev[1])
+            emit(ev)
+
     try:
         for piece in pieces:
-            for ev in stop.feed(piece.kind, piece.text):
-                emit(ev)
+            send(stop.feed(piece.kind, piece.text))
             if stop.stopped or cancelled.is_set():
                 break
-        for ev in stop.flush():
-            emit(ev)
-    except KimiVLError as e:  # the prompt does not fit, an image cannot be decoded, ...
+        send(stop.flush())
+    except KimiVLError as e:  # the prompt does not fit, an image, video or PDF cannot be decoded, ...
         raise APIError(400, str(e), "invalid_request") from None
     finally:
         pieces.close()
         tokens.close()
-    emit(Done(tokens.stats, "stop" if stop.stopped else tokens.stats.finish_reason))
+    actions = parse_actions("".join(answer), tokens.image_sizes)
+    emit(Done(tokens.stats, "stop" if stop.stopped else tokens.stats.finish_reason,
+              [dataclasses.asdict(a) for a in actions]))
 
 
 def _watched(tokens: Iterator[int], emit: Emit, cancelled: threading.Event) -> Iterator[int]:
@@ -153,13 +183,25 @@ def timings(st: Stats) -> dict:
             "prompt_ms": 1e3 * st.prefill_seconds, "prompt_per_token_ms": p_ms, "prompt_per_second": p_tps,
             "predicted_n": st.generated_tokens, "predicted_ms": 1e3 * st.decode_seconds,
             "predicted_per_token_ms": d_ms, "predicted_per_second": d_tps,
-            "encode_ms": 1e3 * st.encode_seconds, "image_tokens": st.image_tokens}
+            "encode_ms": 1e3 * st.encode_seconds, "image_tokens": st.image_tokens, **_media_timings(st)}
+
+
+def _media_timings(st: Stats) -> dict:
+    """Video frames and PDF pages (kimivl_edge.media.MediaStats): counts, image tokens of each, the seconds spent
+    decoding and rendering them, and the notes naming dropped pages. Empty when the turn had neither."""
+    m = st.media
+    if not (m.frames or m.pages):
+        return {}
+    return {"frames_n": m.frames, "frame_tokens": m.frame_tokens, "pages_n": m.pages, "page_tokens": m.page_tokens,
+            "media_decode_ms": 1e3 * m.decode_seconds, "media_notes": m.notes}
 
 
 def completion(cid: str, created: int, card: ModelCard, answer: str, reasoning: str | None, done: Done) -> dict:
     message: dict = {"role": "assistant", "content": answer}
     if reasoning is not None:
         message["reasoning_content"] = reasoning
+    if done.grounding:
+        message["grounding"] = done.grounding
     return {"id": cid, "object": "chat.completion", "created": created, "model": card.id,
             "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": done.finish_reason}],
             "usage": usage(done.stats), "timings": timings(done.stats)}
@@ -168,6 +210,13 @@ def completion(cid: str, created: int, card: ModelCard, answer: str, reasoning: 
 def chunk(cid: str, created: int, card: ModelCard, delta: dict, finish_reason: str | None = None) -> dict:
     return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": card.id,
             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+
+
+def final_chunk(cid: str, created: int, card: ModelCard, done: Done) -> dict:
+    """The stream's chunk with the finish_reason, llama-server's ``timings`` and the answer's grounding."""
+    out = chunk(cid, created, card, {"grounding": done.grounding} if done.grounding else {}, done.finish_reason)
+    out["timings"] = timings(done.stats)
+    return out
 
 
 DELTA_FIELD = {"answer": "content", "reasoning": "reasoning_content"}

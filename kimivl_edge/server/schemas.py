@@ -15,10 +15,20 @@ class ImageURL(_Body):
     url: str
 
 
+class FileData(_Body):
+    """OpenAI's ``file`` part: only inline ``file_data`` (a ``data:application/pdf;base64,...`` URI) is served."""
+
+    file_data: str | None = None
+    filename: str | None = None
+    file_id: str | None = None
+
+
 class ContentPart(_Body):
     type: str
     text: str | None = None
     image_url: ImageURL | str | None = None
+    video_url: ImageURL | str | None = None   # vLLM's video part: a data URI or a path under --media-dir
+    file: FileData | None = None
 
 
 class Message(_Body):

@@ -3,7 +3,7 @@
 // it, and redraws what changed.
 
 import { ApiError, serverInfo, setApiKey, streamChat } from "./api.js";
-import { groundingMarks } from "./grounding.js";
+import { groundingMarks, marksFromActions } from "./grounding.js";
 import { renderMarkdown } from "./markdown.js";
 import * as store from "./store.js";
 
@@ -267,7 +267,11 @@ async function generate(conv) {
     await streamChat(body, state.controller.signal, {
       reasoning: (t) => { first(); answer.reasoning += t; view.update(); },
       content: (t) => { first(); answer.text += t; view.update(); },
-      finish: (ch) => { answer.stats = turnStats(ch.timings, ttft); answer.finish = ch.choices[0].finish_reason; },
+      finish: (ch) => {
+        answer.stats = turnStats(ch.timings, ttft);
+        answer.finish = ch.choices[0].finish_reason;
+        answer.grounding = ch.choices[0].delta?.grounding ?? null;  // the server's parsed actions, when any
+      },
       usage: (u) => { conv.contextTokens = u.total_tokens; Object.assign(answer.stats ?? {}, usageStats(u)); },
     });
   } catch (e) {
@@ -413,7 +417,7 @@ function assistantView(conv, i) {
   };
   update();
   if (!live()) {
-    drawGrounding(figure, m.text, referencedImage(conv, i));
+    drawGrounding(figure, m, referencedImage(conv, i));
     meta.textContent = describeStats(m.stats);
     if (i === conv.messages.length - 1) {
       const actions = el("div", "actions");
@@ -444,9 +448,9 @@ function referencedImage(conv, i) {
   return null;
 }
 
-function drawGrounding(box, text, image) {
+function drawGrounding(box, m, image) {
   if (!image || !image.width) return;
-  const marks = groundingMarks(text, image.width, image.height);
+  const marks = m.grounding ? marksFromActions(m.grounding) : groundingMarks(m.text, image.width, image.height);
   if (!marks.length) return;
   const frame = el("div", "overlay-frame");
   const img = el("img", "grounded");

@@ -1,4 +1,6 @@
-// Points and boxes in an answer, in pixels of the image they refer to (the last image of the prompt).
+// Points and boxes in an answer, in pixels of the image they refer to (the last image of the prompt). The server
+// sends the actions it parsed (kimivl_edge/grounding.py) in the final chunk's `delta.grounding`; the page draws
+// those when present (`marksFromActions`) and parses the text itself otherwise (`groundingMarks`).
 // Kimi-VL writes PyAutoGUI calls and boxes normalized to 0-1 of the image (`pyautogui.click(x=0.41, y=0.73)`,
 // `{"bbox_2d": [x0, y0, x1, y1]}`, bare `(x=0.5, y=0.5)`); the trained tiny model writes `(x, y)` in image
 // pixels. A set of coordinates that are all within 0-1 is read as normalized, otherwise as pixels. Anything
@@ -42,4 +44,12 @@ export function groundingMarks(text, width, height) {
     if (px) found.push({ at: m.index, kind: "point", x: px[0], y: px[1], label: "" });
   }
   return found.sort((a, b) => a.at - b.at);
+}
+
+// The same marks from the server's `grounding` actions ({kind, points: [[x, y]], boxes: [[x0, y0, x1, y1]]}).
+export function marksFromActions(actions) {
+  return actions.flatMap((a) => [
+    ...a.points.map(([x, y]) => ({ kind: "point", x, y, label: a.kind === "point" ? "" : a.kind })),
+    ...a.boxes.map(([x0, y0, x1, y1]) => ({ kind: "box", x0, y0, x1, y1 })),
+  ]);
 }
