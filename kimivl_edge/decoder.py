@@ -197,7 +197,9 @@ def _backend():
     if _LOG_CB is None:
         llama_cpp.llama_backend_init()
         _LOG_CB = llama_cpp.llama_log_callback(_log)
-        llama_cpp.llama_log_set(_LOG_CB, ctypes.c_void_p(0))
+    # set every time: llama-cpp-python's Llama(verbose=False) installs its own callback in the same process, and
+    # llama.cpp's reasons for a failure reach our errors only through ours
+    llama_cpp.llama_log_set(_LOG_CB, ctypes.c_void_p(0))
     return llama_cpp
 
 

@@ -517,8 +517,18 @@ def test_a_quantized_kv_cache_is_refused_up_front_with_the_reason(pair, kv):
 
 
 def test_llama_cpp_s_own_reason_is_in_its_errors(pair, monkeypatch):
+    """Also after another user of llama.cpp in the same process put its own log callback in place (as the libmtmd
+    comparison and the ggml vision backend do: the full suite runs them in the same worker)."""
+    import ctypes
+
+    import llama_cpp
+
     import kimivl_edge.decoder as decoder_module
 
     monkeypatch.setattr(decoder_module, "check_kv_heads", lambda path, kv_type: None)
+    with pytest.raises(KimiVLError, match="does not divide n_embd_head_k"):
+        KimiVL.load(pair[0], kv_type="q8_0", flash_attn=True)
+    silent = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+    llama_cpp.llama_log_set(silent, ctypes.c_void_p(0))
     with pytest.raises(KimiVLError, match="does not divide n_embd_head_k"):
         KimiVL.load(pair[0], kv_type="q8_0", flash_attn=True)
