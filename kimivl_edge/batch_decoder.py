@@ -8,12 +8,16 @@ cached position, for prefix reuse) follow ``Decoder``'s conventions (``Decoder.s
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .decoder import KV_TYPES, Decoder, ImageBlock, Segment, _backend, _take_errors
+from .decoder import KV_TYPES, Decoder, ImageBlock, Segment, _backend, _counter, _take_errors
 from .errors import KimiVLError, UsageError
+
+if TYPE_CHECKING:
+    from .vision import Progress
 
 
 class BatchDecoder:
@@ -73,29 +77,32 @@ class BatchDecoder:
         alike = [s for s in free if self._keys[s] and 2 * shared(s) >= len(self._keys[s])]
         return max(alike, key=shared) if alike else min(free, key=lambda s: self._used[s])
 
-    def prefill(self, seq: int, segments: Sequence[Segment]) -> int:
+    def prefill(self, seq: int, segments: Sequence[Segment], progress: Progress | None = None) -> int:
         """Make sequence ``seq`` hold exactly ``segments``, evaluating only what follows its cached prefix (the last
-        position is always evaluated: its logits are batch entry -1 afterwards). Returns the positions evaluated."""
+        position is always evaluated: its logits are batch entry -1 afterwards). Returns the positions evaluated.
+        ``progress(done, total, "token")`` after each evaluated chunk, as ``Decoder.prefill``'s."""
         keys = Decoder.segment_keys(segments)
         if not 0 < len(keys) <= self.n_ctx:
             raise UsageError(f"prompt of {len(keys)} positions does not fit the context of {self.n_ctx}")
         common = min(self.common_prefix(seq, keys), len(keys) - 1)
         self._used[seq] = max(self._used) + 1
         self._truncate(seq, common)
+        advance = _counter(progress, len(keys) - common)
         try:
             pos = 0
             for seg in segments:
                 n = len(seg.rows) if isinstance(seg, ImageBlock) else len(seg)
                 lo = max(common - pos, 0)
                 if lo < n:
-                    self._eval(seq, seg, lo, pos, keys, len(keys) - 1)
+                    self._eval(seq, seg, lo, pos, keys, len(keys) - 1, advance)
                 pos += n
         except BaseException:
             self._resync([seq])
             raise
         return len(keys) - common
 
-    def _eval(self, seq: int, seg: Segment, lo: int, pos0: int, keys: list[Hashable], last: int) -> None:
+    def _eval(self, seq: int, seg: Segment, lo: int, pos0: int, keys: list[Hashable], last: int,
+              advance: Callable[[int], None]) -> None:
         """Evaluate ``seg[lo:]`` (at positions pos0 + lo ...) in chunks of ``n_batch``; logits only for ``last``."""
         emb = isinstance(seg, ImageBlock)
         b = self._emb if emb else self._tok
@@ -113,6 +120,7 @@ class BatchDecoder:
                 b.seq_id[j][0] = seq
             self._decode(b, e - s)
             self._keys[seq].extend(keys[pos0 + s: pos0 + e])
+            advance(e - s)
 
     def step(self, tokens: dict[int, int]) -> dict[int, int]:
         """Append one token to each sequence in ``tokens`` (sequence -> token) in one llama_decode; returns each

@@ -7,6 +7,7 @@ with images is also handed to its encoder thread (``KimiVL.pre_encode``) while i
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import itertools
 import json
@@ -23,8 +24,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .completion import (DELTA_FIELD, STARTED, Done, ModelCard, chunk, completion, final_chunk, prepare_turn,
-                         run_turn, usage)
+from .completion import (DELTA_FIELD, STARTED, Done, ModelCard, PromptProgress, chunk, completion, final_chunk,
+                         prepare_turn, run_turn, usage)
 from .config import ServerConfig
 from .errors import INTERNAL, LOADING, APIError, bad_request, invalid_field
 from .scheduler import Job, QueueFull, Scheduler
@@ -132,7 +133,7 @@ class _Api:
             while not isinstance(ev, Done):
                 if ev is None:  # cancelled before it ran: the client has gone
                     raise APIError(400, "request cancelled", "cancelled")
-                if ev != STARTED:
+                if isinstance(ev, tuple):  # a piece (STARTED and PromptProgress carry no text)
                     text[ev[0]].append(ev[1])
                 ev = await anext(events, None)
         finally:
@@ -170,7 +171,9 @@ async def _sse(cid: str, created: int, card: ModelCard, first: Any, events: Asyn
                 if include_usage:
                     yield data({**chunk(cid, created, card, {}), "choices": [], "usage": usage(ev.stats)})
                 break
-            if ev != STARTED:
+            if isinstance(ev, PromptProgress):
+                yield data({**chunk(cid, created, card, {}), "prompt_progress": dataclasses.asdict(ev)})
+            elif ev != STARTED:
                 kind, text = ev
                 yield data(chunk(cid, created, card, {DELTA_FIELD[kind]: text}))
             ev = await anext(events, None)

@@ -7,6 +7,7 @@ scheduler's worker owns the ``BatchRunner``: it starts turns in free slots, step
 frees a slot when its turn ends (finished, stopped, cancelled or failed)."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import TYPE_CHECKING
 
@@ -17,7 +18,8 @@ from ..model import Stats
 from ..prompt import ThinkingStreamSplitter
 from ..sampling import SamplerChain
 from ..tokenizer import StreamDecoder
-from .completion import Done, Turn
+from ..grounding import parse_actions
+from .completion import STARTED, Done, Turn, progress_events
 from .errors import APIError
 from .scheduler import Job
 from .stops import StopFilter
@@ -47,14 +49,18 @@ class BatchTurn:
         except KimiVLError as e:  # the prompt does not fit, an image cannot be decoded, ...
             raise APIError(400, str(e), "invalid_request") from None
         st.image_tokens, st.prompt_tokens, st.media = prompt.image_tokens, prompt.n_tokens, prompt.media
+        self._sizes = [im.size for im in prompt.images]  # the grounding's frames
+        self._answer: list[str] = []
         keys = Decoder.segment_keys(segments)
         self.slot = bd.choose(free, keys)
         free.remove(self.slot)
         self.chain = SamplerChain(self.settings, bd.n_vocab)
         try:
             t0 = clock()
-            st.evaluated_tokens = bd.prefill(self.slot, segments)
+            progress = progress_events(st, self.emit) if turn.return_progress else None
+            st.evaluated_tokens = bd.prefill(self.slot, segments, progress)
             st.prefill_seconds = clock() - t0
+            self.emit(STARTED)
             self._t0 = clock()
             self.pending = self._next(-1)
         except BaseException:
@@ -84,7 +90,7 @@ class BatchTurn:
         st.generated_tokens += 1
         for kind, piece in self._pieces(self._text.feed(tok)):
             for ev in self._stop.feed(kind, piece):
-                self.emit(ev)
+                self._send(ev)
         return "stop" if self._stop.stopped else tok
 
     def _pieces(self, text: str) -> list[tuple[str, str]]:
@@ -103,13 +109,20 @@ class BatchTurn:
         for kind, piece in tail:
             if not self._stop.stopped:
                 for ev in self._stop.feed(kind, piece):
-                    self.emit(ev)
+                    self._send(ev)
         for ev in self._stop.flush():
-            self.emit(ev)
+            self._send(ev)
         self.stats.decode_seconds = time.perf_counter() - self._t0
         self.stats.finish_reason = reason
-        self.emit(Done(self.stats, "stop" if self._stop.stopped else reason))
+        actions = parse_actions("".join(self._answer), self._sizes)
+        self.emit(Done(self.stats, "stop" if self._stop.stopped else reason,
+                       [dataclasses.asdict(a) for a in actions]))
         self.close()
+
+    def _send(self, ev: tuple[str, str]) -> None:
+        if ev[0] == "answer":
+            self._answer.append(ev[1])
+        self.emit(ev)
 
     def close(self) -> None:
         self.done = True

@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import secrets
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +55,7 @@ class Turn:
     settings: SamplingSettings
     stops: list[str]
     split_thinking: bool
+    return_progress: bool = False
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,29 @@ class Done:
     stats: Stats
     finish_reason: str
     grounding: list[dict] = field(default_factory=list)  # the answer's actions, in pixels of their image
+
+
+@dataclass(frozen=True)
+class PromptProgress:
+    """llama-server's ``prompt_progress``: of the prompt's ``total`` positions, ``cache`` came from the KV cache and
+    ``processed`` (cache included) are in it now, ``time_ms`` after the prompt's evaluation started."""
+
+    total: int
+    cache: int
+    processed: int
+    time_ms: float
+
+
+def progress_events(stats: Stats, emit: Emit) -> Callable[[int, int, str], None]:
+    """A prefill progress callback (``done`` of ``total`` evaluated positions) that emits PromptProgress events;
+    ``stats.prompt_tokens`` is the whole prompt's size (set before the prefill starts)."""
+    t0 = time.perf_counter()
+
+    def report(done: int, total: int, unit: str) -> None:
+        cache = stats.prompt_tokens - total
+        emit(PromptProgress(stats.prompt_tokens, cache, cache + done, round(1e3 * (time.perf_counter() - t0), 1)))
+
+    return report
 
 
 STARTED = "started"
@@ -94,7 +119,8 @@ def prepare_turn(req: ChatRequest, cfg: ServerConfig, card: ModelCard) -> Turn:
     except UsageError as e:
         raise invalid_field(str(e)) from None
     split = (req.reasoning_format or cfg.reasoning_format) == "deepseek" and card.thinking
-    return Turn([_message(m, i, cfg) for i, m in enumerate(req.messages)], settings, req.stops, split)
+    return Turn([_message(m, i, cfg) for i, m in enumerate(req.messages)], settings, req.stops, split,
+                req.return_progress and req.stream)
 
 
 MEDIA_PARTS = ("image_url", "video_url", "file")
@@ -129,6 +155,7 @@ def _url(u: Any) -> str:
 def run_turn(model: KimiVL, turn: Turn, emit: Emit, cancelled: threading.Event) -> None:
     """On the worker thread: stream the turn's pieces through the stop strings; stop at once when cancelled."""
     tokens = model.stream_tokens(turn.messages, turn.settings)
+    model.prefill_progress = progress_events(tokens.stats, emit) if turn.return_progress else None
     pieces = decode_pieces(_watched(tokens, emit, cancelled), model.tokenizer, turn.split_thinking)
     stop = StopFilter(turn.stops)
     answer: list[str] = []
@@ -150,6 +177,7 @@ def run_turn(model: KimiVL, turn: Turn, emit: Emit, cancelled: threading.Event) 
     finally:
         pieces.close()
         tokens.close()
+        model.prefill_progress = None
     actions = parse_actions("".join(answer), tokens.image_sizes)
     emit(Done(tokens.stats, "stop" if stop.stopped else tokens.stats.finish_reason,
               [dataclasses.asdict(a) for a in actions]))

@@ -65,6 +65,7 @@ class ChatRequest(_Body):
     n: int = 1
     response_format: ResponseFormat | None = None
     reasoning_format: Literal["deepseek", "none"] | None = None  # llama-server's per-request switch
+    return_progress: bool = False  # llama-server's: prompt_progress chunks while the prompt is evaluated (streams)
 
     @property
     def stops(self) -> list[str]:
