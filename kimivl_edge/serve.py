@@ -38,8 +38,8 @@ def _parser():
                     "before decoding (default 2^25)")
     ap.add_argument("--max-queue", type=int, default=64, help="requests waiting behind the running one; past it "
                     "the server answers 429 (default 64)")
-    ap.add_argument("--parallel", type=int, default=4, help="requests decoded together, one llama.cpp batch per "
-                    "token (continuous batching; N sequences of --ctx tokens each; default 4, as measured in README)")
+    ap.add_argument("--parallel", type=int, default=1, help="requests decoded together, one llama.cpp batch per "
+                    "token (continuous batching; N sequences of --ctx tokens each; default 1: see README)")
     return ap
 
 

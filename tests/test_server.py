@@ -445,7 +445,8 @@ def keyed(pair, tmp_path_factory) -> Iterator[str]:
         proc = subprocess.Popen([sys.executable, "-m", "kimivl_edge", "serve", "-m", str(pair[0]), "--mmproj",
                                  str(pair[1]), "--port", str(port), "--api-key", KEY, "--threads", "1",
                                  "--kv-type", "f32", "--ctx", str(CTX), "--max-body", "300000", "--max-queue", "32",
-                                 "--cors-origin", "http://app.example"], stdout=f, stderr=subprocess.STDOUT)
+                                 "--cors-origin", "http://app.example", "--parallel", "4"],  # the load test: batched
+                                stdout=f, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):

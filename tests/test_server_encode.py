@@ -45,6 +45,10 @@ class HeldTokens:
     def stats(self):
         return self.inner.stats
 
+    @property
+    def image_sizes(self):
+        return self.inner.image_sizes
+
     def __iter__(self):
         return self
 

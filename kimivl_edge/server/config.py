@@ -18,7 +18,7 @@ class ServerConfig:
     max_images: int = 8                     # per request
     max_image_pixels: int = 1 << 25         # per image, checked from the header before decoding
     max_queue: int = 64                     # requests waiting behind the running one; past it: 429
-    parallel: int = 1                       # chat turns decoded together (batch.BatchRunner) when > 1; the CLI: 4
+    parallel: int = 1                       # chat turns decoded together (batch.BatchRunner) when > 1
     reasoning_format: str = "deepseek"      # "deepseek": thinking in reasoning_content; "none": left in content
     remote_timeout: float = 10.0            # seconds, for --allow-remote-images fetches
 
