@@ -414,8 +414,10 @@ def test_chat_on_a_terminal_pastes_10_kb_shows_progress_and_quits_on_ctrl_d(pair
     assert term.shown.count(b"error") == 1 and b"Traceback" not in term.shown
 
 
-def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(pair):
-    text, _, _ = pair
+def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(tiny_checkpoint, converted):
+    # an Instruct model: a Thinking model's text before its first marker is held back until a marker decides it
+    # (docs/model.md §7.4), and the random tiny weights never write one, so nothing would stream
+    text, _ = converted(tiny_checkpoint("instruct", seed=4), "f32", "f16")
     term = Terminal("chat", "-m", str(text), "--temp", "1", "--max-tokens", "600", "--threads", "1")
     term.expect(PROMPT)
     term.type(b"Tell me a long story.\r")

@@ -273,6 +273,7 @@ def test_read_only_target_is_not_reported_as_full(tiny_checkpoint, tmp_path, mon
     """A read-only file system that reports 0 bytes free (squashfs, an ISO): the error says read-only."""
     out = tmp_path / "ro"
     out.mkdir()
+    ckpt = tiny_checkpoint("instruct")  # made before the patches below (its own free-space check would see them)
     real_open = os.open
 
     def ro_open(path, flags, *a, **k):
@@ -283,7 +284,7 @@ def test_read_only_target_is_not_reported_as_full(tiny_checkpoint, tmp_path, mon
     monkeypatch.setattr(os, "open", ro_open)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(total=10**9, used=10**9, free=0))
     with pytest.raises(UsageError, match="read-only") as e:
-        convert_checkpoint(tiny_checkpoint("instruct"), "f32", "f32", out)
+        convert_checkpoint(ckpt, "f32", "f32", out)
     assert "disk space" not in str(e.value)
 
 
