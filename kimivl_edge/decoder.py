@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias
@@ -184,10 +184,14 @@ def tensor_types(path: str | Path) -> dict[str, GGMLQuantizationType] | None:
 def repacked_tensors(path: str | Path) -> list[str]:
     """Weights of ``path`` of a type llama.cpp's CPU backend repacks (CPU_REPACK buffers) on this machine; an upper
     bound (row counts and ops are not checked: e.g. 3-D attn_v_b stays in the CPU buffer)."""
+    return _repacked(tensor_types(path) or {})
+
+
+def _repacked(types: Mapping[str, GGMLQuantizationType]) -> list[str]:
+    """``repacked_tensors`` of a file whose tensor types are ``types``."""
     lc = _backend()
-    types = _repack_types(lc.llama_print_system_info().decode("utf-8", "replace"))
-    found = tensor_types(path) or {}
-    return [n for n, t in found.items() if t in types and n not in _NOT_MATMUL]
+    repack = _repack_types(lc.llama_print_system_info().decode("utf-8", "replace"))
+    return [n for n, t in types.items() if t in repack and n not in _NOT_MATMUL]
 
 
 def _backend():
@@ -244,13 +248,13 @@ class Decoder:
                  progress: Progress | None = None):
         """``progress(done, 100, "%")``: progress of llama.cpp's model load (an exception it raises cancels it)."""
         self.settings = s = settings or DecoderSettings()
-        check_text_gguf(model_path)  # llama.cpp aborts on some hostile files: it sees only files that pass
+        types = check_text_gguf(model_path)  # llama.cpp aborts on some hostile files: it sees only files that pass
         lc = _backend()
         check_kv_heads(model_path, s.kv_type)
         _take_errors()
         mp = model_params(s.repack)
         self.repack = bool(mp.use_extra_bufts)  # repack=True asks for repacked copies where they are safe
-        self.mmap = s.mmap if s.mmap is not None else not (self.repack and repacked_tensors(model_path))
+        self.mmap = s.mmap if s.mmap is not None else not (self.repack and _repacked(types))
         mp.load_mode = LOAD_MODE_MMAP if self.mmap else LOAD_MODE_NONE
         failed: list[BaseException] = []
         if progress is not None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gguf import ExpertGatingFuncType, GGUFValueType, TokenType
+from gguf import ExpertGatingFuncType, GGMLQuantizationType, GGUFValueType, TokenType
 
 from .config import TEMPERATURE
 from .errors import GGUFFileError, KimiVLError
@@ -220,10 +220,13 @@ def open_text_gguf(path: str | Path, tensors: bool) -> tuple[GGUFFile, TextHPara
     return f, hp
 
 
-def check_text_gguf(path: str | Path) -> None:
+def check_text_gguf(path: str | Path) -> dict[str, GGMLQuantizationType]:
     """The decoder's guard: a file that passes is one llama.cpp either loads or refuses, never one it crashes on
-    (header, vocabulary arrays and tensor index checked)."""
-    open_text_gguf(path, tensors=True)[0].close()
+    (header, vocabulary arrays and tensor index checked). Returns the tensor index's types (name -> ggml type), so
+    the decoder does not parse the header again to find what llama.cpp will repack."""
+    f, _ = open_text_gguf(path, tensors=True)
+    with f:
+        return {name: t.type for name, t in f.tensors.items()}
 
 
 @dataclass(frozen=True)
