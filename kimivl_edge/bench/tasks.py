@@ -280,6 +280,16 @@ def task_vision(t: dict) -> dict:
     return out | {"available": True, "error": None, "warmup_seconds": warmup, "items": items}
 
 
+def _one_token(model: Any, msgs: list[dict]) -> tuple[float, Any]:
+    """Seconds to a greedy one-token answer to ``msgs`` (the time to first token), and the turn's Stats."""
+    t0 = time.perf_counter()
+    it = model.stream_tokens(msgs, temperature=0.0, max_tokens=1)
+    next(it, None)
+    seconds = time.perf_counter() - t0
+    it.close()
+    return seconds, it.stats
+
+
 def _ttft_run(model: Any, t: dict, seed: int) -> dict:
     """One question about a new image (time to its first token), then a follow-up about the same image."""
     from ..prompt import user_message
@@ -294,12 +304,7 @@ def _ttft_run(model: Any, t: dict, seed: int) -> dict:
     st = it.stats
     answer = model.detokenize(([first] if first is not None else []) + rest) or "."
     follow = msgs + [{"role": "assistant", "content": answer}, user_message(t["followup"])]
-    t0 = time.perf_counter()
-    it = model.stream_tokens(follow, temperature=0.0, max_tokens=1)
-    next(it, None)
-    followup = time.perf_counter() - t0
-    it.close()
-    st2 = it.stats
+    followup, st2 = _one_token(model, follow)
     return {"ttft": ttft, "encode": st.encode_seconds, "prefill": st.prefill_seconds, "followup": followup,
             "followup_evaluated": st2.evaluated_tokens, "image_tokens": st.image_tokens,
             "prompt_tokens": st.prompt_tokens}
@@ -337,12 +342,7 @@ def task_prefix(t: dict) -> dict:
     model = KimiVL.load(t["text"], t["mmproj"], n_threads=t["threads"], prefix_cache=cache)
     load = time.perf_counter() - t0
     msgs = [user_message(t["question"], [_noise_image(tuple(t["image"]), 7)])]
-    t0 = time.perf_counter()
-    it = model.stream_tokens(msgs, temperature=0.0, max_tokens=1)
-    next(it, None)
-    ttft = time.perf_counter() - t0
-    it.close()
-    st = it.stats
+    ttft, st = _one_token(model, msgs)
     model.close()
     entries = list(Path(t["cache_dir"]).glob("*" + SUFFIX)) if t["cache_dir"] else []
     return {"load_seconds": load, "ttft": ttft, "restored_tokens": st.restored_tokens,
