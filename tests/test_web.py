@@ -367,6 +367,8 @@ def test_reload_rename_export_delete_import(page, pics, tmp_path):
     want = base64.b64encode(pics["triangle.png"].read_bytes()).decode()
     assert conv["messages"][0]["images"][0]["url"] == "data:image/png;base64," + want
     pg.click("#conv-list button:has-text('Delete')")
+    # The sidebar changes once IndexedDB has committed the delete; reloading before that would race it.
+    expect(pg.locator("#conv-list .conv-title")).to_have_text(["New chat"])
     page.load()
     assert pg.locator(".msg").count() == 0 and pg.locator("#conv-list .conv-title").all_inner_texts() == ["New chat"]
     pg.set_input_files("#import-file", str(exported))
