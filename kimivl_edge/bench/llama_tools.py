@@ -54,7 +54,7 @@ def built(root: Path | None = None, tools: Sequence[str] = TOOLS) -> bool:
     return all(os.access(tool(t, root), os.X_OK) for t in tools)
 
 
-def _run(cmd: Sequence[str], log: Path, cwd: Path | None = None) -> None:
+def _run(cmd: Sequence[str | Path], log: Path, cwd: Path | None = None) -> None:
     with log.open("ab") as f:
         f.write(("\n$ " + " ".join(map(str, cmd)) + "\n").encode())
         f.flush()
