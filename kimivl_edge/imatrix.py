@@ -138,14 +138,15 @@ def run(source: str, mmproj: str | None, calibration: str | None, output: Path, 
     if not src.exists():
         raise UsageError(f"{source}: no such file or directory")
     output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".kimivl-imatrix-", dir=output.parent) as tmp:
-        if src.is_dir():
-            if mmproj:
-                raise UsageError("--mmproj goes with a MODEL.gguf; a checkpoint brings its own vision tower")
+    if src.is_dir():
+        if mmproj:
+            raise UsageError("--mmproj goes with a MODEL.gguf; a checkpoint brings its own vision tower")
+        with tempfile.TemporaryDirectory(prefix=".kimivl-imatrix-", dir=output.parent) as tmp:
             text, mm = _from_checkpoint(src, Path(tmp), threads)
-        else:
-            text, mm = src, (Path(mmproj) if mmproj else None)
-        got = collect(text, mm, chats, dataset, n_ctx=n_ctx, n_threads=threads, progress=_bar("imatrix"))
+            got = collect(text, mm, chats, dataset, n_ctx=n_ctx, n_threads=threads, progress=_bar("imatrix"))
+    else:
+        got = collect(src, Path(mmproj) if mmproj else None, chats, dataset, n_ctx=n_ctx, n_threads=threads,
+                      progress=_bar("imatrix"))
     with partial_files([output]) as (part,):
         write_imatrix(part, got.imatrix)
     return got
