@@ -24,7 +24,7 @@ from .quant.ggml_c import library_path
 from .quant.imatrix_file import Entry
 
 _MAX_DIMS, _MAX_SRC, _MAX_OP_PARAMS, _MAX_NAME = 4, 10, 64, 64  # ggml.h
-_GGML_TYPE_F32, _GGML_TYPE_I32 = 0, 26
+_GGML_TYPE_F32 = 0
 _OBJECT_SIZE = 32  # sizeof(struct ggml_object)
 _MATMULS = ("MUL_MAT", "MUL_MAT_ID")
 
@@ -115,15 +115,11 @@ class Collector:
         try:
             t = GgmlTensor.from_address(ptr)
             op = self._op(t.op)
-            if op not in _MATMULS:
-                return False if ask else True
-            src0 = GgmlTensor.from_address(t.src[0])
-            if not weight_name(src0.name).startswith("blk."):
-                return False if ask else True
-            if op == "MUL_MAT" and GgmlTensor.from_address(t.src[1]).type != _GGML_TYPE_F32:
-                return False if ask else True
-            if ask:
-                return True
+            src0 = GgmlTensor.from_address(t.src[0]) if op in _MATMULS else None
+            wanted = (src0 is not None and weight_name(src0.name).startswith("blk.")
+                      and (op == "MUL_MAT_ID" or GgmlTensor.from_address(t.src[1]).type == _GGML_TYPE_F32))
+            if ask or not wanted or src0 is None:
+                return wanted if ask else True  # ask: do we want this node's data; else: go on computing
             (self._mul_mat_id if op == "MUL_MAT_ID" else self._mul_mat)(t, src0)
             return True
         except BaseException as e:  # noqa: B036 (a ctypes callback cannot raise: stop the graph, re-raise later)
