@@ -4,10 +4,11 @@
 
 Two importance matrices are collected by ``kimivl_edge.imatrix.collect`` on an F32 conversion of the model:
 "default" from the built-in calibration set (``kimivl_edge.calibration``: multilingual prompts and generated
-pictures, none of it like the tiny model's training data) and "tasks" from 100 questions of the training task mix,
-with their answers, drawn with ``--calib-seed`` (never the held-out ``--seed``). Each text type is converted without and with each,
-and measured as training.quant_table measures (F32 KV cache; KL(reference || quantized) teacher-forced over the
-reference answers of the held-out questions, top-1 agreement, task accuracy); the mmproj is Q8_0 throughout.
+pictures, none of it like the tiny model's training data) and "tasks" from 100 questions of the training task
+mix, with their answers, drawn with ``--calib-seed`` (never the held-out ``--seed``). Each text type is converted
+without and with each, and measured as training.quant_table measures (F32 KV cache; KL(reference || quantized)
+teacher-forced over the reference answers of the held-out questions, top-1 agreement, task accuracy); the mmproj
+is Q8_0 throughout.
 """
 from __future__ import annotations
 

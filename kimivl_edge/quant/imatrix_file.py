@@ -51,6 +51,9 @@ class Entry:
 
 @dataclass(frozen=True)
 class Imatrix:
+    """A whole file: weight name -> Entry, and the keys (datasets, chunk count and size; ours count chats and
+    their mean length in tokens)."""
+
     entries: Mapping[str, Entry]
     datasets: tuple[str, ...] = ()
     chunk_count: int = 0
@@ -143,10 +146,5 @@ def weights_for(im: Imatrix | None, name: str, shape: Sequence[int]) -> np.ndarr
     return w.reshape(n_mat, int(shape[-1]))
 
 
-def n_tokens(im: Imatrix) -> int:
-    """The most tokens any entry saw (the calibration set's size in tokens, for dense layers)."""
-    return max((int(e.counts.max()) for e in im.entries.values() if e.counts.size), default=0)
-
-
 __all__ = ["Entry", "Imatrix", "ImatrixError", "write_imatrix", "read_imatrix", "check_for_model", "weights_for",
-           "n_tokens", "SUM2", "COUNTS"]
+           "SUM2", "COUNTS"]

@@ -43,6 +43,7 @@ class QType(Enum):
     Q5_1 = "Q5_1"
     IQ4_NL = "IQ4_NL"
     Q2_K = "Q2_K"
+    Q3_K = "Q3_K"
     Q4_K = "Q4_K"
     Q5_K = "Q5_K"
     Q6_K = "Q6_K"
@@ -80,7 +81,7 @@ class QType(Enum):
     @property
     def is_kquant(self) -> bool:
         """True for the 256-element super-block K-quants."""
-        return self in (QType.Q2_K, QType.Q4_K, QType.Q5_K, QType.Q6_K)
+        return self in (QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K)
 
 
 class FType(Enum):
