@@ -424,3 +424,20 @@ def test_a3b_file_sizes_llama_q4_k_m_and_edge() -> None:
     size = {k: sum(nbytes(p[n][0], s) for n, s in shapes.items()) for k, p in (("q4km", q4km), ("edge", edge))}
     assert abs(size["q4km"] / 1e9 - 10.54) < 0.02 and abs(8 * size["q4km"] / n_params - 5.28) < 0.01
     assert size["edge"] + 10e6 <= 9.6e9 and 8 * size["edge"] / n_params <= 4.8
+
+
+def test_a3b_iq4_xs_size_with_an_imatrix() -> None:
+    """README's figure: iq4_xs (with an imatrix) at full A3B size, tensor bytes from the plan: 8.74 GB, 4.38 bits per
+    weight; the expert down projections (rows of 1408) fall back to IQ4_NL, the output stays Q6_K."""
+    from kimivl_edge.convert.text import text_shapes, text_types
+    from kimivl_edge.quant.types import nbytes
+    from kimivl_edge.synth import preset_config
+
+    t = preset_config("a3b").text
+    shapes = text_shapes(t)
+    types = text_types(t, shapes, "iq4_xs", has_imatrix=True)
+    size = sum(nbytes(types[n][0], s) for n, s in shapes)
+    n_params = sum(int(np.prod(s)) for _, s in shapes)
+    assert abs(size / 1e9 - 8.74) < 0.01 and abs(8 * size / n_params - 4.38) < 0.01
+    assert types["blk.5.ffn_down_exps.weight"][0] is QType.IQ4_NL and types["output.weight"][0] is QType.Q6_K
+    assert types["blk.5.ffn_up_exps.weight"][0] is QType.IQ4_XS
