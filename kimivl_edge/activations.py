@@ -92,9 +92,10 @@ class _Stat:
 @dataclass
 class Collector:
     """Accumulates the statistics; ``callback`` is the ctypes function to give llama.cpp (keep this object alive
-    while the context lives). An error inside the callback stops the evaluation and is raised by ``check``."""
+    while the context lives). An error inside the callback, or ``stop()``, stops the evaluation; ``check`` raises
+    it."""
 
-    stats: dict[str, _Stat] = field(default_factory=dict)
+    stats: dict[str, _Stat] = field(default_factory=dict, repr=False)
     error: BaseException | None = None
 
     def __post_init__(self) -> None:
@@ -112,6 +113,8 @@ class Collector:
         return name
 
     def _call(self, ptr: int, ask: bool, user_data: object) -> bool:
+        if self.error is not None:  # stopped: collect nothing more until ``check`` raises it
+            return False
         try:
             t = GgmlTensor.from_address(ptr)
             op = self._op(t.op)
@@ -163,6 +166,11 @@ class Collector:
             np.add.at(s.sums, ids[:, slot], rows * rows)
             s.counts += np.bincount(ids[:, slot], minlength=n_as)
         _check_finite(name, s.sums)
+
+    def stop(self, reason: BaseException) -> None:
+        """Stop collecting (a SIGINT handler calls this: an exception raised inside the ctypes callback's frame
+        would be dropped by ctypes); ``check`` raises ``reason``."""
+        self.error = self.error or reason
 
     def check(self) -> None:
         """Raise the error that stopped an evaluation, if any."""

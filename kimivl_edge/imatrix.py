@@ -17,15 +17,22 @@ Without ``--calibration``, the built-in set (``calibration``: 320 prompts in 8 l
 from __future__ import annotations
 
 import math
+import signal
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .calibration import Chat, default_chats, read_chats
 from .errors import KimiVLError, UsageError
 from .quant.imatrix_file import Imatrix, write_imatrix
+
+if TYPE_CHECKING:
+    from .activations import Collector
+    from .model import KimiVL
 
 SOURCE_TYPES = ("F32", "F16", "BF16", "Q8_0")
 DEFAULT_DATASET = "kimivl-edge default calibration set"
@@ -68,7 +75,6 @@ def collect(model_gguf: str | Path, mmproj_gguf: str | Path | None, chats: Seque
             progress: Callable[[int, int], None] | None = None) -> Collected:
     """Evaluate ``chats`` on the pair and return the statistics. ``progress(done, total)`` after each chat."""
     from .activations import Collector
-    from .decoder import ImageBlock
     from .model import KimiVL
 
     _check_source(Path(model_gguf))
@@ -80,25 +86,54 @@ def collect(model_gguf: str | Path, mmproj_gguf: str | Path | None, chats: Seque
                         eval_callback=collector.callback)
     n_tokens = n_image = 0
     try:
-        for k, chat in enumerate(usable):
-            try:
-                segments = model.embed_prompt(model.render_prompt(chat.messages))
-            except KimiVLError as e:
-                raise KimiVLError(f"calibration chat {chat.name}: {e}") from None
-            n = len(model.decoder.segment_keys(segments))
-            model.decoder.reset()
-            try:
-                model.decoder.prefill(segments, n_logits=n)
-            finally:
+        with _ctrl_c_stops(collector):
+            for k, chat in enumerate(usable):
                 collector.check()
-            n_tokens += n
-            n_image += sum(len(s.rows) for s in segments if isinstance(s, ImageBlock))
-            if progress is not None:
-                progress(k + 1, len(usable))
+                n, n_img = _evaluate(model, chat, collector)
+                n_tokens += n
+                n_image += n_img
+                if progress is not None:
+                    progress(k + 1, len(usable))
     finally:
         model.close()
     im = Imatrix(collector.entries(), (dataset,), len(usable), max(1, math.ceil(n_tokens / len(usable))))
     return Collected(im, len(usable), n_tokens, n_image, len(chats) - len(usable))
+
+
+def _evaluate(model: KimiVL, chat: Chat, collector: Collector) -> tuple[int, int]:
+    """One chat evaluated from an empty cache, every position an output (llama.cpp then runs the last layer on
+    every row); returns its (tokens, image tokens)."""
+    from .decoder import ImageBlock
+
+    try:
+        segments = model.embed_prompt(model.render_prompt(chat.messages))
+    except KimiVLError as e:
+        raise KimiVLError(f"calibration chat {chat.name}: {e}") from None
+    n = len(model.decoder.segment_keys(segments))
+    model.decoder.reset()
+    try:
+        model.decoder.prefill(segments, n_logits=n)
+    finally:
+        collector.check()
+    return n, sum(len(s.rows) for s in segments if isinstance(s, ImageBlock))
+
+
+@contextmanager
+def _ctrl_c_stops(collector: Collector) -> Iterator[None]:
+    """Ctrl-C while collecting stops the collector (``Collector.stop``), which raises KeyboardInterrupt at its next
+    check; outside the main thread signals are left alone."""
+    def handler(signum, frame):
+        collector.stop(KeyboardInterrupt())
+
+    try:
+        old = signal.signal(signal.SIGINT, handler)
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def _bar(total_label: str) -> Callable[[int, int], None] | None:

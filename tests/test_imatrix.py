@@ -261,6 +261,25 @@ def test_imatrix_from_a_checkpoint(cli, f32_pair, calibration, collected, tmp_pa
     assert [p.name for p in tmp_path.iterdir()] == ["ck.gguf"]
 
 
+def test_ctrl_c_leaves_nothing_behind(f32_pair, tmp_path):
+    """Interrupted while collecting (the default set takes tens of seconds): exit 130, one line, no output file
+    and no temporary in the output directory."""
+    import signal
+    import sys
+    import time
+
+    _, text, mmproj = f32_pair
+    out = tmp_path / "m.gguf"
+    p = subprocess.Popen([sys.executable, "-m", "kimivl_edge", "imatrix", str(text), "--mmproj", str(mmproj), "-o",
+                          str(out), "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(6)  # past the model load, inside the chats
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert err.strip().splitlines() == ["kimivl-edge imatrix: interrupted"]
+    assert list(tmp_path.iterdir()) == []
+
+
 # ------------------------------------------------------------------------------------------------ defaults
 
 
