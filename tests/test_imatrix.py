@@ -196,6 +196,13 @@ def llama_quantize() -> Path:
     return llama_tools.tool("llama-quantize")
 
 
+@pytest.fixture(scope="session")
+def llama_imatrix(llama_quantize) -> Path:
+    from kimivl_edge.bench import llama_tools
+
+    return llama_tools.tool("llama-imatrix")
+
+
 @pytest.fixture(scope="module")
 def cli_imatrix(cli, f32_pair, calibration, tmp_path_factory) -> Path:
     """The imatrix our CLI writes for the tiny checkpoint from the calibration file."""
@@ -278,6 +285,44 @@ def test_ctrl_c_leaves_nothing_behind(f32_pair, tmp_path):
     assert p.returncode == 130, err
     assert err.strip().splitlines() == ["kimivl-edge imatrix: interrupted"]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_collector_equals_llama_imatrix_on_text(f32_pair, llama_imatrix, tmp_path):
+    """llama.cpp's own llama-imatrix on the same F32 file and text chunks (128 tokens, one chunk per batch, F32 KV
+    cache, as our collector runs them): the same weights, the same counts (per expert too), the same sums within
+    float32 accumulation (llama-imatrix adds in float32, we in float64)."""
+    import llama_cpp
+
+    from kimivl_edge.activations import Collector
+    from kimivl_edge.decoder import Decoder, DecoderSettings
+
+    _, text, _ = f32_pair
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("\n".join(default_prompts()[:80]), encoding="utf-8")
+    theirs = tmp_path / "llama.imatrix.gguf"
+    r = subprocess.run([str(llama_imatrix), "-m", str(text), "-f", str(corpus), "-o", str(theirs),
+                        "-c", "128", "-b", "128", "-ub", "128", "-t", "1", "--no-ppl", "-ctk", "f32", "-ctv", "f32",
+                        "-fa", "off"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    c = Collector()
+    d = Decoder(text, DecoderSettings(n_ctx=256, n_batch=128, n_ubatch=128, n_threads=1, kv_type="f32"),
+                eval_callback=c.callback)
+    vocab = llama_cpp.llama_model_get_vocab(d.model)
+    raw = corpus.read_bytes()
+    buf = (llama_cpp.llama_token * (len(raw) + 16))()
+    n = llama_cpp.llama_tokenize(vocab, raw, len(raw), buf, len(buf), True, False)  # as common_tokenize
+    ids = list(buf[:n])
+    assert not llama_cpp.llama_vocab_get_add_bos(vocab)  # else llama-imatrix puts BOS first in every chunk
+    for k in range(n // 128):
+        d.reset()
+        d.prefill([ids[128 * k: 128 * (k + 1)]], n_logits=128)  # every position an output, as llama-imatrix asks
+        c.check()
+    d.close()
+    ours, want = c.entries(), read_imatrix(theirs).entries
+    assert sorted(ours) == sorted(want) and any(e.counts.size > 1 for e in want.values())
+    for name, e in want.items():
+        np.testing.assert_array_equal(ours[name].counts, e.counts, err_msg=name)
+        np.testing.assert_allclose(ours[name].sums, e.sums, rtol=1e-3, atol=1e-3 * float(e.sums.max()), err_msg=name)
 
 
 # ------------------------------------------------------------------------------------------------ defaults
