@@ -24,6 +24,7 @@ VERBS = {
     "serve": ("kimivl_edge.serve", "an OpenAI-compatible HTTP server (chat completions with images)"),
     "demo": ("kimivl_edge.demo", "run the main job on the bundled tiny model"),
     "reference": ("kimivl_edge.reference.run", "answer with the fp32 torch reference (needs the reference extra)"),
+    "imatrix": ("kimivl_edge.imatrix", "collect an importance matrix (calibration chats with images) for convert"),
     "verify": ("kimivl_edge.verify", "check a GGUF pair against its checkpoint's fp32 reference (needs torch)"),
     "bench": ("kimivl_edge.bench", "benchmarks side by side with llama.cpp"),
 }

@@ -245,8 +245,10 @@ class Decoder:
     """One llama.cpp model + context, a single sequence, with prefix-reusing evaluation."""
 
     def __init__(self, model_path: str | Path, settings: DecoderSettings | None = None,
-                 progress: Progress | None = None):
-        """``progress(done, 100, "%")``: progress of llama.cpp's model load (an exception it raises cancels it)."""
+                 progress: Progress | None = None, eval_callback: object = None):
+        """``progress(done, 100, "%")``: progress of llama.cpp's model load (an exception it raises cancels it).
+        ``eval_callback``: llama.cpp's graph eval callback (a ``llama_cpp.ggml_backend_sched_eval_callback``, kept
+        alive here), called for every node of every evaluation (the imatrix collector reads matmul inputs)."""
         self.settings = s = settings or DecoderSettings()
         types = check_text_gguf(model_path)  # llama.cpp aborts on some hostile files: it sees only files that pass
         lc = _backend()
@@ -274,6 +276,9 @@ class Decoder:
         cp.no_perf = True
         # llama.cpp's CPU flash attention rounds through F16 (5e-4 relative logit error on the tiny model): opt-in.
         cp.flash_attn_type = 1 if s.flash_attn else 0
+        if eval_callback is not None:
+            cp.cb_eval = eval_callback
+        self._eval_callback = eval_callback
         self._ctx = lc.llama_init_from_model(self._model, cp)
         if not self._ctx:
             lc.llama_model_free(self._model)

@@ -346,7 +346,8 @@ class KimiVL:
              vision_backend: str = "numpy", weight_cache: bool = False,
              max_image_patches: int | None = None, mmap: bool | None = None, repack: bool = True,
              exif_transpose: bool = True, allow_special_in_content: bool = False,
-             load_progress: Progress | None = None, prefix_cache: PrefixCache | None = None) -> "KimiVL":
+             load_progress: Progress | None = None, prefix_cache: PrefixCache | None = None,
+             eval_callback: object = None) -> "KimiVL":
         """Load the pair. ``max_image_patches`` caps patches per image (a speed knob; resizes like the processor).
         ``mmap``: memory-map the text GGUF (True), read it into llama.cpp's buffers (False), or None: mmap unless
         llama.cpp repacks some of its weights, which would keep both the mapped file and the repacked copy resident.
@@ -360,7 +361,8 @@ class KimiVL:
         ``prefix_cache``: a ``PrefixCache(directory, max_bytes)`` keeps the decoder state after a prompt's images on
         disk, so that a later prompt starting with the same images and text, in this or another process, skips
         their encoding and prefill (README "Prefix cache"). Default None: the API writes nothing to disk unless
-        asked (the CLI verbs use one by default)."""
+        asked (the CLI verbs use one by default). ``eval_callback``: llama.cpp's graph eval callback for the
+        decoder (``Decoder``; the imatrix collector)."""
         if vision_backend not in VISION_BACKENDS:
             raise UsageError(f"unknown vision backend {vision_backend!r} (choose from {', '.join(VISION_BACKENDS)})")
         if max_image_patches is not None:
@@ -390,7 +392,7 @@ class KimiVL:
                 from .vision_ggml import GgmlVisionEncoder
 
                 vision = GgmlVisionEncoder(mmproj_gguf, threads=n_threads)
-        decoder = Decoder(model_gguf, settings, progress=load_progress)
+        decoder = Decoder(model_gguf, settings, progress=load_progress, eval_callback=eval_callback)
         if decoder.n_embd != info.n_embd:
             raise ModelFileError(f"{model_gguf}: llama.cpp reports n_embd {decoder.n_embd}, metadata {info.n_embd}")
         identity = ""

@@ -343,6 +343,52 @@ def test_kquant_plan_matches_llama_model_quantize(model_files: dict[str, Path], 
     assert {"F32", "Q6_K"} <= kinds and ({"Q5_0", "Q5_1", "Q8_0"} & kinds)
 
 
+def _ones_imatrix(llama_cpp, reader) -> tuple[object, list]:
+    """llama_model_quantize's imatrix argument with all-ones weights for every weight it may quantize (the types
+    it chooses depend only on whether an imatrix is given); returns (array, buffers to keep alive)."""
+    keep: list = []
+    quantizable = [t for t in reader.tensors if t.name.endswith(".weight") and len(t.shape) >= 2]
+    arr = (llama_cpp.llama_model_imatrix_data * (len(quantizable) + 1))()
+    for i, t in enumerate(quantizable):
+        n_mat = int(t.shape[2]) if len(t.shape) > 2 else 1
+        w = np.ones(int(t.shape[0]) * n_mat, np.float32)
+        name = t.name.encode()
+        keep += [w, name]
+        arr[i].name, arr[i].size = name, w.size
+        arr[i].data = w.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+    return ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data)), keep
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize(("ftype", "with_imatrix"), [
+    ("IQ4_XS", False), ("IQ4_XS", True), ("IQ4_NL", False), ("IQ4_NL", True), ("IQ3_S", False), ("IQ3_S", True),
+    ("IQ3_XXS", True), ("IQ2_XXS", True)])
+def test_iq_plan_matches_llama_model_quantize(model_files: dict[str, Path], model: str, ftype: str,
+                                              with_imatrix: bool, tmp_path: Path) -> None:
+    """The IQ mixes, with and without an importance matrix (which changes the first ffn_down layers of IQ4_*, and
+    the attn_v-like type of IQ3_XXS), against llama.cpp's own choice on the same files."""
+    import llama_cpp
+
+    src = model_files[model]
+    dst = tmp_path / f"{model}-{ftype}.gguf"
+    reader = gguf.GGUFReader(str(src))
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    params.nthread = 2
+    keep: list = []
+    if with_imatrix:
+        params.imatrix, keep = _ones_imatrix(llama_cpp, reader)
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
+
+    n_layer, n_expert, n_head, legacy = MODELS[model][0], MODELS[model][1], MODELS[model][5], MODELS[model][4]
+    plan = text_plan([(t.name, [int(x) for x in t.shape]) for t in reader.tensors], ftype, n_layer,
+                     n_expert=n_expert, src_ftype="F16", has_imatrix=with_imatrix, n_gqa=1 if legacy else n_head)
+    actual = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(dst)).tensors}
+    assert set(actual) == set(plan)
+    wrong = {n: (plan[n][0].value, actual[n], plan[n][1]) for n in actual if plan[n][0].value != actual[n]}
+    assert not wrong
+
+
 # ------------------------------------------------------------------------------------------------ Q4_K_EDGE
 
 
@@ -378,3 +424,20 @@ def test_a3b_file_sizes_llama_q4_k_m_and_edge() -> None:
     size = {k: sum(nbytes(p[n][0], s) for n, s in shapes.items()) for k, p in (("q4km", q4km), ("edge", edge))}
     assert abs(size["q4km"] / 1e9 - 10.54) < 0.02 and abs(8 * size["q4km"] / n_params - 5.28) < 0.01
     assert size["edge"] + 10e6 <= 9.6e9 and 8 * size["edge"] / n_params <= 4.8
+
+
+def test_a3b_iq4_xs_size_with_an_imatrix() -> None:
+    """README's figure: iq4_xs (with an imatrix) at full A3B size, tensor bytes from the plan: 8.74 GB, 4.38 bits per
+    weight; the expert down projections (rows of 1408) fall back to IQ4_NL, the output stays Q6_K."""
+    from kimivl_edge.convert.text import text_shapes, text_types
+    from kimivl_edge.quant.types import nbytes
+    from kimivl_edge.synth import preset_config
+
+    t = preset_config("a3b").text
+    shapes = text_shapes(t)
+    types = text_types(t, shapes, "iq4_xs", has_imatrix=True)
+    size = sum(nbytes(types[n][0], s) for n, s in shapes)
+    n_params = sum(int(np.prod(s)) for _, s in shapes)
+    assert abs(size / 1e9 - 8.74) < 0.01 and abs(8 * size / n_params - 4.38) < 0.01
+    assert types["blk.5.ffn_down_exps.weight"][0] is QType.IQ4_NL and types["output.weight"][0] is QType.Q6_K
+    assert types["blk.5.ffn_up_exps.weight"][0] is QType.IQ4_XS

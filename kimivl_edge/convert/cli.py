@@ -1,8 +1,9 @@
 """`kimivl-edge convert`: HF Kimi-VL checkpoint -> text GGUF + mmproj GGUF.
 
-    kimivl-edge convert CHECKPOINT [--outtype f32|f16|bf16|q8_0|q4_0|q4_k_m|q5_k_m|q6_k|q4_k_edge]
-                        [--mmproj-type f32|f16|q8_0|q4_0] [--outdir DIR] [--variant V] [--allow-nonfinite]
-                        [--dry-run]
+    kimivl-edge convert CHECKPOINT [--outtype f32|f16|bf16|q8_0|q4_0|q4_k_m|q5_k_m|q6_k|q4_k_edge|iq4_xs|iq4_nl|
+                                              iq3_s|iq3_xxs|iq2_xxs]
+                        [--mmproj-type f32|f16|q8_0|q4_0] [--outdir DIR] [--variant V] [--imatrix FILE]
+                        [--allow-nonfinite] [--dry-run]
 
 CHECKPOINT is a directory or a Hugging Face repo id found in the local HF cache (no network). The files go to the
 current directory unless --outdir says otherwise (never into the HF cache or the installed package).
@@ -28,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
                                       "template, generation config, config name, README or directory name)")
     ap.add_argument("--allow-nonfinite", action="store_true",
                     help="convert weights that are NaN or Inf (listed) instead of refusing the checkpoint")
+    ap.add_argument("--imatrix", metavar="FILE",
+                    help="importance matrix (llama.cpp's GGUF imatrix, from `kimivl-edge imatrix`) for the K-quant "
+                         "and IQ mixes; iq3_xxs and iq2_xxs require one")
     ap.add_argument("--threads", type=int, help="encoder threads (default: every core)")
     ap.add_argument("--dry-run", action="store_true", help="print the per-tensor plan and sizes; write nothing")
     args = ap.parse_args(argv)
@@ -35,9 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--threads must be at least 1, got {args.threads}")
     if args.dry_run:
         print(format_plan(plan_conversion(args.checkpoint, args.outtype, args.mmproj_type, args.outdir,
-                                          args.variant)))
+                                          args.variant, args.imatrix)))
         return 0
     print(format_result(convert_checkpoint(args.checkpoint, args.outtype, args.mmproj_type, args.outdir, args.variant,
                                            progress=sys.stderr.isatty(), threads=args.threads,
-                                           allow_nonfinite=args.allow_nonfinite)))
+                                           allow_nonfinite=args.allow_nonfinite, imatrix=args.imatrix)))
     return 0

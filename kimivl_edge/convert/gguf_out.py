@@ -43,6 +43,19 @@ Block = Callable[[], np.ndarray]  # a deferred row block: returns float32 [k, ne
 
 
 @dataclass(frozen=True)
+class Weighted:
+    """A deferred row block whose rows all belong to one matrix of a weight quantized with an importance matrix
+    (one expert of a stacked expert tensor, one head of MLA's 3-D attn_k_b): ``weights`` (float32 [ne0]) are that
+    matrix's importance weights, given to ggml's quantizer with the rows, as llama_model_quantize does."""
+
+    rows: Block
+    weights: np.ndarray
+
+    def __call__(self) -> np.ndarray:
+        return self.rows()
+
+
+@dataclass(frozen=True)
 class PlannedTensor:
     name: str                          # GGUF tensor name
     shape: tuple[int, ...]             # numpy shape of the final tensor (ggml ne reversed)
@@ -53,6 +66,7 @@ class PlannedTensor:
     # that must be built whole (a split or permuted source) comes through ``whole``.
     blocks: Callable[[], Iterable[Block]] = field(repr=False, compare=False)
     sources: tuple[str, ...] = ()      # HF tensor names it is built from
+    weighted: bool = False             # quantized with importance weights (its blocks are ``Weighted``)
 
     @property
     def nbytes(self) -> int:
@@ -232,8 +246,9 @@ def _encode(block: Block, ne0: int, qtype: QType) -> tuple[np.ndarray | None, fl
     overflows ``qtype``)."""
     rows = np.ascontiguousarray(block(), dtype=np.float32).reshape(-1, ne0)
     counts = _nonfinite(rows)
+    weights = block.weights if isinstance(block, Weighted) else None
     try:
-        return kernels.encode(rows, qtype), 0.0, counts
+        return kernels.encode(rows, qtype, weights), 0.0, counts
     except codec.QuantRangeError:
         return None, codec.max_abs_finite(rows), counts
 

@@ -24,7 +24,8 @@ from ..checkpoint import Checkpoint
 from ..config import TEMPERATURE
 from ..errors import CheckpointError, UsageError
 from ..gguf_keys import EdgeKeys
-from ..quant.policy import MMPROJ_TYPES
+from ..quant.imatrix_file import Imatrix, check_for_model, read_imatrix
+from ..quant.policy import MMPROJ_TYPES, requires_imatrix
 from ..quant.types import FType, as_ftype
 from .gguf_out import GGUFPlan, WriteReport, partial_files, write_partial
 from .outdir import (DISK_ERRNOS, check_space, check_writable, default_outdir, disk_error, format_size,
@@ -35,6 +36,9 @@ __all__ = ["TEXT_TYPES", "MMPROJ_TYPES", "TEMPERATURE", "resolve_checkpoint", "C
            "format_plan", "check_outdir", "ConvertResult", "convert_checkpoint", "format_result"]
 
 TEXT_TYPES = tuple(f.value.lower() for f in FType)
+# the keys llama-quantize adds to a file quantized with an importance matrix (tools/quantize/quantize.cpp)
+IMATRIX_FILE, IMATRIX_DATASET = "quantize.imatrix.file", "quantize.imatrix.dataset"
+IMATRIX_ENTRIES, IMATRIX_CHUNKS = "quantize.imatrix.entries_count", "quantize.imatrix.chunks_count"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 RANGE_NOTE = ("a tensor with values past its type's range is written BF16 (text) / F32 (mmproj) instead; "
               "that is found while writing")
@@ -120,10 +124,43 @@ def _common_metadata(variant: str, variant_source: str) -> dict[str, tuple[objec
     }
 
 
+def _imatrix(path: str | os.PathLike, ck: Checkpoint, ftype: FType) -> tuple[Imatrix, dict[str, tuple[object, object]]]:
+    """The importance matrix at ``path``, checked against the model, and the ``quantize.imatrix.*`` keys
+    llama-quantize writes with it (strings cut to 127 bytes as it does)."""
+    from .text import text_tensors
+
+    if not ftype.is_kquant_mix:
+        raise UsageError(f"--imatrix is for the K-quant and IQ mixes (q4_k_m, q5_k_m, q6_k, q4_k_edge, iq4_xs, ...), "
+                         f"not {ftype.value.lower()}")
+    im = read_imatrix(path)
+    check_for_model(im, path, {x.name: x.shape for x in text_tensors(ck.config.text)})
+    kv: dict[str, tuple[object, object]] = {IMATRIX_FILE: (str(path)[:127], None),
+                                            IMATRIX_ENTRIES: (len(im.entries), None)}
+    if im.datasets:
+        kv[IMATRIX_DATASET] = (im.datasets[0][:127], None)
+    if im.chunk_count > 0:
+        kv[IMATRIX_CHUNKS] = (im.chunk_count, None)
+    return im, kv
+
+
+def _check_imatrix_needed(plan: GGUFPlan, outtype: str, imatrix: str | os.PathLike | None) -> None:
+    """Tensors llama.cpp refuses to quantize without importance weights must have them (one line)."""
+    need = [t for t in plan.tensors if requires_imatrix(t.name, t.qtype) and not t.weighted]
+    if not need:
+        return
+    t = need[0]
+    if imatrix is None:
+        raise UsageError(f"--outtype {outtype} requires an importance matrix ({t.name} would be {t.qtype.value}): "
+                         "make one with `kimivl-edge imatrix` and pass --imatrix FILE")
+    raise UsageError(f"--imatrix {imatrix} has no entry for {t.name}, which {t.qtype.value} requires")
+
+
 def plan_conversion(checkpoint: str | os.PathLike, outtype: str = "q8_0", mmproj_type: str = "f16",
-                    outdir: str | os.PathLike | None = None, variant: str | None = None) -> ConvertPlan:
+                    outdir: str | os.PathLike | None = None, variant: str | None = None,
+                    imatrix: str | os.PathLike | None = None) -> ConvertPlan:
     """Both files' plans from the checkpoint's config, headers and tokenizer files (no tensor is read). The files
-    go to ``outdir``, by default the current directory (``outdir.default_outdir``)."""
+    go to ``outdir``, by default the current directory (``outdir.default_outdir``). ``imatrix``: an importance
+    matrix file (llama.cpp's GGUF format, ``kimivl-edge imatrix``) for a K-quant or IQ mix."""
     from .mmproj import mmproj_plan
     from .text import text_metadata, text_plan
     from .tokenizer import vocab_metadata
@@ -141,10 +178,13 @@ def plan_conversion(checkpoint: str | os.PathLike, outtype: str = "q8_0", mmproj
     out = Path(outdir) if outdir is not None else default_outdir()
     ftype = as_ftype(outtype)
     common = _common_metadata(var, how)
+    im, im_kv = _imatrix(imatrix, ck, ftype) if imatrix is not None else (None, {})
     text_kv = {**common, Keys.General.SIZE_LABEL: (_size_label(ck), None),
                Keys.General.FILE_TYPE: (ftype.llama_ftype, None), EdgeKeys.FILE_TYPE: (ftype.value, None),
-               **text_metadata(ck), **vocab_metadata(path)}
-    return ConvertPlan(path, var, how, outtype, mmproj_type, text_plan(ck, outtype, text_kv),
+               **text_metadata(ck), **vocab_metadata(path), **im_kv}
+    text = text_plan(ck, outtype, text_kv, im)
+    _check_imatrix_needed(text, outtype, imatrix)
+    return ConvertPlan(path, var, how, outtype, mmproj_type, text,
                        mmproj_plan(ck, mmproj_type, extra_kv=common),
                        out / f"{name}-{outtype.upper()}.gguf", out / f"mmproj-{name}-{mmproj_type.upper()}.gguf")
 
@@ -216,7 +256,7 @@ def _nonfinite_error(reports: tuple[WriteReport, ...]) -> CheckpointError | None
 def convert_checkpoint(checkpoint: str | os.PathLike, outtype: str = "q8_0", mmproj_type: str = "f16",
                        outdir: str | os.PathLike | None = None, variant: str | None = None,
                        progress: bool = False, threads: int | None = None,
-                       allow_nonfinite: bool = False) -> ConvertResult:
+                       allow_nonfinite: bool = False, imatrix: str | os.PathLike | None = None) -> ConvertResult:
     """Convert and quantize with ``threads`` encoder threads (default: every core); returns what was written (the
     text GGUF's and mmproj GGUF's ``WriteReport``), the wall time and the process's peak RSS.
 
@@ -225,7 +265,7 @@ def convert_checkpoint(checkpoint: str | os.PathLike, outtype: str = "q8_0", mmp
     conversion (listed per tensor) unless ``allow_nonfinite``. A full disk (ENOSPC, EDQUOT) or read-only file system
     (EROFS) is a one-line ``KimiVLError``."""
     t0 = time.perf_counter()
-    plan = plan_conversion(checkpoint, outtype, mmproj_type, outdir, variant)
+    plan = plan_conversion(checkpoint, outtype, mmproj_type, outdir, variant, imatrix)
     removed = tuple(check_outdir(plan))
     bar = None
     if progress:

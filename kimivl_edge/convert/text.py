@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 
 import gguf
 import numpy as np
@@ -22,8 +23,9 @@ from ..checkpoint import Checkpoint
 from ..config import TextConfig
 from ..gguf_keys import EdgeKeys
 from ..quant import policy
+from ..quant.imatrix_file import Imatrix, weights_for
 from ..quant.types import FType, QType, as_ftype, nbytes
-from .gguf_out import SLICE_BYTES, Block, GGUFPlan, PlannedTensor, whole
+from .gguf_out import SLICE_BYTES, Block, GGUFPlan, PlannedTensor, Weighted, whole
 
 ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.DEEPSEEK2]
 
@@ -79,9 +81,10 @@ def text_shapes(t: TextConfig) -> list[tuple[str, tuple[int, ...]]]:
     return [(x.name, x.shape) for x in text_tensors(t)]
 
 
-def _blocks(ck: Checkpoint, x: TextTensor) -> Callable[[], Iterable[Block]]:
+def _blocks(ck: Checkpoint, x: TextTensor, weights: np.ndarray | None) -> Callable[[], Iterable[Block]]:
     """``PlannedTensor.blocks`` of one tensor: the copied and stacked tensors stream in deferred row blocks, never
-    widened whole; the kv_b_proj split is small and made whole."""
+    widened whole; the kv_b_proj split is small and made whole. With importance ``weights`` ([n_mat, ne0]: one
+    row per expert of a stacked tensor, per head of a split one, else one), every block carries its matrix's."""
     t = ck.config.text
     if x.how in ("k_b", "v_b"):
         nope, vd, r = t.qk_nope_head_dim, t.v_head_dim, t.kv_lora_rank
@@ -91,16 +94,23 @@ def _blocks(ck: Checkpoint, x: TextTensor) -> Callable[[], Iterable[Block]]:
             if x.how == "k_b":
                 return np.ascontiguousarray(w[:, :nope, :].transpose(0, 2, 1))  # [H, r, nope] (W_UK, transposed)
             return np.ascontiguousarray(w[:, nope:, :])  # [H, v, r]
-        return whole(split, x.shape)
-    return lambda: (blk for n in x.sources for blk in ck.row_blocks(n, SLICE_BYTES))
+        if weights is None:
+            return whole(split, x.shape)
+        return lambda: (Weighted(blk, weights[h]) for h, head in enumerate(split())
+                        for blk in whole(partial(np.asarray, head), head.shape)())
+    if weights is None:
+        return lambda: (blk for n in x.sources for blk in ck.row_blocks(n, SLICE_BYTES))
+    per_source = weights if x.how == "stack" else np.repeat(weights, len(x.sources), axis=0)
+    return lambda: (Weighted(blk, w) for n, w in zip(x.sources, per_source) for blk in ck.row_blocks(n, SLICE_BYTES))
 
 
 def text_types(t: TextConfig, shapes: list[tuple[str, tuple[int, ...]]],
-               outtype: str) -> dict[str, tuple[QType, str]]:
+               outtype: str, has_imatrix: bool = False) -> dict[str, tuple[QType, str]]:
     """{gguf name: (type, reason)} for (gguf name, numpy shape) pairs: ``quant.policy`` on a bf16 source (K-quant
-    mixes get llama.cpp's ``llama_model_quantize`` types, quantized directly)."""
+    and IQ mixes get llama.cpp's ``llama_model_quantize`` types, quantized directly)."""
     return policy.text_plan([(n, tuple(reversed(s))) for n, s in shapes], as_ftype(outtype), t.num_hidden_layers,
-                            n_expert=t.n_routed_experts, src_ftype=FType.BF16)
+                            n_expert=t.n_routed_experts, src_ftype=FType.BF16, has_imatrix=has_imatrix,
+                            n_gqa=t.num_attention_heads)  # MLA: head_count_kv 1 in the file
 
 
 def text_bytes(t: TextConfig, outtype: str) -> int:
@@ -152,14 +162,21 @@ def text_metadata(ck: Checkpoint) -> dict[str, tuple[object, object]]:
     }
 
 
-def text_plan(ck: Checkpoint, outtype: str, kv: dict[str, tuple[object, object]]) -> GGUFPlan:
-    """The per-tensor plan of the text GGUF for ``outtype``. K-quant mixes get the types llama.cpp's
+def text_plan(ck: Checkpoint, outtype: str, kv: dict[str, tuple[object, object]],
+              imatrix: Imatrix | None = None) -> GGUFPlan:
+    """The per-tensor plan of the text GGUF for ``outtype``. K-quant and IQ mixes get the types llama.cpp's
     ``llama_model_quantize`` would choose from a BF16 file (``quant.policy``) and are quantized directly by ggml's
-    own C quantizer, no intermediate file. A value past a type's range is found while writing
+    own C quantizer, no intermediate file; with an ``imatrix`` (checked against the model by the caller), every
+    quantized tensor it has an entry for gets its importance weights, per expert / head slice, as
+    llama_model_quantize passes them. A value past a type's range is found while writing
     (``gguf_out.write_gguf`` writes that tensor BF16, or F32, and reports why)."""
     t = ck.config.text
     tensors = text_tensors(t)  # shapes from the config: the checkpoint's loader checked its tensors against it
-    types = text_types(t, [(x.name, x.shape) for x in tensors], outtype)
-    planned = [PlannedTensor(x.name, x.shape, *types[x.name], blocks=_blocks(ck, x), sources=x.sources)
-               for x in tensors]
+    types = text_types(t, [(x.name, x.shape) for x in tensors], outtype, imatrix is not None)
+    planned = []
+    for x in tensors:
+        q, why = types[x.name]
+        w = None if q.is_float else weights_for(imatrix, x.name, x.shape)
+        planned.append(PlannedTensor(x.name, x.shape, q, why + ("; imatrix" if w is not None else ""),
+                                     blocks=_blocks(ck, x, w), sources=x.sources, weighted=w is not None))
     return GGUFPlan(ARCH, dict(kv), tuple(planned), bf16_fallback=True)

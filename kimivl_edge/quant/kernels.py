@@ -56,14 +56,18 @@ def _scales_below_f16_max(raw: np.ndarray, block_bytes: int) -> bool:
     return bool((np.abs(d) < np.float16(65504)).all())
 
 
-def encode(rows: np.ndarray, qtype: QTypeLike) -> np.ndarray:
-    """``rows`` float32 [n, ne0] -> uint8 [n, row_bytes]; raises ``codec.QuantRangeError`` on overflow."""
+def encode(rows: np.ndarray, qtype: QTypeLike, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """``rows`` float32 [n, ne0] -> uint8 [n, row_bytes]; raises ``codec.QuantRangeError`` on overflow.
+    ``imatrix`` (float32 [ne0]): importance weights for every row, given to ggml's quantizer (float types and the
+    numpy codec ignore them, as ggml's Q8_0 does)."""
     t = as_ggml(qtype)
     rows = np.ascontiguousarray(rows, dtype=np.float32)
+    if t in _FLOATS:
+        imatrix = None
     if t in _D_FIRST and c_quantizer_available():  # quantize first, check the written scales (the usual case)
         from . import ggml_c
 
-        raw = ggml_c.quantize(rows, t)
+        raw = ggml_c.quantize(rows, t, imatrix)
         if _scales_below_f16_max(raw, _D_FIRST[t]) or _fits(rows, t):  # else: the exact check decides
             return raw
         raise codec.QuantRangeError(f"values up to |x|={codec.max_abs_finite(rows):.6g} overflow {t.name}")
@@ -73,4 +77,4 @@ def encode(rows: np.ndarray, qtype: QTypeLike) -> np.ndarray:
         return codec.quantize(rows, t, strict=False)
     from . import ggml_c
 
-    return ggml_c.quantize(rows, t)
+    return ggml_c.quantize(rows, t, imatrix)

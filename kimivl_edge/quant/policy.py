@@ -5,12 +5,14 @@ own C quantizer through ``quant.kernels``):
 
 * ``F32`` / ``F16`` / ``BF16`` / ``Q8_0`` / ``Q4_0``: 1-D tensors, norms, ``ffn_gate_inp`` and ``exp_probs_b``
   stay F32, everything else gets the requested type, with the shape fallback.
-* ``Q4_K_M`` / ``Q5_K_M`` / ``Q6_K`` (and our ``Q4_K_EDGE``): ``text_tensor_type`` reproduces llama.cpp's
+* ``Q4_K_M`` / ``Q5_K_M`` / ``Q6_K`` (and our ``Q4_K_EDGE``), and the IQ mixes ``IQ4_XS`` / ``IQ4_NL`` / ``IQ3_S`` /
+  ``IQ3_XXS`` / ``IQ2_XXS`` (with or without an importance matrix, which changes some of their types; the last two
+  require one, ``requires_imatrix``): ``text_tensor_type`` reproduces llama.cpp's
   ``llama_tensor_get_type`` (src/llama-quant.cpp, llama.cpp vendored in llama-cpp-python 0.3.36) for the tensor
   names of a ``deepseek2`` text GGUF, i.e. the types ``llama_model_quantize`` would give each tensor of a BF16
   file of the same model; the converter quantizes straight to those types (no intermediate file), and a
   ``--dry-run`` plan prints every one of them. Arch-specific branches of other models (Falcon, LLaMA-70B, GLM-5,
-  Bailing) and the importance-matrix / IQ-only branches are not modelled.
+  Bailing) and the mixes we do not offer (Q2_K, Q3_K_*, IQ1_*, IQ2_XS/S/M, IQ3_XS/M, ...) are not modelled.
 
 ``range_fallback`` is the one rule for a tensor whose values overflow its type (found while writing).
 
@@ -182,51 +184,118 @@ def _own_type(gguf_name: str, ne: Sequence[int], ft: FType) -> tuple[QType, str]
     return as_qtype(t), why or f"requested {ft.value}"
 
 
-def _kquant_rule(gguf_name: str, ne: Sequence[int], ft: FType, n_layers: int, n_expert: int,
-                 tied_embeddings: bool, i_attn_v: int, n_attn_v: int) -> tuple[GT, list[str]]:
-    """The branches of llama_tensor_get_type_impl reachable for Q4_K_M / Q5_K_M / Q6_K (before the fallback)."""
+# llama.cpp's tensor_requires_imatrix: these types are refused without an importance matrix (token_embd and output
+# excepted; Q2_K only in a Q2_K_S file, which we do not make).
+REQUIRES_IMATRIX = frozenset({GT.IQ3_XXS, GT.IQ2_XXS, GT.IQ2_XS, GT.IQ2_S, GT.IQ1_M, GT.IQ1_S})
+# the mixes whose attn_output gets Q5_K in an 8-expert model (llama_tensor_get_type_impl)
+_ATTN_OUTPUT_Q5K_WITH_8_EXPERTS = (FType.Q4_K_M, FType.Q4_K_EDGE, FType.IQ4_NL, FType.IQ4_XS, FType.IQ3_S,
+                                   FType.IQ3_XXS)
+
+
+def _output_rule(ne0: int, ft: FType, default: GT, tag: str) -> tuple[GT, str]:
+    """output.weight (and a tied token_embd): Q8_0 when the row does not fit the mix's blocks, Q5_K for the 2- and
+    3-bit XXS IQ mixes, else Q6_K."""
+    if ne0 % block_size(default) != 0:
+        return GT.Q8_0, f"{tag}: ne0 {ne0} not a multiple of {block_size(default)} -> Q8_0"
+    if ft in (FType.IQ2_XXS, FType.IQ3_XXS):
+        return GT.Q5_K, f"{tag} in {ft.value} -> Q5_K"
+    if default != GT.Q8_0:
+        return GT.Q6_K, f"{tag} -> Q6_K"
+    return default, ""
+
+
+def _iq2_rule(cat: str, n_layers: int, n_expert: int, n_gqa: int, i_ffn_down: int) -> tuple[GT | None, str]:
+    """The 2-bit IQ mixes' branch (IQ2_XXS): attn_v-like Q4_K (Q2_K with n_gqa and n_expert below 4), the first
+    n_layers/8 ffn_down tensors (counted in llama.cpp's order, experts and shared experts each) Q2_K, attn_k and
+    attn_output of an 8-expert model Q4_K / Q5_K."""
+    if _is_attn_v_like(cat):
+        if n_gqa >= 4 or n_expert >= 4:
+            return GT.Q4_K, "attn_v-like in a 2-bit IQ mix -> Q4_K"
+        return GT.Q2_K, "attn_v-like in a 2-bit IQ mix -> Q2_K"
+    if cat == "ATTENTION_K" and n_expert == 8:
+        return GT.Q4_K, "attn_k with 8 experts -> Q4_K"
+    if cat == "FFN_DOWN" and i_ffn_down < n_layers // 8:
+        return GT.Q2_K, f"ffn_down #{i_ffn_down} < {n_layers // 8} in a 2-bit IQ mix -> Q2_K"
+    if cat == "ATTENTION_OUTPUT" and n_expert == 8:
+        return GT.Q5_K, "attn_output with 8 experts -> Q5_K"
+    return None, ""
+
+
+def _mix_rule(gguf_name: str, ne: Sequence[int], ft: FType, n_layers: int, n_expert: int, tied_embeddings: bool,
+              i_attn_v: int, n_attn_v: int, has_imatrix: bool, i_ffn_down: int, n_gqa: int
+              ) -> tuple[GT, list[str]]:
+    """The branches of llama_tensor_get_type_impl reachable for our mixes (before the shape fallback)."""
     default = ft.default_qtype.ggml
     t = default
     why: list[str] = [f"{ft.value} default {t.name}"]
+
+    def to(new: GT | None, reason: str) -> None:
+        nonlocal t
+        if new is not None:
+            t = new
+            why.append(reason)
     cat = tensor_category(gguf_name)
     if cat == "OUTPUT" or (tied_embeddings and cat == "TOKEN_EMBD"):
-        tag = "output" if cat == "OUTPUT" else "tied token_embd"
-        if int(ne[0]) % block_size(default) != 0:
-            t = GT.Q8_0
-            why.append(f"{tag}: ne0 {ne[0]} not a multiple of {block_size(default)} -> Q8_0")
-        elif t != GT.Q8_0:
-            t = GT.Q6_K
-            why.append(f"{tag} -> Q6_K")
+        to(*_output_rule(int(ne[0]), ft, default, "output" if cat == "OUTPUT" else "tied token_embd"))
     elif cat == "TOKEN_EMBD":
-        pass
+        if ft == FType.IQ2_XXS:
+            to(GT.Q2_K, "token_embd in a 2-bit IQ mix -> Q2_K")
+        elif ft == FType.IQ3_XXS:
+            to(GT.IQ3_S, "token_embd in IQ3_XXS -> IQ3_S")
+    elif ft == FType.IQ2_XXS:
+        to(*_iq2_rule(cat, n_layers, n_expert, n_gqa, i_ffn_down))
     elif _is_attn_v_like(cat):
-        if ft in (FType.Q4_K_M, FType.Q5_K_M, FType.Q4_K_EDGE) and use_more_bits(i_attn_v, n_attn_v):
-            t = GT.Q6_K
-            why.append(f"attn_v-like #{i_attn_v}/{n_attn_v} use_more_bits -> Q6_K")
+        if ft == FType.IQ3_XXS:
+            to(GT.Q4_K if n_gqa >= 4 else GT.IQ3_XXS if has_imatrix else GT.IQ3_S, "attn_v-like in IQ3_XXS")
+        elif ft == FType.IQ3_S and n_gqa >= 4:
+            to(GT.Q4_K, "attn_v-like in IQ3_S with n_gqa >= 4 -> Q4_K")
+        elif ft in (FType.IQ4_NL, FType.IQ4_XS) and n_gqa >= 4:
+            to(GT.Q5_K, f"attn_v-like in {ft.value} with n_gqa >= 4 -> Q5_K")
+        elif ft in (FType.Q4_K_M, FType.Q5_K_M, FType.Q4_K_EDGE) and use_more_bits(i_attn_v, n_attn_v):
+            to(GT.Q6_K, f"attn_v-like #{i_attn_v}/{n_attn_v} use_more_bits -> Q6_K")
         if n_expert == 8:
-            t = GT.Q8_0
-            why.append("attn_v-like with 8 experts -> Q8_0")
+            to(GT.Q8_0, "attn_v-like with 8 experts -> Q8_0")
     elif cat == "ATTENTION_K":
         if n_expert == 8:
-            t = GT.Q8_0
-            why.append("attn_k with 8 experts -> Q8_0")
+            to(GT.Q8_0, "attn_k with 8 experts -> Q8_0")
+        elif ft == FType.IQ3_XXS:
+            to(GT.IQ2_S, "attn_k in IQ3_XXS -> IQ2_S")
+    elif cat == "ATTENTION_Q":
+        if ft == FType.IQ3_XXS:
+            to(GT.IQ2_S, "attn_q in IQ3_XXS -> IQ2_S")
     elif cat == "FFN_DOWN":
         i = _layer_of(gguf_name, n_layers)
-        if ft in (FType.Q4_K_M, FType.Q5_K_M, FType.Q4_K_EDGE) and use_more_bits(i, n_layers):
-            t = GT.Q6_K
-            why.append(f"ffn_down layer {i}/{n_layers} use_more_bits -> Q6_K")
+        if ft == FType.IQ3_XXS and not has_imatrix:
+            to(GT.Q4_K if i < n_layers // 8 else GT.Q3_K, f"ffn_down layer {i} in IQ3_XXS without imatrix")
+        elif ft in (FType.Q4_K_M, FType.Q4_K_EDGE):
+            if use_more_bits(i, n_layers):
+                to(GT.Q6_K, f"ffn_down layer {i}/{n_layers} use_more_bits -> Q6_K")
+        elif i < n_layers // 8 and ft in (FType.IQ4_NL, FType.IQ4_XS) and not has_imatrix:
+            to(GT.Q5_K, f"ffn_down layer {i} < {n_layers // 8} in {ft.value} without imatrix -> Q5_K")
+        elif ft == FType.Q5_K_M and use_more_bits(i, n_layers):
+            to(GT.Q6_K, f"ffn_down layer {i}/{n_layers} use_more_bits -> Q6_K")
     elif cat == "ATTENTION_OUTPUT":
-        if n_expert == 8 and ft in (FType.Q4_K_M, FType.Q4_K_EDGE):
-            t = GT.Q5_K
-            why.append("attn_output with 8 experts -> Q5_K")
+        if n_expert == 8:
+            if ft in _ATTN_OUTPUT_Q5K_WITH_8_EXPERTS:
+                to(GT.Q5_K, "attn_output with 8 experts -> Q5_K")
+        elif ft == FType.IQ3_XXS:
+            to(GT.IQ3_S, "attn_output in IQ3_XXS -> IQ3_S")
     elif cat in ("FFN_GATE", "FFN_UP") and n_expert > 1:
         _layer_of(gguf_name, n_layers)  # llama.cpp parses (and validates) the layer here too
     return t, why
 
 
+def requires_imatrix(gguf_name: str, qtype: QTypeLike) -> bool:
+    """llama.cpp's ``tensor_requires_imatrix`` for a tensor planned as ``qtype``."""
+    if gguf_name in ("token_embd.weight", "per_layer_token_embd.weight", "output.weight"):
+        return False
+    return as_ggml(qtype) in REQUIRES_IMATRIX
+
+
 def text_tensor_type(gguf_name: str, ne: Sequence[int], ftype: FTypeLike, n_layers: int, *, n_expert: int = 0,
                      tied_embeddings: bool = False, attn_v_index: int = 0, n_attn_v: int = 0,
-                     src_ftype: FTypeLike = FType.F16) -> tuple[QType, str]:
+                     src_ftype: FTypeLike = FType.F16, has_imatrix: bool = False,
+                     ffn_down_index: int = 0, n_gqa: int = 1) -> tuple[QType, str]:
     """Final storage type of one tensor of a deepseek2 text GGUF, and why.
 
     ``gguf_name`` is the full GGUF name (``blk.5.ffn_down_exps.weight``), ``ne`` its ggml shape, ``n_layers`` the
@@ -235,7 +304,10 @@ def text_tensor_type(gguf_name: str, ne: Sequence[int], ftype: FTypeLike, n_laye
     quantize keep that file's type; the converter passes BF16, the checkpoint's own type, and writes the result
     directly); ``tied_embeddings`` means there is no ``output.weight``.
     ``attn_v_index``/``n_attn_v`` only matter for attn_v-like tensors (legacy fused ``attn_kv_b``): their
-    position among those tensors in llama.cpp's order. Use ``text_plan`` to get those counters right.
+    position among those tensors in llama.cpp's order; ``ffn_down_index`` (the 2-bit IQ mixes) likewise among the
+    ffn_down tensors. Use ``text_plan`` to get those counters right. ``has_imatrix``: quantized with an importance
+    matrix (the IQ mixes then keep their type in the first ffn_down layers). ``n_gqa``: head_count / head_count_kv
+    (the IQ mixes' attn_v-like rules; an MLA file stores head_count_kv 1).
     """
     if not (gguf_name.endswith(".weight") or gguf_name.endswith(".bias")):
         raise ValueError(f"expected a full GGUF tensor name ending in .weight/.bias, got {gguf_name!r}")
@@ -248,7 +320,8 @@ def text_tensor_type(gguf_name: str, ne: Sequence[int], ftype: FTypeLike, n_laye
     if not llama_allows_quantization(gguf_name, ne):
         own, own_why = _own_type(gguf_name, ne, src)
         return own, f"not quantized by llama.cpp; {own_why}"
-    t, why = _kquant_rule(gguf_name, ne, ft, n_layers, n_expert, tied_embeddings, attn_v_index, n_attn_v)
+    t, why = _mix_rule(gguf_name, ne, ft, n_layers, n_expert, tied_embeddings, attn_v_index, n_attn_v, has_imatrix,
+                       ffn_down_index, n_gqa)
     if ft == FType.Q4_K_EDGE and tensor_category(gguf_name) == "TOKEN_EMBD" and t == GT.Q4_K:
         why.append(f"edge: token_embd -> {EDGE_TOKEN_EMBD.name} (one row read per token)")
         t = EDGE_TOKEN_EMBD
@@ -270,22 +343,25 @@ def _llama_order_key(name: str) -> tuple[int, str]:
 
 
 def text_plan(tensors: Iterable[tuple[str, Sequence[int]]], ftype: FTypeLike, n_layers: int, *,
-              n_expert: int = 0, src_ftype: FTypeLike = FType.F16) -> dict[str, tuple[QType, str]]:
+              n_expert: int = 0, src_ftype: FTypeLike = FType.F16, has_imatrix: bool = False,
+              n_gqa: int = 1) -> dict[str, tuple[QType, str]]:
     """``text_tensor_type`` for a whole file: ``tensors`` are (gguf_name, ne) pairs. Derives tied embeddings (no
-    ``output.weight``) and the attn_v-like counters in llama.cpp's tensor order; returns {name: (type, reason)}
-    in that order."""
+    ``output.weight``) and the attn_v-like and ffn_down counters in llama.cpp's tensor order; returns
+    {name: (type, reason)} in that order."""
     items = sorted(((str(n), tuple(int(x) for x in ne)) for n, ne in tensors), key=lambda x: _llama_order_key(x[0]))
     names = [n for n, _ in items]
     tied = "output.weight" not in names
     n_attn_v = sum(_is_attn_v_like(tensor_category(n)) for n in names)
     plan: dict[str, tuple[QType, str]] = {}
-    i_attn_v = 0
+    i_attn_v = i_ffn_down = 0
+    mix = as_ftype(ftype).is_kquant_mix
     for name, ne in items:
         plan[name] = text_tensor_type(name, ne, ftype, n_layers, n_expert=n_expert, tied_embeddings=tied,
-                                      attn_v_index=i_attn_v, n_attn_v=n_attn_v, src_ftype=src_ftype)
-        if (as_ftype(ftype).is_kquant_mix and llama_allows_quantization(name, ne)
-                and _is_attn_v_like(tensor_category(name))):
-            i_attn_v += 1
+                                      attn_v_index=i_attn_v, n_attn_v=n_attn_v, src_ftype=src_ftype,
+                                      has_imatrix=has_imatrix, ffn_down_index=i_ffn_down, n_gqa=n_gqa)
+        quantized = mix and llama_allows_quantization(name, ne)
+        i_attn_v += quantized and _is_attn_v_like(tensor_category(name))
+        i_ffn_down += quantized and tensor_category(name) == "FFN_DOWN"
     return plan
 
 

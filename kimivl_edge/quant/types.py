@@ -42,9 +42,16 @@ class QType(Enum):
     Q5_0 = "Q5_0"
     Q5_1 = "Q5_1"
     IQ4_NL = "IQ4_NL"
+    Q2_K = "Q2_K"
+    Q3_K = "Q3_K"
     Q4_K = "Q4_K"
     Q5_K = "Q5_K"
     Q6_K = "Q6_K"
+    IQ4_XS = "IQ4_XS"
+    IQ3_S = "IQ3_S"
+    IQ3_XXS = "IQ3_XXS"
+    IQ2_S = "IQ2_S"
+    IQ2_XXS = "IQ2_XXS"
 
     @property
     def ggml(self) -> GGMLQuantizationType:
@@ -74,12 +81,13 @@ class QType(Enum):
     @property
     def is_kquant(self) -> bool:
         """True for the 256-element super-block K-quants."""
-        return self in (QType.Q4_K, QType.Q5_K, QType.Q6_K)
+        return self in (QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K)
 
 
 class FType(Enum):
-    """Whole-file recipes: element/legacy types, llama.cpp's K-quant mixes, and our shape-aware Q4_K_EDGE (llama.cpp's
-    Q4_K_M except where a K-quant does not fit a row, see ``quant.policy``)."""
+    """Whole-file recipes: element/legacy types, llama.cpp's K-quant and IQ mixes, and our shape-aware Q4_K_EDGE
+    (llama.cpp's Q4_K_M except where a K-quant does not fit a row, see ``quant.policy``). The IQ mixes are made
+    for use with an importance matrix (``convert --imatrix``); IQ3_XXS and IQ2_XXS require one."""
 
     F32 = "F32"
     F16 = "F16"
@@ -90,6 +98,11 @@ class FType(Enum):
     Q5_K_M = "Q5_K_M"
     Q6_K = "Q6_K"
     Q4_K_EDGE = "Q4_K_EDGE"
+    IQ4_XS = "IQ4_XS"
+    IQ4_NL = "IQ4_NL"
+    IQ3_S = "IQ3_S"
+    IQ3_XXS = "IQ3_XXS"
+    IQ2_XXS = "IQ2_XXS"
 
     @property
     def llama_ftype(self) -> int:
@@ -108,7 +121,17 @@ class FType(Enum):
     @property
     def is_kquant_mix(self) -> bool:
         """True for the mixes whose per-tensor types follow llama.cpp's ``llama_tensor_get_type`` rules."""
-        return self in (FType.Q4_K_M, FType.Q5_K_M, FType.Q6_K, FType.Q4_K_EDGE)
+        return self in (FType.Q4_K_M, FType.Q5_K_M, FType.Q6_K, FType.Q4_K_EDGE) or self.is_iq_mix
+
+    @property
+    def is_iq_mix(self) -> bool:
+        """True for llama.cpp's IQ mixes (their per-tensor types also follow ``llama_tensor_get_type``)."""
+        return self.name.startswith("IQ")
+
+    @property
+    def requires_imatrix(self) -> bool:
+        """True if llama.cpp refuses this mix without an importance matrix (``tensor_requires_imatrix``)."""
+        return self in (FType.IQ3_XXS, FType.IQ2_XXS)
 
 
 _FTYPE_DEFAULT = {
@@ -121,6 +144,11 @@ _FTYPE_DEFAULT = {
     FType.Q4_K_EDGE: QType.Q4_K,
     FType.Q5_K_M: QType.Q5_K,
     FType.Q6_K: QType.Q6_K,
+    FType.IQ4_XS: QType.IQ4_XS,
+    FType.IQ4_NL: QType.IQ4_NL,
+    FType.IQ3_S: QType.IQ3_S,
+    FType.IQ3_XXS: QType.IQ3_XXS,
+    FType.IQ2_XXS: QType.IQ2_XXS,
 }
 
 QTypeLike = QType | GGMLQuantizationType | str
