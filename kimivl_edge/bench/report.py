@@ -251,9 +251,9 @@ def _load_modes(c: dict) -> list[str]:
                      f"{_fmt(row['prefill_tokens_per_s'], 1, 1)} | {_fmt(row['decode_tokens_per_s'], 1, 1)} |")
     follows = "the same mode" if x["favoured"] == x["default"] else "a different mode"
     lines += [""] + [f"Repack {r}." for r in reasons]
-    lines += ["", f"The figures favour {x['favoured']} (of the modes within 10 % of the lowest peak RSS, those within 5 % "
-              "of the fastest decode among them; of these, the fastest to load). The default here (`--mmap auto`, repack on where safe) is "
-              f"{x['default']}: {follows}.", ""]
+    lines += ["", f"The figures favour {x['favoured']} (of the modes within 10 % of the lowest peak RSS, those "
+              "within 5 % of the fastest decode among them; of these, the fastest to load). The default here "
+              f"(`--mmap auto`, repack on where safe) is {x['default']}: {follows}.", ""]
     return lines
 
 
