@@ -23,7 +23,11 @@ CKPT_NAMES = {"instruct": "Kimi-VL-A3B-Instruct", "thinking": "Kimi-VL-A3B-Think
 @pytest.fixture(scope="session", autouse=True)
 def private_cache_home(tmp_path_factory) -> Path:
     """The CLI verbs keep a prefix cache under $XDG_CACHE_HOME by default: tests (and the CLI subprocesses they
-    start) use a private one, never the user's."""
+    start) use a private one, never the user's. llama.cpp's own tools (``bench.llama_tools``, 15 minutes to build)
+    stay where the user's cache has them, built once, not once per test run."""
+    from kimivl_edge.bench import llama_tools
+
+    os.environ.setdefault("KIMIVL_EDGE_LLAMA_TOOLS", str(llama_tools.root_dir()))
     home = tmp_path_factory.mktemp("xdg-cache")
     os.environ["XDG_CACHE_HOME"] = str(home)
     return home
