@@ -43,7 +43,7 @@ def mtmd_run(mtmd_cli, tiny_pair, tmp_path_factory) -> subprocess.CompletedProce
     img = tmp_path_factory.mktemp("mtmd") / "red.png"
     Image.new("RGB", (448, 448), (220, 30, 30)).save(img)
     cmd = mtmd.command(mtmd_cli, *tiny_pair, img, "What colour is the shape?", threads=1, n_predict=4, n_ctx=1024,
-                       repack=False)
+                       repack=False, library_log=True)
     return subprocess.run(cmd, capture_output=True, timeout=300)
 
 
@@ -145,7 +145,9 @@ def test_coldstart_sections_smoke(mtmd_cli, tiny_pair, tmp_path):
     vm = c["vision_mtmd"]
     assert set(vm["rows"]) == {"448x448", "896x896"}
     for by in vm["rows"].values():
-        assert set(by) == {"numpy", "ggml", "llama_mtmd_cli"} and all(v["median"] >= 0 for v in by.values())
+        assert set(by) == {"numpy", "ggml", "ggml-flash", "llama_mtmd_cli"}
+        assert all(v["median"] >= 0 for v in by.values())
+    assert vm["mtmd_flash_attention"] in (True, False)   # the tool's library log reached us (-lv 4)
     md = "\n".join(coldstart_markdown({"threads": 1, "coldstart": c}))
     for head in ("## 9. Cold start against llama-mtmd-cli", "## 10. Load modes", "## 11. Vision encode against"):
         assert head in md
@@ -184,9 +186,9 @@ HAND = {"threads": 2, "coldstart": {
                             "mmap off, repack off": _mode(5.0, 2.0e9, 9.0)},
                    "favoured": "mmap on, repack off", "default": "mmap off, repack on"},
     "vision_mtmd": {"mmproj": "m.gguf", "rows": {"448x448": {"numpy": _stat(1.0), "ggml": _stat(2.0),
-                                                              "llama_mtmd_cli": _stat(4.0)}},
-                    "over_mtmd": {"448x448": {"numpy": 0.25, "ggml": 0.5}}, "mtmd_flash_attention": True,
-                    "ggml_flash_attention": False}}}
+                                                              "ggml-flash": _stat(3.0), "llama_mtmd_cli": _stat(4.0)}},
+                    "over_mtmd": {"448x448": {"numpy": 0.25, "ggml": 0.5, "ggml-flash": 0.75}},
+                    "mtmd_flash_attention": True}}}
 
 
 def test_coldstart_tables_render_the_figures():
@@ -198,8 +200,8 @@ def test_coldstart_tables_render_the_figures():
     assert "| mmap off, repack on | not available on this CPU (below) | | | |" in md
     assert md.count("not available on this CPU: why") == 1
     assert "favour mmap on, repack off" in md and "is mmap off, repack on: a different mode" in md
-    assert "| 448x448 | 1.00 | 2.00 | 4.00 | 0.25 | 0.50 |" in md
-    assert "llama-mtmd-cli on (its log" in md and "our binding off" in md
+    assert "| 448x448 | 1.00 | 2.00 | 3.00 | 4.00 | 0.25 | 0.50 | 0.75 |" in md
+    assert "flash attention in its vision graph: on (its log" in md
     assert "    llama-mtmd-cli ..." in md
 
 

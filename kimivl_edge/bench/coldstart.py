@@ -14,8 +14,9 @@ cache by ``llama_tools`` (about 15 minutes on 2 cores the first time).
    for both, the first byte the process writes to stdout after its fixed preamble (``mtmd.PREAMBLE``; ours: none),
    read unbuffered through a pipe.
 10. Load modes: ``Decoder`` with mmap on/off x repack on/off: load seconds, peak RSS, prefill and decode tokens/s.
-11. Vision: the numpy encoder and our binding of llama.cpp's clip graph, each in a new process after a small
-    warm-up encode, against ``llama-mtmd-cli``'s own "mtmd batch encoding done in N ms", 448x448 and 896x896.
+11. Vision: the numpy encoder and our binding of llama.cpp's clip graph (as the runtime uses it, without flash
+    attention, and with it), each in a new process after a small warm-up encode, against ``llama-mtmd-cli``'s own
+    "mtmd batch encoding done in N ms", 448x448 and 896x896.
 Every figure is the median (min-max) of ``runs`` runs; within a run the contenders alternate, their order swapped
 every other run.
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 from collections.abc import Sequence
@@ -46,7 +48,7 @@ LOAD_MODES = ((True, True), (True, False), (False, True), (False, False))   # (m
 MODE_CTX = 1024
 MTMD_SIZES = ((448, 448), (896, 896))
 WARMUP_IMAGE = (56, 56)
-VISION_SIDES = ("numpy", "ggml", "llama_mtmd_cli")
+VISION_SIDES = ("numpy", "ggml", "ggml-flash", "llama_mtmd_cli")
 RSS_SLACK, DECODE_SLACK = 1.10, 0.95   # "within" the lowest peak RSS / the best decode speed, for the default
 
 
@@ -130,7 +132,7 @@ def coldstart_section(ch: Children, text: Path, mmproj: Path, runs: int, system:
              / rows[f"llama_mtmd_cli/{c}"]["first_token_seconds"]["median"] for c in CACHES}
     return {"image": f"{COLD_IMAGE[0]}x{COLD_IMAGE[1]}", "question": COLD_QUESTION, "tokens": COLD_TOKENS,
             "n_ctx": COLD_CTX, "files_bytes": sum(f.stat().st_size for f in files),
-            "commands": {n: " ".join(c) for n, (c, _) in cmds.items()}, "rows": rows,
+            "commands": {n: shlex.join(c) for n, (c, _) in cmds.items()}, "rows": rows,
             "ours_over_mtmd": ratio, "resident_before_cold_max": max(resident["cold"]),
             "resident_before_warm_min": min(resident["warm"])}
 
@@ -220,7 +222,7 @@ def vision_mtmd_section(ch: Children, text: Path, mmproj: Path, runs: int, syste
         for size in sizes:
             key = f"{size[0]}x{size[1]}"
             cmd = mtmd.command(tool, text, mmproj, _image(ch.workdir, size, 11), COLD_QUESTION, ch.threads, 1,
-                               COLD_CTX, system["extra_buffers_safe"])
+                               COLD_CTX, system["extra_buffers_safe"], library_log=True)
             for side in _order(VISION_SIDES, r):
                 say(f"vision {key}, {side}, run {r + 1}/{runs}")
                 if side == "llama_mtmd_cli":
@@ -229,10 +231,9 @@ def vision_mtmd_section(ch: Children, text: Path, mmproj: Path, runs: int, syste
                     s = _ours_encode(ch, mmproj, side, size)
                 secs[key][side].append(s)
     rows = {k: {s: summarize(v) for s, v in by.items()} for k, by in secs.items()}
-    ratio = {k: {s: statistics.median(by[s]) / statistics.median(by["llama_mtmd_cli"]) for s in ("numpy", "ggml")}
+    ratio = {k: {s: statistics.median(by[s]) / statistics.median(by["llama_mtmd_cli"]) for s in VISION_SIDES[:-1]}
              for k, by in secs.items()}
-    return {"mmproj": mmproj.name, "rows": rows, "over_mtmd": ratio, "mtmd_flash_attention": flash,
-            "ggml_flash_attention": False}
+    return {"mmproj": mmproj.name, "rows": rows, "over_mtmd": ratio, "mtmd_flash_attention": flash}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@
   Before the first piece it writes exactly one newline, when the prompt has been evaluated (``eval_message``).
 - the image encode: ``mtmd batch encoding done in N ms`` (``eval_message``, around ``mtmd_batch_encode``).
 - the vision graph's attention: ``warmup: flash attention is enabled|disabled`` (clip.cpp, at load: ``auto``, its
-  default, tries flash attention and keeps it where the CPU backend supports it).
+  default, tries flash attention and keeps it where the CPU backend supports it). The libraries log at "trace"
+  level (``common_log_get_verbosity``), above the default threshold: only with ``-lv 4``.
 """
 from __future__ import annotations
 
@@ -23,14 +24,15 @@ _FLASH = re.compile(r"flash attention is (enabled|disabled)")
 
 
 def command(tool: Path, text: Path, mmproj: Path, image: Path, prompt: str, threads: int, n_predict: int,
-            n_ctx: int, repack: bool) -> list[str]:
+            n_ctx: int, repack: bool, library_log: bool = False) -> list[str]:
     """One greedy turn: ``-p`` holds no media marker, so the tool puts the image first (where the model's chats
     have it). ``repack=False`` passes ``--no-repack`` (llama.cpp's extra weight buffers off, as ``kimivl-edge`` runs
     on a CPU where they abort on deepseek2, ``decoder.extra_buffers_safe``); every other setting is the tool's own
-    default (load mode ``auto`` = mmap, flash attention ``auto``, warm-up on, ``--jinja`` on)."""
+    default (load mode ``auto`` = mmap, flash attention ``auto``, warm-up on, ``--jinja`` on). ``library_log``:
+    ``-lv 4``, so that the libraries' own info lines (the vision graph's flash attention) reach the log."""
     cmd = [str(tool), "-m", str(text), "--mmproj", str(mmproj), "--image", str(image), "-p", prompt,
            "-n", str(n_predict), "-t", str(threads), "-c", str(n_ctx), "--temp", "0", "--seed", "0"]
-    return cmd + ([] if repack else ["--no-repack"])
+    return cmd + ([] if repack else ["--no-repack"]) + (["-lv", "4"] if library_log else [])
 
 
 def encode_ms(log: str) -> list[int]:

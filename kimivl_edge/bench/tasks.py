@@ -293,10 +293,10 @@ def _noise_image(size: tuple[int, int], seed: int) -> Any:
 
 
 def _vision_encoder(mm: Any, backend: str, threads: int) -> Any:
-    if backend == "ggml":
+    if backend in ("ggml", "ggml-flash"):
         from ..vision_ggml import GgmlVisionEncoder
 
-        return GgmlVisionEncoder(mm, threads=threads)
+        return GgmlVisionEncoder(mm, threads=threads, flash_attn=backend == "ggml-flash")
     from ..vision import VisionEncoder
 
     return VisionEncoder(mm, weight_cache=backend == "numpy-cached", threads=threads)
