@@ -8,6 +8,7 @@ cached position, for prefix reuse) follow ``Decoder``'s conventions (``Decoder.s
 from __future__ import annotations
 
 import ctypes
+import struct
 from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING
 
@@ -20,13 +21,37 @@ if TYPE_CHECKING:
     from .vision import Progress
 
 
+_EMPTY_STREAM = struct.pack("<I", 0)
+
+
+def one_stream(state: bytes, n_stream: int, stream: int) -> bytes:
+    """A sequence's state saved from an ``n_stream`` context (``kv_unified`` off: sequence k is stream k) in the
+    layout of a one-stream context, as sequence 0. llama.cpp writes a sequence state as a magic (u32), the sequence
+    id (i32), the stream count (u32), then per stream its cell count (u32) followed, when not 0, by the cells; only
+    the sequence's own stream holds cells."""
+    head = struct.pack("<iI", stream, n_stream) + _EMPTY_STREAM * stream
+    tail = _EMPTY_STREAM * (n_stream - 1 - stream)
+    if not (state[4:4 + len(head)] == head and state.endswith(tail)):
+        raise KimiVLError(f"unexpected llama.cpp sequence state layout (not stream {stream} of {n_stream})")
+    return state[:4] + struct.pack("<iI", 0, 1) + state[4 + len(head): len(state) - len(tail)]
+
+
+def in_stream(state: bytes, n_stream: int, stream: int) -> bytes:
+    """The inverse of ``one_stream``: a one-stream state as sequence and stream ``stream`` of an ``n_stream``
+    context (a state of another layout is passed on unchanged, for llama.cpp to refuse)."""
+    if state[4:12] != struct.pack("<iI", 0, 1):
+        return state
+    return (state[:4] + struct.pack("<iI", stream, n_stream) + _EMPTY_STREAM * stream + state[12:]
+            + _EMPTY_STREAM * (n_stream - 1 - stream))
+
+
 class BatchDecoder:
     def __init__(self, dec: Decoder, n_seq: int):
         lc = self._lc = _backend()
         s = dec.settings
         cp = lc.llama_context_default_params()
         cp.n_ctx, cp.n_seq_max, cp.kv_unified = dec.n_ctx * n_seq, n_seq, False
-        cp.n_batch = cp.n_ubatch = dec.n_batch
+        cp.n_batch, cp.n_ubatch = dec.n_batch, min(s.n_ubatch, s.n_batch)  # as the Decoder's (its saved states)
         cp.n_threads = cp.n_threads_batch = lc.llama_n_threads(dec.ctx)
         cp.type_k = cp.type_v = KV_TYPES[s.kv_type]
         cp.flash_attn_type = 1 if s.flash_attn else 0
@@ -40,6 +65,7 @@ class BatchDecoder:
         self._mem = lc.llama_get_memory(self._ctx)
         self._keys: list[list[Hashable]] = [[] for _ in range(n_seq)]
         self._used = [0] * n_seq  # when each sequence was last prefilled (a counter), for choose()
+        self.n_evaluated = 0  # prompt positions evaluated by prefill, over all sequences (as Decoder.n_evaluated)
         self._tok = lc.llama_batch_init(max(self.n_batch, n_seq), 0, 1)
         self._emb = lc.llama_batch_init(self.n_batch, self.n_embd, 1)
 
@@ -120,6 +146,7 @@ class BatchDecoder:
                 b.seq_id[j][0] = seq
             self._decode(b, e - s)
             self._keys[seq].extend(keys[pos0 + s: pos0 + e])
+            self.n_evaluated += e - s
             advance(e - s)
 
     def step(self, tokens: dict[int, int]) -> dict[int, int]:
@@ -140,6 +167,35 @@ class BatchDecoder:
             self._keys[seq].append(int(tok))
         return {seq: i for i, seq in enumerate(tokens)}
 
+    def save_state(self, seq: int) -> bytes:
+        """llama.cpp's state of sequence ``seq`` (its KV cells), in the one-stream layout ``Decoder.save_state``
+        writes (``one_stream``), so either restores the other's prefix-cache entries."""
+        lc = self._lc
+        n = lc.llama_state_seq_get_size(self.ctx, seq)
+        buf = (ctypes.c_uint8 * n)()
+        if lc.llama_state_seq_get_data(self.ctx, buf, n, seq) != n:
+            raise KimiVLError(f"llama.cpp could not save the sequence state ({_take_errors()})")
+        return one_stream(bytes(buf), self.n_seq, seq)
+
+    def load_state(self, seq: int, state: bytes, keys: Sequence[Hashable]) -> bool:
+        """Replace sequence ``seq`` by a saved state holding ``keys`` (from this class or ``Decoder.save_state``);
+        False (the sequence left empty) if llama.cpp refuses it."""
+        self._truncate(seq, 0)
+        try:
+            state = in_stream(state, self.n_seq, seq)
+            buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+            ok = self._lc.llama_state_seq_set_data(self.ctx, buf, len(state), seq) == len(state)
+            ok = ok and self._lc.llama_memory_seq_pos_max(self._mem, seq) + 1 == len(keys)
+        except BaseException:
+            self._lc.llama_memory_seq_rm(self._mem, seq, -1, -1)  # part of the state may be in, the keys hold none
+            raise
+        if not ok:
+            _take_errors()
+            self._lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
+            return False
+        self._keys[seq] = list(keys)
+        return True
+
     def _decode(self, batch, n: int) -> None:
         batch.n_tokens = n
         rc = self._lc.llama_decode(self.ctx, batch)
@@ -157,3 +213,28 @@ class BatchDecoder:
             n = min(len(self._keys[seq]), self._lc.llama_memory_seq_pos_max(self._mem, seq) + 1)
             self._lc.llama_memory_seq_rm(self._mem, seq, n, -1)
             del self._keys[seq][n:]
+
+
+class SequenceView:
+    """One sequence of a ``BatchDecoder`` with the ``Decoder`` methods the persistent prefix cache uses
+    (``KimiVL._restore_prefix`` / ``_store_prefix``), so a ``--parallel`` slot restores and stores entries as the
+    single decoder does, in the same format."""
+
+    def __init__(self, bd: BatchDecoder, seq: int):
+        self.bd, self.seq = bd, seq
+
+    @property
+    def n_past(self) -> int:
+        return self.bd.n_past(self.seq)
+
+    def cached_prefix(self, keys: Sequence[Hashable]) -> int:
+        return self.bd.common_prefix(self.seq, keys)
+
+    def prefill(self, segments: Sequence[Segment]) -> None:
+        self.bd.prefill(self.seq, segments)
+
+    def save_state(self) -> bytes:
+        return self.bd.save_state(self.seq)
+
+    def load_state(self, state: bytes, keys: Sequence[Hashable]) -> bool:
+        return self.bd.load_state(self.seq, state, keys)

@@ -57,6 +57,7 @@ from .sampling import SamplerChain, SamplingSettings
 from .tokenizer import StreamDecoder, Tokenizer
 
 if TYPE_CHECKING:
+    from .batch_decoder import SequenceView
     from .prefix_cache import PrefixCache
     from .vision import Progress, VisionEncoder
     from .vision_ggml import GgmlVisionEncoder
@@ -587,8 +588,9 @@ class KimiVL:
 
     # -- persistent prefix cache (prefix_cache.py) -------------------------------------------------------------
     @staticmethod
-    def _image_prefix(prompt: RenderedPrompt) -> list:
-        """The decoder keys of ``prompt`` up to the end of its last image ([] without images)."""
+    def prompt_keys(prompt: RenderedPrompt) -> tuple[list, int]:
+        """The decoder keys of ``prompt`` before its images are embedded (``Decoder.segment_keys`` of its segments),
+        and where its last image ends (0 without images)."""
         keys: list = []
         images = iter(prompt.images)
         end = 0
@@ -599,29 +601,38 @@ class KimiVL:
                 end = len(keys)
             else:
                 keys.append(t)
+        return keys, end
+
+    @classmethod
+    def _image_prefix(cls, prompt: RenderedPrompt) -> list:
+        """The decoder keys of ``prompt`` up to the end of its last image ([] without images)."""
+        keys, end = cls.prompt_keys(prompt)
         return keys[:end]
 
-    def _restore_prefix(self, prompt: RenderedPrompt) -> int:
-        """Restore the state after the prompt's images from the prefix cache when the KV cache does not already
-        hold it; their embeddings go to the image cache. Returns the positions restored."""
-        cache = self.prefix_cache
+    def _restore_prefix(self, prompt: RenderedPrompt, dec: Decoder | SequenceView | None = None) -> int:
+        """Restore the state after the prompt's images from the prefix cache when the KV cache (of ``dec``: the
+        decoder, or a ``--parallel`` slot) does not already hold it; their embeddings go to the image cache.
+        Returns the positions restored."""
+        cache, dec = self.prefix_cache, dec or self.decoder
         prefix = self._image_prefix(prompt) if cache is not None else []
-        if cache is None or not prefix or self.decoder.cached_prefix(prefix) == len(prefix):
+        if cache is None or not prefix or dec.cached_prefix(prefix) == len(prefix):
             return 0
         entry = cache.load(self._prefix_identity, prefix)
         if entry is None:
             return 0
-        if not self.decoder.load_state(entry.state, prefix):
+        if not dec.load_state(entry.state, prefix):
             cache.reject(self._prefix_identity, prefix, "llama.cpp refused the state")
             return 0
         for key, emb in entry.embeddings.items():
             self._image_cache[key] = emb
         return len(prefix)
 
-    def _store_prefix(self, prompt: RenderedPrompt, segments: list[Segment]) -> None:
-        """Prefill up to the end of the prompt's last image and store that state, unless the cache holds it, or the
-        KV cache holds it followed by more (a conversation going on: storing would cut and re-evaluate the rest)."""
-        cache, dec = self.prefix_cache, self.decoder
+    def _store_prefix(self, prompt: RenderedPrompt, segments: list[Segment],
+                      dec: Decoder | SequenceView | None = None) -> None:
+        """Prefill ``dec`` (the decoder, or a ``--parallel`` slot) up to the end of the prompt's last image and
+        store that state, unless the cache holds it, or the KV cache holds it followed by more (a conversation
+        going on: storing would cut and re-evaluate the rest)."""
+        cache, dec = self.prefix_cache, dec or self.decoder
         prefix = self._image_prefix(prompt) if cache is not None else []
         if cache is None or not prefix or not cache.writable or cache.contains(self._prefix_identity, prefix):
             return

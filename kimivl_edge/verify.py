@@ -255,12 +255,13 @@ def run(model: KimiVL, ref: StreamingReference, cases: Sequence[Case], max_new_t
         mine = [next(it) for _ in r.images]
         ids = expand_media(r.ids, r.media_pad_id, [im.n_rows for im in r.images])
         prompts.append((ids, torch.cat(mine) if mine else None))
-    greedy = ref.greedy(prompts, max_new_tokens, sorted(model.tokenizer.stop_ids))
+    all_segments = [model.embed_prompt(r) for r in rendered]  # the image rows are what the decoder receives
+    stops = sorted(model.tokenizer.stop_ids)
+    greedy = ref.greedy(prompts, max_new_tokens, stops, file_draft(model, all_segments, set(stops)))
 
     image_rows, prompt_rows = [], []
     it = iter(ref_rows)
-    for case, r, (ids, _), (cont, states) in zip(cases, rendered, prompts, greedy):
-        segments = model.embed_prompt(r)  # the image rows are what the decoder receives
+    for case, r, (ids, _), (cont, states), segments in zip(cases, rendered, prompts, greedy, all_segments):
         for k, rows in enumerate(s.rows for s in segments if isinstance(s, ImageBlock)):
             row = {"case": case.name, "image": k, **image_metrics(rows, next(it).double().numpy())}
             say(f"  {case.name}, image {k + 1}: {row['tokens']} tokens, cos mean {row['cos_mean']:.6f} "
@@ -271,7 +272,22 @@ def run(model: KimiVL, ref: StreamingReference, cases: Sequence[Case], max_new_t
         say(f"  {case.name}: {m['positions']} positions, KLD mean {m['kld_mean']:.3g} max {m['kld_max']:.3g}, "
             f"top-1 {100 * m['top1']:.1f} %, top-5 {100 * m['top5']:.1f} %")
         prompt_rows.append({"case": case.name, "continuation": cont, **m})
-    return {"images": image_rows, "prompts": prompt_rows}
+    say(f"  reference: {ref.passes} decoder pass(es) over the checkpoint's layers for {max_new_tokens} new "
+        "tokens (the file's greedy tokens proposed, the reference's kept)")
+    return {"images": image_rows, "prompts": prompt_rows, "reference_passes": ref.passes}
+
+
+def file_draft(model: KimiVL, segments: list[list], stops: set[int]) -> Callable[[int, list[int], int], list[int]]:
+    """The file's own greedy tokens after prompt ``k`` + ``accepted``, up to ``n`` (or a stop token): what the
+    reference checks in one pass instead of one pass per token (``StreamingReference.greedy``)."""
+    def draft(k: int, accepted: list[int], n: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < n and not (out and out[-1] in stops):
+            tail = [*accepted, *out]
+            logits = model.decoder.prefill([*segments[k], tail] if tail else segments[k])
+            out.append(int(np.argmax(logits)))
+        return out
+    return draft
 
 
 def compare_logits(model: KimiVL, segments: list, cont: list[int], want: np.ndarray, seq: list[int],

@@ -48,7 +48,7 @@ VISION_ITEM = {"image", "grid", "patches", "tokens", "gflop", "seconds", "gflop_
 TTFT = {"text_gguf_bytes", "mmproj_gguf_bytes", "image", "question", "image_tokens", "prompt_tokens", "load_seconds",
         "ttft_seconds", "encode_seconds", "prefill_seconds", "followup_seconds", "followup_evaluated_tokens",
         "rss_after_load_bytes", "peak_rss_bytes", "kv_cache_bytes", "n_ctx", "peak_rss_over_gguf"}
-PREFIX = {"image", "image_tokens", "prompt_tokens", "restored_tokens", "hit_evaluated_tokens", "off_evaluated_tokens",
+PREFIX = {"input", "image_tokens", "prompt_tokens", "restored_tokens", "hit_evaluated_tokens", "off_evaluated_tokens",
           "ttft_hit_seconds", "ttft_off_seconds", "ttft_fill_seconds", "load_seconds", "restore_seconds",
           "recompute_seconds", "restore_over_recompute", "cache_bytes", "cache_bytes_per_image_token"}
 STAT = {"median", "min", "max", "values"}
@@ -127,10 +127,11 @@ def test_smoke_run_has_every_field(tiny_run):
     _has(r["ttft"], TTFT, "ttft")
     for k in ("ttft_seconds", "encode_seconds", "prefill_seconds", "followup_seconds"):
         _stat(r["ttft"][k], f"ttft.{k}")
-    _has(r["prefix_cache"], PREFIX, "prefix_cache")
-    for k in ("ttft_hit_seconds", "ttft_off_seconds", "ttft_fill_seconds", "load_seconds", "restore_seconds",
-              "restore_over_recompute"):
-        _stat(r["prefix_cache"][k], f"prefix_cache.{k}")
+    for what in ("image", "pdf"):
+        _has(r["prefix_cache"][what], PREFIX, f"prefix_cache.{what}")
+        for k in ("ttft_hit_seconds", "ttft_off_seconds", "ttft_fill_seconds", "load_seconds", "restore_seconds",
+                  "restore_over_recompute"):
+            _stat(r["prefix_cache"][what][k], f"prefix_cache.{what}.{k}")
     md = (out / "bench.md").read_text()
     assert md.count("## ") >= 11
     load = r["machine"]["load_average"][0]
@@ -168,13 +169,16 @@ def test_smoke_run_figures_are_consistent(tiny_run):
                                            * (t.kv_lora_rank + t.qk_rope_head_dim) * 2)
     # the prefix cache: the hit restored the image and the text before it, evaluated only the rest; the entry holds
     # at least the f16 KV of the restored positions and the float32 embeddings of the image
-    p = r["prefix_cache"]
-    assert p["image_tokens"] == 256 and p["image_tokens"] < p["restored_tokens"] < p["prompt_tokens"]
-    assert p["hit_evaluated_tokens"] == p["prompt_tokens"] - p["restored_tokens"]
-    assert p["off_evaluated_tokens"] == p["prompt_tokens"]
     kv_per_token = t.num_hidden_layers * (t.kv_lora_rank + t.qk_rope_head_dim) * 2
-    assert p["cache_bytes"] >= p["restored_tokens"] * kv_per_token + p["image_tokens"] * t.hidden_size * 4
-    assert p["cache_bytes_per_image_token"] == pytest.approx(p["cache_bytes"] / p["image_tokens"])
+    assert r["prefix_cache"]["image"]["image_tokens"] == 256
+    # the same ten pages at the same page budget as the media section's PDF
+    assert r["prefix_cache"]["pdf"]["image_tokens"] == r["media"]["pdf"]["first"]["image_tokens"]
+    for p in r["prefix_cache"].values():
+        assert p["image_tokens"] < p["restored_tokens"] < p["prompt_tokens"]
+        assert p["hit_evaluated_tokens"] == p["prompt_tokens"] - p["restored_tokens"]
+        assert p["off_evaluated_tokens"] == p["prompt_tokens"]
+        assert p["cache_bytes"] >= p["restored_tokens"] * kv_per_token + p["image_tokens"] * t.hidden_size * 4
+        assert p["cache_bytes_per_image_token"] == pytest.approx(p["cache_bytes"] / p["image_tokens"])
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -327,9 +327,11 @@ def test_run_uses_the_cache_by_default_and_not_with_no_cache(pair, images, cli, 
     assert other.returncode == 0 and len(entries(tmp_path / "mine")) == 1
 
 
-def test_serve_reuses_the_cache_across_restarts(pair, images, tmp_path):
+@pytest.mark.parametrize("parallel", [[], ["--parallel", "2"]], ids=["one-slot", "parallel-2"])
+def test_serve_reuses_the_cache_across_restarts(pair, images, tmp_path, parallel):
     """Two servers one after the other, loaded by `kimivl-edge serve`'s own options: the second one's first
-    request, a new question about the first one's image, comes mostly from the cache."""
+    request, a new question about the first one's image, comes mostly from the cache (with ``--parallel`` too:
+    its slots restore and store entries as the single decoder does)."""
     import httpx
 
     from kimivl_edge.cli_common import load_model
@@ -338,7 +340,7 @@ def test_serve_reuses_the_cache_across_restarts(pair, images, tmp_path):
     from test_server import ThreadServer, ask, data_uri
 
     args = _parser().parse_args(["-m", str(pair[0]), "--mmproj", str(pair[1]), "--kv-type", "f32", "--ctx", "512",
-                                 "--threads", "1", "--cache-dir", str(tmp_path)])
+                                 "--threads", "1", "--cache-dir", str(tmp_path), *parallel])
     cached = []
     for question in ("What is it?", "Describe the colours."):
         srv = ThreadServer(create_app(config(args), lambda: load_model(args)))
@@ -380,3 +382,52 @@ def test_a_conversation_going_on_is_not_cut_to_store_its_prefix(pair, images, tm
         st = m.generate(follow, max_tokens=1).stats
     assert held > 20 and st.evaluated_tokens == st.prompt_tokens - held
     assert entries(tmp_path) == []
+
+
+def test_a_parallel_slot_restores_an_entry_of_the_single_decoder(pair, images, tmp_path):
+    """An entry stored by the single decoder, restored into slot 1 of a ``--parallel`` context, gives the logits
+    of the same prompt recomputed in slot 0 of that context, without the vision encoder; and a slot stores its own
+    entries, which the single decoder restores with the logits of its recompute."""
+    from kimivl_edge.batch_decoder import BatchDecoder, SequenceView
+
+    first, second = q(images[0], "What is it?"), q(images[0], "Describe the colours.")
+    cache = PrefixCache(tmp_path / "a")
+    with load(*pair, cache) as m:
+        m.logits(first)
+    with load(*pair, cache) as m:
+        bd = BatchDecoder(m.decoder, 2)
+        try:
+            lc = bd._lc
+
+            def last_logits() -> np.ndarray:
+                return np.ctypeslib.as_array(lc.llama_get_logits_ith(bd.ctx, -1), (bd.n_vocab,)).copy()
+
+            prompt = m.render_prompt(second)
+            segments = m.embed_prompt(prompt)  # the recompute's image rows (encoded here)
+            bd.prefill(0, segments)
+            want = last_logits()
+            m._image_cache.clear()
+
+            def no_encoder(*a, **k):
+                raise AssertionError("the vision encoder ran on a cache hit")
+            m.vision.encode = no_encoder  # type: ignore[union-attr]
+            assert m._restore_prefix(prompt, SequenceView(bd, 1)) > 20
+            assert bd.prefill(1, m.embed_prompt(prompt)) < prompt.n_tokens - 20
+            np.testing.assert_array_equal(last_logits(), want)
+        finally:
+            bd.close()
+    other = PrefixCache(tmp_path / "b")
+    with load(*pair, other) as m:
+        bd = BatchDecoder(m.decoder, 2)
+        try:
+            prompt = m.render_prompt(first)
+            segments = m.embed_prompt(prompt)
+            m._store_prefix(prompt, segments, SequenceView(bd, 1))
+        finally:
+            bd.close()
+    assert len(entries(tmp_path / "b")) == 1
+    want = recompute(pair, second)
+    with load(*pair, other) as m:
+        got = m.logits(second)
+        assert m.decoder.n_evaluated < m.render_prompt(second).n_tokens - 20
+    np.testing.assert_array_equal(got, want)

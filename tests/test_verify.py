@@ -112,6 +112,42 @@ def test_streaming_greedy_equals_whole_model(whole_and_stream):
         torch.testing.assert_close(stream.head([states])[0], want, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["right", "wrong", "half", "past-stop"])
+def test_a_draft_gives_the_same_greedy_continuation_in_fewer_passes(whole_and_stream, kind):
+    """Proposed tokens (speculative decoding's greedy check) change the number of passes over the layers, never
+    the continuation: the oracle is the whole-model reference's own greedy generation."""
+    whole, stream = whole_and_stream
+    chats = [[user_message("Hello there")], [user_message("Describe it.", [_image(40, 40, 2)])]]
+    prepared = [whole.prepare(c) for c in chats]
+    prompts = []
+    for p in prepared:
+        emb = None if p.pixel_values is None else stream.encode_images(p.pixel_values, p.grid_hws)
+        prompts.append((p.input_ids, emb))
+    n = 6
+    wants = [whole.generate_ids(p, n) for p in prepared]
+    stops = sorted(whole.tokenizer.stop_ids)
+    n_vocab = whole.config.text.vocab_size
+
+    def draft(k: int, accepted: list[int], m: int) -> list[int]:
+        want = wants[k]
+        assert accepted == want[: len(accepted)] and m == n - len(accepted) - 1
+        right = want[len(accepted): len(accepted) + m]
+        if kind == "right":
+            return right
+        if kind == "past-stop":  # tokens after the reference's stop (or its last token) are never taken
+            return right + [stops[0]] * 3
+        wrong = [(t + 1) % n_vocab for t in right]
+        return wrong if kind == "wrong" else right[:2] + wrong[2:]
+
+    out = stream.greedy(prompts, n, stops, draft)
+    for p, want, (cont, states) in zip(prepared, wants, out):
+        assert cont == want
+        ref = whole.logits(type(p)(p.input_ids + cont[:-1], p.pixel_values, p.grid_hws))
+        torch.testing.assert_close(stream.head([states])[0], ref, rtol=0, atol=1e-6)
+    longest = max(len(w) for w in wants)
+    assert stream.passes == {"right": 1, "past-stop": 1, "wrong": longest, "half": -(-longest // 3)}[kind]
+
+
 def test_streaming_holds_one_layer_of_weights(tiny_checkpoint):
     path = tiny_checkpoint()
     ckpt = Checkpoint(path)

@@ -128,38 +128,53 @@ def markdown(table: dict) -> str:
     return "\n".join(lines)
 
 
-def chart(table: dict, path: Path) -> None:
-    """Two panels (accuracy, mean KLD) against total size, drawn with Pillow."""
-    from PIL import Image, ImageDraw
+MMPROJ_STYLE = {"F16": ("tab:blue", "o"), "Q8_0": ("tab:green", "s"), "Q4_0": ("tab:red", "^")}
+
+
+def figure(table: dict):
+    """Accuracy and mean KLD (log scale) against the pair's total size, one marker per mmproj type and one colour
+    per text type in the legends (no labels next to points, so none overlap). Needs matplotlib (the ``docs``
+    extra)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     rows = [r for r in table["rows"] if r["backend"] == "numpy"]
-    W, H, pad = 900, 380, 60
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
-    sizes = [r["text_mb"] + r["mmproj_mb"] for r in rows]
-    xmin, xmax = min(sizes) * 0.95, max(sizes) * 1.05
-    panels = [("task accuracy (%)", [100 * r["accuracy"] for r in rows]),
-              ("mean KL divergence", [r["kld"] for r in rows])]
-    colours = {"F16": (30, 90, 200), "Q8_0": (20, 150, 60), "Q4_0": (200, 60, 30)}
-    pw = (W - 3 * pad) // 2
-    for k, (title, ys) in enumerate(panels):
-        x0 = pad + k * (pw + pad)
-        ylo, yhi = min(ys), max(ys)
-        if yhi - ylo < 1e-9:
-            yhi = ylo + 1
-        d.rectangle((x0, pad, x0 + pw, H - pad), outline="black")
-        d.text((x0, pad - 20), title, fill="black")
-        d.text((x0, H - pad + 8), f"total size {xmin:.1f} .. {xmax:.1f} MB", fill="black")
-        d.text((x0 - 55, pad), f"{yhi:.3g}", fill="black")
-        d.text((x0 - 55, H - pad - 10), f"{ylo:.3g}", fill="black")
-        for r, x, y in zip(rows, sizes, ys):
-            px = x0 + (x - xmin) / (xmax - xmin) * pw
-            py = H - pad - (y - ylo) / (yhi - ylo) * (H - 2 * pad)
-            c = colours.get(r["mmproj_type"], (0, 0, 0))
-            d.ellipse((px - 4, py - 4, px + 4, py + 4), fill=c)
-            d.text((px + 5, py - 6), r["text_type"], fill=c)
-    d.text((pad, H - 22), "colour = mmproj type: blue F16, green Q8_0, red Q4_0", fill="black")
-    img.save(path)
+    text_types = list(dict.fromkeys(r["text_type"] for r in rows))
+    colours = dict(zip(text_types, plt.get_cmap("tab10").colors))
+    fig, (acc, kld) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    for r in rows:
+        size = r["text_mb"] + r["mmproj_mb"]
+        marker = MMPROJ_STYLE.get(r["mmproj_type"], ("black", "x"))[1]
+        style = {"color": colours[r["text_type"]], "marker": marker, "s": 36}
+        acc.scatter(size, 100 * r["accuracy"], **style)
+        kld.scatter(size, r["kld"], **style)
+    acc.axhline(100 * table["reference_accuracy"], color="grey", lw=0.8, ls="--", label="fp32 reference")
+    acc.set(xlabel="text + mmproj GGUF size (MB)", ylabel="held-out accuracy (%)",
+            title=f"task accuracy, {table['n']} questions")
+    kld.set_yscale("log")
+    kld.set(xlabel="text + mmproj GGUF size (MB)", ylabel="mean KL divergence to fp32 (nats, log scale)",
+            title="next-token KL divergence")
+    for ax in (acc, kld):
+        ax.grid(True, which="both", alpha=0.3)
+    from matplotlib.lines import Line2D
+
+    text_handles = [Line2D([], [], ls="", marker="o", color=c, label=f"text {t}") for t, c in colours.items()]
+    mm_handles = [Line2D([], [], ls="", marker=m, color="black", label=f"mmproj {t}")
+                  for t, (_, m) in MMPROJ_STYLE.items() if any(r["mmproj_type"] == t for r in rows)]
+    acc.legend(handles=[*acc.get_legend_handles_labels()[0], *mm_handles], loc="lower right", fontsize=8)
+    kld.legend(handles=text_handles, loc="lower left", fontsize=8, ncol=2)
+    return fig
+
+
+def chart(table: dict, path: Path) -> None:
+    """``figure`` written as a PNG."""
+    fig = figure(table)
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -155,7 +155,7 @@ def _measure(o: BenchOptions, ch: Children, work: Path, res: dict) -> None:
     res["vision"] = vision_section(ch, paths, gemm, o.preset, o.runs)
     res["ttft"] = ttft_section(ch, paths["q4_k_m"], paths["mmproj_q8_0"], o.runs)
     res["server"] = server_section(ch, paths["q4_k_m"], paths["mmproj_q8_0"], o.runs, o.decode_tokens)
-    res["prefix_cache"] = prefix_section(ch, paths["q4_k_m"], paths["mmproj_q8_0"], o.runs)
+    res["prefix_cache"] = prefix_section(ch, paths["q4_k_m"], paths["mmproj_q8_0"], work, o.runs)
     res["media"] = media_section(ch, paths["q4_k_m"], paths["mmproj_q8_0"], work, o.runs)
     res["coldstart"] = coldstart_sections(ch, paths["q4_k_m"], paths["mmproj_q8_0"], o.runs, o.decode_tokens)
 

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         res = convert_checkpoint(Path(__file__).parents[1] / "assets" / "kimi-vl-tiny", "q4_k_m", "q8_0",
                                  root / "pair")
         text, mm = Path(res.text_path), Path(res.mmproj_path)
-    r = {"prefix_cache": prefix_section(Children(root, args.threads), text, mm, args.runs)}
+    r = {"prefix_cache": prefix_section(Children(root, args.threads), text, mm, root, args.runs)}
     (root / "prefix.json").write_text(json.dumps(r, indent=2) + "\n")
     print("\n".join(_prefix(r)))
     return 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from .coldstart import mode_name
@@ -171,22 +172,28 @@ def _ttft(r: dict) -> list[str]:
 
 def _prefix(r: dict) -> list[str]:
     p = r["prefix_cache"]
-    return ["## 7. Prefix cache: the same image, a new question, a new process", "",
-            f"Q4_K_M + Q8_0 as in section 5, one {p['image']} image ({p['image_tokens']} image tokens). One process "
-            "asks a first question (filling an empty cache), a new process asks another question about the same "
-            "image with the cache, and another without it. Time to first token after the model is loaded.", "",
-            "| figure | value |", "|---|---|",
-            f"| time to first token with the cache, s | {_fmt(p['ttft_hit_seconds'])} "
-            f"({p['restored_tokens']} positions restored, {p['hit_evaluated_tokens']} evaluated) |",
-            f"| time to first token, cache disabled, s | {_fmt(p['ttft_off_seconds'])} "
-            f"({p['off_evaluated_tokens']} evaluated) |",
-            f"| first question, filling the cache, s | {_fmt(p['ttft_fill_seconds'])} |",
-            f"| restore, s | {_fmt(p['restore_seconds'])} |",
-            f"| what it replaced (encode + prefill of the prefix), s | {_fmt(p['recompute_seconds'])} |",
-            f"| restore / recompute | {_fmt(p['restore_over_recompute'], digits=3)} |",
-            f"| cache entry | {p['cache_bytes'] / 1e6:.2f} MB, {p['cache_bytes_per_image_token'] / 1e3:.1f} kB "
-            "per image token |",
-            f"| model load (every process), s | {_fmt(p['load_seconds'])} |", ""]
+    im, pdf = p["image"], p["pdf"]
+
+    def row(label: str, f: Callable[[dict], str]) -> str:
+        return f"| {label} | {f(im)} | {f(pdf)} |"
+
+    return ["## 7. Prefix cache: the same image or PDF, a new question, a new process", "",
+            "Q4_K_M + Q8_0 as in section 5. One process asks a first question (filling an empty cache), a new "
+            "process asks another question about the same input with the cache, and another without it. Time to "
+            "first token after the model is loaded.", "",
+            f"| figure | {im['input']} | {pdf['input']} |", "|---|---|---|",
+            row("image tokens", lambda x: str(x["image_tokens"])),
+            row("time to first token with the cache, s", lambda x: f"{_fmt(x['ttft_hit_seconds'])} "
+                f"({x['restored_tokens']} positions restored, {x['hit_evaluated_tokens']} evaluated)"),
+            row("time to first token, cache disabled, s",
+                lambda x: f"{_fmt(x['ttft_off_seconds'])} ({x['off_evaluated_tokens']} evaluated)"),
+            row("first question, filling the cache, s", lambda x: _fmt(x["ttft_fill_seconds"])),
+            row("restore, s", lambda x: _fmt(x["restore_seconds"])),
+            row("what it replaced (encode + prefill of the prefix), s", lambda x: _fmt(x["recompute_seconds"])),
+            row("restore / recompute", lambda x: _fmt(x["restore_over_recompute"], digits=3)),
+            row("cache entry", lambda x: f"{x['cache_bytes'] / 1e6:.2f} MB, "
+                f"{x['cache_bytes_per_image_token'] / 1e3:.1f} kB per image token"),
+            row("model load (every process), s", lambda x: _fmt(x["load_seconds"])), ""]
 
 
 def _media(r: dict) -> list[str]:

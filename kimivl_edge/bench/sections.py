@@ -267,17 +267,15 @@ def ttft_section(ch: Children, text: Path, mmproj: Path, runs: int) -> dict:
     }
 
 
-def prefix_section(ch: Children, text: Path, mmproj: Path, runs: int) -> dict:
-    """Section 7: the same image, a new question, in a new process, with the prefix cache (filled by an earlier
-    process that asked the first question) and without it. Each run starts from an empty cache directory."""
-    say(f"prefix cache, {text.name} + {mmproj.name}")
+def _prefix_rows(ch: Children, task: dict, runs: int, label: str) -> dict:
+    """One input's prefix-cache rows: per run, a process fills an empty cache with a first question, a new process
+    asks a follow-up with that cache, another without any."""
     rows: dict[str, list[dict]] = {"fill": [], "hit": [], "off": []}
     for r in range(runs):
-        cache = ch.workdir / f"prefix-cache-{r}"
+        cache = ch.workdir / f"prefix-cache-{label}-{r}"
         for name, question, cache_dir in (("fill", TTFT_QUESTION, cache), ("hit", FOLLOWUP_QUESTION, cache),
                                           ("off", FOLLOWUP_QUESTION, None)):
-            data, _ = ch.run({"kind": "prefix", "text": str(text), "mmproj": str(mmproj), "threads": ch.threads,
-                              "image": list(TTFT_IMAGE), "question": question,
+            data, _ = ch.run({**task, "kind": "prefix", "question": question,
                               "cache_dir": None if cache_dir is None else str(cache_dir)})
             rows[name].append(data)
     hit, off = rows["hit"], rows["off"]
@@ -285,7 +283,7 @@ def prefix_section(ch: Children, text: Path, mmproj: Path, runs: int) -> dict:
     recompute = [o["encode"] + o["prefill"] - h["prefill"] for h, o in zip(hit, off)]
     image_tokens = hit[-1]["image_tokens"]
     return {
-        "image": f"{TTFT_IMAGE[0]}x{TTFT_IMAGE[1]}", "image_tokens": image_tokens,
+        "image_tokens": image_tokens,
         "prompt_tokens": hit[-1]["prompt_tokens"], "restored_tokens": hit[-1]["restored_tokens"],
         "hit_evaluated_tokens": hit[-1]["evaluated_tokens"], "off_evaluated_tokens": off[-1]["evaluated_tokens"],
         "ttft_hit_seconds": summarize([h["ttft"] for h in hit]),
@@ -298,6 +296,21 @@ def prefix_section(ch: Children, text: Path, mmproj: Path, runs: int) -> dict:
         "cache_bytes": rows["fill"][-1]["cache_bytes"],
         "cache_bytes_per_image_token": rows["fill"][-1]["cache_bytes"] / image_tokens,
     }
+
+
+def prefix_section(ch: Children, text: Path, mmproj: Path, work: Path, runs: int) -> dict:
+    """Section 7: the same image, or the same 10-page PDF (bench/media.py), a new question, in a new process, with
+    the prefix cache (filled by an earlier process that asked the first question) and without it. Each run starts
+    from an empty cache directory."""
+    from .media import PAGE_PATCHES, make_inputs
+
+    say(f"prefix cache, {text.name} + {mmproj.name}")
+    pdf, _ = make_inputs(work / "media")
+    base = {"text": str(text), "mmproj": str(mmproj), "threads": ch.threads, "n_ctx": 8192}
+    image = _prefix_rows(ch, {**base, "image": list(TTFT_IMAGE)}, runs, "image")
+    document = _prefix_rows(ch, {**base, "document": str(pdf), "page_patches": PAGE_PATCHES}, runs, "pdf")
+    return {"image": {**image, "input": f"one {TTFT_IMAGE[0]}x{TTFT_IMAGE[1]} image"},
+            "pdf": {**document, "input": f"a 10-page PDF ({PAGE_PATCHES} patches per page)"}}
 
 
 def media_section(ch: Children, text: Path, mmproj: Path, work: Path, runs: int) -> dict:
@@ -324,5 +337,4 @@ def not_measured(res: dict) -> list[str]:
             out.append(f"vision {r['backend']} on {r['mmproj_type'].upper()}: {r['error']}")
     out.append("cold-cache reads in sections 1-8 (the page cache is dropped only for section 9's cold runs; see "
                "conversion.raw_read.page_cache_note)")
-    out.append("prefix cache: the 10-page PDF row")
     return out

@@ -386,17 +386,25 @@ def task_ttft(t: dict) -> dict:
 
 
 def task_prefix(t: dict) -> dict:
-    """A new process asks one question about the bench image, with the prefix cache in ``cache_dir`` or without
-    (None): load time, time to the first token and where it went, the entries' bytes afterwards."""
+    """A new process asks one question about the bench image (or the bench's PDF with ``document``), with the prefix
+    cache in ``cache_dir`` or without (None): load time, time to the first token and where it went, the entries'
+    bytes afterwards."""
     from ..model import KimiVL
     from ..prefix_cache import SUFFIX, PrefixCache
     from ..prompt import user_message
 
+    from ..media import MediaSettings
+
     t0 = time.perf_counter()
     cache = PrefixCache(t["cache_dir"]) if t["cache_dir"] else None
-    model = KimiVL.load(t["text"], t["mmproj"], n_threads=t["threads"], prefix_cache=cache)
+    model = KimiVL.load(t["text"], t["mmproj"], n_ctx=t["n_ctx"], n_threads=t["threads"], prefix_cache=cache)
     load = time.perf_counter() - t0
-    msgs = [user_message(t["question"], [_noise_image(tuple(t["image"]), 7)])]
+    if "document" in t:  # a PDF: its pages at the bench's page budget (bench/media.py)
+        model.media_settings = MediaSettings(page_patches=t["page_patches"])
+        msgs = [{"role": "user", "content": [{"type": "document", "document": t["document"]},
+                                             {"type": "text", "text": t["question"]}]}]
+    else:
+        msgs = [user_message(t["question"], [_noise_image(tuple(t["image"]), 7)])]
     ttft, st = _one_token(model, msgs)
     model.close()
     entries = list(Path(t["cache_dir"]).glob("*" + SUFFIX)) if t["cache_dir"] else []

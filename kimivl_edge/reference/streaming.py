@@ -26,6 +26,7 @@ from . import text as text_ref
 from . import vision as vision_ref
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total), once per layer
+Draft = Callable[[int, list[int], int], list[int]]  # (prompt index, continuation so far, n) -> up to n tokens
 HEAD_BLOCK_BYTES = 8 << 20
 
 
@@ -113,6 +114,7 @@ class StreamingReference:
         self.ckpt, self.config = ckpt, ckpt.config
         self.meter = Meter()
         self.progress = progress
+        self.passes = 0  # decoder passes of the last ``greedy``
 
     @contextmanager
     def layer(self, prefix: str) -> Iterator[LayerWeights]:
@@ -200,21 +202,43 @@ class StreamingReference:
 
     @torch.no_grad()
     def greedy(self, prompts: Sequence[tuple[Sequence[int], torch.Tensor | None]], max_new_tokens: int,
-               stop_ids: Sequence[int]) -> list[tuple[list[int], torch.Tensor]]:
+               stop_ids: Sequence[int], draft: Draft | None = None) -> list[tuple[list[int], torch.Tensor]]:
         """Each prompt's greedy continuation (up to and including a stop token) and the final-normed hidden states
-        of prompt + continuation (``head`` makes them logits): one layer-major pass per generated token, all
-        prompts together. Prompts are (token ids with one media pad per image row, image embeddings)."""
+        of prompt + continuation[:-1] (``head`` makes them logits), all prompts through one layer before the next.
+        Prompts are (token ids with one media pad per image row, image embeddings).
+
+        Every pass reads all the layers. Without ``draft`` a pass adds one token. With ``draft(k, continuation,
+        n)`` (up to ``n`` tokens proposed for prompt ``k`` after ``continuation``, e.g. the quantized file's own
+        greedy tokens), a pass checks the proposal as speculative decoding does: the proposal is kept up to the
+        first token the reference would not choose, and the reference's token there is added. The continuation is
+        the same either way; a right draft makes it one pass. ``passes`` counts the passes of the last call."""
         stop = {int(s) for s in stop_ids}
         conts: list[list[int]] = [[] for _ in prompts]
         states: list[torch.Tensor] = [torch.empty(0) for _ in prompts]
         active = list(range(len(prompts)))
-        for step in range(max_new_tokens):
-            embeds = [self.embed([*prompts[k][0], *conts[k]], prompts[k][1]) for k in active]
-            hs = self.hidden(embeds, stage=f"decoder pass {step + 1}/{max_new_tokens}")
-            for k, h, lg in zip(active, hs, self.head([h[-1:] for h in hs])):
-                conts[k].append(int(torch.argmax(lg[-1])))
-                states[k] = h
-            active = [k for k in active if conts[k][-1] not in stop]
-            if not active:
-                break
+        self.passes = 0
+        while active:
+            props = {k: _until_stop(draft(k, list(conts[k]), max_new_tokens - len(conts[k]) - 1), stop)
+                     if draft else [] for k in active}
+            embeds = [self.embed([*prompts[k][0], *conts[k], *props[k]], prompts[k][1]) for k in active]
+            self.passes += 1
+            hs = self.hidden(embeds, stage=f"decoder pass {self.passes}")
+            starts = [len(prompts[k][0]) + len(conts[k]) - 1 for k in active]  # the row predicting the next token
+            for k, h, lg in zip(active, hs, self.head([h[a:] for h, a in zip(hs, starts)])):
+                for i, tok in enumerate(lg.argmax(-1).tolist()):
+                    conts[k].append(int(tok))
+                    if tok in stop or len(conts[k]) >= max_new_tokens or i >= len(props[k]) or tok != props[k][i]:
+                        break
+                states[k] = h[: len(prompts[k][0]) + len(conts[k]) - 1]
+            active = [k for k in active if conts[k][-1] not in stop and len(conts[k]) < max_new_tokens]
         return list(zip(conts, states))
+
+
+def _until_stop(tokens: Sequence[int], stop: set[int]) -> list[int]:
+    """``tokens`` up to and including the first stop token."""
+    out: list[int] = []
+    for t in tokens:
+        out.append(int(t))
+        if t in stop:
+            break
+    return out

@@ -11,8 +11,7 @@ import dataclasses
 import time
 from typing import TYPE_CHECKING
 
-from ..batch_decoder import BatchDecoder
-from ..decoder import Decoder
+from ..batch_decoder import BatchDecoder, SequenceView
 from ..errors import KimiVLError
 from ..model import Stats
 from ..prompt import ThinkingStreamSplitter
@@ -43,22 +42,30 @@ class BatchTurn:
         self._stop = StopFilter(turn.stops)
         try:
             prompt = model.render_prompt(turn.messages)
-            t0 = clock()
-            segments = model.embed_prompt(prompt)
-            st.encode_seconds = clock() - t0 if prompt.images else 0.0
         except KimiVLError as e:  # the prompt does not fit, an image cannot be decoded, ...
             raise APIError(400, str(e), "invalid_request") from None
         st.image_tokens, st.prompt_tokens, st.media = prompt.image_tokens, prompt.n_tokens, prompt.media
         self._sizes = [im.size for im in prompt.images]  # the grounding's frames
         self._answer: list[str] = []
-        keys = Decoder.segment_keys(segments)
-        self.slot = bd.choose(free, keys)
+        self.slot = bd.choose(free, model.prompt_keys(prompt)[0])
         free.remove(self.slot)
         self.chain = SamplerChain(self.settings, bd.n_vocab)
         try:
+            seq = SequenceView(bd, self.slot)
             t0 = clock()
+            st.restored_tokens = model._restore_prefix(prompt, seq)  # the persistent prefix cache, if any
+            st.restore_seconds = clock() - t0
+            t0 = clock()
+            try:
+                segments = model.embed_prompt(prompt)
+            except KimiVLError as e:  # an image cannot be decoded, ...
+                raise APIError(400, str(e), "invalid_request") from None
+            st.encode_seconds = clock() - t0 if prompt.images else 0.0
+            t0, before = clock(), bd.n_evaluated
+            model._store_prefix(prompt, segments, seq)
             progress = progress_events(st, self.emit) if turn.return_progress else None
-            st.evaluated_tokens = bd.prefill(self.slot, segments, progress)
+            bd.prefill(self.slot, segments, progress)
+            st.evaluated_tokens = bd.n_evaluated - before
             st.prefill_seconds = clock() - t0
             self.emit(STARTED)
             self._t0 = clock()
