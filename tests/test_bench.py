@@ -82,7 +82,10 @@ def tiny_run(tmp_path_factory):
 
 
 def test_smoke_run_has_every_field(tiny_run):
+    import llama_cpp
+
     out, r = tiny_run
+    amx = "AMX_INT8 = 1" in llama_cpp.llama_print_system_info().decode()
     _has(r, TOP, "top")
     _has(r["machine"], MACHINE, "machine")
     _has(r["limits"], LIMITS, "limits")
@@ -97,7 +100,9 @@ def test_smoke_run_has_every_field(tiny_run):
             _stat(c[k], f"conversion.{tt}.{k}")
         d = r["decode"][tt]
         _has(d, DECODE, f"decode.{tt}")
-        assert set(d["load_mode"]) == {"mmap", "repack"} and all(type(v) is bool for v in d["load_mode"].values())
+        # every runtime in the row runs in our Decoder's default mode for the file: on a CPU with AMX (llama.cpp's
+        # extra buffers abort on deepseek2) that is the mapped file in its own layout
+        assert d["load_mode"] == {"mmap": True, "repack": False} if amx else d["load_mode"]["repack"] is True
         assert set(d["methods"]) == METHODS
         for name, m in d["methods"].items():
             _has(m, METHOD, f"decode.{tt}.{name}")

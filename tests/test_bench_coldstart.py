@@ -217,5 +217,5 @@ def test_favoured_mode_by_hand():
 def test_load_sentence_words_the_figure():
     assert load_sentence([0.17, 0.5, 0.9], 2) == "0.17 (below 0.3: the machine was idle)"
     busy = load_sentence([2.23, 2.0, 1.8], 2)
-    assert busy.startswith("2.23 (") and "2.2 of the 2 CPUs busy" in busy and "idle" not in busy
+    assert busy.startswith("2.23 (") and "2.2 runnable for 2 CPUs" in busy and "idle" not in busy
     assert load_sentence(None, 2) == "not available on this system"

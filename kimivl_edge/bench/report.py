@@ -39,8 +39,8 @@ def load_sentence(avg: list[float] | None, cpus: int) -> str:
         return "not available on this system"
     if avg[0] < IDLE_LOAD:
         return f"{avg[0]:.2f} (below {IDLE_LOAD}: the machine was idle)"
-    return (f"{avg[0]:.2f} (other processes kept about {avg[0]:.1f} of the {cpus} CPUs busy: the figures are "
-            "pessimistic and noisy)")
+    return (f"{avg[0]:.2f} (other processes were running: on average {avg[0]:.1f} runnable for {cpus} CPUs, so "
+            "the figures are pessimistic and noisy)")
 
 
 def _pct(x: float | None) -> str:
