@@ -219,3 +219,12 @@ def test_load_sentence_words_the_figure():
     busy = load_sentence([2.23, 2.0, 1.8], 2)
     assert busy.startswith("2.23 (") and "2.2 runnable for 2 CPUs" in busy and "idle" not in busy
     assert load_sentence(None, 2) == "not available on this system"
+
+
+def test_coldstart_module_refuses_bad_options_in_one_line(tmp_path):
+    for args in (["--model", str(tmp_path / "missing.gguf"), "--mmproj", str(tmp_path / "m.gguf")],
+                 ["--model", str(tmp_path / "t.gguf")], ["--runs", "0"]):
+        p = subprocess.run([sys.executable, "-m", "kimivl_edge.bench.coldstart", *args, "--out", str(tmp_path)],
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert p.stderr.startswith("python -m kimivl_edge.bench.coldstart: error: ")

@@ -22,7 +22,6 @@ every other run.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import statistics
@@ -250,7 +249,9 @@ def coldstart_sections(ch: Children, text: Path, mmproj: Path, runs: int, decode
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kimivl_edge.bench.coldstart")
+    from ..cli import OneLineParser
+
+    ap = OneLineParser(prog="python -m kimivl_edge.bench.coldstart", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model")
     ap.add_argument("--mmproj")
     ap.add_argument("--threads", type=int, default=1)
@@ -260,6 +261,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if (args.model is None) != (args.mmproj is None):
         ap.error("give both --model and --mmproj, or neither")
+    for f in (args.model, args.mmproj):
+        if f is not None and not Path(f).is_file():
+            ap.error(f"{f}: no such file")
+    if args.threads < 1 or args.runs < 1 or args.decode_tokens < 1:
+        ap.error("--threads, --runs and --decode-tokens must be >= 1")
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
     if args.model:
