@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from kimivl_edge.bench import llama_tools, mtmd
-from kimivl_edge.bench.coldstart import coldstart_sections, favoured_mode, mode_name
+from kimivl_edge.bench.coldstart import coldstart_sections, favoured_mode
+from kimivl_edge.bench.sections import mode_name
 from kimivl_edge.bench.harness import Children, run_first_byte
 from kimivl_edge.bench.pagecache import evict, resident_fraction, resident_pages
 from kimivl_edge.bench.report import coldstart_markdown, load_sentence

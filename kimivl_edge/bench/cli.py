@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UsageError
-from .coldstart import coldstart_sections
 from .harness import Children
 from .probes import load_average, machine_info
 from .report import render_markdown, write_outputs
@@ -157,6 +156,8 @@ def _measure(o: BenchOptions, ch: Children, work: Path, res: dict) -> None:
     res["server"] = server_section(ch, paths["q4_k_m"], paths["mmproj_q8_0"], o.runs, o.decode_tokens)
     res["prefix_cache"] = prefix_section(ch, paths["q4_k_m"], paths["mmproj_q8_0"], work, o.runs)
     res["media"] = media_section(ch, paths["q4_k_m"], paths["mmproj_q8_0"], work, o.runs)
+    from .coldstart import coldstart_sections  # not at import: `python -m kimivl_edge.bench.coldstart` runs it
+
     res["coldstart"] = coldstart_sections(ch, paths["q4_k_m"], paths["mmproj_q8_0"], o.runs, o.decode_tokens)
 
 

@@ -35,7 +35,7 @@ from . import llama_tools, mtmd
 from .harness import Children, FirstByte, log_tail, run_first_byte, run_measured
 from .pagecache import evict, resident_fraction
 from .probes import raw_read_seconds
-from .sections import DECODE_TOKENS, PROMPT_TOKENS, say, summarize
+from .sections import DECODE_TOKENS, PROMPT_TOKENS, mode_name, say, summarize
 
 COLD_IMAGE = (448, 448)
 COLD_QUESTION = "What is in the picture?"
@@ -74,10 +74,6 @@ def _mtmd_tool() -> Path:
     except llama_tools.ToolsError as e:
         raise KimiVLError(f"{mtmd.TOOL} could not be built: {e}") from e
     return llama_tools.tool(mtmd.TOOL)
-
-
-def mode_name(mmap: bool, repack: bool) -> str:
-    return f"mmap {'on' if mmap else 'off'}, repack {'on' if repack else 'off'}"
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -5,8 +5,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from .coldstart import mode_name
-from .sections import TEXT_TYPES
+from .sections import TEXT_TYPES, mode_name
 from .server import server_markdown
 
 METHOD_NAMES = {"kimivl_edge": "kimivl-edge (Decoder + SamplerChain)", "llama_decode_loop": "raw llama_decode loop",

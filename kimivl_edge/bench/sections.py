@@ -37,6 +37,11 @@ def summarize(values: Sequence[float]) -> dict:
     return {"median": statistics.median(v), "min": min(v), "max": max(v), "values": v}
 
 
+def mode_name(mmap: bool, repack: bool) -> str:
+    """A load mode of the text GGUF, as bench.md names it."""
+    return f"mmap {'on' if mmap else 'off'}, repack {'on' if repack else 'off'}"
+
+
 def say(msg: str) -> None:
     """One progress line on stdout."""
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
