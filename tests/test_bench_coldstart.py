@@ -229,3 +229,14 @@ def test_coldstart_module_refuses_bad_options_in_one_line(tmp_path):
                            capture_output=True, text=True, timeout=60)
         assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
         assert p.stderr.startswith("python -m kimivl_edge.bench.coldstart: error: ")
+
+
+def test_a_tool_that_cannot_be_built_is_a_one_line_error(tmp_path, monkeypatch):
+    from kimivl_edge.bench.coldstart import mtmd_tool
+
+    monkeypatch.setenv("KIMIVL_EDGE_LLAMA_TOOLS", str(tmp_path / "tools"))
+    monkeypatch.setenv("PATH", str(tmp_path))   # no cmake, no compiler
+    with pytest.raises(KimiVLError, match="llama-mtmd-cli could not be built: building llama.cpp's tools needs "
+                                          "cmake") as e:
+        mtmd_tool()
+    assert "\n" not in str(e.value)

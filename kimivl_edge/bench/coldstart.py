@@ -68,7 +68,8 @@ def _image(workdir: Path, size: tuple[int, int], seed: int) -> Path:
     return path
 
 
-def _mtmd_tool() -> Path:
+def mtmd_tool() -> Path:
+    """llama-mtmd-cli, built first if needed (``llama_tools``); a one-line error if it cannot be."""
     try:
         llama_tools.build()
     except llama_tools.ToolsError as e:
@@ -84,7 +85,7 @@ def _commands(ch: Children, text: Path, mmproj: Path, image: Path, repack: bool)
     ours = [sys.executable, "-m", "kimivl_edge", "run", "-m", str(text), "--mmproj", str(mmproj), "--image",
             str(image), "-p", COLD_QUESTION, "--temp", "0", "--max-tokens", str(COLD_TOKENS), "--threads",
             str(ch.threads), "--ctx", str(COLD_CTX), "--no-cache"]
-    theirs = mtmd.command(_mtmd_tool(), text, mmproj, image, COLD_QUESTION, ch.threads, COLD_TOKENS, COLD_CTX, repack)
+    theirs = mtmd.command(mtmd_tool(), text, mmproj, image, COLD_QUESTION, ch.threads, COLD_TOKENS, COLD_CTX, repack)
     return {"kimivl_edge": (ours, 0), "llama_mtmd_cli": (theirs, len(mtmd.PREAMBLE))}
 
 
@@ -210,7 +211,7 @@ def _mtmd_encode(ch: Children, cmd: list[str]) -> tuple[float, bool | None]:
 def vision_mtmd_section(ch: Children, text: Path, mmproj: Path, runs: int, system: dict,
                         sizes: Sequence[tuple[int, int]] = MTMD_SIZES) -> dict:
     """Section 11: per run and size the numpy encoder, our clip binding and llama-mtmd-cli, alternating."""
-    tool = _mtmd_tool()
+    tool = mtmd_tool()
     secs: dict[str, dict[str, list[float]]] = {f"{w}x{h}": {s: [] for s in VISION_SIDES} for w, h in sizes}
     flash: bool | None = None
     for r in range(runs):
