@@ -23,7 +23,7 @@ ASSET = Path(__file__).resolve().parents[1] / "kimivl_edge" / "assets" / "kimi-v
 # The fields bench.json must have, written out here (not taken from the module).
 TOP = {"schema", "command", "preset", "layers", "scaled", "scale_note", "runs", "threads", "started",
        "total_seconds", "machine", "limits", "checkpoint", "conversion", "decode", "roofline", "vision", "ttft",
-       "prefix_cache", "media", "not_measured"}
+       "prefix_cache", "media", "coldstart", "not_measured"}
 MACHINE = {"cpu_model", "cpu_family", "cpu_model_number", "cpu_flags", "logical_cpus", "ram_bytes", "os", "python",
            "numpy", "llama_cpp_python", "load_average", "load_average_end"}
 LIMITS = {"read_bandwidth_bytes_per_s", "read_bandwidth_method", "gemm_flops_per_s", "gemm_method"}
@@ -33,8 +33,8 @@ RAW_READ = {"bytes", "seconds", "bytes_per_s", "page_cache_note"}
 CONVERSION = {"text_type", "mmproj_type", "text_bytes", "mmproj_bytes", "seconds", "peak_rss_bytes",
               "input_bytes_per_s", "fraction_of_raw_read"}
 MMPROJ_ONLY = {"mmproj_type", "mmproj_bytes", "seconds", "peak_rss_bytes"}
-DECODE = {"gguf_bytes", "n_ctx", "n_batch", "prompt_tokens", "decode_tokens", "methods", "decode_vs_raw_loop",
-          "prefill_vs_raw_loop"}
+DECODE = {"gguf_bytes", "n_ctx", "n_batch", "prompt_tokens", "decode_tokens", "load_mode", "methods",
+          "decode_vs_raw_loop", "prefill_vs_raw_loop"}
 METHODS = {"kimivl_edge", "llama_decode_loop", "llama_cpp_python"}
 METHOD = {"prefill_tokens_per_s", "decode_tokens_per_s", "peak_rss_bytes"}
 ROOFLINE = {"bytes_per_token", "kv_bytes_per_token", "kv_note", "read_bandwidth_bytes_per_s", "ceiling_tokens_per_s",
@@ -82,7 +82,10 @@ def tiny_run(tmp_path_factory):
 
 
 def test_smoke_run_has_every_field(tiny_run):
+    import llama_cpp
+
     out, r = tiny_run
+    amx = "AMX_INT8 = 1" in llama_cpp.llama_print_system_info().decode()
     _has(r, TOP, "top")
     _has(r["machine"], MACHINE, "machine")
     _has(r["limits"], LIMITS, "limits")
@@ -97,6 +100,9 @@ def test_smoke_run_has_every_field(tiny_run):
             _stat(c[k], f"conversion.{tt}.{k}")
         d = r["decode"][tt]
         _has(d, DECODE, f"decode.{tt}")
+        # every runtime in the row runs in our Decoder's default mode for the file: on a CPU with AMX (llama.cpp's
+        # extra buffers abort on deepseek2) that is the mapped file in its own layout
+        assert d["load_mode"] == {"mmap": True, "repack": False} if amx else d["load_mode"]["repack"] is True
         assert set(d["methods"]) == METHODS
         for name, m in d["methods"].items():
             _has(m, METHOD, f"decode.{tt}.{name}")
@@ -131,7 +137,10 @@ def test_smoke_run_has_every_field(tiny_run):
         for k in ("ttft_hit_seconds", "ttft_off_seconds", "ttft_fill_seconds", "load_seconds", "restore_seconds",
                   "restore_over_recompute"):
             _stat(r["prefix_cache"][what][k], f"prefix_cache.{what}.{k}")
-    assert (out / "bench.md").read_text().count("## ") >= 6
+    md = (out / "bench.md").read_text()
+    assert md.count("## ") >= 11
+    load = r["machine"]["load_average"][0]
+    assert ("the machine was idle" in md) == (load < 0.3) and "well above 0" not in md
     assert not (out / "bench-work" / "checkpoint").exists()  # the synthetic checkpoint is removed
 
 

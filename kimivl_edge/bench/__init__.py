@@ -10,7 +10,8 @@ One run writes DIR/bench.md (markdown tables) and DIR/bench.json (every figure):
    safetensors files; optionally llama.cpp's ``convert_hf_to_gguf.py``;
 2. prefill (512 tokens) and decode tokens/s on each text GGUF through our runtime (``Decoder`` + ``SamplerChain``,
    what ``KimiVL.stream_tokens`` runs), a minimal raw ``llama_decode`` loop, and llama-cpp-python's ``Llama.generate``,
-   all with the same model, context and thread settings;
+   all with the same model, context, thread settings and load mode (our ``Decoder``'s default for the file here,
+   stated in the table);
 3. the roofline: measured memory read bandwidth, weight bytes read per decoded token (from the GGUF), ceiling and
    achieved tokens/s;
 4. vision encode per mmproj type (F16, Q8_0, Q4_0) and image size: numpy backend decoding weights per layer, numpy
@@ -21,15 +22,25 @@ One run writes DIR/bench.md (markdown tables) and DIR/bench.json (every figure):
    tokens/s, follow-up time, and completion tokens/s of 1, 2 and 4 concurrent clients.
 7. the prefix cache: the same image, a new question, in a new process: time to first token with the cache (filled
    by an earlier process) and with it disabled, restore seconds against the encode + prefill they replace, cache
-   bytes per image token.
+   bytes per image token;
+8. video and PDF (``media``);
+9. cold start: process start to the first token of ``kimivl-edge run`` (448x448 image + a short question) against
+   llama.cpp's own ``llama-mtmd-cli`` (built from the vendored sources by ``llama_tools``) on the same pair, with a
+   warm page cache and with the GGUF files dropped from it, and the ratio;
+10. our decoder's load modes (mmap on/off x repack on/off): load seconds, peak RSS, prefill and decode tokens/s, and
+    the mode the figures favour against the default;
+11. vision encode: the numpy encoder and our binding of llama.cpp's clip graph against the encode time
+    ``llama-mtmd-cli`` logs, 448x448 and 896x896.
 
 Every figure is the median of ``--runs`` runs with min and max. Each measured step runs in its own child process
 (``python -c`` on ``child_main``), so peak RSS is that process's own (``wait4`` rusage / ``VmHWM``).
 
 Modules: ``probes`` (the machine, RSS, read bandwidth, GEMM peak, raw read), ``roofline`` (bytes per token, KV
-bytes, vision FLOPs), ``harness`` (child processes), ``tasks`` (the measured child steps), ``sections`` (the parent
-side of each section: child runs -> figures), ``server`` (section 6, both sides), ``report`` (bench.md), ``cli``
-(options, ``run_bench``, ``main``).
+bytes, vision FLOPs), ``harness`` (child processes, the first-byte timer), ``tasks`` (the measured child steps),
+``sections`` (the parent side of each section: child runs -> figures), ``server`` (section 6, both sides),
+``coldstart`` (sections 9-11, parent side), ``mtmd`` (llama-mtmd-cli's command line and log), ``pagecache``
+(eviction, mincore), ``llama_tools`` (building llama.cpp's tools), ``report`` (bench.md), ``cli`` (options,
+``run_bench``, ``main``). ``python -m kimivl_edge.bench.server|prefix|coldstart`` run sections 6, 7 and 9-11 alone.
 """
 from __future__ import annotations
 

@@ -137,7 +137,10 @@ def _checkpoint(o: BenchOptions, ch: Children, ckpt: Path, gguf_dir: Path) -> di
 
 def _measure(o: BenchOptions, ch: Children, work: Path, res: dict) -> None:
     """Every section into ``res``, in bench.json's order."""
+    from .coldstart import coldstart_sections, mtmd_tool  # not at import: `python -m kimivl_edge.bench.coldstart`
+
     gguf_dir, ckpt = work / "gguf", work / "checkpoint"
+    mtmd_tool()  # sections 9 and 11 need llama-mtmd-cli: built (or refused) now, not after an hour of measuring
     res["limits"] = limits_section(ch, o.runs)
     bandwidth = res["limits"]["read_bandwidth_bytes_per_s"]["median"]
     gemm = res["limits"]["gemm_flops_per_s"]["median"]
@@ -156,6 +159,7 @@ def _measure(o: BenchOptions, ch: Children, work: Path, res: dict) -> None:
     res["server"] = server_section(ch, paths["q4_k_m"], paths["mmproj_q8_0"], o.runs, o.decode_tokens)
     res["prefix_cache"] = prefix_section(ch, paths["q4_k_m"], paths["mmproj_q8_0"], work, o.runs)
     res["media"] = media_section(ch, paths["q4_k_m"], paths["mmproj_q8_0"], work, o.runs)
+    res["coldstart"] = coldstart_sections(ch, paths["q4_k_m"], paths["mmproj_q8_0"], o.runs, o.decode_tokens)
 
 
 def run_bench(o: BenchOptions, command: str = "kimivl-edge bench") -> dict:

@@ -51,6 +51,46 @@ def run_measured(cmd: Sequence[str], log: Path, env: dict[str, str] | None = Non
     return Measured(p.returncode, seconds, usage.ru_maxrss * 1024)
 
 
+@dataclass
+class FirstByte:
+    """A finished process whose stdout was read through a pipe: seconds from its start to the first stdout byte
+    after its ``skip`` preamble bytes (None if none came), to its exit, its peak RSS and its whole stdout."""
+
+    returncode: int
+    first_byte_seconds: float | None
+    seconds: float
+    peak_rss_bytes: int
+    stdout: bytes
+
+
+def run_first_byte(cmd: Sequence[str], log: Path, env: dict[str, str] | None = None, skip: int = 0) -> FirstByte:
+    """Run ``cmd`` (stderr appended to ``log``, stdout read unbuffered through a pipe as it comes) and time the
+    first stdout byte after the first ``skip`` bytes. The child's own buffering decides when its bytes arrive: both
+    tools the bench times this way flush stdout after every generated piece."""
+    with open(log, "ab") as fh:
+        fh.write(f"\n$ {' '.join(cmd)}\n".encode())
+        fh.flush()
+        t0 = time.perf_counter()
+        p = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=fh, env=env, bufsize=0)
+        assert p.stdout is not None
+        out, first = bytearray(), None
+        try:
+            while chunk := os.read(p.stdout.fileno(), 65536):
+                out += chunk
+                if first is None and len(out) > skip:
+                    first = time.perf_counter() - t0
+            _, status, usage = os.wait4(p.pid, 0)
+        except BaseException:
+            p.kill()
+            p.wait()
+            raise
+        finally:
+            p.stdout.close()
+        seconds = time.perf_counter() - t0
+    p.returncode = os.waitstatus_to_exitcode(status)
+    return FirstByte(p.returncode, first, seconds, usage.ru_maxrss * 1024, bytes(out))
+
+
 def log_tail(log: Path, empty: str = "") -> str:
     """The last line of ``log`` (at most ``LOG_TAIL_CHARS``), or ``empty``."""
     lines = log.read_text(errors="replace").strip().splitlines()

@@ -5,7 +5,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from .sections import TEXT_TYPES
+from .sections import TEXT_TYPES, mode_name
 from .server import server_markdown
 
 METHOD_NAMES = {"kimivl_edge": "kimivl-edge (Decoder + SamplerChain)", "llama_decode_loop": "raw llama_decode loop",
@@ -29,8 +29,17 @@ def _gb(n: float | None) -> str:
     return "–" if n is None else (f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB")
 
 
-def _load(avg: list[float] | None) -> str:
-    return "?" if not avg else f"{avg[0]:.2f}"
+IDLE_LOAD = 0.3  # a 1-minute load average below this: nothing else was running
+
+
+def load_sentence(avg: list[float] | None, cpus: int) -> str:
+    """The 1-minute load average before the run, and what it means for the figures."""
+    if not avg:
+        return "not available on this system"
+    if avg[0] < IDLE_LOAD:
+        return f"{avg[0]:.2f} (below {IDLE_LOAD}: the machine was idle)"
+    return (f"{avg[0]:.2f} (other processes were running: on average {avg[0]:.1f} runnable for {cpus} CPUs, so "
+            "the figures are pessimistic and noisy)")
 
 
 def _pct(x: float | None) -> str:
@@ -45,8 +54,7 @@ def _header(r: dict) -> list[str]:
             f"Machine: {m['cpu_model']} (family {m['cpu_family']}, model {m['cpu_model_number']}; "
             f"{', '.join(m['cpu_flags'])}), {m['logical_cpus']} logical CPUs, {m['ram_bytes'] / 2**30:.1f} GiB RAM, "
             f"{m['os']}, Python {m['python']}, numpy {m['numpy']}, llama-cpp-python {m['llama_cpp_python']}.  ",
-            f"Load average (1 min) before the run: {_load(m['load_average'])} (well above 0: other processes were "
-            "sharing the CPUs, so the figures are pessimistic and noisy).  ",
+            f"Load average (1 min) before the run: {load_sentence(m['load_average'], m['logical_cpus'])}.  ",
             f"Model: {r['scale_note']}.", "",
             f"Machine limits: read bandwidth {_fmt(lim['read_bandwidth_bytes_per_s'], 1e9, 1)} GB/s; float32 GEMM "
             f"peak {_fmt(lim['gemm_flops_per_s'], 1e9, 1)} GFLOP/s.", ""]
@@ -82,12 +90,13 @@ def _conversion(r: dict) -> list[str]:
 
 def _decode(r: dict) -> list[str]:
     lines = ["", "## 2. Prefill and decode", "",
-             "| text GGUF | runtime | prefill tok/s (512 tokens) | decode tok/s | decode vs raw loop | "
-             "prefill vs raw loop | peak RSS GB |", "|---|---|---|---|---|---|---|"]
+             "| text GGUF | runtime | load mode | prefill tok/s (512 tokens) | decode tok/s | decode vs raw loop | "
+             "prefill vs raw loop | peak RSS GB |", "|---|---|---|---|---|---|---|---|"]
     for tt in TEXT_TYPES:
         d = r["decode"][tt]
         for k, v in d["methods"].items():
             lines.append(f"| {tt.upper()} ({_gb(d['gguf_bytes'])}) | {METHOD_NAMES[k]} | "
+                         f"{mode_name(**d['load_mode'])} | "
                          f"{_fmt(v['prefill_tokens_per_s'], 1, 1)} | {_fmt(v['decode_tokens_per_s'], 1, 1)} | "
                          f"{_pct(d['decode_vs_raw_loop'][k])} | "
                          f"{_pct(d['prefill_vs_raw_loop'][k])} | {v['peak_rss_bytes'] / 1e9:.2f} |")
@@ -96,7 +105,9 @@ def _decode(r: dict) -> list[str]:
               f"the raw llama_decode loop, {_pct(ev['llama_cpp_python'])} of llama-cpp-python."]
     d0 = r["decode"][TEXT_TYPES[0]]
     lines += ["", f"Context {d0['n_ctx']}, batch {d0['n_batch']}, f16 KV cache, no flash attention, greedy; each run: "
-              f"a new random {d0['prompt_tokens']}-token prompt, then {d0['decode_tokens']} decoded tokens.", ""]
+              f"a new random {d0['prompt_tokens']}-token prompt, then {d0['decode_tokens']} decoded tokens. The three "
+              "runtimes on a file load it the same way: our Decoder's default for that file here (section 10), "
+              "given to the other two.", ""]
     return lines
 
 
@@ -110,8 +121,10 @@ def _roofline(r: dict) -> list[str]:
         lines.append(f"| {tt.upper()} | {_gb(b['total'])} | {_gb(b['routed_experts'])} | {_gb(b['attention'])} | "
                      f"{_gb(b['head'])} | {_gb(f['kv_bytes_per_token'])} | {f['ceiling_tokens_per_s']:.1f} | "
                      f"{_pct(fr['kimivl_edge'])} | {_pct(fr['llama_decode_loop'])} | {_pct(fr['llama_cpp_python'])} |")
+    bw = r["roofline"][TEXT_TYPES[0]]["read_bandwidth_bytes_per_s"]
     lines += ["", f"Ceiling = read bandwidth / (weight bytes + KV bytes per token); the last three columns are "
-              f"achieved / ceiling. Bandwidth method: {r['limits']['read_bandwidth_method']}.", ""]
+              f"achieved / ceiling. Every row uses the one bandwidth measured at the start ({bw / 1e9:.1f} GB/s, the "
+              f"median above); method: {r['limits']['read_bandwidth_method']}.", ""]
     return lines
 
 
@@ -202,10 +215,85 @@ def _media(r: dict) -> list[str]:
             row("PDF, first", m["pdf"]["first"]), row("PDF, second", m["pdf"]["second"]), ""]
 
 
+def _cold_start(c: dict, threads: str) -> list[str]:
+    x, rows = c["cold_start"], c["cold_start"]["rows"]
+    lines = ["## 9. Cold start against llama-mtmd-cli", "",
+             f"`kimivl-edge run` and llama.cpp's own `llama-mtmd-cli` on the same pair ({_gb(x['files_bytes'])}), "
+             f"one {x['image']} image + \"{x['question']}\", greedy, {x['tokens']} tokens, context {x['n_ctx']}, "
+             f"{threads}, our prefix cache off. First token, for both: the first byte the process writes to stdout "
+             "after its fixed preamble (llama-mtmd-cli: the one newline it writes once the prompt is evaluated; "
+             "ours: none), read unbuffered through a pipe, timed from the process start. Cold: before each cold "
+             "run both GGUF files are flushed and dropped from the page cache (fsync, then "
+             "posix_fadvise(POSIX_FADV_DONTNEED), no root needed); mincore on a fresh mapping found at most "
+             f"{_pct(x['resident_before_cold_max'])} of their pages still resident before a cold run. Warm: both "
+             f"files read whole before each warm run (at least {_pct(x['resident_before_warm_min'])} resident). The "
+             "Python interpreter, the packages and the tool's binary stay cached in both.", "",
+             "| page cache | kimivl-edge: first token s | llama-mtmd-cli: first token s | ours / llama-mtmd-cli | "
+             "kimivl-edge: exit s | llama-mtmd-cli: exit s | peak RSS GB, ours / theirs |",
+             "|---|---|---|---|---|---|---|"]
+    for cache in ("warm", "cold"):
+        o, t = rows[f"kimivl_edge/{cache}"], rows[f"llama_mtmd_cli/{cache}"]
+        lines.append(f"| {cache} | {_fmt(o['first_token_seconds'])} | {_fmt(t['first_token_seconds'])} | "
+                     f"{x['ours_over_mtmd'][cache]:.2f} | {_fmt(o['exit_seconds'])} | {_fmt(t['exit_seconds'])} | "
+                     f"{o['peak_rss_bytes']['median'] / 1e9:.2f} / {t['peak_rss_bytes']['median'] / 1e9:.2f} |")
+    lines += ["", "Commands (the image is a noise PNG in the bench's work folder):", ""]
+    lines += [f"    {cmd}" for cmd in x["commands"].values()]
+    return lines + [""]
+
+
+def _load_modes(c: dict) -> list[str]:
+    x = c["load_modes"]
+    lines = ["## 10. Load modes of our decoder", "",
+             f"{x['gguf']} ({_gb(x['gguf_bytes'])}), `Decoder` (`--mmap on|off`, `--no-repack`), a new process per "
+             f"mode and run, modes alternating; warm page cache; then a {x['prompt_tokens']}-token prefill and "
+             f"{x['decode_tokens']} decoded tokens (context {x['n_ctx']}).", "",
+             "| load mode | load s | peak RSS GB | prefill tok/s | decode tok/s |", "|---|---|---|---|---|"]
+    reasons = []
+    for name, row in x["rows"].items():
+        if not row["available"]:
+            reasons += [] if row["reason"] in reasons else [row["reason"]]
+            lines.append(f"| {name} | {row['reason'].split(':')[0]} (below) | | | |")
+            continue
+        lines.append(f"| {name} | {_fmt(row['load_seconds'])} | {_fmt(row['peak_rss_bytes'], 1e9)} | "
+                     f"{_fmt(row['prefill_tokens_per_s'], 1, 1)} | {_fmt(row['decode_tokens_per_s'], 1, 1)} |")
+    follows = "the same mode" if x["favoured"] == x["default"] else "a different mode"
+    lines += [""] + [f"Repack {r}." for r in reasons]
+    lines += ["", f"The figures favour {x['favoured']} (of the modes within 10 % of the lowest peak RSS, those "
+              "within 5 % of the fastest decode among them; of these, the fastest to load). The default here "
+              f"(`--mmap auto`, repack on where safe) is {x['default']}: {follows}.", ""]
+    return lines
+
+
+def _vision_mtmd(c: dict, threads: str) -> list[str]:
+    x = c["vision_mtmd"]
+    fa = {True: "on", False: "off", None: "not reported"}[x["mtmd_flash_attention"]]
+    lines = ["## 11. Vision encode against llama-mtmd-cli", "",
+             f"{x['mmproj']}, {threads}. numpy, and our binding of llama.cpp's clip graph (ggml: as our runtime runs "
+             "it, no flash attention; ggml-flash: with it): one encode in a new process after a 56x56 warm-up "
+             "encode. llama-mtmd-cli: the \"mtmd batch encoding done in N ms\" its log reports for the image of "
+             f"one turn (after its own warm-up at load); flash attention in its vision graph: {fa} (its log; its "
+             "default is auto).", "",
+             "| image | numpy s | ggml s | ggml-flash s | llama-mtmd-cli s | numpy / llama-mtmd-cli | "
+             "ggml / llama-mtmd-cli | ggml-flash / llama-mtmd-cli |", "|---|---|---|---|---|---|---|---|"]
+    for size, row in x["rows"].items():
+        ov = x["over_mtmd"][size]
+        lines.append(f"| {size} | {_fmt(row['numpy'])} | {_fmt(row['ggml'])} | {_fmt(row['ggml-flash'])} | "
+                     f"{_fmt(row['llama_mtmd_cli'])} | {ov['numpy']:.2f} | {ov['ggml']:.2f} | "
+                     f"{ov['ggml-flash']:.2f} |")
+    return lines + [""]
+
+
+def coldstart_markdown(r: dict) -> list[str]:
+    """Sections 9-11 (``coldstart.coldstart_sections``)."""
+    c = r["coldstart"]
+    threads = f"{r['threads']} thread(s)" if "threads" in r else "same threads for both"
+    return _cold_start(c, threads) + _load_modes(c) + _vision_mtmd(c, threads)
+
+
 def render_markdown(r: dict) -> str:
     """bench.md from the bench.json dictionary."""
     lines = (_header(r) + _conversion(r) + _decode(r) + _roofline(r) + _vision(r) + _ttft(r) + server_markdown(r)
-             + _prefix(r) + _media(r))
+             + _prefix(r) + _media(r) + coldstart_markdown(r))
     lines += ["## Not measured", ""] + [f"- {s}" for s in r["not_measured"]] + [""]
     return "\n".join(lines)
 

@@ -37,6 +37,11 @@ def summarize(values: Sequence[float]) -> dict:
     return {"median": statistics.median(v), "min": min(v), "max": max(v), "values": v}
 
 
+def mode_name(mmap: bool, repack: bool) -> str:
+    """A load mode of the text GGUF, as bench.md names it."""
+    return f"mmap {'on' if mmap else 'off'}, repack {'on' if repack else 'off'}"
+
+
 def say(msg: str) -> None:
     """One progress line on stdout."""
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -159,18 +164,22 @@ def _vs(methods: dict, base: str, key: str) -> dict:
 
 
 def decode_section(ch: Children, gguf: Path, runs: int, decode_tokens: int) -> dict:
-    """Section 2 for one text GGUF: a child per method."""
+    """Section 2 for one text GGUF: a child per method, all in one load mode: the one our ``Decoder`` picks by
+    default for this file here (its first child reports it), given to the raw loop and ``Llama`` explicitly."""
     n_ctx = -(-(PROMPT_TOKENS + decode_tokens + CTX_MARGIN) // CTX_ROUNDING) * CTX_ROUNDING
     base = {"gguf": str(gguf), "n_ctx": n_ctx, "n_batch": PROMPT_TOKENS, "threads": ch.threads,
-            "prompt_tokens": PROMPT_TOKENS, "decode_tokens": decode_tokens, "runs": runs}
+            "prompt_tokens": PROMPT_TOKENS, "decode_tokens": decode_tokens, "runs": runs, "mmap": None,
+            "repack": True}
     methods = {}
-    for method in DECODE_METHODS:
+    for method in DECODE_METHODS:  # kimivl_edge first
         say(f"prefill + decode, {gguf.name}, {method}")
         data, m = ch.run(dict(base, kind="decode", method=method))
         methods[method] = _method_figures(data, decode_tokens, m.peak_rss_bytes)
+        base.update(mmap=data["mmap"], repack=data["repack"])
     return {
         "gguf_bytes": gguf.stat().st_size, "n_ctx": n_ctx, "n_batch": PROMPT_TOKENS, "prompt_tokens": PROMPT_TOKENS,
-        "decode_tokens": decode_tokens, "methods": methods,
+        "decode_tokens": decode_tokens, "load_mode": {"mmap": base["mmap"], "repack": base["repack"]},
+        "methods": methods,
         "decode_vs_raw_loop": _vs(methods, "llama_decode_loop", "decode_tokens_per_s"),
         "prefill_vs_raw_loop": _vs(methods, "llama_decode_loop", "prefill_tokens_per_s"),
     }
@@ -331,7 +340,6 @@ def not_measured(res: dict) -> list[str]:
     for r in res["vision"]["results"]:
         if not r["available"]:
             out.append(f"vision {r['backend']} on {r['mmproj_type'].upper()}: {r['error']}")
-    out.append("llama.cpp's own vision encoder timed through llama-mtmd-cli (the ggml rows use the same clip graph "
-               "through our binding)")
-    out.append("cold-cache disk reads (the page cache is not dropped; see conversion.raw_read.page_cache_note)")
+    out.append("cold-cache reads in sections 1-8 (the page cache is dropped only for section 9's cold runs; see "
+               "conversion.raw_read.page_cache_note)")
     return out

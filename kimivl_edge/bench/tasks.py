@@ -12,7 +12,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from ..tokenizer import N_SPECIAL
-from ..decoder import model_params
+from ..decoder import LOAD_MODE_MMAP, LOAD_MODE_NONE, model_params
 from ..errors import KimiVLError
 from .media import task_media
 from .probes import current_rss, gemm_peak, peak_rss, read_bandwidth
@@ -76,14 +76,21 @@ def _timed_runs(once: Once, prompts: Prompts) -> dict:
     return {"prefill_seconds": list(pre), "decode_seconds": list(dec)}
 
 
-def _ours(t: dict, prompts: Prompts) -> dict:
-    """Our runtime: Decoder.prefill; SamplerChain.sample + Decoder.append per token (the loop of
-    KimiVL.stream_tokens, without its stop-token check so that every run decodes exactly the same count)."""
+def _our_decoder(t: dict) -> Any:
+    """Our ``Decoder`` with the task's context, threads and load mode (``mmap``: None = its auto rule)."""
     from ..decoder import Decoder, DecoderSettings
+
+    return Decoder(t["gguf"], DecoderSettings(n_ctx=t["n_ctx"], n_batch=t["n_batch"], n_ubatch=t["n_batch"],
+                                              n_threads=t["threads"], kv_type=KV_TYPE.name.lower(),
+                                              mmap=t.get("mmap"), repack=t.get("repack", True)))
+
+
+def _our_loop(dec: Any, t: dict, prompts: Prompts) -> dict:
+    """Our runtime's loop: Decoder.prefill; SamplerChain.sample + Decoder.append per token (the loop of
+    KimiVL.stream_tokens, without its stop-token check so that every run decodes exactly the same count); and the
+    load mode the decoder used."""
     from ..sampling import SamplerChain, SamplingSettings
 
-    dec = Decoder(t["gguf"], DecoderSettings(n_ctx=t["n_ctx"], n_batch=t["n_batch"], n_ubatch=t["n_batch"],
-                                             n_threads=t["threads"], kv_type=KV_TYPE.name.lower()))
     chain = SamplerChain(SamplingSettings(temperature=0.0).validate())
     n = t["decode_tokens"]
 
@@ -97,21 +104,31 @@ def _ours(t: dict, prompts: Prompts) -> dict:
         return t1 - t0, time.perf_counter() - t1
 
     try:
-        return _timed_runs(once, prompts)
+        return _timed_runs(once, prompts) | {"mmap": dec.mmap, "repack": dec.repack}
     finally:
         chain.close()
+
+
+def _ours(t: dict, prompts: Prompts) -> dict:
+    dec = _our_decoder(t)
+    try:
+        return _our_loop(dec, t, prompts)
+    finally:
         dec.close()
 
 
 class _RawEngine:
-    """llama.cpp alone: a model, a context with ``Decoder``'s parameters and a greedy C sampler."""
+    """llama.cpp alone: a model loaded in the task's mode (``mmap``, ``repack``), a context with ``Decoder``'s
+    parameters and a greedy C sampler."""
 
     def __init__(self, t: dict):
         import llama_cpp as lc
 
         self.lc = lc
         lc.llama_backend_init()
-        self.model = lc.llama_model_load_from_file(t["gguf"].encode(), model_params())
+        mp = model_params(t["repack"])
+        mp.load_mode = LOAD_MODE_MMAP if t["mmap"] else LOAD_MODE_NONE
+        self.model = lc.llama_model_load_from_file(t["gguf"].encode(), mp)
         if not self.model:
             raise KimiVLError(f"llama.cpp could not load {t['gguf']}")
         cp = lc.llama_context_default_params()
@@ -179,10 +196,10 @@ def _high_level(t: dict, prompts: Prompts) -> dict:
     import llama_cpp.llama as high
 
     # Llama has no option for llama.cpp's extra buffers: its defaults come from the same call (an AMX CPU aborts)
-    high.llama_cpp.llama_model_default_params = model_params
-    llm = high.Llama(t["gguf"], n_gpu_layers=0, n_ctx=t["n_ctx"], n_batch=t["n_batch"], n_ubatch=t["n_batch"],
-                n_threads=t["threads"], n_threads_batch=t["threads"], flash_attn=False, type_k=int(KV_TYPE),
-                type_v=int(KV_TYPE), no_perf=True, verbose=False)
+    high.llama_cpp.llama_model_default_params = lambda: model_params(t["repack"])
+    llm = high.Llama(t["gguf"], use_mmap=t["mmap"], n_gpu_layers=0, n_ctx=t["n_ctx"], n_batch=t["n_batch"],
+                     n_ubatch=t["n_batch"], n_threads=t["threads"], n_threads_batch=t["threads"], flash_attn=False,
+                     type_k=int(KV_TYPE), type_v=int(KV_TYPE), no_perf=True, verbose=False)
     n = t["decode_tokens"]
 
     def once(prompt: list[int]) -> tuple[float, float]:
@@ -223,7 +240,45 @@ def _n_vocab(gguf: str) -> int:
 def task_decode(t: dict) -> dict:
     """One method on one text GGUF (a child per method, so each peak RSS is its own)."""
     prompts = _random_prompts(_n_vocab(t["gguf"]), t["prompt_tokens"], t["runs"] + 1)
-    return DECODE_METHODS[t["method"]](t, prompts)
+    return {"mmap": t["mmap"], "repack": t["repack"]} | DECODE_METHODS[t["method"]](t, prompts)
+
+
+def task_system_info(t: dict) -> dict:
+    """llama.cpp's CPU features here, whether its extra (repacked) weight buffers are safe for deepseek2, and the
+    load mode ``Decoder``'s auto rule picks for ``t["gguf"]`` (mmap unless llama.cpp repacks its weights)."""
+    import llama_cpp as lc
+
+    from ..decoder import extra_buffers_safe, repacked_tensors
+
+    lc.llama_backend_init()
+    info = lc.llama_print_system_info().decode("utf-8", "replace")
+    safe = extra_buffers_safe(info)
+    return {"system_info": info.strip(), "extra_buffers_safe": safe,
+            "auto_mmap": not (safe and bool(repacked_tensors(t["gguf"]))), "auto_repack": safe}
+
+
+def task_load_mode(t: dict) -> dict:
+    """One load mode (``mmap`` on/off x ``repack`` on/off) of our ``Decoder``: load seconds, then the decode
+    section's prefill and decode on random prompts. Unavailable where llama.cpp's system info says its extra
+    buffers abort on deepseek2 (``decoder.extra_buffers_safe``)."""
+    import llama_cpp as lc
+
+    from ..decoder import extra_buffers_safe
+
+    lc.llama_backend_init()
+    info = lc.llama_print_system_info().decode("utf-8", "replace")
+    if t["repack"] and not extra_buffers_safe(info):
+        return {"available": False, "reason": "not available on this CPU: llama.cpp's system info reports "
+                "AMX_INT8 = 1, and its AMX weight buffer takes MLA's 3-D attn_k_b/attn_v_b, a matmul no backend "
+                "then supports: llama.cpp aborts at the first context (decoder.extra_buffers_safe)"}
+    prompts = _random_prompts(_n_vocab(t["gguf"]), t["prompt_tokens"], t["runs"] + 1)
+    t0 = time.perf_counter()
+    dec = _our_decoder(t)
+    load = time.perf_counter() - t0
+    try:
+        return _our_loop(dec, t, prompts) | {"available": True, "load_seconds": load}
+    finally:
+        dec.close()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -238,10 +293,10 @@ def _noise_image(size: tuple[int, int], seed: int) -> Any:
 
 
 def _vision_encoder(mm: Any, backend: str, threads: int) -> Any:
-    if backend == "ggml":
+    if backend in ("ggml", "ggml-flash"):
         from ..vision_ggml import GgmlVisionEncoder
 
-        return GgmlVisionEncoder(mm, threads=threads)
+        return GgmlVisionEncoder(mm, threads=threads, flash_attn=backend == "ggml-flash")
     from ..vision import VisionEncoder
 
     return VisionEncoder(mm, weight_cache=backend == "numpy-cached", threads=threads)
@@ -361,6 +416,6 @@ def task_prefix(t: dict) -> dict:
 
 CHILD_TASKS: dict[str, Callable[[dict], dict]] = {
     "limits": task_limits, "synth": task_synth, "convert": task_convert, "mmproj": task_mmproj,
-    "decode": task_decode, "vision": task_vision, "ttft": task_ttft, "server": task_server, "prefix": task_prefix,
-    "media": task_media,
+    "decode": task_decode, "system_info": task_system_info, "load_mode": task_load_mode, "vision": task_vision,
+    "ttft": task_ttft, "server": task_server, "prefix": task_prefix, "media": task_media,
 }
