@@ -245,12 +245,16 @@ class Decoder:
     """One llama.cpp model + context, a single sequence, with prefix-reusing evaluation."""
 
     def __init__(self, model_path: str | Path, settings: DecoderSettings | None = None,
-                 progress: Progress | None = None, eval_callback: object = None):
+                 progress: Progress | None = None, eval_callback: object = None,
+                 checked: dict[str, GGMLQuantizationType] | None = None):
         """``progress(done, 100, "%")``: progress of llama.cpp's model load (an exception it raises cancels it).
         ``eval_callback``: llama.cpp's graph eval callback (a ``llama_cpp.ggml_backend_sched_eval_callback``, kept
-        alive here), called for every node of every evaluation (the imatrix collector reads matmul inputs)."""
+        alive here), called for every node of every evaluation (the imatrix collector reads matmul inputs).
+        ``checked``: the tensor types of a ``check_text_gguf`` the caller made of this file (``KimiVL.load`` gets
+        them from ``TextModelInfo.read(tensors=True)``, so the header is parsed once); None checks here."""
         self.settings = s = settings or DecoderSettings()
-        types = check_text_gguf(model_path)  # llama.cpp aborts on some hostile files: it sees only files that pass
+        # llama.cpp aborts on some hostile files: it sees only files that pass
+        types = checked if checked is not None else check_text_gguf(model_path)
         lc = _backend()
         check_kv_heads(model_path, s.kv_type)
         _take_errors()

@@ -241,15 +241,19 @@ class TextModelInfo:
     chat_template: str
     media_placeholder_id: int
     tokenizer: Tokenizer
+    tensor_types: dict[str, GGMLQuantizationType]  # with read(tensors=True): what check_text_gguf returns; else {}
 
     @property
     def is_thinking(self) -> bool:
         return self.variant.startswith("thinking")
 
     @classmethod
-    def read(cls, path: str | Path) -> TextModelInfo:
+    def read(cls, path: str | Path, tensors: bool = False) -> TextModelInfo:
+        """The model's metadata and tokenizer; with ``tensors`` the tensor index checked too, as
+        ``check_text_gguf`` does, in the same parse (``KimiVL.load`` hands ``tensor_types`` to the ``Decoder``).
+        Without, a vocabulary-only file is fine."""
         path = Path(path)
-        f, hp = open_text_gguf(path, tensors=False)  # the metadata only (a vocabulary-only file is fine here)
+        f, hp = open_text_gguf(path, tensors=tensors)
         try:
             h = _Header(f)
             tok = _tokenizer(h)
@@ -267,6 +271,7 @@ class TextModelInfo:
                 variant=variant, temperature=TEMPERATURE[variant] if temperature is None else temperature,
                 chat_template=h.string("tokenizer.chat_template", required=False) or "",
                 media_placeholder_id=tok.media_pad_id, tokenizer=tok,
+                tensor_types={name: t.type for name, t in f.tensors.items()} if tensors else {},
             )
         finally:
             f.close()

@@ -373,7 +373,7 @@ class KimiVL:
                 raise UsageError(f"{name} must be True or False, got {flag!r}")
         settings = DecoderSettings(n_ctx=n_ctx, n_threads=n_threads, kv_type=kv_type, n_batch=n_batch,
                                    n_ubatch=n_batch, flash_attn=flash_attn, mmap=mmap, repack=repack)
-        info = TextModelInfo.read(model_gguf)
+        info = TextModelInfo.read(model_gguf, tensors=True)  # the decoder's guard too, in the same parse
         vision: Any = None
         image_config = None
         if mmproj_gguf is not None:
@@ -392,7 +392,8 @@ class KimiVL:
                 from .vision_ggml import GgmlVisionEncoder
 
                 vision = GgmlVisionEncoder(mmproj_gguf, threads=n_threads)
-        decoder = Decoder(model_gguf, settings, progress=load_progress, eval_callback=eval_callback)
+        decoder = Decoder(model_gguf, settings, progress=load_progress, eval_callback=eval_callback,
+                          checked=info.tensor_types)
         if decoder.n_embd != info.n_embd:
             raise ModelFileError(f"{model_gguf}: llama.cpp reports n_embd {decoder.n_embd}, metadata {info.n_embd}")
         identity = ""

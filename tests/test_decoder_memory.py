@@ -182,3 +182,26 @@ def test_quantized_files_load_and_evaluate_with_repack_on(tiny_checkpoint, conve
     dec = Decoder(text, DecoderSettings(n_ctx=64, n_threads=1, repack=False))
     assert got.stdout.split()[0] == str(int(dec.prefill([[5, 6, 7, 8]]).argmax()))
     dec.close()
+
+
+def test_loading_a_model_parses_the_text_header_once(converted, monkeypatch):
+    """KimiVL.load reads the text GGUF's metadata (163 840 vocabulary strings at full size, about a second) once:
+    the tokenizer, the decoder's guard and its repack decision come from the same parse."""
+    import os
+
+    import kimivl_edge.gguf_file as gf
+    from kimivl_edge.model import KimiVL
+
+    text, mmproj = converted(Path(__file__).resolve().parents[1] / "kimivl_edge" / "assets" / "kimi-vl-tiny", "q8_0",
+                             "f16")
+    opened: list[str] = []
+    real = gf.GGUFFile.__init__
+
+    def counting(self, path, *a, **k):
+        opened.append(os.path.realpath(path))
+        real(self, path, *a, **k)
+
+    monkeypatch.setattr(gf.GGUFFile, "__init__", counting)
+    with KimiVL.load(text, mmproj, n_ctx=256, n_threads=1) as m:
+        assert m.generate([{"role": "user", "content": "Hi"}], max_tokens=1).tokens is not None
+    assert opened.count(os.path.realpath(text)) == 1, opened
