@@ -114,9 +114,9 @@ def markdown(table: dict) -> str:
         "",
         f"Regenerate: `.venv/bin/python -m training.quant_table --n {table['n']}`. Held-out questions: {table['n']}; "
         f"fp32 reference accuracy {100 * table['reference_accuracy']:.1f} %. KL divergence and top-1 agreement are "
-        "teacher-forced over the reference answer tokens and the end-of-turn token; F32 KV cache. IQ4_EDGE (no "
-        "imatrix) was chosen on 100 of these questions (`training.quant_frontier --search`); its figures on "
-        "questions it was not chosen on are in [quant-frontier.md](quant-frontier.md).",
+        "teacher-forced over the reference answer tokens and the end-of-turn token; F32 KV cache. IQ4_EDGE (here "
+        "without an imatrix) was chosen on the first 100 of these questions (`training.quant_frontier --search`); "
+        "its figures on questions it was not chosen on are in [quant-frontier.md](quant-frontier.md).",
         "",
         "| text | mmproj | vision backend | text MB | mmproj MB | accuracy | mean KLD | top-1 "
         "| vision cos (mean / min) |",

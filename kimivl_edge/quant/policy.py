@@ -362,10 +362,10 @@ def text_tensor_type(gguf_name: str, ne: Sequence[int], ftype: FTypeLike, n_laye
         why.append(f"edge: ne0 {ne[0]} not a multiple of {block_size(t)} -> {EDGE_DOWN_TYPES[t].name} "
                    f"(llama.cpp: {fallback(t, int(ne[0]))[0].name})")
         t = EDGE_DOWN_TYPES[t]
-    own = RECIPE_TYPES.get(ft, {}).get(recipe_class(gguf_name))
-    if own is not None and own != t:
-        why.append(f"{ft.value.lower()}: {recipe_class(gguf_name)} -> {own.name}")
-        t = own
+    chosen = RECIPE_TYPES.get(ft, {}).get(recipe_class(gguf_name))
+    if chosen is not None and chosen != t:
+        why.append(f"{ft.value.lower()}: {recipe_class(gguf_name)} -> {chosen.name}")
+        t = chosen
     t2, fb = fallback(t, int(ne[0]))
     if fb:
         why.append(f"fallback: {fb}")
