@@ -5,7 +5,8 @@ own C quantizer through ``quant.kernels``):
 
 * ``F32`` / ``F16`` / ``BF16`` / ``Q8_0`` / ``Q4_0``: 1-D tensors, norms, ``ffn_gate_inp`` and ``exp_probs_b``
   stay F32, everything else gets the requested type, with the shape fallback.
-* ``Q4_K_M`` / ``Q5_K_M`` / ``Q6_K`` (and our ``Q4_K_EDGE``), and the IQ mixes ``IQ4_XS`` / ``IQ4_NL`` / ``IQ3_S`` /
+* ``Q4_K_M`` / ``Q5_K_M`` / ``Q6_K`` (and our ``Q4_K_EDGE`` and ``IQ4_EDGE``: their base mix's rules, then ours,
+  ``RECIPE_TYPES``), and the IQ mixes ``IQ4_XS`` / ``IQ4_NL`` / ``IQ3_S`` /
   ``IQ3_XXS`` / ``IQ2_XXS`` (with or without an importance matrix, which changes some of their types; the last two
   require one, ``requires_imatrix``): ``text_tensor_type`` reproduces llama.cpp's
   ``llama_tensor_get_type`` (src/llama-quant.cpp, llama.cpp vendored in llama-cpp-python 0.3.36) for the tensor
