@@ -39,10 +39,16 @@ MAX_IMAGE_PATCHES = 1024  # images above this are resized (both sides): bounds t
 # default prompts, whose text (other languages) is far outside what that model learned, so its predictions there
 # are uncertain and sensitive: F16 9e-07, Q8_0 0.012, Q6_K 0.077, Q4_K_M 0.18, Q4_0 0.19 (docs/quant-accuracy.md
 # measures answer tokens only: Q8_0 0.00014, Q4_K_M 0.0021). Two experts swapped in a Q8_0 file measure 0.45.
+# The IQ mixes, with an imatrix from the default calibration set (`kimivl-edge imatrix`), KLD mean / top-1 / top-5
+# (their floors about 5 and 7 points below): IQ4_XS 0.198 / 76.0 % / 86.5 %, IQ4_NL 0.199 / 71.7 / 85.6, IQ3_S
+# 0.435 / 59.3 / 77.3, IQ3_XXS 0.495 / 60.7 / 74.7, IQ2_XXS 1.27 / 37.9 / 58.3; IQ4_EDGE 0.061 / 90.6 / 93.2, without
+# an imatrix 0.078 / 87.0 / 92.6. The 3-bit and 2-bit bounds are above what two swapped experts measure.
 TEXT_BOUNDS: dict[str, tuple[float, float, float]] = {
     "F32": (1e-4, 0.99, 0.98), "F16": (1e-3, 0.98, 0.95), "BF16": (2e-3, 0.98, 0.95),
     "Q8_0": (0.04, 0.93, 0.93), "Q6_K": (0.2, 0.82, 0.88), "Q5_K_M": (0.3, 0.78, 0.85),
     "Q4_K_M": (0.5, 0.7, 0.8), "Q4_K_EDGE": (0.5, 0.7, 0.8), "Q4_0": (0.5, 0.7, 0.78),
+    "IQ4_EDGE": (0.25, 0.82, 0.85), "IQ4_XS": (0.6, 0.71, 0.79), "IQ4_NL": (0.6, 0.66, 0.78),
+    "IQ3_S": (1.3, 0.54, 0.7), "IQ3_XXS": (1.5, 0.55, 0.67), "IQ2_XXS": (3.8, 0.32, 0.51),
 }
 # mmproj type -> (mean cosine >=, 1st-percentile cosine >=). docs/quant-accuracy.md: F16 1.00000 / min 1.0000,
 # Q8_0 0.99999 / 1.0000, Q4_0 0.99769 / min 0.9924.

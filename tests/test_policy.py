@@ -18,7 +18,7 @@ from kimivl_edge.quant.policy import (
     text_tensor_type,
     use_more_bits,
 )
-from kimivl_edge.quant.types import QType
+from kimivl_edge.quant.types import FType, QType
 
 gguf = pytest.importorskip("gguf")
 
@@ -441,3 +441,38 @@ def test_a3b_iq4_xs_size_with_an_imatrix() -> None:
     assert abs(size / 1e9 - 8.74) < 0.01 and abs(8 * size / n_params - 4.38) < 0.01
     assert types["blk.5.ffn_down_exps.weight"][0] is QType.IQ4_NL and types["output.weight"][0] is QType.Q6_K
     assert types["blk.5.ffn_up_exps.weight"][0] is QType.IQ4_XS
+
+
+@pytest.mark.parametrize("with_imatrix, want_bpw", [(True, 4.561), (False, 4.596)])
+def test_a3b_iq4_edge_size_and_types(with_imatrix: bool, want_bpw: float) -> None:
+    """Issue 19's recipe target: IQ4_EDGE is at most 4.6 bits per weight at full A3B size (tensor bytes from the
+    plan, as --dry-run), with and without an imatrix: IQ4_XS routed experts (down projections, rows of 1408, IQ4_NL),
+    everything else Q6_K except attn_k_b (rows of 128: Q8_0) and, without an imatrix, IQ4_XS's first ffn_down layers
+    (Q5_K by llama.cpp's rule for layers below 27 // 8 = 3, rows of 1408: Q5_1; layer 0 is dense and Q6_K)."""
+    from kimivl_edge.convert.text import text_shapes, text_types
+    from kimivl_edge.quant.types import nbytes
+    from kimivl_edge.synth import preset_config
+
+    t = preset_config("a3b").text
+    shapes = text_shapes(t)
+    types = text_types(t, shapes, "iq4_edge", has_imatrix=with_imatrix)
+    n_params = sum(int(np.prod(s)) for _, s in shapes)
+    bpw = 8 * sum(nbytes(types[n][0], s) for n, s in shapes) / n_params
+    assert bpw <= 4.6 and abs(bpw - want_bpw) < 0.001
+    # by hand: routed experts 0.601 of the weights at 4.25 bits, their down projections 0.301 at 4.5
+    want = {"blk.5.ffn_gate_exps.weight": QType.IQ4_XS, "blk.5.ffn_up_exps.weight": QType.IQ4_XS,
+            "blk.5.ffn_down_exps.weight": QType.IQ4_NL, "blk.5.ffn_down_shexp.weight": QType.Q6_K,
+            "blk.5.attn_q.weight": QType.Q6_K, "blk.5.attn_k_b.weight": QType.Q8_0,
+            "blk.5.attn_kv_a_mqa.weight": QType.Q6_K, "blk.5.attn_output.weight": QType.Q6_K,
+            "blk.0.ffn_down.weight": QType.Q6_K, "token_embd.weight": QType.Q6_K, "output.weight": QType.Q6_K,
+            "blk.5.ffn_gate_inp.weight": QType.F32, "blk.5.attn_norm.weight": QType.F32,
+            "blk.1.ffn_down_exps.weight": QType.IQ4_NL if with_imatrix else QType.Q5_1,
+            "blk.3.ffn_down_exps.weight": QType.IQ4_NL}
+    assert {n: types[n][0] for n in want} == want
+
+
+def test_iq4_edge_is_written_as_its_base_mix() -> None:
+    """llama.cpp has no IQ4_EDGE: the file says MOSTLY_IQ4_XS in general.file_type (our name in our own key)."""
+    assert FType.IQ4_EDGE.base is FType.IQ4_XS and FType.IQ4_EDGE.llama_ftype == int(gguf.LlamaFileType.MOSTLY_IQ4_XS)
+    assert FType.Q4_K_EDGE.llama_ftype == int(gguf.LlamaFileType.MOSTLY_Q4_K_M)
+    assert FType.IQ4_EDGE.is_kquant_mix and not FType.IQ4_EDGE.is_iq_mix and FType.IQ4_XS.is_iq_mix

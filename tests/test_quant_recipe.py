@@ -1,4 +1,6 @@
-"""Q4_K_EDGE (our shape-aware Q4_K_M) against llama.cpp's Q4_K_M on the trained tiny model (issue 8 asked for a
+"""Our recipes against llama.cpp's Q4_K_M on the trained tiny model.
+
+Q4_K_EDGE (our shape-aware Q4_K_M) on the trained tiny model (issue 8 asked for a
 smaller file at KL divergence no worse than Q4_K_M: that held on the previous tiny model, 16-73 % below Q4_K_M on
 four held-out sets, but not on the retrained one that points, 1.37x Q4_K_M's KLD here; so this bounds what holds
 now: KLD within 1.5x, top-1 within 1 point, accuracy within 3 points; the size is checked on the full A3B
@@ -7,6 +9,11 @@ share of its few MB). Both are converted by our CLI code and run through our run
 cache; KLD is KL(fp32 reference || quantized) of the next-token distributions, teacher-forced over the reference
 answers of held-out questions (training.quant_table). The 600-question figures are in docs/quant-accuracy.md
 (`python -m training.quant_table --n 600 --out docs`).
+
+IQ4_EDGE (issue 19's recipe target: at most 4.6 bits per weight at a3b size, tests/test_policy.py) was chosen on
+held-out seed 1000 (training/quant_frontier.py --search); here it is checked on seed 4245, without an imatrix (4.60
+bits per weight; with the default imatrix, 4.56, docs/quant-frontier.md): mean KLD at or below Q4_K_M's (measured
+0.000614 against 0.001516, 0.40x; plain IQ4_XS measures 0.002918 there), accuracy within 0.5 points (97.5 % both).
 """
 from __future__ import annotations
 
@@ -17,8 +24,8 @@ from training.quant_table import DEFAULT_CKPT, build_table
 
 @pytest.fixture(scope="module")
 def table(tmp_path_factory):
-    t = build_table(DEFAULT_CKPT, 200, tmp_path_factory.mktemp("recipe"), text_types=("q4_k_m", "q4_k_edge"),
-                    mmproj_types=("q8_0",), ggml_row=False, seed=4245)
+    t = build_table(DEFAULT_CKPT, 200, tmp_path_factory.mktemp("recipe"),
+                    text_types=("q4_k_m", "q4_k_edge", "iq4_edge"), mmproj_types=("q8_0",), ggml_row=False, seed=4245)
     return {r["text_type"]: r for r in t["rows"]}
 
 
@@ -30,3 +37,11 @@ def test_edge_stays_close_to_q4_k_m(table):
     assert edge["kld"] <= 1.5 * ref["kld"]
     assert edge["top1"] >= ref["top1"] - 0.01
     assert edge["accuracy"] >= ref["accuracy"] - 0.03
+
+
+def test_iq4_edge_meets_the_recipe_target(table):
+    edge, ref = table["IQ4_EDGE"], table["Q4_K_M"]
+    print(f"\nKLD Q4_K_M {ref['kld']:.6f} IQ4_EDGE {edge['kld']:.6f}; accuracy {ref['accuracy']:.3f} "
+          f"{edge['accuracy']:.3f}")
+    assert edge["kld"] <= ref["kld"]
+    assert edge["accuracy"] >= ref["accuracy"] - 0.005

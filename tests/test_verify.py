@@ -282,6 +282,50 @@ def test_swapped_experts_fail(cli, q8, tmp_path):
     assert len(lines(r.stdout, "FAIL")) == 1 and "swapped.gguf (Q8_0)" in r.stdout
 
 
+def test_every_quantized_text_type_has_its_own_bounds():
+    """The IQ mixes and IQ4_EDGE fell back to Q4_0's bounds (issue 19): every `convert --outtype` has its own."""
+    from kimivl_edge.convert.pipeline import TEXT_TYPES
+    from kimivl_edge.verify import TEXT_BOUNDS
+
+    assert {t.upper() for t in TEXT_TYPES} <= set(TEXT_BOUNDS)
+
+
+@pytest.fixture(scope="module")
+def iq_pair(cli, tmp_path_factory):
+    """(outtype) -> the text GGUF of the trained tiny model in that mix, with an imatrix from the default set."""
+    d = tmp_path_factory.mktemp("iq")
+    im = d / "tiny.imatrix.gguf"
+    r = cli("imatrix", str(ASSET), "-o", str(im), "--threads", "1")
+    assert r.returncode == 0, r.stderr
+
+    def get(outtype: str) -> Path:
+        r = cli("convert", str(ASSET), "--outtype", outtype, "--mmproj-type", "q8_0", "--outdir", str(d / outtype),
+                "--imatrix", str(im), "--threads", "1")
+        assert r.returncode == 0, r.stderr
+        return next((d / outtype).glob("Kimi-*.gguf"))
+    return get
+
+
+@pytest.mark.parametrize("outtype", ["iq4_edge", "iq3_xxs"])
+def test_iq_files_pass_their_own_bounds(cli, iq_pair, outtype):
+    from kimivl_edge.verify import TEXT_BOUNDS
+
+    kld, top1, top5 = TEXT_BOUNDS[outtype.upper()]
+    r = verify(cli, "-m", str(iq_pair(outtype)))
+    assert r.returncode == 0, r.stdout + r.stderr
+    (line,) = lines(r.stdout, "PASS")
+    assert f"({outtype.upper()})" in line and f"KLD mean <= {kld:g}, top-1 >= {100 * top1:g} %" in line
+
+
+def test_swapped_experts_fail_in_an_iq4_edge_file(cli, iq_pair, tmp_path):
+    broken = tmp_path / "swapped.gguf"
+    shutil.copy(iq_pair("iq4_edge"), broken)
+    swap_experts(broken)
+    r = verify(cli, "-m", str(broken))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert len(lines(r.stdout, "FAIL")) == 1 and "swapped.gguf (IQ4_EDGE)" in r.stdout
+
+
 def test_f16_overflowed_tensor_fails(cli, converted, tmp_path):
     broken = tmp_path / "overflow.gguf"
     shutil.copy(converted(ASSET, "f16", "f32")[0], broken)

@@ -2,9 +2,9 @@
 
     .venv/bin/python -m training.quant_table [--ckpt kimivl_edge/assets/kimi-vl-tiny] [--n 600] [--out docs]
 
-For each text type (F16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0) x mmproj type (F16, Q8_0, Q4_0), converted by our CLI
-code and run through our runtime (numpy vision, llama.cpp decoder, F32 KV cache so only the weights differ), on the
-held-out questions (training.evaluate's seed):
+For each text type (F16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, IQ4_EDGE without an imatrix, Q4_0) x mmproj type (F16,
+Q8_0, Q4_0), converted by our CLI code and run through our runtime (numpy vision, llama.cpp decoder, F32 KV cache so
+only the weights differ), on the held-out questions (training.evaluate's seed):
   - file sizes; task accuracy (greedy answers, training.tasks.is_correct);
   - mean KL divergence KL(reference || quantized) and top-1 agreement of the next-token distributions, teacher-forced
     over the reference answer tokens and the end-of-turn token;
@@ -24,7 +24,7 @@ import numpy as np
 
 from kimivl_edge.quant.metrics import cosine_rows, kl_divergence
 
-TEXT_TYPES = ("f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")
+TEXT_TYPES = ("f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "iq4_edge", "q4_0")
 MMPROJ_TYPES = ("f16", "q8_0", "q4_0")
 DEFAULT_CKPT = Path(__file__).resolve().parent.parent / "kimivl_edge" / "assets" / "kimi-vl-tiny"
 
@@ -114,7 +114,9 @@ def markdown(table: dict) -> str:
         "",
         f"Regenerate: `.venv/bin/python -m training.quant_table --n {table['n']}`. Held-out questions: {table['n']}; "
         f"fp32 reference accuracy {100 * table['reference_accuracy']:.1f} %. KL divergence and top-1 agreement are "
-        "teacher-forced over the reference answer tokens and the end-of-turn token; F32 KV cache.",
+        "teacher-forced over the reference answer tokens and the end-of-turn token; F32 KV cache. IQ4_EDGE (here "
+        "without an imatrix) was chosen on the first 100 of these questions (`training.quant_frontier --search`); "
+        "its figures on questions it was not chosen on are in [quant-frontier.md](quant-frontier.md).",
         "",
         "| text | mmproj | vision backend | text MB | mmproj MB | accuracy | mean KLD | top-1 "
         "| vision cos (mean / min) |",

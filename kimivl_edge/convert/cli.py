@@ -1,7 +1,7 @@
 """`kimivl-edge convert`: HF Kimi-VL checkpoint -> text GGUF + mmproj GGUF.
 
-    kimivl-edge convert CHECKPOINT [--outtype f32|f16|bf16|q8_0|q4_0|q4_k_m|q5_k_m|q6_k|q4_k_edge|iq4_xs|iq4_nl|
-                                              iq3_s|iq3_xxs|iq2_xxs]
+    kimivl-edge convert CHECKPOINT [--outtype f32|f16|bf16|q8_0|q4_0|q4_k_m|q5_k_m|q6_k|q4_k_edge|iq4_edge|iq4_xs|
+                                              iq4_nl|iq3_s|iq3_xxs|iq2_xxs]
                         [--mmproj-type f32|f16|q8_0|q4_0] [--outdir DIR] [--variant V] [--imatrix FILE]
                         [--allow-nonfinite] [--dry-run]
 

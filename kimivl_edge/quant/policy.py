@@ -5,7 +5,8 @@ own C quantizer through ``quant.kernels``):
 
 * ``F32`` / ``F16`` / ``BF16`` / ``Q8_0`` / ``Q4_0``: 1-D tensors, norms, ``ffn_gate_inp`` and ``exp_probs_b``
   stay F32, everything else gets the requested type, with the shape fallback.
-* ``Q4_K_M`` / ``Q5_K_M`` / ``Q6_K`` (and our ``Q4_K_EDGE``), and the IQ mixes ``IQ4_XS`` / ``IQ4_NL`` / ``IQ3_S`` /
+* ``Q4_K_M`` / ``Q5_K_M`` / ``Q6_K`` (and our ``Q4_K_EDGE`` and ``IQ4_EDGE``: their base mix's rules, then ours,
+  ``RECIPE_TYPES``), and the IQ mixes ``IQ4_XS`` / ``IQ4_NL`` / ``IQ3_S`` /
   ``IQ3_XXS`` / ``IQ2_XXS`` (with or without an importance matrix, which changes some of their types; the last two
   require one, ``requires_imatrix``): ``text_tensor_type`` reproduces llama.cpp's
   ``llama_tensor_get_type`` (src/llama-quant.cpp, llama.cpp vendored in llama-cpp-python 0.3.36) for the tensor
@@ -36,6 +37,7 @@ __all__ = [
     "llama_allows_quantization",
     "tensor_category",
     "text_tensor_type",
+    "recipe_class",
     "text_plan",
     "mmproj_tensor_type",
     "range_fallback",
@@ -79,6 +81,21 @@ _NO_QUANT_EXACT = ("position_embd.weight", "token_types.weight")
 EDGE_DOWN_TYPES = {GT.Q4_K: GT.Q4_0, GT.Q6_K: GT.Q5_0}
 EDGE_TOKEN_EMBD = GT.Q8_0
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.")
+
+# Our recipes' types per tensor class (``recipe_class``), over their base mix's rules; the shape fallback still
+# applies. IQ4_EDGE (issue 19's recipe target: <= 4.6 bits per weight at a3b size, KLD <= Q4_K_M's): IQ4_XS's
+# routed experts (their down projections, rows of 1408, fall back to IQ4_NL; 90 % of A3B's weights) and every other
+# weight at Q6_K (attention's k_b, rows of 128, falls back to Q8_0): 4.56 bits per weight at a3b with an imatrix,
+# 4.60 without (IQ4_XS then gives the first ffn_down layers Q5_K), against Q4_K_M's 5.28. Chosen by
+# `python -m training.quant_frontier --search` on held-out seed 1000 (100 questions) among per-class candidates
+# within 4.6 bits as the one that fits with and without an imatrix (mean KLD 0.00063 without, 0.00048 with,
+# Q4_K_M 0.00197; a candidate with attention Q8_0 and shared experts Q5_K measured 0.00043 with an imatrix but
+# 4.62 bits without); reported on other seeds in docs/quant-frontier.md. On the tiny model the routed experts are
+# 42 % of the weights, not 90 %, so the gain from the other classes' bits is larger there than it can be at a3b.
+RECIPE_TYPES: dict[FType, dict[str, GT]] = {
+    FType.IQ4_EDGE: {"attention": GT.Q6_K, "shared_experts": GT.Q6_K, "dense_ffn": GT.Q6_K, "token_embd": GT.Q6_K,
+                     "output": GT.Q6_K},
+}
 
 
 def _public(t: GT) -> QType | GT:
@@ -156,6 +173,22 @@ def tensor_category(gguf_name: str) -> str:
     return "OTHER"
 
 
+def recipe_class(gguf_name: str) -> str:
+    """The tensor classes our recipes choose types for: token_embd, output, attention, dense_ffn, shared_experts,
+    routed_experts (gate and up), routed_down; "other" for the rest (norms, router)."""
+    if gguf_name in ("token_embd.weight", "output.weight"):
+        return gguf_name.split(".")[0]
+    if "_exps." in gguf_name:
+        return "routed_down" if "ffn_down" in gguf_name else "routed_experts"
+    if "_shexp." in gguf_name:
+        return "shared_experts"
+    if re.search(r"\.ffn_(gate|up|down)\.", gguf_name):
+        return "dense_ffn"
+    if ".attn_" in gguf_name and "_norm." not in gguf_name:
+        return "attention"
+    return "other"
+
+
 def _is_attn_v_like(cat: str) -> bool:
     return cat in ("ATTENTION_V", "ATTENTION_QKV", "ATTENTION_KV_B")
 
@@ -188,7 +221,7 @@ def _own_type(gguf_name: str, ne: Sequence[int], ft: FType) -> tuple[QType, str]
 # excepted; Q2_K only in a Q2_K_S file, which we do not make).
 REQUIRES_IMATRIX = frozenset({GT.IQ3_XXS, GT.IQ2_XXS, GT.IQ2_XS, GT.IQ2_S, GT.IQ1_M, GT.IQ1_S})
 # the mixes whose attn_output gets Q5_K in an 8-expert model (llama_tensor_get_type_impl)
-_ATTN_OUTPUT_Q5K_WITH_8_EXPERTS = (FType.Q4_K_M, FType.Q4_K_EDGE, FType.IQ4_NL, FType.IQ4_XS, FType.IQ3_S,
+_ATTN_OUTPUT_Q5K_WITH_8_EXPERTS = (FType.Q4_K_M, FType.IQ4_NL, FType.IQ4_XS, FType.IQ3_S,
                                    FType.IQ3_XXS)
 
 
@@ -251,7 +284,7 @@ def _mix_rule(gguf_name: str, ne: Sequence[int], ft: FType, n_layers: int, n_exp
             to(GT.Q4_K, "attn_v-like in IQ3_S with n_gqa >= 4 -> Q4_K")
         elif ft in (FType.IQ4_NL, FType.IQ4_XS) and n_gqa >= 4:
             to(GT.Q5_K, f"attn_v-like in {ft.value} with n_gqa >= 4 -> Q5_K")
-        elif ft in (FType.Q4_K_M, FType.Q5_K_M, FType.Q4_K_EDGE) and use_more_bits(i_attn_v, n_attn_v):
+        elif ft in (FType.Q4_K_M, FType.Q5_K_M) and use_more_bits(i_attn_v, n_attn_v):
             to(GT.Q6_K, f"attn_v-like #{i_attn_v}/{n_attn_v} use_more_bits -> Q6_K")
         if n_expert == 8:
             to(GT.Q8_0, "attn_v-like with 8 experts -> Q8_0")
@@ -267,7 +300,7 @@ def _mix_rule(gguf_name: str, ne: Sequence[int], ft: FType, n_layers: int, n_exp
         i = _layer_of(gguf_name, n_layers)
         if ft == FType.IQ3_XXS and not has_imatrix:
             to(GT.Q4_K if i < n_layers // 8 else GT.Q3_K, f"ffn_down layer {i} in IQ3_XXS without imatrix")
-        elif ft in (FType.Q4_K_M, FType.Q4_K_EDGE):
+        elif ft == FType.Q4_K_M:
             if use_more_bits(i, n_layers):
                 to(GT.Q6_K, f"ffn_down layer {i}/{n_layers} use_more_bits -> Q6_K")
         elif i < n_layers // 8 and ft in (FType.IQ4_NL, FType.IQ4_XS) and not has_imatrix:
@@ -320,7 +353,7 @@ def text_tensor_type(gguf_name: str, ne: Sequence[int], ftype: FTypeLike, n_laye
     if not llama_allows_quantization(gguf_name, ne):
         own, own_why = _own_type(gguf_name, ne, src)
         return own, f"not quantized by llama.cpp; {own_why}"
-    t, why = _mix_rule(gguf_name, ne, ft, n_layers, n_expert, tied_embeddings, attn_v_index, n_attn_v, has_imatrix,
+    t, why = _mix_rule(gguf_name, ne, ft.base, n_layers, n_expert, tied_embeddings, attn_v_index, n_attn_v, has_imatrix,
                        ffn_down_index, n_gqa)
     if ft == FType.Q4_K_EDGE and tensor_category(gguf_name) == "TOKEN_EMBD" and t == GT.Q4_K:
         why.append(f"edge: token_embd -> {EDGE_TOKEN_EMBD.name} (one row read per token)")
@@ -330,6 +363,10 @@ def text_tensor_type(gguf_name: str, ne: Sequence[int], ftype: FTypeLike, n_laye
         why.append(f"edge: ne0 {ne[0]} not a multiple of {block_size(t)} -> {EDGE_DOWN_TYPES[t].name} "
                    f"(llama.cpp: {fallback(t, int(ne[0]))[0].name})")
         t = EDGE_DOWN_TYPES[t]
+    chosen = RECIPE_TYPES.get(ft, {}).get(recipe_class(gguf_name))
+    if chosen is not None and chosen != t:
+        why.append(f"{ft.value.lower()}: {recipe_class(gguf_name)} -> {chosen.name}")
+        t = chosen
     t2, fb = fallback(t, int(ne[0]))
     if fb:
         why.append(f"fallback: {fb}")

@@ -85,9 +85,10 @@ class QType(Enum):
 
 
 class FType(Enum):
-    """Whole-file recipes: element/legacy types, llama.cpp's K-quant and IQ mixes, and our shape-aware Q4_K_EDGE
-    (llama.cpp's Q4_K_M except where a K-quant does not fit a row, see ``quant.policy``). The IQ mixes are made
-    for use with an importance matrix (``convert --imatrix``); IQ3_XXS and IQ2_XXS require one."""
+    """Whole-file recipes: element/legacy types, llama.cpp's K-quant and IQ mixes, and our recipes over one of them
+    (``base``): the shape-aware Q4_K_EDGE (llama.cpp's Q4_K_M except where a K-quant does not fit a row) and IQ4_EDGE
+    (IQ4_XS routed experts, every other weight at more bits), see ``quant.policy``. The IQ mixes are made for use
+    with an importance matrix (``convert --imatrix``); IQ3_XXS and IQ2_XXS require one."""
 
     F32 = "F32"
     F16 = "F16"
@@ -98,6 +99,7 @@ class FType(Enum):
     Q5_K_M = "Q5_K_M"
     Q6_K = "Q6_K"
     Q4_K_EDGE = "Q4_K_EDGE"
+    IQ4_EDGE = "IQ4_EDGE"
     IQ4_XS = "IQ4_XS"
     IQ4_NL = "IQ4_NL"
     IQ3_S = "IQ3_S"
@@ -105,12 +107,15 @@ class FType(Enum):
     IQ2_XXS = "IQ2_XXS"
 
     @property
+    def base(self) -> FType:
+        """The llama.cpp mix an own recipe refines (its per-tensor rules before ours); itself for the others."""
+        return _RECIPE_BASE.get(self, self)
+
+    @property
     def llama_ftype(self) -> int:
-        """``enum llama_ftype`` number (as in gguf ``LlamaFileType`` / ``general.file_type``); Q4_K_EDGE has none of
-        its own and is written as MOSTLY_Q4_K_M, the recipe it refines."""
-        if self is FType.Q4_K_EDGE:
-            return int(LlamaFileType.MOSTLY_Q4_K_M)
-        name = "ALL_F32" if self is FType.F32 else f"MOSTLY_{self.value}"
+        """``enum llama_ftype`` number (as in gguf ``LlamaFileType`` / ``general.file_type``); our recipes have
+        none of their own and are written as their ``base`` (Q4_K_EDGE as MOSTLY_Q4_K_M)."""
+        name = "ALL_F32" if self is FType.F32 else f"MOSTLY_{self.base.value}"
         return int(LlamaFileType[name])
 
     @property
@@ -121,12 +126,12 @@ class FType(Enum):
     @property
     def is_kquant_mix(self) -> bool:
         """True for the mixes whose per-tensor types follow llama.cpp's ``llama_tensor_get_type`` rules."""
-        return self in (FType.Q4_K_M, FType.Q5_K_M, FType.Q6_K, FType.Q4_K_EDGE) or self.is_iq_mix
+        return self in (FType.Q4_K_M, FType.Q5_K_M, FType.Q6_K, FType.Q4_K_EDGE, FType.IQ4_EDGE) or self.is_iq_mix
 
     @property
     def is_iq_mix(self) -> bool:
         """True for llama.cpp's IQ mixes (their per-tensor types also follow ``llama_tensor_get_type``)."""
-        return self.name.startswith("IQ")
+        return self.name.startswith("IQ") and self.base is self
 
     @property
     def requires_imatrix(self) -> bool:
@@ -142,6 +147,7 @@ _FTYPE_DEFAULT = {
     FType.Q4_0: QType.Q4_0,
     FType.Q4_K_M: QType.Q4_K,
     FType.Q4_K_EDGE: QType.Q4_K,
+    FType.IQ4_EDGE: QType.IQ4_XS,
     FType.Q5_K_M: QType.Q5_K,
     FType.Q6_K: QType.Q6_K,
     FType.IQ4_XS: QType.IQ4_XS,
@@ -150,6 +156,8 @@ _FTYPE_DEFAULT = {
     FType.IQ3_XXS: QType.IQ3_XXS,
     FType.IQ2_XXS: QType.IQ2_XXS,
 }
+
+_RECIPE_BASE = {FType.Q4_K_EDGE: FType.Q4_K_M, FType.IQ4_EDGE: FType.IQ4_XS}
 
 QTypeLike = QType | GGMLQuantizationType | str
 FTypeLike = FType | str
