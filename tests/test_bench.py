@@ -375,3 +375,24 @@ def test_media_section_on_the_tiny_preset(tiny_checkpoint, converted, tmp_path):
         _has(first, MEDIA_TURN, what)
         assert second["image_tokens"] == first["image_tokens"] and second["evaluated_tokens"] < 64
         assert first["evaluated_tokens"] == first["prompt_tokens"]
+
+
+def test_decode_module_runs_sections_2_and_3_on_a_file(tiny_checkpoint, converted, tmp_path, capsys):
+    """`python -m kimivl_edge.bench.decode`: one bandwidth measured first divides every row; the three methods run
+    in one load mode; a missing file is one line, exit 2."""
+    from kimivl_edge.bench.decode import main
+
+    text, _ = converted(tiny_checkpoint("instruct"), "q4_k_m", "f32")
+    assert main(["--model", str(tmp_path / "nope.gguf"), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no such file" in err[0]
+    assert main(["--model", str(text), "--runs", "1", "--decode-tokens", "4", "--out", str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "decode.json").read_text())
+    bw = r["limits"]["read_bandwidth_bytes_per_s"]["median"]
+    rf = r["roofline"]
+    assert rf["read_bandwidth_bytes_per_s"] == bw
+    assert rf["ceiling_tokens_per_s"] == pytest.approx(bw / (rf["bytes_per_token"]["total"] + rf["kv_bytes_per_token"]))
+    for k, v in r["decode"]["methods"].items():
+        achieved = v["decode_tokens_per_s"]["median"]
+        assert rf["fraction_of_ceiling"][k] == pytest.approx(achieved / rf["ceiling_tokens_per_s"])
+    assert set(r["decode"]["load_mode"]) == {"mmap", "repack"}

@@ -40,7 +40,8 @@ bytes, vision FLOPs), ``harness`` (child processes, the first-byte timer), ``tas
 ``sections`` (the parent side of each section: child runs -> figures), ``server`` (section 6, both sides),
 ``coldstart`` (sections 9-11, parent side), ``mtmd`` (llama-mtmd-cli's command line and log), ``pagecache``
 (eviction, mincore), ``llama_tools`` (building llama.cpp's tools), ``report`` (bench.md), ``cli`` (options,
-``run_bench``, ``main``). ``python -m kimivl_edge.bench.server|prefix|coldstart`` run sections 6, 7 and 9-11 alone.
+``run_bench``, ``main``). ``python -m kimivl_edge.bench.decode|server|prefix|coldstart`` run sections 2-3, 6, 7
+and 9-11 alone on given files.
 """
 from __future__ import annotations
 
