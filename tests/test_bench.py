@@ -383,9 +383,13 @@ def test_decode_module_runs_sections_2_and_3_on_a_file(tiny_checkpoint, converte
     from kimivl_edge.bench.decode import main
 
     text, _ = converted(tiny_checkpoint("instruct"), "q4_k_m", "f32")
-    assert main(["--model", str(tmp_path / "nope.gguf"), "--out", str(tmp_path)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "no such file" in err[0]
+    for bad, why in ((["--model", str(tmp_path / "nope.gguf")], "no such file"),
+                     (["--model", str(text), "--runs", "0"], ">= 1")):
+        with pytest.raises(SystemExit) as e:
+            main([*bad, "--out", str(tmp_path)])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and why in err[0], err
     assert main(["--model", str(text), "--runs", "1", "--decode-tokens", "4", "--out", str(tmp_path)]) == 0
     r = json.loads((tmp_path / "decode.json").read_text())
     bw = r["limits"]["read_bandwidth_bytes_per_s"]["median"]

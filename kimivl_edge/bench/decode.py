@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not args.model.is_file():
         ap.error(f"{args.model}: no such file")
+    if args.threads < 1 or args.runs < 1 or args.decode_tokens < 1:
+        ap.error("--threads, --runs and --decode-tokens must be >= 1")
     args.out.mkdir(parents=True, exist_ok=True)
     ch = Children(args.out, args.threads)
     r: dict = {"load_average": load_average(), "threads": args.threads, "limits": limits_section(ch, args.runs)}
