@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .quant_table import DEFAULT_CKPT, ReferenceData, run_config
+from .quant_table import DEFAULT_CKPT, ReferenceData, run_config, save_png
 
 MIXES = ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_k_edge", "iq4_edge", "iq4_xs", "iq4_nl", "iq3_s", "q4_0")
 NOT_MIXES = ("q8_0", "q4_0")  # --imatrix is for the K-quant and IQ mixes
@@ -206,12 +206,8 @@ def figure(table: dict):
 
 
 def chart(table: dict, path: Path) -> None:
-    """``figure`` written as a PNG."""
-    import matplotlib.pyplot as plt
-
-    fig = figure(table)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    """``figure`` written as a PNG, as quant_table's charts are."""
+    save_png(figure(table), path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -170,13 +170,17 @@ def figure(table: dict):
     return fig
 
 
-def chart(table: dict, path: Path) -> None:
-    """``figure`` written as a PNG."""
-    fig = figure(table)
-    fig.savefig(path, dpi=110)
+def save_png(fig, path: Path) -> None:
+    """A docs chart written as a PNG (110 dpi) and closed."""
     import matplotlib.pyplot as plt
 
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def chart(table: dict, path: Path) -> None:
+    """``figure`` written as a PNG."""
+    save_png(figure(table), path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,7 @@ from typing import TypeVar
 
 from ..errors import KimiVLError
 from . import llama_tools, mtmd
-from .harness import Children, FirstByte, log_tail, run_first_byte, run_measured
+from .harness import Children, FirstByte, log_tail, pair_or_bundled, run_first_byte, run_measured
 from .pagecache import evict, resident_fraction
 from .probes import raw_read_seconds
 from .sections import DECODE_TOKENS, PROMPT_TOKENS, mode_name, say, summarize
@@ -265,14 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--threads, --runs and --decode-tokens must be >= 1")
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
-    if args.model:
-        text, mm = Path(args.model), Path(args.mmproj)
-    else:
-        from ..convert import convert_checkpoint
-
-        res = convert_checkpoint(Path(__file__).parents[1] / "assets" / "kimi-vl-tiny", "q4_k_m", "q8_0",
-                                 root / "pair")
-        text, mm = Path(res.text_path), Path(res.mmproj_path)
+    text, mm = pair_or_bundled(args.model, args.mmproj, root)
     from .report import coldstart_markdown
 
     r = {"threads": args.threads,

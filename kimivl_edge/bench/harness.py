@@ -128,3 +128,14 @@ def child_main(argv: Sequence[str]) -> int:
     out["vmhwm_bytes"] = peak_rss()
     Path(argv[1]).write_text(json.dumps(out))
     return 0
+
+
+def pair_or_bundled(model: str | None, mmproj: str | None, root: Path) -> tuple[Path, Path]:
+    """The GGUF pair a section module runs on: the given files, or (without ``--model``) the bundled trained tiny
+    checkpoint converted to Q4_K_M + Q8_0 mmproj under ``root / "pair"``, as the bench's sections use."""
+    if model is not None and mmproj is not None:
+        return Path(model), Path(mmproj)
+    from ..convert import convert_checkpoint
+
+    res = convert_checkpoint(Path(__file__).parents[1] / "assets" / "kimi-vl-tiny", "q4_k_m", "q8_0", root / "pair")
+    return Path(res.text_path), Path(res.mmproj_path)

@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .harness import Children
+from .harness import Children, pair_or_bundled
 from .report import _prefix
 from .sections import prefix_section
 
@@ -26,14 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
-    if args.model:
-        text, mm = Path(args.model), Path(args.mmproj)
-    else:
-        from ..convert import convert_checkpoint
-
-        res = convert_checkpoint(Path(__file__).parents[1] / "assets" / "kimi-vl-tiny", "q4_k_m", "q8_0",
-                                 root / "pair")
-        text, mm = Path(res.text_path), Path(res.mmproj_path)
+    text, mm = pair_or_bundled(args.model, args.mmproj, root)
     r = {"prefix_cache": prefix_section(Children(root, args.threads), text, mm, root, args.runs)}
     (root / "prefix.json").write_text(json.dumps(r, indent=2) + "\n")
     print("\n".join(_prefix(r)))
