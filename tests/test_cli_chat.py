@@ -418,7 +418,9 @@ def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(tiny_checkpoint, converted)
     # an Instruct model: a Thinking model's text before its first marker is held back until a marker decides it
     # (docs/model.md §7.4), and the random tiny weights never write one, so nothing would stream
     text, _ = converted(tiny_checkpoint("instruct", seed=4), "f32", "f16")
-    term = Terminal("chat", "-m", str(text), "--temp", "1", "--max-tokens", "600", "--threads", "1")
+    # room for an answer far longer than the time a busy machine takes to deliver the Ctrl-C (600 tokens finished
+    # first once, in CI)
+    term = Terminal("chat", "-m", str(text), "--temp", "1", "--ctx", "4096", "--max-tokens", "4000", "--threads", "1")
     term.expect(PROMPT)
     term.type(b"Tell me a long story.\r")
     term.expect(rb"Tell me a long story\.\r\n(?s:.{20})")  # the answer is streaming
