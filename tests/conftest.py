@@ -7,6 +7,7 @@ checkpoint on purpose copies it first (``copy_checkpoint``).
 from __future__ import annotations
 
 import os
+import signal
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -18,6 +19,14 @@ from shared import run_cli
 
 CKPT_NAMES = {"instruct": "Kimi-VL-A3B-Instruct", "thinking": "Kimi-VL-A3B-Thinking",
               "thinking-2506": "Kimi-VL-A3B-Thinking-2506"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def sigint_delivered() -> None:
+    """The Ctrl-C tests send SIGINT to child processes. A suite started in the background of a non-interactive shell
+    (`.ci/run &`) inherits SIGINT ignored, and so would every child (an ignored signal stays ignored across exec):
+    this process takes Python's own handler back, so its children start with SIGINT at its default."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session", autouse=True)
