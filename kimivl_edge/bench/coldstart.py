@@ -89,8 +89,15 @@ def _commands(ch: Children, text: Path, mmproj: Path, image: Path, repack: bool)
     return {"kimivl_edge": (ours, 0), "llama_mtmd_cli": (theirs, len(mtmd.PREAMBLE))}
 
 
+LOST_OUTPUT_RETRIES = 2  # llama-mtmd-cli prints from its log's worker thread, which can lose it when it exits
+
+
 def _first_token(ch: Children, cmd: list[str], skip: int, name: str) -> FirstByte:
     fb = run_first_byte(cmd, ch.log, ch.env, skip)
+    for _ in range(LOST_OUTPUT_RETRIES):  # a clean exit with no stdout at all: output lost, not an answer; again
+        if fb.returncode != 0 or fb.stdout:
+            break
+        fb = run_first_byte(cmd, ch.log, ch.env, skip)
     if fb.returncode != 0 or fb.first_byte_seconds is None:
         raise KimiVLError(f"cold start, {name}: exit code {fb.returncode}, {len(fb.stdout)} stdout bytes: "
                           f"{log_tail(ch.log, '(no output)')} (log: {ch.log})")
