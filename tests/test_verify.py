@@ -96,14 +96,21 @@ def test_streaming_logits_equal_whole_model(whole_and_stream):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
-def test_streaming_greedy_equals_whole_model(whole_and_stream):
-    whole, stream = whole_and_stream
+def _greedy_prompts(whole, stream) -> tuple[list, list]:
+    """A text chat and an image chat, prepared by the whole-model reference, and as the streaming reference's
+    (token ids, image embeddings) prompts."""
     chats = [[user_message("Hello there")], [user_message("Describe it.", [_image(40, 40, 2)])]]
     prepared = [whole.prepare(c) for c in chats]
     prompts = []
     for p in prepared:
         emb = None if p.pixel_values is None else stream.encode_images(p.pixel_values, p.grid_hws)
         prompts.append((p.input_ids, emb))
+    return prepared, prompts
+
+
+def test_streaming_greedy_equals_whole_model(whole_and_stream):
+    whole, stream = whole_and_stream
+    prepared, prompts = _greedy_prompts(whole, stream)
     out = stream.greedy(prompts, 6, sorted(whole.tokenizer.stop_ids))
     for p, (cont, states) in zip(prepared, out):
         assert cont == whole.generate_ids(p, 6)
@@ -117,12 +124,7 @@ def test_a_draft_gives_the_same_greedy_continuation_in_fewer_passes(whole_and_st
     """Proposed tokens (speculative decoding's greedy check) change the number of passes over the layers, never
     the continuation: the oracle is the whole-model reference's own greedy generation."""
     whole, stream = whole_and_stream
-    chats = [[user_message("Hello there")], [user_message("Describe it.", [_image(40, 40, 2)])]]
-    prepared = [whole.prepare(c) for c in chats]
-    prompts = []
-    for p in prepared:
-        emb = None if p.pixel_values is None else stream.encode_images(p.pixel_values, p.grid_hws)
-        prompts.append((p.input_ids, emb))
+    prepared, prompts = _greedy_prompts(whole, stream)
     n = 6
     wants = [whole.generate_ids(p, n) for p in prepared]
     stops = sorted(whole.tokenizer.stop_ids)
