@@ -34,6 +34,7 @@ questions, point 97 %. What grounding needed (600 held-out questions unless said
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 import sys
@@ -46,17 +47,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from kimivl_edge.checkpoint import Checkpoint
 from kimivl_edge.config import KimiVLConfig, TextConfig, VisionConfig
-from kimivl_edge.image import ImageProcessorConfig, image_token_counts, preprocess
-from kimivl_edge.prompt import expand_media, load_chat_template, render, user_message
+from kimivl_edge.image import ImageProcessorConfig, image_token_counts, preprocess, target_size
+from kimivl_edge.prompt import THINK_CLOSE, THINK_OPEN, expand_media, load_chat_template, render, user_message
 from kimivl_edge.reference import text as T
 from kimivl_edge.reference import vision as V
 from kimivl_edge.synth import synth
 from kimivl_edge.tokenizer import Tokenizer
 
-from .tasks import COLOURS, KINDS, TASKS, Scene, make_conversation, shape_mask
+from .tasks import COLOURS, KINDS, TASKS, TRAINED_IN_TOKEN_LIMIT, Scene, Turn, make_conversation, shape_mask
 
 sdpa = torch.nn.functional.scaled_dot_product_attention  # softmax(q kᵀ·scale + mask) v, fused
 
@@ -77,7 +79,6 @@ VISION_LR_MULT = 1.0  # learning rate of the vision tower and projector, as a mu
 POS_INIT = "synth"  # initial pos-emb: synth's random table, or "sincos" (sincos_pos_table)
 POS_INIT_SCALE = 0.5  # amplitude of the sine-cosine initial pos-emb (patch embeddings start at about unit scale)
 MIN_COVER = 0.15  # a cell is labelled with a shape when the shape covers at least this share of it
-CENTRE_SCALE = 100.0  # pixel coordinates of the auxiliary centre target are divided by this
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -92,37 +93,44 @@ class Example:
     grids: list[tuple[int, int]]
     cells: np.ndarray  # [image tokens, 3] int: kind class, colour class (0 = none), in-image flag
     where: np.ndarray  # [image tokens, 2] float: cell centre (x, y) as a fraction of the image width/height
-    centre: np.ndarray  # [image tokens, 2] float: centre (x, y) of the cell's shape in pixels / CENTRE_SCALE
+    centre: np.ndarray  # [image tokens, 2] float: centre (x, y) of the cell's shape, normalized to 0-1 of the image
     focus: list[tuple[int, np.ndarray, np.ndarray]]  # (query position, the named shape's image tokens, the
     # question's tokens that name it)
 
 
 class Encoder:
-    """Chat template + tokenizer + image preprocessing of a checkpoint directory (the same files the demo uses)."""
+    """Chat template + tokenizer + image preprocessing of a checkpoint directory (the same files the demo uses).
+    ``thinking``: answers are written as the Thinking model writes them (◁think▷thought◁/think▷answer), only the
+    last turn is supervised, and earlier assistant turns keep only their answer, as the runtime sends them
+    (``model._prepare_history``)."""
 
-    def __init__(self, ckpt_dir: str | Path):
+    def __init__(self, ckpt_dir: str | Path, thinking: bool = False):
         self.tokenizer = Tokenizer.from_checkpoint(ckpt_dir)
         self.template = load_chat_template(ckpt_dir)
         self.image_config = ImageProcessorConfig.from_checkpoint(ckpt_dir)
         self.im_end = self.tokenizer.id_of("<|im_end|>")
+        self.thinking = thinking
 
-    def encode(self, scenes: list[Scene], turns: list[tuple[str, str]]) -> Example:
+    def encode(self, scenes: list[Scene], turns: list[Turn]) -> Example:
         """Token ids of the whole chat (rendered by the template) with the answer tokens marked."""
         images = [s.render() for s in scenes]
         msgs: list[dict] = [user_message(turns[0][0], images)]
         ids: list[int] = []
         answer: list[bool] = []
-        spans: list[tuple[int, int, int]] = []  # each turn's question start, answer start and end (ids index)
-        for k, (q, a) in enumerate(turns):
+        spans: list[tuple[int, int, int]] = []  # each supervised turn's question start, answer start and end
+        for k, (q, a, thought) in enumerate(turns):
             if k:
                 msgs.append(user_message(q))
             prompt = self.tokenizer.encode(render(self.template, msgs, add_generation_prompt=True))
             assert prompt[:len(ids)] == ids, "template rendering is not incremental"
             new = prompt[len(ids):]
-            ans = self.tokenizer.encode(a) + [self.im_end]
-            spans.append((len(ids), len(ids) + len(new), len(ids) + len(new) + len(ans)))
+            supervised = not self.thinking or k == len(turns) - 1
+            target = f"{THINK_OPEN}{thought}{THINK_CLOSE}{a}" if self.thinking and supervised else a
+            ans = self.tokenizer.encode(target) + [self.im_end]
+            if supervised:
+                spans.append((len(ids), len(ids) + len(new), len(ids) + len(new) + len(ans)))
             ids += new + ans
-            answer += [False] * len(new) + [True] * len(ans)
+            answer += [False] * len(new) + [supervised] * len(ans)
             msgs.append({"role": "assistant", "content": a})
         pv, grid = preprocess(images, self.image_config)
         counts = image_token_counts(grid)
@@ -134,14 +142,14 @@ class Encoder:
             n = int(counts[k]) if t == pad else 1
             k += t == pad
             ex_ans += [m] * n
-        cell = self.image_config.pad_multiple[0]
-        cells, where = zip(*(cell_labels(s, cell) for s in scenes))
+        cells, where = zip(*(cell_labels(s, self.image_config) for s in scenes))
         shift = len(ex_ids) - len(ids)  # the questions' words and the answers all follow the images
         focus = []
         if len(scenes) == 1:
             image_pos = np.flatnonzero(np.array(ex_ids) == pad)
-            owners = cell_owners(scenes[0], cell)
-            for (q, _), (q0, a0, a1) in zip(turns, spans):
+            owners = cell_owners(scenes[0], self.image_config)
+            for (q, _, _), (q0, a0, a1) in zip([t for k, t in enumerate(turns)
+                                                if not self.thinking or k == len(turns) - 1], spans):
                 named = named_shape(scenes[0], q)
                 if named is None or not (owners == named + 1).any():
                     continue
@@ -154,7 +162,8 @@ class Encoder:
                 # the positions that predict the answer's tokens (not the closing <|im_end|>)
                 focus += [(t, keys, words) for t in range(a0 + shift - 1, a1 + shift - 2)]
         return Example(ex_ids, ex_ans, pv, [(int(h), int(w)) for h, w in grid], np.concatenate(cells),
-                       np.concatenate(where), np.concatenate([cell_centres(s, cell) for s in scenes]), focus)
+                       np.concatenate(where),
+                       np.concatenate([cell_centres(s, self.image_config) for s in scenes]), focus)
 
 
 def named_shape(scene: Scene, question: str) -> int | None:
@@ -164,37 +173,50 @@ def named_shape(scene: Scene, question: str) -> int | None:
     return hits[0] if len(hits) == 1 else None
 
 
-def cell_labels(scene: Scene, cell: int = 28) -> tuple[np.ndarray, np.ndarray]:
-    """Per image token (a cell x cell pixel block of the padded image, row-major): the kind and colour of the shape
-    covering most of it (class 0 when shapes cover under MIN_COVER of it), whether it lies in the image, and its
-    centre as a fraction of the image size. Targets of the auxiliary head only (see ``aux_loss``)."""
-    gh, gw = -(-scene.height // cell), -(-scene.width // cell)
-    best = cell_owners(scene, cell)
+def _resized(scene: Scene, cfg: ImageProcessorConfig) -> tuple[int, int, np.ndarray]:
+    """The scene's size after the processor's budget resize (§4 step 2) and, per shape, its mask at that size
+    [shapes, rh, rw] (the shapes' masks resized with the image, so labels follow what the vision tower sees)."""
+    rw, rh = target_size(scene.width, scene.height, cfg)
+    masks = np.zeros((len(scene.shapes), rh, rw), np.float32)
+    for k, s in enumerate(scene.shapes):
+        m = Image.fromarray(shape_mask(s, scene.width, scene.height).astype(np.uint8) * 255)
+        masks[k] = np.asarray(m if (rw, rh) == m.size else m.resize((rw, rh), Image.BILINEAR)) / 255.0
+    return rw, rh, masks
+
+
+def cell_labels(scene: Scene, cfg: ImageProcessorConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Per image token (a 28x28 pixel block of the resized, padded image, row-major): the kind and colour of the
+    shape covering most of it (class 0 when shapes cover under MIN_COVER of it), whether it lies in the image, and
+    its centre as a fraction of the image size. Targets of the auxiliary head only (see ``aux_loss``)."""
+    rw, rh, _ = _resized(scene, cfg)
+    cell = cfg.pad_multiple[0]
+    gh, gw = -(-rh // cell), -(-rw // cell)
+    best = cell_owners(scene, cfg)
     kind = np.array([0] + [1 + KINDS.index(s.kind) for s in scene.shapes])[best]
     colour = np.array([0] + [1 + list(COLOURS).index(s.colour) for s in scene.shapes])[best]
-    ys, xs = np.meshgrid((np.arange(gh) + 0.5) * cell / scene.height, (np.arange(gw) + 0.5) * cell / scene.width,
-                         indexing="ij")
+    ys, xs = np.meshgrid((np.arange(gh) + 0.5) * cell / rh, (np.arange(gw) + 0.5) * cell / rw, indexing="ij")
     inside = (xs < 1) & (ys < 1)
     cells = np.stack([kind, colour, inside.reshape(-1)], 1).astype(np.int64)
     return cells, np.stack([xs.reshape(-1), ys.reshape(-1)], 1).astype(np.float32)
 
 
-def cell_owners(scene: Scene, cell: int = 28) -> np.ndarray:
+def cell_owners(scene: Scene, cfg: ImageProcessorConfig) -> np.ndarray:
     """Per image token (row-major): 1 + the index of the shape covering most of its cell, 0 when shapes cover under
     MIN_COVER of it."""
-    gh, gw = -(-scene.height // cell), -(-scene.width // cell)
+    rw, rh, masks = _resized(scene, cfg)
+    cell = cfg.pad_multiple[0]
+    gh, gw = -(-rh // cell), -(-rw // cell)
     cover = np.zeros((len(scene.shapes) + 1, gh * cell, gw * cell), np.float32)
     cover[0] = MIN_COVER
-    for k, s in enumerate(scene.shapes):
-        cover[k + 1, :scene.height, :scene.width] = shape_mask(s, scene.width, scene.height)
+    cover[1:, :rh, :rw] = masks
     return cover.reshape(len(cover), gh, cell, gw, cell).mean((2, 4)).argmax(0).reshape(-1)
 
 
-def cell_centres(scene: Scene, cell: int = 28) -> np.ndarray:
-    """Per image token: the pixel centre (x, y) of the shape covering its cell, divided by CENTRE_SCALE (0 on cells
-    without a shape). Target of the auxiliary head when the point task is trained."""
-    table = np.array([[0.0, 0.0]] + [[s.cx, s.cy] for s in scene.shapes]) / CENTRE_SCALE
-    return table[cell_owners(scene, cell)].astype(np.float32)
+def cell_centres(scene: Scene, cfg: ImageProcessorConfig) -> np.ndarray:
+    """Per image token: the centre (x, y) of the shape covering its cell, normalized to 0-1 of the original image as
+    grounding answers are (0 on cells without a shape). Target of the auxiliary head when grounding is trained."""
+    table = np.array([[0.0, 0.0]] + [[s.cx / scene.width, s.cy / scene.height] for s in scene.shapes])
+    return table[cell_owners(scene, cfg)].astype(np.float32)
 
 
 def easy_fraction(progress: float, curriculum: float = CURRICULUM) -> float:
@@ -493,10 +515,28 @@ def update_router_bias(w: Mapping[str, torch.Tensor], cfg: TextConfig, loads: li
         b += BIAS_RATE * torch.sign(load.mean() - load)
 
 
-def init_dir(seed: int, workdir: str | Path) -> Path:
+def set_patch_budget(ckpt_dir: str | Path) -> None:
+    """Write the trained assets' patch budget (tasks.TRAINED_IN_TOKEN_LIMIT) into preprocessor_config.json, so that
+    the grounding scenes are shrunk by the processor (the real checkpoints' 4096 patches would never shrink them)."""
+    path = Path(ckpt_dir) / "preprocessor_config.json"
+    d = json.loads(path.read_text())
+    d["in_token_limit"] = TRAINED_IN_TOKEN_LIMIT
+    path.write_text(json.dumps(d, indent=2) + "\n")
+
+
+def save_checkpoint(out: str | Path, variant: str, seed: int, weights: dict[str, np.ndarray]) -> Path:
+    """The trained weights as a bf16 HF checkpoint of ``variant`` (its names, sampling metadata and template)."""
+    path = synth(out, PRESET, variant, seed, force=True, weights=weights)
+    set_patch_budget(path)
+    return path
+
+
+def init_dir(seed: int, workdir: str | Path, variant: str = VARIANT) -> Path:
     """A synth checkpoint (config, tokenizer, random init) for the seed: the starting point of training."""
     Path(workdir).mkdir(parents=True, exist_ok=True)
-    return synth(Path(workdir) / "init", PRESET, VARIANT, seed, force=True)
+    path = synth(Path(workdir) / "init", PRESET, variant, seed, force=True)
+    set_patch_budget(path)
+    return path
 
 
 def setup_torch(threads: int | None = None) -> None:
@@ -509,21 +549,22 @@ def train(out: str | Path, seed: int = 0, steps: int = DEFAULT_STEPS, minutes: f
           batch_size: int = BATCH, log_every: int = 20, threads: int | None = None, peak_lr: float = PEAK_LR,
           save_every: int = 0, tasks: tuple[str, ...] = TASKS, curriculum: float = CURRICULUM,
           aux_weight: float = AUX_WEIGHT, vision_lr_mult: float = VISION_LR_MULT, pos_init: str = POS_INIT,
-          focus_weight: float = FOCUS_WEIGHT) -> dict:
-    """Train from synth's init and write the bf16 HF checkpoint to ``out``; returns a summary dict."""
+          focus_weight: float = FOCUS_WEIGHT, variant: str = VARIANT, init_from: str | Path | None = None) -> dict:
+    """Train from synth's init (or the weights of the checkpoint ``init_from``) and write the bf16 HF checkpoint of
+    ``variant`` to ``out``; returns a summary dict."""
     setup_torch(threads)
     torch.manual_seed(seed)
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        init = init_dir(seed, tmp)
+        init = init_dir(seed, tmp, variant)
         cfg = KimiVLConfig.from_checkpoint(init)
-        enc = Encoder(init)
-        w = load_weights(init)
+        enc = Encoder(init, thinking=variant != "instruct")
+        w = load_weights(init_from or init)
     if pos_init == "sincos":
         table = w[V.TOWER + "patch_embed.pos_emb.weight"]
         w[V.TOWER + "patch_embed.pos_emb.weight"] = sincos_pos_table(*table.shape)
     params = {n: t.requires_grad_() for n, t in w.items() if is_trainable(n)}
-    aux = aux_head_init(cfg, seed, centre="point" in tasks)
+    aux = aux_head_init(cfg, seed, centre="ground" in tasks or "box" in tasks)
     groups = []
     for vis in (False, True):
         mine = {n: t for n, t in params.items() if is_vision(n) == vis}
@@ -556,7 +597,7 @@ def train(out: str | Path, seed: int = 0, steps: int = DEFAULT_STEPS, minutes: f
             update_router_bias(w, cfg.text, loads)
         done = step + 1
         if save_every and done % save_every == 0 and done < steps:
-            synth(out, PRESET, VARIANT, seed, force=True, weights={n: t.detach().numpy() for n, t in w.items()})
+            save_checkpoint(out, variant, seed, {n: t.detach().numpy() for n, t in w.items()})
         lv = loss.item()
         ema = lv if ema is None else 0.95 * ema + 0.05 * lv
         if step % log_every == 0 or done == steps:
@@ -570,7 +611,7 @@ def train(out: str | Path, seed: int = 0, steps: int = DEFAULT_STEPS, minutes: f
     if cut:
         print(f"time cap of {minutes} min reached after {done} of {steps} steps: schedule cut short", flush=True)
     final = {n: t.detach().numpy() for n, t in w.items()}
-    synth(out, PRESET, VARIANT, seed, force=True, weights=final)
+    save_checkpoint(out, variant, seed, final)
     return {"steps": done, "minutes": (time.time() - t0) / 60, "loss_ema": ema, "cut": cut}
 
 
@@ -591,12 +632,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pos-init", choices=("synth", "sincos"), default=POS_INIT,
                     help="initial position table: synth's random one or a 2-D sine-cosine one")
     ap.add_argument("--focus", type=float, default=FOCUS_WEIGHT, help="weight of the attention supervision")
+    ap.add_argument("--variant", choices=("instruct", "thinking"), default=VARIANT,
+                    help="the checkpoint to write; thinking: answers as ◁think▷thought◁/think▷answer")
+    ap.add_argument("--init", default=None, help="start from this checkpoint's weights instead of synth's init")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy machine)")
     args = ap.parse_args(argv)
     summary = train(args.out, args.seed, args.steps, args.minutes, args.batch, threads=args.threads,
                     peak_lr=args.lr, save_every=args.save_every, tasks=tuple(args.tasks.split(",")),
                     curriculum=args.curriculum, aux_weight=args.aux,
-                    vision_lr_mult=args.vision_lr_mult, pos_init=args.pos_init, focus_weight=args.focus)
+                    vision_lr_mult=args.vision_lr_mult, pos_init=args.pos_init, focus_weight=args.focus,
+                    variant=args.variant, init_from=args.init)
     print(f"wrote {args.out}: {summary}")
     return 0
 
