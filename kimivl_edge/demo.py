@@ -1,20 +1,19 @@
 """`kimivl-edge demo`: the main job end to end on the bundled tiny model, in one command.
 
-Converts the tiny checkpoint (Q4_K_M text + Q8_0 mmproj) into a build folder, then answers questions about
-generated images through the runtime (numpy vision + llama.cpp decoder): one single-image question, one multi-image
-question, and one grounding question whose (x, y) answer is drawn as a marker on the image saved next to it.
-It prints the answers, image tokens, encode time, prefill and decode speed.
+Converts the two tiny checkpoints (Q4_K_M text + Q8_0 mmproj) into a build folder, then answers questions about
+generated images through the runtime (numpy vision + llama.cpp decoder). Instruct: single-image questions, a
+two-image comparison, an OS-agent grounding question whose PyAutoGUI click is parsed by the runtime and drawn on
+the original screenshot, a question across the frames of a GIF (the video path) and one across the pages of a PDF.
+Thinking: its reasoning printed apart from its answer. It prints image tokens, encode time, prefill and decode speed.
 
-The bundled checkpoint (kimivl_edge/assets/kimi-vl-tiny) was trained on a small synthetic visual task
-(training/train.py): it names colours and shape kinds, counts, tells left from right, compares two images and
-points at a named shape (96.7 % of 600 held-out questions, README). Without the asset, a synthetic checkpoint with
-random weights is used and the answers are noise.
+The bundled checkpoints (kimivl_edge/assets/kimi-vl-tiny and kimi-vl-tiny-thinking) were trained on small synthetic
+visual tasks (training/tasks.py, README). Without an asset, a synthetic checkpoint with random weights is used and
+the answers are noise.
 """
 from __future__ import annotations
 
 import math
 import os
-import re
 from pathlib import Path
 
 
@@ -22,16 +21,20 @@ def build_dir() -> Path:
     return Path(os.environ.get("KIMIVL_EDGE_BUILD", "build/demo"))
 
 
-def bundled_checkpoint(root: Path) -> tuple[Path, bool]:
-    """The trained tiny checkpoint shipped as a package asset if present, else a synthetic one (random weights)."""
-    asset = Path(__file__).parent / "assets" / "kimi-vl-tiny"
+ASSETS = {"instruct": "kimi-vl-tiny", "thinking": "kimi-vl-tiny-thinking"}
+
+
+def bundled_checkpoint(root: Path, variant: str = "instruct") -> tuple[Path, bool]:
+    """The trained tiny checkpoint of ``variant`` shipped as a package asset if present, else a synthetic one
+    (random weights)."""
+    asset = Path(__file__).parent / "assets" / ASSETS[variant]
     if (asset / "config.json").is_file():
         return asset, True
     from .synth import synth
 
-    ckpt = root / "Kimi-VL-A3B-Instruct-tiny-random"
+    ckpt = root / f"Kimi-VL-A3B-{variant.title()}-tiny-random"
     if not (ckpt / "model.safetensors.index.json").is_file():
-        synth(ckpt, "tiny", "instruct", seed=0, force=True)
+        synth(ckpt, "tiny", variant, seed=0, force=True)
     return ckpt, False
 
 
@@ -48,9 +51,21 @@ def _polygon(kind: str, x: float, y: float, r: float) -> list[tuple[float, float
     return [(x + r * math.cos(t), y - r * math.sin(t)) for t in (math.pi / 2, 7 * math.pi / 6, 11 * math.pi / 6)]
 
 
-def demo_images(root: Path) -> dict[str, Path]:
+def _scene(size: tuple[int, int], shapes):
+    """A light background with (kind, centre x, centre y, radius, colour) shapes, drawn as in training."""
     from PIL import Image, ImageDraw
 
+    img = Image.new("RGB", size, (240, 238, 232))
+    d = ImageDraw.Draw(img)
+    for kind, x, y, r, colour in shapes:
+        if kind == "circle":
+            d.ellipse((x - r, y - r, x + r, y + r), fill=_RGB[colour])
+        else:
+            d.polygon(_polygon(kind, x, y, r), fill=_RGB[colour])
+    return img
+
+
+def demo_images(root: Path) -> dict[str, Path]:
     specs = {  # name: (size, [(kind, centre x, centre y, radius, colour)])
         "three.png": ((150, 110), [("circle", 35, 40, 18, "red"), ("square", 110, 35, 20, "blue"),
                                    ("triangle", 75, 82, 18, "green")]),
@@ -60,72 +75,104 @@ def demo_images(root: Path) -> dict[str, Path]:
     }
     out = {}
     for name, (size, shapes) in specs.items():
-        img = Image.new("RGB", size, (240, 238, 232))
-        d = ImageDraw.Draw(img)
-        for kind, x, y, r, colour in shapes:
-            if kind == "circle":
-                d.ellipse((x - r, y - r, x + r, y + r), fill=_RGB[colour])
-            else:
-                d.polygon(_polygon(kind, x, y, r), fill=_RGB[colour])
-        img.save(root / name)
+        _scene(size, shapes).save(root / name)
         out[name] = root / name
     return out
 
 
-def draw_point(image: Path, answer: str) -> Path | None:
-    m = re.search(r"\(\s*(\d+(?:\.\d+)?)\s*,\s*(\d+(?:\.\d+)?)\s*\)", answer)
-    if not m:
-        return None
-    from PIL import Image, ImageDraw
+def demo_media(root: Path) -> dict[str, Path]:
+    """A screenshot-sized scene for grounding (over the tiny models' patch budget: resized, then padded), a 6-frame
+    GIF of a red circle moving right (2 frames per second), and a 3-page PDF of shapes (1 pixel per point)."""
+    from PIL import Image
 
-    x, y = float(m.group(1)), float(m.group(2))
-    img = Image.open(image).convert("RGB")
-    d = ImageDraw.Draw(img)
-    d.line((x - 8, y, x + 8, y), fill="black", width=3)
-    d.line((x, y - 8, x, y + 8), fill="black", width=3)
-    out = image.with_name(image.stem + "-answer.png")
-    img.save(out)
-    return out
+    screen = _scene((240, 200), [("circle", 60, 140, 24, "red"), ("square", 180, 60, 26, "blue"),
+                                ("triangle", 150, 150, 24, "green")])
+    screen.save(root / "screen.png")
+    frames = [_scene((112, 56), [("circle", x, 28, 14, "red")]).convert("P", palette=Image.Palette.ADAPTIVE, colors=8)
+              for x in (20, 34, 48, 62, 76, 90)]
+    frames[0].save(root / "clip.gif", save_all=True, append_images=frames[1:], duration=500, loop=0)
+    pages = [_scene((84, 112), shapes).convert("P", palette=Image.Palette.ADAPTIVE, colors=8) for shapes in (
+        [("circle", 40, 40, 15, "red")], [("triangle", 42, 70, 16, "blue"), ("square", 40, 30, 13, "green")],
+        [("square", 45, 60, 15, "yellow")])]
+    pages[0].save(root / "doc.pdf", "PDF", save_all=True, append_images=pages[1:], resolution=72)
+    return {n: root / n for n in ("screen.png", "clip.gif", "doc.pdf")}
+
+
+def _figures(st) -> str:
+    media = ""
+    if st.media.frames or st.media.pages:
+        media = f"{st.media.frames} frames, " if st.media.frames else f"{st.media.pages} pages, "
+    return (f"   {media}{st.image_tokens} image tokens, encode {st.encode_seconds:.2f} s, prefill "
+            f"{st.evaluated_tokens} tok at {st.prefill_tps:.0f} tok/s, decode {st.generated_tokens} tok at "
+            f"{st.decode_tps:.0f} tok/s")
+
+
+def _ask(model, title: str, parts: list[dict], question: str, expected: str, max_tokens: int):
+    from .model import Generation
+
+    msg = [{"role": "user", "content": [*parts, {"type": "text", "text": question}]}]
+    g: Generation = model.generate(msg, max_tokens=max_tokens, temperature=0)
+    names = ", ".join(Path(str(next(v for k, v in p.items() if k != "type"))).name for p in parts)
+    print(f"\n[{title}] {names}\nQ: {question}")
+    if g.reasoning is not None:
+        print(f"thinking: {g.reasoning!r}")
+    print(f"A: {g.answer!r}   (expected: {expected})")
+    print(_figures(g.stats))
+    return g
 
 
 def main(argv: list[str] | None = None) -> int:
     from .cli import OneLineParser
     from .convert import convert_checkpoint
+    from .grounding import draw, ground_prompt
+    from .media import MediaSettings
     from .model import KimiVL
-    from .prompt import user_message
 
     ap = OneLineParser(prog="kimivl-edge demo", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--max-tokens", type=int, default=24)
+    ap.add_argument("--max-tokens", type=int, default=160)
     args = ap.parse_args(argv)
     root = build_dir()
     root.mkdir(parents=True, exist_ok=True)
-    ckpt, trained = bundled_checkpoint(root)
-    print(f"checkpoint: {ckpt}" + ("" if trained else "  (synthetic, random weights: answers are noise)"))
-    res = convert_checkpoint(ckpt, "q4_k_m", "q8_0", root)
-    for p in res:
-        print(f"converted:  {p}  ({p.stat().st_size / 1e6:.1f} MB)")
-    imgs = demo_images(root)
-    questions = [
-        ("single image", [imgs["three.png"]], "How many shapes are there?", "3"),
-        ("single image", [imgs["triangle.png"]], "What colour is the triangle?", "yellow"),
-        ("single image", [imgs["triangle.png"]], "What shape is the yellow one?", "triangle"),
-        ("single image", [imgs["triangle.png"]], "Is the yellow triangle on the left or the right?", "right"),
-        ("two images", [imgs["one.png"], imgs["two.png"]], "Which image has more shapes?", "second"),
-        ("grounding", [imgs["three.png"]], "Where is the blue square? Answer with a point (x, y).", "(110, 35)"),
+    imgs = {**demo_images(root), **demo_media(root)}
+
+    def image(*names: str) -> list[dict]:
+        return [{"type": "image", "image": str(imgs[n])} for n in names]
+
+    instruct = [
+        ("single image", image("three.png"), "How many shapes are there?", "3"),
+        ("single image", image("triangle.png"), "What colour is the triangle?", "yellow"),
+        ("single image", image("triangle.png"), "Is the yellow triangle on the left or the right?", "right"),
+        ("two images", image("one.png", "two.png"), "Which image has more shapes?", "second"),
+        ("grounding", image("screen.png"), ground_prompt("the blue square"),
+         "pyautogui.click(x=0.750, y=0.300)"),
+        ("video, 6 frames", [{"type": "video", "video": str(imgs["clip.gif"])}], "Which way did the shape move?",
+         "right"),
+        ("document, 3 pages", [{"type": "document", "document": str(imgs["doc.pdf"])}],
+         "Which page shows the blue triangle?", "2"),
     ]
-    with KimiVL.load(res.text_path, res.mmproj_path, n_ctx=2048) as model:
-        for title, images, q, expected in questions:
-            msg = [user_message(q, [str(i) for i in images])]
-            stream = model.stream(msg, max_tokens=args.max_tokens, temperature=0)
-            answer = "".join(p.text for p in stream)
-            st = stream.stats
-            print(f"\n[{title}] {', '.join(i.name for i in images)}\nQ: {q}\nA: {answer!r}   (expected: {expected})")
-            print(f"   {st.image_tokens} image tokens, encode {st.encode_seconds:.2f} s, prefill "
-                  f"{st.evaluated_tokens} tok at {st.prefill_tps:.0f} tok/s, decode {st.generated_tokens} tok at "
-                  f"{st.decode_tps:.0f} tok/s")
-            if title == "grounding":
-                marked = draw_point(images[0], answer)
-                print(f"   marker drawn on {marked}" if marked else "   (no (x, y) point in the answer)")
+    thinking = [
+        ("thinking, single image", image("three.png"), "How many shapes are there?", "3"),
+        ("thinking, two images", image("one.png", "two.png"), "Which image has more shapes?", "second"),
+    ]
+    for variant, questions in (("instruct", instruct), ("thinking", thinking)):
+        ckpt, trained = bundled_checkpoint(root, variant)
+        print(f"\ncheckpoint: {ckpt}" + ("" if trained else "  (synthetic, random weights: answers are noise)"))
+        res = convert_checkpoint(ckpt, "q4_k_m", "q8_0", root / variant)
+        for p in res:
+            print(f"converted:  {p}  ({p.stat().st_size / 1e6:.1f} MB)")
+        with KimiVL.load(res.text_path, res.mmproj_path, n_ctx=2048) as model:
+            # pages rendered at the size the tiny models were trained on (84x112 pixels = 48 patches)
+            model.media_settings = MediaSettings(page_patches=48)
+            for title, parts, q, expected in questions:
+                g = _ask(model, title, parts, q, expected, args.max_tokens)
+                if title == "grounding":
+                    out = root / "screen-answer.png"
+                    draw(imgs["screen.png"], g.grounding, out)
+                    for a in g.grounding:
+                        print(f"   {a.kind} at {', '.join(f'({x:.0f}, {y:.0f})' for x, y in a.points)} pixels of "
+                              f"the 240x200 original: drawn on {out}")
+                    if not g.grounding:
+                        print("   (no action in the answer)")
     print("\nWith a real checkpoint (downloaded to the HF cache or a directory; q4_k_edge is 9.55 GB against Q4_K_M's "
           "10.5 GB, see the README):\n"
           "  .venv/bin/kimivl-edge convert moonshotai/Kimi-VL-A3B-Instruct --outtype q4_k_edge --mmproj-type q8_0 "

@@ -142,16 +142,25 @@ class RenderedPrompt:
         return len(self.ids) - len(self.images) + self.image_tokens
 
 
-def _prepare_history(messages: Sequence[dict], thinking: bool) -> list[dict]:
-    """Validated messages; earlier assistant turns of a thinking model keep only their answer (as the official demo
-    does)."""
+def _prepare_history(messages: Sequence[dict], thinking: bool) -> tuple[list[dict], str]:
+    """Validated messages and the assistant prefill: a chat that ends with an assistant message continues it (the
+    text is the start of the answer, as llama-server's assistant prefill and HF's ``continue_final_message``), so
+    that message is returned apart. Earlier assistant turns of a thinking model keep only their answer (as the
+    official demo does)."""
     check_messages(messages)
+    prefill = ""
+    if messages[-1]["role"] == "assistant":
+        if not isinstance(messages[-1]["content"], str):
+            raise UsageError("a final assistant message (the start of the answer to continue) must be a string")
+        prefill, messages = messages[-1]["content"], messages[:-1]
+        if not messages:
+            raise UsageError("a chat cannot be only an assistant message")
     out = []
     for m in messages:
         if thinking and m["role"] == "assistant" and isinstance(m["content"], str):
             m = {**m, "content": split_thinking(m["content"])[1]}
         out.append(m)
-    return out
+    return out, prefill
 
 
 def _image_source(part: dict) -> ImageSource:
@@ -534,8 +543,11 @@ class KimiVL:
         """``render_prompt`` without the lock: it reads only the model's settings, never llama.cpp."""
         messages, media = expand_parts(messages, self.media_settings, self.image_config, self.max_image_patches,
                                        self.decoder.n_ctx)
-        msgs = _prepare_history(messages, self.info.is_thinking)
+        msgs, prefill = _prepare_history(messages, self.info.is_thinking)
         text, content = render_marking_content(self.info.chat_template, msgs, add_generation_prompt=True)
+        if prefill:
+            content.append((len(text), len(text) + len(prefill)))
+            text += prefill
         ids = self.tokenizer.encode_except(text, [] if self.allow_special_in_content else content)
         sources = [_image_source(p) for p in image_parts(msgs)]
         pad = self.tokenizer.media_pad_id

@@ -17,9 +17,9 @@ from training.quant_table import chart, figure
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def table() -> dict:
-    return json.loads((ROOT / "docs" / "quant-accuracy.json").read_text())
+@pytest.fixture(scope="module", params=["instruct", "thinking"])
+def table(request) -> dict:
+    return json.loads((ROOT / "docs" / "quant-accuracy.json").read_text())[request.param]
 
 
 def _texts(fig) -> list:

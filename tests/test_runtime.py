@@ -191,6 +191,29 @@ def test_thinking_history_keeps_only_the_answer(files):
     assert "secret" not in rendered and "shown" in rendered
 
 
+def test_a_final_assistant_message_is_continued(files, images):
+    """Assistant prefill: the answer continues the final assistant message. Oracle: the reference's greedy tokens
+    after the rendered chat without that message plus the prefill's tokens. A thinking model's prefilled
+    ◁think▷ ◁/think▷ (VLMEvalKit's way of turning thinking off) is kept whole, not split into reasoning."""
+    from kimivl_edge.reference.model import ReferenceModel
+
+    ck, text, mm = files["thinking"]
+    messages = ask(images, "What is in the two pictures?")
+    prefill = "\u25c1think\u25b7\n\n\u25c1/think\u25b7The"
+    ref = ReferenceModel(ck)
+    p = ref.prepare(messages)
+    p.input_ids = p.input_ids + ref.tokenizer.encode(prefill)
+    want = [t for t in ref.generate_ids(p, 12) if t not in ref.tokenizer.stop_ids]
+    with KimiVL.load(text, mm, kv_type="f32", n_ctx=512) as m:
+        out = m.generate([*messages, {"role": "assistant", "content": prefill}], temperature=0, max_tokens=12)
+        assert out.tokens == want[: len(out.tokens)] and len(out.tokens) == len(want)
+        assert out.reasoning is None and out.answer == out.text.strip()
+        assert m.render_prompt([*messages, {"role": "assistant", "content": prefill}]).ids[-len(
+            ref.tokenizer.encode(prefill)):] == ref.tokenizer.encode(prefill)
+        with pytest.raises(UsageError, match="only an assistant message"):
+            m.generate([{"role": "assistant", "content": "x"}])
+
+
 # --- bad input ----------------------------------------------------------------------------------------------
 
 def run(*args) -> subprocess.CompletedProcess:

@@ -1,10 +1,11 @@
 """What llama.cpp's own multimodal path does with our GGUF pair, measured on the trained tiny model.
 
-    python -m training.llama_compat [--n 30] [--seed 1000] [--ckpt kimivl_edge/assets/kimi-vl-tiny]
+    python -m training.llama_compat [--n 35] [--seed 1000] [--ckpt kimivl_edge/assets/kimi-vl-tiny]
 
-The checkpoint is converted by our converter (Q8_0 text, F16 mmproj: the converter's defaults), and the held-out
-questions of training.evaluate (its seed, tasks cycled as it does, so one-image and two-image "compare" questions are
-mixed) are answered greedily, at most training.evaluate.MAX_NEW_TOKENS tokens, in four ways:
+The checkpoint is converted by our converter (Q8_0 text, F16 mmproj: the converter's defaults), and held-out
+questions of the single-image tasks and "compare" (tasks.SINGLE_TASKS, cycled as training.evaluate cycles them; the
+video and document tasks, up to 12 images each, are left out: libmtmd frames every image the same way) are answered
+greedily, at most training.evaluate.MAX_NEW_TOKENS tokens, in four ways:
 
 - ``kimivl-edge``: our runtime (``KimiVL``: HF-exact preprocessing and prompt, numpy vision, llama.cpp decoder);
 - ``llama.cpp --jinja``: ``libmtmd`` of llama-cpp-python, the library llama-mtmd-cli and llama-server use for images.
@@ -336,9 +337,9 @@ def format_table(table: dict[str, dict[str, int]]) -> str:
 def run(ckpt: Path, n: int, seed: int, outtype: str, mmproj_type: str, threads: int) -> dict[str, Any]:
     from kimivl_edge.convert import convert_checkpoint
 
-    from .tasks import question_set
+    from .tasks import SINGLE_TASKS, question_set
 
-    questions = question_set(seed, n)
+    questions = question_set(seed, n, SINGLE_TASKS)
     with tempfile.TemporaryDirectory() as tmp:
         text, mmproj = convert_checkpoint(ckpt, outtype, mmproj_type, Path(tmp), threads=threads)
         answers = measure(text, mmproj, questions, threads)
@@ -352,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m training.llama_compat", description=__doc__.split("\n\n")[0])
     ap.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT)
-    ap.add_argument("--n", type=int, default=30)
+    ap.add_argument("--n", type=int, default=35)
     ap.add_argument("--seed", type=int, default=EVAL_SEED)
     ap.add_argument("--outtype", default="q8_0", help="text GGUF type (default q8_0)")
     ap.add_argument("--mmproj-type", default="f16", help="mmproj GGUF type (default f16)")
