@@ -472,20 +472,6 @@ def test_cli_errors_are_one_line(model_pair, tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "frames must be a positive integer" in r.stderr
 
 
-def test_cli_ground_prints_actions_and_draws(model_pair, tmp_path):
-    text, mm = model_pair
-    shot = tmp_path / "shot.png"
-    picture(5, (300, 200)).save(shot)
-    out = tmp_path / "drawn.png"
-    r = run_cli("run", "-m", str(text), "--mmproj", str(mm), "--image", str(shot), "--ground", "the OK button",
-                "--draw", str(out), "--temp", "0", "--max-tokens", "4", "--threads", "1")
-    assert r.returncode == 0, r.stderr
-    assert "action: " in r.stdout and f"drawn: {out}" in r.stdout
-    assert Image.open(out).size == (300, 200)
-    r = run_cli("run", "-m", str(text), "--mmproj", str(mm), "--ground", "x", "--threads", "1")
-    assert r.returncode == 2 and "--ground needs exactly one --image" in r.stderr
-
-
 def test_chat_video_and_pdf_commands(model_pair, videos, tmp_path):
     text, mm = model_pair
     pdf = write_pdf(tmp_path / "doc.pdf", 3)
@@ -501,19 +487,6 @@ def test_chat_video_and_pdf_commands(model_pair, videos, tmp_path):
 
 def test_media_errors_are_kimivl_errors():
     assert issubclass(MediaError, KimiVLError)
-
-
-def test_grounding_uses_the_original_size_of_a_resized_image(model, tmp_path):
-    from kimivl_edge.grounding import parse_actions
-
-    shot = tmp_path / "big.png"
-    picture(9, (1500, 1100)).save(shot)    # over the 4096-patch budget: the processor shrinks it
-    msgs = [{"role": "user", "content": [{"type": "image", "image": str(shot)}, {"type": "text", "text": "Where?"}]}]
-    stream = model.stream_tokens(msgs, max_tokens=2, temperature=0)
-    list(stream)
-    assert stream.image_sizes == [(1500, 1100)]
-    out = model.generate(msgs, max_tokens=2, temperature=0)
-    assert out.grounding == parse_actions(out.answer, [(1500, 1100)])
 
 
 # ---------------------------------------------------------------------------------------------------------------
