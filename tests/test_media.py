@@ -52,11 +52,15 @@ def picture(i: int, size: tuple[int, int]) -> Image.Image:
     return Image.fromarray(pattern(i, size))
 
 
-def write_video(path: Path, n: int, fps: int = 10, size: tuple[int, int] = (320, 240), codec: str = "mpeg4") -> Path:
+def write_video(path: Path, n: int, fps: int = 10, size: tuple[int, int] = (320, 240), codec: str = "mpeg4",
+                gop: int | None = None) -> Path:
+    """n frames, frame i showing the number i mod 64; ``gop``: a keyframe every ``gop`` frames."""
     w, h = size
     with av.open(str(path), "w") as out:
         s = out.add_stream(codec, rate=fps)
         s.width, s.height = w, h
+        if gop is not None:
+            s.codec_context.gop_size = gop
         s.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
         if codec == "mpeg4":
             s.options = {"qscale": "2"}
@@ -173,6 +177,78 @@ def test_animated_gif_and_webp(tmp_path, fmt):
     msgs, _ = expand_parts([{"role": "user", "content": [{"type": "video", "video": path.read_bytes()}]}],
                            MediaSettings(), CFG)
     assert [number(p["image"]) for p in msgs[0]["content"]] == [0, 6, 11]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Video: seeking, and the decode-everything fallback for a stream that cannot seek
+
+
+class CountingContainer:
+    """A PyAV input container that counts the frames it decodes; ``seekable=False`` makes every seek fail as PyAV
+    fails on a stream without an index."""
+
+    def __init__(self, container, counts: list[int], seekable: bool):
+        self._c, self._counts, self._seekable = container, counts, seekable
+
+    def seek(self, *args, **kwargs):
+        if not self._seekable:
+            raise ValueError("cannot seek this stream")
+        return self._c.seek(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        for frame in self._c.decode(*args, **kwargs):
+            self._counts[-1] += 1
+            yield frame
+
+    def __getattr__(self, name):
+        return getattr(self._c, name)
+
+
+def counting_decoder(monkeypatch, seekable: bool) -> list[int]:
+    """Frames decoded per opened container, in order (the video is opened again after a failed seek)."""
+    import kimivl_edge.media as media
+
+    counts: list[int] = []
+    real = media._open_av
+
+    def opened(source):
+        container, stream = real(source)
+        counts.append(0)
+        return CountingContainer(container, counts, seekable), stream
+
+    monkeypatch.setattr(media, "_open_av", opened)
+    return counts
+
+
+@pytest.fixture(scope="module")
+def long_video(tmp_path_factory) -> Path:
+    """400 frames (40 s at 10 fps), a keyframe every 10."""
+    return write_video(tmp_path_factory.mktemp("long") / "long.mp4", 400, size=(192, 96), gop=10)
+
+
+def test_seeking_decodes_only_from_the_keyframe_before_each_sampled_frame(long_video, monkeypatch):
+    from kimivl_edge.media import decode_video
+
+    plan = plan_video(long_video, MediaSettings(), GEO)
+    # 40 s x 2 fps = 80 -> max_frames 16: 399 i / 15, halves up
+    assert plan.indices == (0, 27, 53, 80, 106, 133, 160, 186, 213, 239, 266, 293, 319, 346, 372, 399)
+    counts = counting_decoder(monkeypatch, seekable=True)
+    frames = decode_video(plan)
+    assert [number(f) for f in frames] == [i % 64 for i in plan.indices]
+    # each seek lands on the keyframe at or before the frame (every 10th) and decodes forward to it: at most 10
+    # frames per sampled frame, against the 400 of the whole video
+    assert len(counts) == 1 and counts[0] <= 16 * 10
+
+
+def test_a_stream_that_cannot_seek_is_decoded_once_from_the_start(long_video, monkeypatch):
+    from kimivl_edge.media import decode_video
+
+    plan = plan_video(long_video, MediaSettings(), GEO)
+    counts = counting_decoder(monkeypatch, seekable=False)
+    frames = decode_video(plan)
+    assert [number(f) for f in frames] == [i % 64 for i in plan.indices]
+    # the failed seek decoded nothing; the second opening decoded every frame up to the last sampled one, 399
+    assert counts == [0, 400]
 
 
 # ---------------------------------------------------------------------------------------------------------------
