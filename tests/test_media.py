@@ -366,6 +366,25 @@ def test_page_dpi_fills_the_page_budget_exactly(tmp_path):
     assert [number(im) for im in imgs] == [1, 2] and st.pages == 2 and st.page_tokens == [285, 285]
 
 
+def test_pages_of_mixed_sizes_each_get_the_dpi_of_their_own_budget(tmp_path):
+    # page_patches 1024 (14x14 px each), sizes in points; scale = sqrt(1024 x 196 / (w x h)) px/pt, pypdfium2's
+    # bitmap ceil(side x scale), all under 1024 patches (kept), then padded to multiples of 28:
+    # Letter 612x792: 0.64349 -> 394x510 (28x36 = 1008 patches), padded 420x532: 30x38 / 4 = 285 tokens
+    # 200x100:        3.16784 -> 634x317 (45x22 = 990),            padded 644x336: 46x24 / 4 = 276 tokens
+    # 300x200:        1.82895 -> 549x366 (39x26 = 1014),           padded 560x392: 40x28 / 4 = 280 tokens
+    path = tmp_path / "mixed.pdf"
+    pages = [picture(1, (612, 792)), picture(2, (200, 100)), picture(3, (300, 200))]
+    pages[0].save(path, "PDF", save_all=True, append_images=pages[1:], resolution=72)
+    s = MediaSettings(page_patches=1024)
+    plan = plan_document(path, s, GEO)
+    assert plan.scales == pytest.approx([0.64349, 3.16784, 1.82895], abs=1e-5)
+    assert plan.sizes == ((394, 510), (634, 317), (549, 366)) and plan.tokens == (285, 276, 280)
+    msgs, st = expand_parts([{"role": "user", "content": [{"type": "document", "document": str(path)}]}], s, CFG)
+    imgs = [p["image"] for p in msgs[0]["content"]]
+    assert [im.size for im in imgs] == [(394, 510), (634, 317), (549, 366)]
+    assert [number(im) for im in imgs] == [1, 2, 3] and st.page_tokens == [285, 276, 280]
+
+
 def test_page_ranges_cap_and_budget_drop_pages_and_say_so(tmp_path):
     # 306x396 pt at page_patches 4096: scale = sqrt(4096 x 196 / (306 x 396)) = 2.57394 -> 788x1020 px (pypdfium2
     # rounds up): 56 x 72 = 4032 patches <= 4096, kept; padded 812x1036: 58x74 = 4292 patches = 1073 tokens per page
@@ -549,6 +568,34 @@ def test_cli_run_video_and_pdf(model_pair, videos, tmp_path):
     assert r.returncode == 0, r.stderr
     assert f"note: {pdf}: pages 3 dropped (max_pages 2, --max-pages)" in r.stderr
     assert "video frames 3 (108 tokens each), PDF pages 2" in r.stderr
+
+
+def test_cli_two_videos_with_timestamps_reach_the_model_in_order(model_pair, videos, monkeypatch, capfd):
+    import re
+
+    from kimivl_edge import KimiVL, cli
+
+    seen = []
+    real = KimiVL.render_prompt
+
+    def recording(self, messages, *a, **k):
+        prompt = real(self, messages, *a, **k)
+        seen.append((prompt, self.detokenize(prompt.ids)))
+        return prompt
+
+    monkeypatch.setattr(KimiVL, "render_prompt", recording)
+    text, mm = model_pair
+    assert cli.main(["run", "-m", str(text), "--mmproj", str(mm), "--video", str(videos / "forty.mp4"), "--video",
+                     str(videos / "wide.mp4"), "--frames", "2", "--timestamps", "-p", "Compare.", "--temp", "0",
+                     "--max-tokens", "2", "--ctx", "8192", "--threads", "1", "--no-cache", "--stats"]) == 0
+    ((prompt, rendered),) = seen
+    # forty.mp4: frames 0 and 39 at 10 fps; wide.mp4 (3 frames): 0 and 2
+    assert _prompt_numbers(prompt) == [0, 39, 0, 2]
+    assert [im.size for im in prompt.images] == [(320, 240)] * 2 + [(528, 297)] * 2
+    assert re.findall(r"\[(\d+\.\d)s\]<\|media_start\|>", rendered) == ["0.0", "3.9", "0.0", "0.2"]
+    assert rendered.index("<|media_end|>Compare.<|im_end|>") > rendered.rindex("[0.2s]")
+    # 2 x 108 + 2 x 209 tokens
+    assert "video frames 4 (634 tokens: 108 to 209 per frame), PDF pages 0" in capfd.readouterr().err
 
 
 def test_cli_errors_are_one_line(model_pair, tmp_path):
