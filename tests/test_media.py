@@ -598,6 +598,41 @@ def test_cli_two_videos_with_timestamps_reach_the_model_in_order(model_pair, vid
     assert "video frames 4 (634 tokens: 108 to 209 per frame), PDF pages 0" in capfd.readouterr().err
 
 
+def test_cli_run_on_a_terminal_shows_the_encoding_progress(model_pair, videos):
+    """stderr on a pseudo-terminal (stdout a pipe, as `run ... > answer.txt` in a terminal): one self-overwriting
+    line per vision layer, erased at the end."""
+    import json
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    text, mm = model_pair
+    ckpt = Path(__file__).resolve().parents[1] / "kimivl_edge" / "assets" / "kimi-vl-tiny"
+    layers = json.loads((ckpt / "config.json").read_text())["vision_config"]["num_hidden_layers"]
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "kimivl_edge", "run", "-m", str(text), "--mmproj", str(mm),
+                             "--video", str(videos / "forty.mp4"), "--frames", "2", "-p", "What is it?", "--temp",
+                             "0", "--max-tokens", "2", "--threads", "1", "--no-cache"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave)
+    os.close(slave)
+    shown = bytearray()
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:   # EIO: the child has gone, the terminal is closed
+            break
+        if not data:
+            break
+        shown += data
+    os.close(master)
+    assert proc.wait() == 0 and proc.stdout is not None and proc.stdout.read()
+    steps = [f"\rencoding images: layer {i}/{layers}".encode() for i in range(1, layers + 1)]
+    at = [shown.find(step) for step in steps]
+    assert -1 not in at and at == sorted(at), bytes(shown)
+    assert shown[at[-1] + len(steps[-1]):].startswith(b"\r\x1b[K")   # the finished line is erased
+
+
 def test_cli_errors_are_one_line(model_pair, tmp_path):
     text, mm = model_pair
     bad = tmp_path / "bad.mp4"
