@@ -20,8 +20,8 @@ from pathlib import Path
 
 from .cli_common import add_model_args, add_sampling_args, load_model, print_stream, sampling
 from .errors import UsageError, one_line
-from .media import user_message
 from .media_cli import add_media_args, media_settings, print_grounding, report
+from .prompt import user_message
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -273,32 +273,6 @@ def test_cli_ground_prints_the_forced_action_and_draws_it_in_place(model_pair, s
     assert np.asarray(drawn.convert("RGB"))[100, 1000].tolist() == list(GREY)
 
 
-def test_cli_ground_sends_the_model_cards_prompt(model_pair, screenshot, tmp_path, monkeypatch, capsys):
-    from kimivl_edge import KimiVL, cli
-
-    sent: list[str] = []
-    real = KimiVL.render_prompt
-
-    def recording(self, messages, *a, **k):
-        prompt = real(self, messages, *a, **k)
-        sent.append(self.detokenize(prompt.ids))
-        return prompt
-
-    monkeypatch.setattr(KimiVL, "render_prompt", recording)
-    text, mm = model_pair
-    grammar = tmp_path / "click.gbnf"
-    grammar.write_text(GRAMMAR)
-    assert cli.main(["run", "-m", str(text), "--mmproj", str(mm), "--image", str(screenshot), "--ground",
-                     " the OK button ", "--grammar-file", str(grammar), "--temp", "0", "--max-tokens", "40",
-                     "--threads", "1", "--no-cache"]) == 0
-    assert capsys.readouterr().out.startswith(CLICK)
-    (rendered,) = sent
-    media_end = rendered.index("<|media_end|>") + len("<|media_end|>")
-    # the model card's words, typed out here rather than taken from grounding.GROUND_PROMPT
-    card = "请观察屏幕截图，请通过操作和坐标点定位以下元素。<指令> "
-    assert rendered[media_end:].startswith(card + "the OK button<|im_end|>")
-
-
 def test_cli_ground_and_grammar_errors_are_one_line(model_pair, tmp_path):
     text, mm = model_pair
     r = run_cli("run", "-m", str(text), "--mmproj", str(mm), "--ground", "x", "--threads", "1")

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import av
@@ -506,6 +509,37 @@ def model(model_pair):
     m.close()
 
 
+RECORDER = """
+import pickle, sys
+from kimivl_edge import KimiVL, cli
+
+real = KimiVL.render_prompt
+
+def recording(self, messages, *args, **kwargs):
+    prompt = real(self, messages, *args, **kwargs)
+    with open(sys.argv[1], "ab") as f:
+        pickle.dump((self.detokenize(prompt.ids), prompt), f)
+    return prompt
+
+KimiVL.render_prompt = recording
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def run_recording(log: Path, *args: str) -> tuple[subprocess.CompletedProcess, list[tuple[str, list]]]:
+    """``kimivl-edge ARGS`` in a child that also records every prompt the model renders: its text (detokenized, one
+    <|media_pad|> per image) and the ``RenderedPrompt`` (its images as preprocessed)."""
+    r = subprocess.run([sys.executable, "-c", RECORDER, str(log), *args], capture_output=True, text=True,
+                       timeout=300)
+    prompts = []
+    with open(log, "rb") as f:
+        while True:
+            try:
+                prompts.append(pickle.load(f))
+            except EOFError:
+                return r, prompts
+
+
 def _prompt_numbers(prompt) -> list[int]:
     """Each prompt image's number, read back from the patches the model receives (unpadded content only)."""
     out = []
@@ -570,32 +604,38 @@ def test_cli_run_video_and_pdf(model_pair, videos, tmp_path):
     assert "video frames 3 (108 tokens each), PDF pages 2" in r.stderr
 
 
-def test_cli_two_videos_with_timestamps_reach_the_model_in_order(model_pair, videos, monkeypatch, capfd):
+def test_cli_two_videos_with_timestamps_reach_the_model_in_order(model_pair, videos, tmp_path):
     import re
 
-    from kimivl_edge import KimiVL, cli
-
-    seen = []
-    real = KimiVL.render_prompt
-
-    def recording(self, messages, *a, **k):
-        prompt = real(self, messages, *a, **k)
-        seen.append((prompt, self.detokenize(prompt.ids)))
-        return prompt
-
-    monkeypatch.setattr(KimiVL, "render_prompt", recording)
     text, mm = model_pair
-    assert cli.main(["run", "-m", str(text), "--mmproj", str(mm), "--video", str(videos / "forty.mp4"), "--video",
-                     str(videos / "wide.mp4"), "--frames", "2", "--timestamps", "-p", "Compare.", "--temp", "0",
-                     "--max-tokens", "2", "--ctx", "8192", "--threads", "1", "--no-cache", "--stats"]) == 0
-    ((prompt, rendered),) = seen
+    r, prompts = run_recording(tmp_path / "prompts.pkl", "run", "-m", str(text), "--mmproj", str(mm), "--video",
+                               str(videos / "forty.mp4"), "--video", str(videos / "wide.mp4"), "--frames", "2",
+                               "--timestamps", "-p", "Compare.", "--temp", "0", "--max-tokens", "2", "--ctx", "8192",
+                               "--threads", "1", "--stats")
+    assert r.returncode == 0, r.stderr
+    ((rendered, prompt),) = prompts
     # forty.mp4: frames 0 and 39 at 10 fps; wide.mp4 (3 frames): 0 and 2
     assert _prompt_numbers(prompt) == [0, 39, 0, 2]
     assert [im.size for im in prompt.images] == [(320, 240)] * 2 + [(528, 297)] * 2
     assert re.findall(r"\[(\d+\.\d)s\]<\|media_start\|>", rendered) == ["0.0", "3.9", "0.0", "0.2"]
     assert rendered.index("<|media_end|>Compare.<|im_end|>") > rendered.rindex("[0.2s]")
     # 2 x 108 + 2 x 209 tokens
-    assert "video frames 4 (634 tokens: 108 to 209 per frame), PDF pages 0" in capfd.readouterr().err
+    assert "video frames 4 (634 tokens: 108 to 209 per frame), PDF pages 0" in r.stderr
+
+
+def test_cli_ground_sends_the_model_cards_prompt(model_pair, tmp_path):
+    text, mm = model_pair
+    shot = tmp_path / "shot.png"
+    picture(5, (300, 200)).save(shot)
+    r, prompts = run_recording(tmp_path / "prompts.pkl", "run", "-m", str(text), "--mmproj", str(mm), "--image",
+                               str(shot), "--ground", " the OK button ", "--temp", "0", "--max-tokens", "1",
+                               "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    ((rendered, prompt),) = prompts
+    assert _prompt_numbers(prompt) == [5]
+    # the model card's words, typed out here rather than taken from grounding.GROUND_PROMPT
+    card = "请观察屏幕截图，请通过操作和坐标点定位以下元素。<指令> "
+    assert rendered.endswith("<|media_end|>" + card + "the OK button<|im_end|><|im_assistant|>assistant<|im_middle|>")
 
 
 def test_cli_run_on_a_terminal_shows_the_encoding_progress(model_pair, videos):
@@ -604,8 +644,6 @@ def test_cli_run_on_a_terminal_shows_the_encoding_progress(model_pair, videos):
     import json
     import os
     import pty
-    import subprocess
-    import sys
 
     text, mm = model_pair
     ckpt = Path(__file__).resolve().parents[1] / "kimivl_edge" / "assets" / "kimi-vl-tiny"
@@ -656,6 +694,19 @@ def test_chat_video_and_pdf_commands(model_pair, videos, tmp_path):
     assert f"(video {videos / 'forty.mp4'} attached to the next message)" in r.stderr
     assert f"(pdf {pdf} 2-3 attached to the next message)" in r.stderr
     assert "missing.pdf: document file not found" in r.stderr
+
+
+def test_user_message_has_one_home_and_puts_the_media_before_the_text():
+    import kimivl_edge.media as media
+    from kimivl_edge.prompt import user_message
+
+    assert user_message("Q?", ["a.png"], ["v.mp4", "w.gif"], ["d.pdf"], "1-2") == {"role": "user", "content": [
+        {"type": "image", "image": "a.png"}, {"type": "video", "video": "v.mp4"}, {"type": "video", "video": "w.gif"},
+        {"type": "document", "document": "d.pdf", "pages": "1-2"}, {"type": "text", "text": "Q?"}]}
+    assert user_message("Q?", documents=[b"%PDF"]) == {"role": "user", "content": [
+        {"type": "document", "document": b"%PDF"}, {"type": "text", "text": "Q?"}]}
+    assert user_message("Hi") == {"role": "user", "content": "Hi"}
+    assert not hasattr(media, "user_message")
 
 
 def test_media_errors_are_kimivl_errors():
