@@ -644,19 +644,6 @@ def _realize(messages: Sequence[dict], plans: dict, s: MediaSettings) -> tuple[l
     return out, stats
 
 
-def user_message(text: str, images: Sequence[Any] = (), videos: Sequence[Any] = (),
-                 documents: Sequence[Any] = (), pages: str | None = None) -> dict:
-    """A user turn with its images, then videos, then documents (each page range ``pages``), then the text: media
-    before the question, as Kimi-VL's own examples place images. (MMLongBench-Doc's harness sends the question
-    first; build the parts in that order to reproduce it.)"""
-    parts: list[dict] = [{"type": "image", "image": im} for im in images]
-    parts += [{"type": "video", "video": v} for v in videos]
-    parts += [{"type": "document", "document": d, **({"pages": pages} if pages else {})} for d in documents]
-    if not parts:
-        return {"role": "user", "content": text}
-    return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
-
-
 def with_settings(settings: MediaSettings, **changes: Any) -> MediaSettings:
     """``settings`` with the given fields changed (None values are ignored), validated."""
     return replace(settings, **{k: v for k, v in changes.items() if v is not None}).validate()
@@ -664,4 +651,4 @@ def with_settings(settings: MediaSettings, **changes: Any) -> MediaSettings:
 
 __all__ = ["MediaSettings", "MediaStats", "MediaError", "Geometry", "VideoPlan", "DocumentPlan", "expand_parts",
            "plan_video", "decode_video", "plan_document", "render_document", "parse_pages", "sample_indices",
-           "user_message", "with_settings", "is_video_part", "is_document_part"]
+           "with_settings", "is_video_part", "is_document_part"]

@@ -44,9 +44,17 @@ def report(stats: MediaStats, err: TextIO = sys.stderr, verbose: bool = False) -
     for note in stats.notes:
         err.write(f"note: {note}\n")
     if verbose and (stats.frames or stats.pages):
-        per_frame = f" ({stats.frame_tokens[0]} tokens each)" if stats.frame_tokens else ""
-        err.write(f"video frames {stats.frames}{per_frame}, PDF pages {stats.pages} ({sum(stats.page_tokens)} "
-                  f"tokens), decode/render {stats.decode_seconds:.2f} s\n")
+        err.write(f"video frames {stats.frames}{_frame_tokens(stats.frame_tokens)}, PDF pages {stats.pages} "
+                  f"({sum(stats.page_tokens)} tokens), decode/render {stats.decode_seconds:.2f} s\n")
+
+
+def _frame_tokens(tokens: list[int]) -> str:
+    """" (108 tokens each)", or for videos of different sizes " (634 tokens: 108 to 209 per frame)"."""
+    if not tokens:
+        return ""
+    if min(tokens) == max(tokens):
+        return f" ({tokens[0]} tokens each)"
+    return f" ({sum(tokens)} tokens: {min(tokens)} to {max(tokens)} per frame)"
 
 
 def print_grounding(answer: str, image: str, draw_to: str | None, out: TextIO = sys.stdout) -> None:

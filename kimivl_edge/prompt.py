@@ -16,6 +16,7 @@ from .errors import CheckpointError, UsageError, read_json_object
 
 if TYPE_CHECKING:
     from .image import ImageSource
+    from .media import MediaSource
 
 # §7.4: plain-text markers (several BPE tokens each) around the reasoning of Thinking models.
 THINK_OPEN = "\u25c1think\u25b7"  # ◁think▷
@@ -143,10 +144,16 @@ def is_image_part(part: dict) -> bool:
     return part.get("type") == "image" or "image" in part or "image_url" in part
 
 
-def user_message(text: str, images: Iterable[ImageSource] = ()) -> dict:
-    """A user turn: its images first (one image part each, in order), then the text, as Kimi-VL's processor lays
-    them out (§7.1); without images the content is the plain string."""
+def user_message(text: str, images: Iterable[ImageSource] = (), videos: Iterable[MediaSource] = (),
+                 documents: Iterable[MediaSource] = (), pages: str | None = None) -> dict:
+    """A user turn: its images, then its videos, then its documents (each with the page range ``pages``), one part
+    each in order, then the text: media before the question, as Kimi-VL's processor lays images out (§7.1);
+    without media the content is the plain string. Videos and documents become images in ``KimiVL.render_prompt``
+    (kimivl_edge.media). MMLongBench-Doc's harness sends the question first; build the parts in that order to
+    reproduce it."""
     parts: list[dict] = [{"type": "image", "image": im} for im in images]
+    parts += [{"type": "video", "video": v} for v in videos]
+    parts += [{"type": "document", "document": d, **({"pages": pages} if pages else {})} for d in documents]
     if not parts:
         return {"role": "user", "content": text}
     return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}

@@ -4,18 +4,24 @@
                     [--seed S] [--threads N] [--ctx N] [--vision-backend numpy|ggml] [--max-image-patches N]
                     [--mmap auto|on|off] [--no-repack]
                     [--video PATH]... [--pdf PATH [--pages 1-20]] [--fps F] [--max-frames N] ...
+                    [--grammar-file FILE]
     kimivl-edge run -m MODEL.gguf --mmproj MMPROJ.gguf --ground "INSTRUCTION" --image shot.png [--draw OUT.png]
 
 Thinking models: the reasoning goes to stderr (labelled "Thinking:", then "Answer:"), the answer to stdout.
 """
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from contextlib import closing
+from dataclasses import replace
+from pathlib import Path
 
 from .cli_common import add_model_args, add_sampling_args, load_model, print_stream, sampling
-from .media import user_message
+from .errors import UsageError, one_line
 from .media_cli import add_media_args, media_settings, print_grounding, report
+from .prompt import user_message
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,9 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--draw", metavar="OUT", help="with --ground: write the screenshot with the actions drawn")
     add_media_args(ap)
     add_sampling_args(ap)
+    ap.add_argument("--grammar-file", metavar="FILE", help="GBNF grammar (llama.cpp's format, as its "
+                    "--grammar-file): the answer is only what the grammar admits")
     ap.add_argument("--stats", action="store_true", help="print timings to stderr")
     args = ap.parse_args(argv)
     settings = sampling(args)
+    if args.grammar_file:
+        settings = replace(settings, grammar=read_grammar(args.grammar_file))
     media = media_settings(args)
     if (args.prompt is None) == (args.ground is None):
         ap.error("give exactly one of -p/--prompt and --ground")
@@ -66,3 +76,43 @@ def main(argv: list[str] | None = None) -> int:
               f"{st.prefill_tps:.1f} tok/s, decode {st.generated_tokens} tok {st.decode_tps:.1f} tok/s",
               file=sys.stderr)
     return 0
+
+
+def read_grammar(path: str) -> str:
+    """The text of a GBNF grammar file, checked by llama.cpp's own parser before anything loads; a missing,
+    unreadable, empty or malformed file is a UsageError."""
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path}: cannot read the grammar ({one_line(e)})") from None
+    if not text.strip():
+        raise UsageError(f"{path}: the grammar file is empty")
+    problem = _grammar_problem(text)
+    if problem:
+        raise UsageError(f"{path}: not a valid grammar ({problem})")
+    return text
+
+
+def _grammar_problem(text: str) -> str | None:
+    """llama.cpp's diagnostic for ``text`` (None when it parses). The parser prints it on the C stderr, so that is
+    captured here and said in one line. Token literals (``<[123]>``) need the model's vocabulary: such a grammar
+    is checked again when the answer starts."""
+    import llama_cpp as lc
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as diag:
+        os.dup2(diag.fileno(), 2)
+        try:
+            sampler = lc.llama_sampler_init_grammar(None, text.encode(), b"root")
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        if sampler:
+            lc.llama_sampler_free(sampler)
+            return None
+        diag.seek(0)
+        said = diag.read().decode("utf-8", "replace")
+    if "no vocab to parse token" in said:
+        return None
+    return " ".join(said.split())[:200] or "llama.cpp could not parse it"

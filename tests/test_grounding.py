@@ -4,8 +4,13 @@ The mapping oracle is the processor's own output: a shape is drawn at known pixe
 and padding; its position is then measured in the pixels the model actually receives (docs/model.md §4:
 ``image.preprocess``), normalized by the image content the model sees there (the non-padding region), and must map
 back onto the drawn pixels.
+
+End to end, the tiny model's answer is forced by a GBNF grammar (the API's ``grammar`` sampling setting, ``run
+--grammar-file``) to a known PyAutoGUI click, so the grounding that comes out is known whatever the weights say.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +18,7 @@ from PIL import Image, ImageDraw
 
 from kimivl_edge.grounding import GROUND_PROMPT, Action, draw, ground_prompt, parse_actions, parse_normalized
 from kimivl_edge.image import ImageProcessorConfig, preprocess
+from shared import run_cli
 
 CFG = ImageProcessorConfig(patch_size=14, merge_kernel_size=(2, 2), in_token_limit=4096,
                            image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), pad_input=True)
@@ -195,3 +201,91 @@ def test_draw_to_an_unwritable_path_is_a_usage_error(tmp_path):
     Image.new("RGB", (20, 10)).save(src)
     with pytest.raises(UsageError, match="cannot write"):
         draw(src, [], tmp_path / "no" / "such" / "dir.png")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# End to end: an answer forced by a grammar, through the API and `run --ground`
+
+CLICK = "pyautogui.click(x=0.250, y=0.500)"
+GRAMMAR = f'root ::= "{CLICK}"\n'    # GBNF: the answer can only be this click
+GREY = (128, 128, 128)
+
+
+@pytest.fixture(scope="module")
+def model_pair(converted):
+    ckpt = Path(__file__).resolve().parents[1] / "kimivl_edge" / "assets" / "kimi-vl-tiny"
+    return converted(ckpt, "f32", "f32")
+
+
+@pytest.fixture(scope="module")
+def model(model_pair):
+    from kimivl_edge import KimiVL
+
+    m = KimiVL.load(*model_pair, n_ctx=8192, n_threads=1, kv_type="f32")
+    yield m
+    m.close()
+
+
+@pytest.fixture(scope="module")
+def screenshot(tmp_path_factory) -> Path:
+    """1500x1100: 107x78 = 8346 patches, over the 4096-patch budget, so the processor shrinks it, then pads."""
+    path = tmp_path_factory.mktemp("shots") / "shot.png"
+    Image.new("RGB", (1500, 1100), GREY).save(path)
+    return path
+
+
+def test_api_grounding_of_a_forced_click_is_in_pixels_of_the_original_screenshot(model, screenshot, tmp_path):
+    from kimivl_edge.prompt import user_message
+
+    icon = tmp_path / "icon.png"
+    Image.new("RGB", (60, 40), GREY).save(icon)
+    msgs = [user_message(ground_prompt("the OK button"), [str(icon), str(screenshot)])]
+    prompt = model.render_prompt(msgs)
+    gh, gw = prompt.images[1].grid
+    assert gw * 14 < 1500 and gh * 14 < 1100                  # the model sees it resized (and padded)
+    out = model.generate(msgs, temperature=0, max_tokens=40, grammar=GRAMMAR)
+    assert out.answer == CLICK
+    # 0.25 x 1500 = 375, 0.5 x 1100 = 550, in the last image (the screenshot), not the 60x40 icon
+    assert out.grounding == [Action("click", points=((375.0, 550.0),), image_index=1, normalized=(0.25, 0.5))]
+
+
+def _red_centre(img: Image.Image) -> tuple[float, float, int]:
+    a = np.asarray(img.convert("RGB")).astype(int)
+    ys, xs = np.nonzero((a[..., 0] == 255) & (a[..., 1] == 0) & (a[..., 2] == 0))
+    return xs.mean() + 0.5, ys.mean() + 0.5, len(xs)
+
+
+def test_cli_ground_prints_the_forced_action_and_draws_it_in_place(model_pair, screenshot, tmp_path):
+    text, mm = model_pair
+    grammar = tmp_path / "click.gbnf"
+    grammar.write_text(GRAMMAR)
+    out = tmp_path / "drawn.png"
+    r = run_cli("run", "-m", str(text), "--mmproj", str(mm), "--image", str(screenshot), "--ground", "the OK button",
+                "--draw", str(out), "--grammar-file", str(grammar), "--temp", "0", "--max-tokens", "40",
+                "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"{CLICK}\naction: click (375, 550)\ndrawn: {out}\n"
+    drawn = Image.open(out)
+    assert drawn.size == (1500, 1100)
+    cx, cy, n = _red_centre(drawn)                       # a symmetric cross in a circle, centred on the point
+    assert n > 0 and (cx, cy) == pytest.approx((375.5, 550.5), abs=1.0)
+    assert np.asarray(drawn.convert("RGB"))[550, 375].tolist() == [255, 0, 0]
+    assert np.asarray(drawn.convert("RGB"))[100, 1000].tolist() == list(GREY)
+
+
+def test_cli_ground_and_grammar_errors_are_one_line(model_pair, tmp_path):
+    text, mm = model_pair
+    r = run_cli("run", "-m", str(text), "--mmproj", str(mm), "--ground", "x", "--threads", "1")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--ground needs exactly one --image" in r.stderr
+    empty = tmp_path / "empty.gbnf"
+    empty.write_text("  \n")
+    bad = tmp_path / "bad.gbnf"
+    bad.write_text("root ::= (")
+    rootless = tmp_path / "rootless.gbnf"
+    rootless.write_text('answer ::= "a"')
+    for path, msg in ((tmp_path / "missing.gbnf", "missing.gbnf: cannot read the grammar"),
+                      (empty, "empty.gbnf: the grammar file is empty"),
+                      (bad, "bad.gbnf: not a valid grammar (parse: error parsing grammar: expecting ')'"),
+                      (rootless, "rootless.gbnf: not a valid grammar (grammar does not contain a 'root' symbol)")):
+        r = run_cli("run", "-m", str(text), "-p", "Hi", "--grammar-file", str(path), "--threads", "1")
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and msg in r.stderr, r.stderr

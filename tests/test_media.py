@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import av
@@ -52,11 +55,15 @@ def picture(i: int, size: tuple[int, int]) -> Image.Image:
     return Image.fromarray(pattern(i, size))
 
 
-def write_video(path: Path, n: int, fps: int = 10, size: tuple[int, int] = (320, 240), codec: str = "mpeg4") -> Path:
+def write_video(path: Path, n: int, fps: int = 10, size: tuple[int, int] = (320, 240), codec: str = "mpeg4",
+                gop: int | None = None) -> Path:
+    """n frames, frame i showing the number i mod 64; ``gop``: a keyframe every ``gop`` frames."""
     w, h = size
     with av.open(str(path), "w") as out:
         s = out.add_stream(codec, rate=fps)
         s.width, s.height = w, h
+        if gop is not None:
+            s.codec_context.gop_size = gop
         s.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
         if codec == "mpeg4":
             s.options = {"qscale": "2"}
@@ -176,6 +183,78 @@ def test_animated_gif_and_webp(tmp_path, fmt):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Video: seeking, and the decode-everything fallback for a stream that cannot seek
+
+
+class CountingContainer:
+    """A PyAV input container that counts the frames it decodes; ``seekable=False`` makes every seek fail as PyAV
+    fails on a stream without an index."""
+
+    def __init__(self, container, counts: list[int], seekable: bool):
+        self._c, self._counts, self._seekable = container, counts, seekable
+
+    def seek(self, *args, **kwargs):
+        if not self._seekable:
+            raise ValueError("cannot seek this stream")
+        return self._c.seek(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        for frame in self._c.decode(*args, **kwargs):
+            self._counts[-1] += 1
+            yield frame
+
+    def __getattr__(self, name):
+        return getattr(self._c, name)
+
+
+def counting_decoder(monkeypatch, seekable: bool) -> list[int]:
+    """Frames decoded per opened container, in order (the video is opened again after a failed seek)."""
+    import kimivl_edge.media as media
+
+    counts: list[int] = []
+    real = media._open_av
+
+    def opened(source):
+        container, stream = real(source)
+        counts.append(0)
+        return CountingContainer(container, counts, seekable), stream
+
+    monkeypatch.setattr(media, "_open_av", opened)
+    return counts
+
+
+@pytest.fixture(scope="module")
+def long_video(tmp_path_factory) -> Path:
+    """400 frames (40 s at 10 fps), a keyframe every 10."""
+    return write_video(tmp_path_factory.mktemp("long") / "long.mp4", 400, size=(192, 96), gop=10)
+
+
+def test_seeking_decodes_only_from_the_keyframe_before_each_sampled_frame(long_video, monkeypatch):
+    from kimivl_edge.media import decode_video
+
+    plan = plan_video(long_video, MediaSettings(), GEO)
+    # 40 s x 2 fps = 80 -> max_frames 16: 399 i / 15, halves up
+    assert plan.indices == (0, 27, 53, 80, 106, 133, 160, 186, 213, 239, 266, 293, 319, 346, 372, 399)
+    counts = counting_decoder(monkeypatch, seekable=True)
+    frames = decode_video(plan)
+    assert [number(f) for f in frames] == [i % 64 for i in plan.indices]
+    # each seek lands on the keyframe at or before the frame (every 10th) and decodes forward to it: at most 10
+    # frames per sampled frame, against the 400 of the whole video
+    assert len(counts) == 1 and counts[0] <= 16 * 10
+
+
+def test_a_stream_that_cannot_seek_is_decoded_once_from_the_start(long_video, monkeypatch):
+    from kimivl_edge.media import decode_video
+
+    plan = plan_video(long_video, MediaSettings(), GEO)
+    counts = counting_decoder(monkeypatch, seekable=False)
+    frames = decode_video(plan)
+    assert [number(f) for f in frames] == [i % 64 for i in plan.indices]
+    # the failed seek decoded nothing; the second opening decoded every frame up to the last sampled one, 399
+    assert counts == [0, 400]
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Video: budgets and broken files
 
 
@@ -288,6 +367,25 @@ def test_page_dpi_fills_the_page_budget_exactly(tmp_path):
     imgs = [p["image"] for p in msgs[0]["content"]]
     assert [im.size for im in imgs] == [(394, 510)] * 2       # rendered at that size, not resized afterwards
     assert [number(im) for im in imgs] == [1, 2] and st.pages == 2 and st.page_tokens == [285, 285]
+
+
+def test_pages_of_mixed_sizes_each_get_the_dpi_of_their_own_budget(tmp_path):
+    # page_patches 1024 (14x14 px each), sizes in points; scale = sqrt(1024 x 196 / (w x h)) px/pt, pypdfium2's
+    # bitmap ceil(side x scale), all under 1024 patches (kept), then padded to multiples of 28:
+    # Letter 612x792: 0.64349 -> 394x510 (28x36 = 1008 patches), padded 420x532: 30x38 / 4 = 285 tokens
+    # 200x100:        3.16784 -> 634x317 (45x22 = 990),            padded 644x336: 46x24 / 4 = 276 tokens
+    # 300x200:        1.82895 -> 549x366 (39x26 = 1014),           padded 560x392: 40x28 / 4 = 280 tokens
+    path = tmp_path / "mixed.pdf"
+    pages = [picture(1, (612, 792)), picture(2, (200, 100)), picture(3, (300, 200))]
+    pages[0].save(path, "PDF", save_all=True, append_images=pages[1:], resolution=72)
+    s = MediaSettings(page_patches=1024)
+    plan = plan_document(path, s, GEO)
+    assert plan.scales == pytest.approx([0.64349, 3.16784, 1.82895], abs=1e-5)
+    assert plan.sizes == ((394, 510), (634, 317), (549, 366)) and plan.tokens == (285, 276, 280)
+    msgs, st = expand_parts([{"role": "user", "content": [{"type": "document", "document": str(path)}]}], s, CFG)
+    imgs = [p["image"] for p in msgs[0]["content"]]
+    assert [im.size for im in imgs] == [(394, 510), (634, 317), (549, 366)]
+    assert [number(im) for im in imgs] == [1, 2, 3] and st.page_tokens == [285, 276, 280]
 
 
 def test_page_ranges_cap_and_budget_drop_pages_and_say_so(tmp_path):
@@ -411,6 +509,37 @@ def model(model_pair):
     m.close()
 
 
+RECORDER = """
+import pickle, sys
+from kimivl_edge import KimiVL, cli
+
+real = KimiVL.render_prompt
+
+def recording(self, messages, *args, **kwargs):
+    prompt = real(self, messages, *args, **kwargs)
+    with open(sys.argv[1], "ab") as f:
+        pickle.dump((self.detokenize(prompt.ids), prompt), f)
+    return prompt
+
+KimiVL.render_prompt = recording
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def run_recording(log: Path, *args: str) -> tuple[subprocess.CompletedProcess, list[tuple[str, list]]]:
+    """``kimivl-edge ARGS`` in a child that also records every prompt the model renders: its text (detokenized, one
+    <|media_pad|> per image) and the ``RenderedPrompt`` (its images as preprocessed)."""
+    r = subprocess.run([sys.executable, "-c", RECORDER, str(log), *args], capture_output=True, text=True,
+                       timeout=300)
+    prompts = []
+    with open(log, "rb") as f:
+        while True:
+            try:
+                prompts.append(pickle.load(f))
+            except EOFError:
+                return r, prompts
+
+
 def _prompt_numbers(prompt) -> list[int]:
     """Each prompt image's number, read back from the patches the model receives (unpadded content only)."""
     out = []
@@ -449,6 +578,21 @@ def test_generate_reports_media_stats_and_image_sizes(model, videos):
     assert out.stats.media.frames == 2 and isinstance(out.grounding, list)
 
 
+def test_grounding_on_a_video_frame_is_in_pixels_of_the_frame_as_handed_over(model, videos):
+    """Documented behaviour (README "Video, PDF and grounding", grounding.py): a frame is handed to the model at its
+    sampled size (640x360 -> 528x297 under the 768-patch frame cap), and that is the image the points are in;
+    ``Action.normalized`` times the video's own size gives its pixels."""
+    model.media_settings = MediaSettings(frames=2)
+    msgs = [{"role": "user", "content": [{"type": "video", "video": str(videos / "wide.mp4")},
+                                         {"type": "text", "text": "Where is the white band?"}]}]
+    click = "pyautogui.click(x=0.250, y=0.500)"
+    out = model.generate(msgs, temperature=0, max_tokens=40, grammar=f'root ::= "{click}"')
+    assert out.answer == click
+    (action,) = out.grounding
+    # the last frame (image 1 of 0-1); 0.25 x 528 = 132, 0.5 x 297 = 148.5
+    assert action.image_index == 1 and action.points == ((132.0, 148.5),) and action.normalized == (0.25, 0.5)
+
+
 def test_cli_run_video_and_pdf(model_pair, videos, tmp_path):
     text, mm = model_pair
     pdf = write_pdf(tmp_path / "doc.pdf", 3)
@@ -458,6 +602,73 @@ def test_cli_run_video_and_pdf(model_pair, videos, tmp_path):
     assert r.returncode == 0, r.stderr
     assert f"note: {pdf}: pages 3 dropped (max_pages 2, --max-pages)" in r.stderr
     assert "video frames 3 (108 tokens each), PDF pages 2" in r.stderr
+
+
+def test_cli_two_videos_with_timestamps_reach_the_model_in_order(model_pair, videos, tmp_path):
+    import re
+
+    text, mm = model_pair
+    r, prompts = run_recording(tmp_path / "prompts.pkl", "run", "-m", str(text), "--mmproj", str(mm), "--video",
+                               str(videos / "forty.mp4"), "--video", str(videos / "wide.mp4"), "--frames", "2",
+                               "--timestamps", "-p", "Compare.", "--temp", "0", "--max-tokens", "2", "--ctx", "8192",
+                               "--threads", "1", "--stats")
+    assert r.returncode == 0, r.stderr
+    ((rendered, prompt),) = prompts
+    # forty.mp4: frames 0 and 39 at 10 fps; wide.mp4 (3 frames): 0 and 2
+    assert _prompt_numbers(prompt) == [0, 39, 0, 2]
+    assert [im.size for im in prompt.images] == [(320, 240)] * 2 + [(528, 297)] * 2
+    assert re.findall(r"\[(\d+\.\d)s\]<\|media_start\|>", rendered) == ["0.0", "3.9", "0.0", "0.2"]
+    assert rendered.index("<|media_end|>Compare.<|im_end|>") > rendered.rindex("[0.2s]")
+    # 2 x 108 + 2 x 209 tokens
+    assert "video frames 4 (634 tokens: 108 to 209 per frame), PDF pages 0" in r.stderr
+
+
+def test_cli_ground_sends_the_model_cards_prompt(model_pair, tmp_path):
+    text, mm = model_pair
+    shot = tmp_path / "shot.png"
+    picture(5, (300, 200)).save(shot)
+    r, prompts = run_recording(tmp_path / "prompts.pkl", "run", "-m", str(text), "--mmproj", str(mm), "--image",
+                               str(shot), "--ground", " the OK button ", "--temp", "0", "--max-tokens", "1",
+                               "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    ((rendered, prompt),) = prompts
+    assert _prompt_numbers(prompt) == [5]
+    # the model card's words, typed out here rather than taken from grounding.GROUND_PROMPT
+    card = "请观察屏幕截图，请通过操作和坐标点定位以下元素。<指令> "
+    assert rendered.endswith("<|media_end|>" + card + "the OK button<|im_end|><|im_assistant|>assistant<|im_middle|>")
+
+
+def test_cli_run_on_a_terminal_shows_the_encoding_progress(model_pair, videos):
+    """stderr on a pseudo-terminal (stdout a pipe, as `run ... > answer.txt` in a terminal): one self-overwriting
+    line per vision layer, erased at the end."""
+    import json
+    import os
+    import pty
+
+    text, mm = model_pair
+    ckpt = Path(__file__).resolve().parents[1] / "kimivl_edge" / "assets" / "kimi-vl-tiny"
+    layers = json.loads((ckpt / "config.json").read_text())["vision_config"]["num_hidden_layers"]
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "kimivl_edge", "run", "-m", str(text), "--mmproj", str(mm),
+                             "--video", str(videos / "forty.mp4"), "--frames", "2", "-p", "What is it?", "--temp",
+                             "0", "--max-tokens", "2", "--threads", "1", "--no-cache"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave)
+    os.close(slave)
+    shown = bytearray()
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:   # EIO: the child has gone, the terminal is closed
+            break
+        if not data:
+            break
+        shown += data
+    os.close(master)
+    assert proc.wait() == 0 and proc.stdout is not None and proc.stdout.read()
+    steps = [f"\rencoding images: layer {i}/{layers}".encode() for i in range(1, layers + 1)]
+    at = [shown.find(step) for step in steps]
+    assert -1 not in at and at == sorted(at), bytes(shown)
+    assert shown[at[-1] + len(steps[-1]):].startswith(b"\r\x1b[K")   # the finished line is erased
 
 
 def test_cli_errors_are_one_line(model_pair, tmp_path):
@@ -470,20 +681,6 @@ def test_cli_errors_are_one_line(model_pair, tmp_path):
     assert r.returncode == 2 and "need --mmproj" in r.stderr
     r = run_cli("run", "-m", str(text), "--mmproj", str(mm), "--video", str(bad), "-p", "x", "--frames", "0")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "frames must be a positive integer" in r.stderr
-
-
-def test_cli_ground_prints_actions_and_draws(model_pair, tmp_path):
-    text, mm = model_pair
-    shot = tmp_path / "shot.png"
-    picture(5, (300, 200)).save(shot)
-    out = tmp_path / "drawn.png"
-    r = run_cli("run", "-m", str(text), "--mmproj", str(mm), "--image", str(shot), "--ground", "the OK button",
-                "--draw", str(out), "--temp", "0", "--max-tokens", "4", "--threads", "1")
-    assert r.returncode == 0, r.stderr
-    assert "action: " in r.stdout and f"drawn: {out}" in r.stdout
-    assert Image.open(out).size == (300, 200)
-    r = run_cli("run", "-m", str(text), "--mmproj", str(mm), "--ground", "x", "--threads", "1")
-    assert r.returncode == 2 and "--ground needs exactly one --image" in r.stderr
 
 
 def test_chat_video_and_pdf_commands(model_pair, videos, tmp_path):
@@ -499,21 +696,21 @@ def test_chat_video_and_pdf_commands(model_pair, videos, tmp_path):
     assert "missing.pdf: document file not found" in r.stderr
 
 
+def test_user_message_has_one_home_and_puts_the_media_before_the_text():
+    import kimivl_edge.media as media
+    from kimivl_edge.prompt import user_message
+
+    assert user_message("Q?", ["a.png"], ["v.mp4", "w.gif"], ["d.pdf"], "1-2") == {"role": "user", "content": [
+        {"type": "image", "image": "a.png"}, {"type": "video", "video": "v.mp4"}, {"type": "video", "video": "w.gif"},
+        {"type": "document", "document": "d.pdf", "pages": "1-2"}, {"type": "text", "text": "Q?"}]}
+    assert user_message("Q?", documents=[b"%PDF"]) == {"role": "user", "content": [
+        {"type": "document", "document": b"%PDF"}, {"type": "text", "text": "Q?"}]}
+    assert user_message("Hi") == {"role": "user", "content": "Hi"}
+    assert not hasattr(media, "user_message")
+
+
 def test_media_errors_are_kimivl_errors():
     assert issubclass(MediaError, KimiVLError)
-
-
-def test_grounding_uses_the_original_size_of_a_resized_image(model, tmp_path):
-    from kimivl_edge.grounding import parse_actions
-
-    shot = tmp_path / "big.png"
-    picture(9, (1500, 1100)).save(shot)    # over the 4096-patch budget: the processor shrinks it
-    msgs = [{"role": "user", "content": [{"type": "image", "image": str(shot)}, {"type": "text", "text": "Where?"}]}]
-    stream = model.stream_tokens(msgs, max_tokens=2, temperature=0)
-    list(stream)
-    assert stream.image_sizes == [(1500, 1100)]
-    out = model.generate(msgs, max_tokens=2, temperature=0)
-    assert out.grounding == parse_actions(out.answer, [(1500, 1100)])
 
 
 # ---------------------------------------------------------------------------------------------------------------

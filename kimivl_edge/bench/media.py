@@ -36,10 +36,13 @@ def make_inputs(root: Path) -> tuple[Path, Path]:
     return pdf, video
 
 
-def _turns(model: Any, part: dict) -> dict:
-    """First question about ``part`` on an empty KV cache, then a second question in the same chat."""
+def _turns(model: Any, first: dict) -> dict:
+    """The ``first`` question (a video or PDF, then QUESTION) on an empty KV cache, then a second question in the
+    same chat."""
+    from ..prompt import user_message
+
     model.decoder.reset()
-    history = [{"role": "user", "content": [part, {"type": "text", "text": QUESTION}]}]
+    history = [first]
     out: dict = {}
     for turn in ("first", "second"):
         t0 = time.perf_counter()
@@ -50,14 +53,14 @@ def _turns(model: Any, part: dict) -> dict:
                      "encode_seconds": st.encode_seconds, "prefill_seconds": st.prefill_seconds,
                      "image_tokens": st.image_tokens, "prompt_tokens": st.prompt_tokens,
                      "evaluated_tokens": st.evaluated_tokens}
-        history += [{"role": "assistant", "content": model.detokenize(ids) or "."},
-                    {"role": "user", "content": FOLLOWUP}]
+        history += [{"role": "assistant", "content": model.detokenize(ids) or "."}, user_message(FOLLOWUP)]
     return out
 
 
 def task_media(t: dict) -> dict:
     from ..media import Geometry, MediaSettings, decode_video, plan_document, plan_video, render_document
     from ..model import KimiVL
+    from ..prompt import user_message
 
     pdf, video = make_inputs(Path(t["workdir"]))
     model = KimiVL.load(t["text"], t["mmproj"], n_ctx=t["n_ctx"], n_threads=t["threads"])
@@ -73,7 +76,7 @@ def task_media(t: dict) -> dict:
         pages = render_document(plan_document(pdf, settings, geometry))
         res["render_seconds_per_page"].append((time.perf_counter() - t0) / len(pages))
     res["frames"], res["pages"] = len(frames), len(pages)
-    res["video"] = _turns(model, {"type": "video", "video": str(video)})
-    res["pdf"] = _turns(model, {"type": "document", "document": str(pdf)})
+    res["video"] = _turns(model, user_message(QUESTION, videos=[str(video)]))
+    res["pdf"] = _turns(model, user_message(QUESTION, documents=[str(pdf)]))
     model.close()
     return res

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import KimiVLError
+from ..prompt import user_message
 
 CLIENTS = (1, 2, 4)
 PARALLEL = (1, 4)
@@ -40,20 +41,20 @@ HTTP_TIMEOUT = 600.0
 # -- child side -------------------------------------------------------------------------------------------------
 def _messages(t: dict, seed: int) -> tuple[list[dict], list[dict]]:
     """The question about a new noise image, as the in-process API takes it and as the HTTP API takes it."""
-    from ..prompt import user_message
     from .tasks import _noise_image
 
     img = _noise_image(tuple(t["image"]), seed)
     buf = io.BytesIO()
     img.save(buf, "PNG")
     uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    # the HTTP request in OpenAI's wire shape (an image_url part), as clients send it
     http = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
                                          {"type": "text", "text": t["question"]}]}]
     return [user_message(t["question"], [img])], http
 
 
 def _follow(msgs: list[dict], answer: str, question: str) -> list[dict]:
-    return msgs + [{"role": "assistant", "content": answer or "."}, {"role": "user", "content": question}]
+    return msgs + [{"role": "assistant", "content": answer or "."}, user_message(question)]
 
 
 def _timed(t0: float, first: float | None, end: float, n: int) -> dict:
@@ -120,7 +121,7 @@ def _aggregate(client: Any, url: str, clients: int, max_tokens: int) -> float:
     def one(i: int) -> None:
         start.wait()
         try:
-            msgs = [{"role": "user", "content": f"Client {i}: write a long story about the number {i}."}]
+            msgs = [user_message(f"Client {i}: write a long story about the number {i}.")]
             counts.append(_stream(client, url, msgs, max_tokens)[0]["tokens"])
         except BaseException as e:  # reported by the caller
             errors.append(e)

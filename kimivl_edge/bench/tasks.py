@@ -401,8 +401,7 @@ def task_prefix(t: dict) -> dict:
     load = time.perf_counter() - t0
     if "document" in t:  # a PDF: its pages at the bench's page budget (bench/media.py)
         model.media_settings = MediaSettings(page_patches=t["page_patches"])
-        msgs = [{"role": "user", "content": [{"type": "document", "document": t["document"]},
-                                             {"type": "text", "text": t["question"]}]}]
+        msgs = [user_message(t["question"], documents=[t["document"]])]
     else:
         msgs = [user_message(t["question"], [_noise_image(tuple(t["image"]), 7)])]
     ttft, st = _one_token(model, msgs)
