@@ -13,9 +13,10 @@ official evaluation asks for normalized coordinates and scores them against the 
 meant the padded frame, a point would be off by at most 27 padded pixels at the far edge: for a 1920x1080
 screenshot (resized to 1196x672, padded to 1204x672) x would be 0.7 % (13 original pixels) short at x = 1 and y exact.
 
-Video frames and PDF pages are images made by ``kimivl_edge.media``: a frame is handed over already resized to
-its per-frame patch cap (``VideoPlan.size``: 640x360 becomes 528x297), so its points are in pixels of that
-frame, not of the video; ``Action.normalized`` times the video's own size gives those.
+Video frames and PDF pages are images made by ``kimivl_edge.media``. A frame is handed over already resized to its
+per-frame patch cap (``VideoPlan.size``: 640x360 becomes 528x297), but its part carries the video's own size
+(``source_size``), so points on a frame are in pixels of the video (the resize is uniform: the same frame). A PDF
+page has no pixel size of its own: points are in pixels of the page as rendered.
 
 ``parse_actions`` never raises on model output: anything malformed (unbalanced parentheses, non-numbers, values
 outside 0-1, a box whose corners are out of order, a missing coordinate) is left out, as a harness would score it

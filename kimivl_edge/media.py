@@ -152,7 +152,8 @@ def _source(src: Any, what: str, name: str | None = None) -> _Source:
 @dataclass(frozen=True)
 class VideoPlan:
     """Which frames of a video become images: frame ``indices`` (0-based, in order), their times in seconds, the
-    size each is handed over at and its image tokens."""
+    size each is handed over at and its image tokens; ``source_size`` is the video's own (w, h), the frame that
+    grounding answers are mapped to."""
 
     source: _Source
     n_frames: int
@@ -162,6 +163,7 @@ class VideoPlan:
     tokens: int
     fps: float
     animated_image: bool   # GIF/WebP (Pillow) rather than a video container (PyAV)
+    source_size: tuple[int, int] = (0, 0)
 
     @property
     def total_tokens(self) -> int:
@@ -198,7 +200,8 @@ def plan_video(src: Any, settings: MediaSettings, geometry: Geometry) -> VideoPl
     n = _frame_count_to_sample(n_frames, n_frames / fps, settings)
     indices = tuple(sample_indices(n_frames, n))
     size, tokens = geometry.fit(w, h, settings.frame_patches)
-    plan = VideoPlan(source, n_frames, indices, tuple(i / fps for i in indices), size, tokens, fps, animated)
+    plan = VideoPlan(source, n_frames, indices, tuple(i / fps for i in indices), size, tokens, fps, animated,
+                     (w, h))
     if plan.total_tokens > settings.video_tokens:
         raise MediaError(f"{source.name}: {n} frames x {tokens} tokens = {plan.total_tokens} image tokens, over the "
                          f"video budget of {settings.video_tokens}: lower max_frames (--max-frames) or "
@@ -628,7 +631,7 @@ def _realize(messages: Sequence[dict], plans: dict, s: MediaSettings) -> tuple[l
                 for t, img in zip(plan.times, _decoded(plan)):
                     if s.timestamps:
                         parts.append({"type": "text", "text": f"[{t:.1f}s]"})
-                    parts.append({"type": "image", "image": img})
+                    parts.append({"type": "image", "image": img, "source_size": plan.source_size})
                 stats.frames += len(plan.indices)
                 stats.frame_tokens += [plan.tokens] * len(plan.indices)
             elif isinstance(plan, DocumentPlan):

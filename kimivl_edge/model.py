@@ -469,17 +469,21 @@ class KimiVL:
         loaded = [load_image(i, self.exif_transpose) for i in images]
         return [(img, grid_hw(*img.size, cfg, self.max_image_patches)) for img in loaded]
 
-    def _preprocess(self, images: Sequence[tuple[Image.Image, tuple[int, int]]]) -> list[PromptImage]:
-        """Preprocess (docs/model.md §4), without encoding."""
+    def _preprocess(self, images: Sequence[tuple[Image.Image, tuple[int, int]]],
+                    sizes: Sequence[tuple[int, int] | None] = ()) -> list[PromptImage]:
+        """Preprocess (docs/model.md §4), without encoding. ``sizes``: the original (w, h) an image stands for when
+        it was handed over resized (a video frame: the video's size), else None."""
         cfg = self.image_config
         out: list[PromptImage] = []
-        for img, _ in images:
+        for k, (img, _) in enumerate(images):
             assert cfg is not None  # images were loaded: the model has its vision encoder
             patches, grid = preprocess(img, cfg, max_patches=self.max_image_patches, exif_transpose=False)
             key = hashlib.sha1(patches.tobytes() + grid[0].tobytes()).hexdigest()
             gh, gw = int(grid[0, 0]), int(grid[0, 1])
+            given = sizes[k] if k < len(sizes) else None
+            size = (int(given[0]), int(given[1])) if given else img.size
             out.append(PromptImage(patches, (gh, gw), key, num_image_tokens((gh, gw), cfg.merge_kernel_size),
-                                   img.size))
+                                   size))
         return out
 
     def _embeddings(self, images: Sequence[PromptImage]) -> list[np.ndarray]:
@@ -557,7 +561,8 @@ class KimiVL:
         loaded = self._load_images(sources) if sources else []
         if check_fit:
             self._check_fit(len(ids) - len(sources), [g for _, g in loaded])
-        return RenderedPrompt(ids, self._preprocess(loaded), pad, media)
+        sizes = [p.get("source_size") for p in image_parts(msgs)]
+        return RenderedPrompt(ids, self._preprocess(loaded, sizes), pad, media)
 
     def _check_fit(self, n_text: int, grids: Sequence[tuple[int, int]]) -> None:
         """The prompt must leave one position for the answer; the message says what to change."""

@@ -578,10 +578,9 @@ def test_generate_reports_media_stats_and_image_sizes(model, videos):
     assert out.stats.media.frames == 2 and isinstance(out.grounding, list)
 
 
-def test_grounding_on_a_video_frame_is_in_pixels_of_the_frame_as_handed_over(model, videos):
-    """Documented behaviour (README "Video, PDF and grounding", grounding.py): a frame is handed to the model at its
-    sampled size (640x360 -> 528x297 under the 768-patch frame cap), and that is the image the points are in;
-    ``Action.normalized`` times the video's own size gives its pixels."""
+def test_grounding_on_a_video_frame_is_in_pixels_of_the_video(model, videos):
+    """A frame is handed to the model at its sampled size (640x360 -> 528x297 under the 768-patch frame cap), but
+    the points are mapped to the video's own pixels, the frame the user gave."""
     model.media_settings = MediaSettings(frames=2)
     msgs = [{"role": "user", "content": [{"type": "video", "video": str(videos / "wide.mp4")},
                                          {"type": "text", "text": "Where is the white band?"}]}]
@@ -589,8 +588,8 @@ def test_grounding_on_a_video_frame_is_in_pixels_of_the_frame_as_handed_over(mod
     out = model.generate(msgs, temperature=0, max_tokens=40, grammar=f'root ::= "{click}"')
     assert out.answer == click
     (action,) = out.grounding
-    # the last frame (image 1 of 0-1); 0.25 x 528 = 132, 0.5 x 297 = 148.5
-    assert action.image_index == 1 and action.points == ((132.0, 148.5),) and action.normalized == (0.25, 0.5)
+    # the last frame (image 1 of 0-1) of the 640x360 video: 0.25 x 640 = 160, 0.5 x 360 = 180
+    assert action.image_index == 1 and action.points == ((160.0, 180.0),) and action.normalized == (0.25, 0.5)
 
 
 def test_cli_run_video_and_pdf(model_pair, videos, tmp_path):
