@@ -9,7 +9,8 @@ A job may also have a ``prepare(model)`` step that does not need the worker (``K
 the vision encoder). The encoder thread runs it for the job next in line while the worker runs the current job, so
 an image's encode does not stall the decode of the request before it; the worker starts a job once its
 ``prepare`` has finished. ``prepare`` only warms caches: its errors are ignored (the job itself meets them).
-Only the next job is prepared ahead, so what it puts in the model's caches is still there when it runs.
+Only the next ``parallel`` jobs in line (those the worker may start next) are prepared ahead, so what they put in
+the model's caches is still there when they run (unless they hold more images than the embedding cache).
 
 With ``parallel`` > 1 the worker runs up to that many chat turns at once (``batch.BatchRunner``: one llama_decode
 per step for all of them); such jobs carry their ``turn`` and their ``work`` is not used. The batched worker starts
@@ -24,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -223,14 +225,14 @@ class Scheduler:
         job.emit(_DONE)
 
     def _prepare_loop(self) -> None:
-        """The encoder thread: ``prepare`` the job first in line, while the worker runs the one before it."""
+        """The encoder thread: ``prepare`` the first unclaimed job of the next ``parallel`` in line, while the worker
+        runs the ones before them."""
         while True:
             with self._cv:
-                while not self._stopping and (not self._jobs or self._jobs[0].claimed):
+                while not self._stopping and (job := self._unclaimed()) is None:
                     self._cv.wait()
-                if self._stopping:
+                if self._stopping or job is None:
                     return
-                job = self._jobs[0]
                 job.claimed = True
             try:
                 with self._working_for(job):
@@ -243,6 +245,10 @@ class Scheduler:
                 with self._cv:
                     job.prepared.set()
                     self._cv.notify_all()  # the batched worker may be waiting for it
+
+    def _unclaimed(self) -> Job | None:
+        """Under the lock: the first job not yet claimed among the next ``parallel`` in line."""
+        return next((j for j in itertools.islice(self._jobs, self.parallel) if not j.claimed), None)
 
     def _run_job(self, job: Job) -> None:
         try:
