@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .cli_common import add_model_args, load_model
 from .errors import UsageError
+from .media_cli import add_media_args, media_settings
 
 
 def _parser():
@@ -40,6 +41,7 @@ def _parser():
                     "the server answers 429 (default 64)")
     ap.add_argument("--parallel", type=int, default=1, help="requests decoded together, one llama.cpp batch per "
                     "token (continuous batching; N sequences of --ctx tokens each; default 1: see README)")
+    add_media_args(ap)
     return ap
 
 
@@ -66,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     cfg = config(args)
+    media = media_settings(args)
     if not is_loopback(args.host) and not cfg.api_key:
         print(f"kimivl-edge serve: warning: listening on {args.host} without --api-key: anyone who can reach this "
               "machine can use the model", file=sys.stderr)
@@ -80,7 +83,12 @@ def main(argv: list[str] | None = None) -> int:
         assert server is not None
         server.should_exit = True
 
-    app = create_app(cfg, lambda: load_model(args), stop_on_load_error)
+    def load():
+        model = load_model(args)
+        model.media_settings = media
+        return model
+
+    app = create_app(cfg, load, stop_on_load_error)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, access_log=False,
                                            log_level="info", timeout_graceful_shutdown=5))
     server.run()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import socket
@@ -436,16 +437,13 @@ def test_a_non_streaming_client_that_gives_up_stops_its_generation(scripted):
 
 
 # -- the CLI: key, limits, CORS, warning, load -------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def keyed(pair, tmp_path_factory) -> Iterator[str]:
-    """``kimivl-edge serve`` with a key, small limits and one CORS origin, in a subprocess: its URL."""
+@contextlib.contextmanager
+def serve_process(args: list[str], log: Path) -> Iterator[tuple[subprocess.Popen, str]]:
+    """``kimivl-edge serve ARGS`` in a subprocess on a free port, its output in ``log``, once /health says ready:
+    the process and its URL. Stopped on exit; its log then holds no traceback."""
     port = free_port()
-    log = tmp_path_factory.mktemp("srv") / "server.log"
     with log.open("w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "kimivl_edge", "serve", "-m", str(pair[0]), "--mmproj",
-                                 str(pair[1]), "--port", str(port), "--api-key", KEY, "--threads", "1",
-                                 "--kv-type", "f32", "--ctx", str(CTX), "--max-body", "300000", "--max-queue", "32",
-                                 "--cors-origin", "http://app.example", "--parallel", "4"],  # the load test: batched
+        proc = subprocess.Popen([sys.executable, "-m", "kimivl_edge", "serve", *args, "--port", str(port)],
                                 stdout=f, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -457,13 +455,23 @@ def keyed(pair, tmp_path_factory) -> Iterator[str]:
             except httpx.TransportError:
                 pass
             time.sleep(0.1)
-        keyed_proc[url] = (proc.pid, log)
-        yield url
+        yield proc, url
     finally:
         proc.terminate()
         proc.wait(30)
-    lines = log.read_text().splitlines()
-    assert not any("Traceback" in ln for ln in lines)
+    assert not any("Traceback" in ln for ln in log.read_text().splitlines())
+
+
+@pytest.fixture(scope="module")
+def keyed(pair, tmp_path_factory) -> Iterator[str]:
+    """``kimivl-edge serve`` with a key, small limits and one CORS origin, in a subprocess: its URL."""
+    log = tmp_path_factory.mktemp("srv") / "server.log"
+    with serve_process(["-m", str(pair[0]), "--mmproj", str(pair[1]), "--api-key", KEY, "--threads", "1",
+                        "--kv-type", "f32", "--ctx", str(CTX), "--max-body", "300000", "--max-queue", "32",
+                        "--cors-origin", "http://app.example", "--parallel", "4"],  # the load test: batched
+                       log) as (proc, url):
+        keyed_proc[url] = (proc.pid, log)
+        yield url
 
 
 keyed_proc: dict[str, tuple[int, Path]] = {}  # url -> (pid, log file)

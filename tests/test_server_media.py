@@ -23,7 +23,7 @@ from kimivl_edge.model import KimiVL
 from kimivl_edge.server.app import create_app
 from kimivl_edge.server.config import ServerConfig
 from test_media import _prompt_numbers, encrypted_pdf, picture, write_pdf, write_video
-from test_server import ASSET, ScriptedTokens, ThreadServer, error_of
+from test_server import ASSET, ScriptedTokens, ThreadServer, error_of, serve_process
 
 BODY = 4 << 20
 
@@ -109,8 +109,8 @@ def test_video_path_under_media_dir_and_stream_timings(server):
     assert _prompt_numbers(rec.prompts[-1]) == [0, 6, 11, 17, 22, 28, 33, 39]
 
 
-def post(srv: ThreadServer, part: dict) -> httpx.Response:
-    return httpx.post(srv.url + "/v1/chat/completions", timeout=60,
+def post(url: str, part: dict) -> httpx.Response:
+    return httpx.post(url + "/v1/chat/completions", timeout=60,
                       json={"messages": [{"role": "user", "content": [part, {"type": "text", "text": "?"}]}],
                             "max_tokens": 1})
 
@@ -142,7 +142,7 @@ def test_bad_media_are_one_line_openai_errors(server, files):
         (video("data:video/mp4;base64,@@@"), 400, "invalid base64"),
     ]
     for part, status, words in cases:
-        r = post(srv, part)
+        r = post(srv.url, part)
         err = error_of(r)
         assert (r.status_code, "\n" in err["message"]) == (status, False), (part, r.text)
         assert words in err["message"], (words, err)
@@ -159,10 +159,31 @@ def test_media_parts_need_the_vision_model(converted, files):
     srv = ThreadServer(create_app(ServerConfig(model_id="t"), lambda: KimiVL.load(text, n_ctx=512, n_threads=1)))
     try:
         srv.wait_ready()
-        r = post(srv, pdf(uri("application/pdf", (files / "doc.pdf").read_bytes())))
+        r = post(srv.url, pdf(uri("application/pdf", (files / "doc.pdf").read_bytes())))
         assert r.status_code == 422 and "without --mmproj" in error_of(r)["message"]
     finally:
         srv.stop()
+
+
+def test_serve_takes_the_media_options_of_run_and_chat(converted, files, tmp_path, cli):
+    """``kimivl-edge serve --max-frames 2 --video-tokens 300 --doc-tokens 100``: the 4 s video becomes 2 frames (8
+    by default, as test_video_and_pdf_parts_reach_the_model_in_order shows); a video of larger frames and a PDF
+    page over their budgets are one-line 400s naming the option to change."""
+    text, mm = converted(ASSET, "f32", "f32")
+    write_video(tmp_path / "large.mp4", 20, size=(640, 480))  # 2 frames of 192 tokens: over 300
+    args = ["-m", str(text), "--mmproj", str(mm), "--threads", "1", "--kv-type", "f32", "--ctx", "4096",
+            "--max-body", str(BODY), "--max-frames", "2", "--video-tokens", "300", "--doc-tokens", "100"]
+    with serve_process(args, tmp_path / "server.log") as (_, url):
+        ok = post(url, video(uri("video/mp4", (files / "media/forty.mp4").read_bytes())))
+        assert ok.status_code == 200, ok.text
+        assert ok.json()["timings"]["frames_n"] == 2
+        for part, option in ((video(uri("video/mp4", (tmp_path / "large.mp4").read_bytes())), "--video-tokens"),
+                             (pdf(uri("application/pdf", (files / "doc.pdf").read_bytes())), "--doc-tokens")):
+            r = post(url, part)
+            err = error_of(r)
+            assert r.status_code == 400 and "\n" not in err["message"] and option in err["message"], r.text
+    bad = cli("serve", "-m", str(text), "--max-frames", "0")
+    assert bad.returncode == 2 and len(bad.stderr.splitlines()) == 1 and "max_frames" in bad.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -90,11 +90,20 @@ def test_concurrent_greedy_requests_equal_one_at_a_time(parallel_server, pics, s
     srv = parallel_server
     state: dict = {}
     inner_start = batch.BatchRunner.start
+    model = srv.scheduler.model
+    inner_pre_encode, prepared = model.pre_encode, []
 
-    def start(runner, job):  # the first request starts once the other two are queued
+    def pre_encode(messages):  # the encoder thread's work for each request, counted when done
+        n = inner_pre_encode(messages)
+        prepared.append(n)
+        return n
+
+    model.pre_encode = pre_encode
+
+    def start(runner, job):  # the first request starts once the other two are queued, their images encoded
         if not state:
             state["first"] = True
-            wait_for(lambda: srv.scheduler.waiting >= 2, "the other requests")
+            wait_for(lambda: srv.scheduler.waiting >= 2 and len(prepared) == 3, "the other requests")
         return inner_start(runner, job)
 
     monkeypatch.setattr(batch.BatchRunner, "start", start)

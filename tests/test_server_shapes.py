@@ -1,6 +1,7 @@
-"""Response shapes against llama.cpp's Python server (llama-cpp-python's bundled ``llama_cpp.server``) on our text
-GGUF: wherever both servers return a field (chat completion, stream chunk, usage, error), it has the same place
-and JSON type. Both are called with the same request through the official ``openai`` client's raw responses."""
+"""Response shapes against llama.cpp's Python server (llama-cpp-python's bundled ``llama_cpp.server``) on our GGUF
+pair (its ``mtmd`` chat format: llama.cpp's libmtmd loads our mmproj): wherever both servers return a field (model
+list, chat completion with and without an image, stream chunk, usage, error), it has the same place and JSON type.
+Both are called with the same request through the official ``openai`` client's raw responses."""
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from test_server import ASSET, ServerConfig, ThreadServer, create_app, free_port, load_tiny
+from test_server import ASSET, ServerConfig, ThreadServer, ask, create_app, data_uri, free_port, load_tiny
 
 
 def same_shape(ours, theirs, where: str = "") -> list[str]:
@@ -41,7 +42,8 @@ def both(converted, tmp_path_factory):
     log = tmp_path_factory.mktemp("lcp") / "llama_cpp_server.log"
     with log.open("w") as f:
         proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(text), "--port", str(port),
-                                 "--n_ctx", "512", "--n_threads", "1"], stdout=f, stderr=subprocess.STDOUT)
+                                 "--clip_model_path", str(mm), "--chat_format", "mtmd", "--n_ctx", "512",
+                                 "--n_threads", "1"], stdout=f, stderr=subprocess.STDOUT)
     theirs = f"http://127.0.0.1:{port}"
     try:
         ours.wait_ready()
@@ -92,3 +94,22 @@ def test_error_shapes_match(both):
     assert same_shape(ours.json(), theirs.json()) == []
     assert ours.status_code == 422  # theirs answers 500 for a validation error (llama-cpp-python 0.3.36)
 
+
+
+def test_model_list_shapes_match(both):
+    ours, theirs = (httpx.get(u + "/v1/models").json() for u in both)
+    assert set(ours) == set(theirs) == {"object", "data"} and ours["object"] == theirs["object"] == "list"
+    assert {"id", "object", "owned_by"} <= set(ours["data"][0]) & set(theirs["data"][0])
+    assert ours["data"][0]["object"] == theirs["data"][0]["object"] == "model"
+    assert same_shape(ours, theirs) == []
+
+
+def test_image_chat_shapes_and_answers_match(both, tmp_path):
+    from kimivl_edge.demo import demo_images
+
+    demo_images(tmp_path)
+    body = {"model": "m", "messages": ask("What colour is the triangle?", data_uri(tmp_path / "triangle.png")),
+            "max_tokens": 8, "temperature": 0}
+    ours, theirs = (post(u, body).json() for u in both)
+    assert set(theirs) <= set(ours) and same_shape(ours, theirs) == []
+    assert all("yellow" in r["choices"][0]["message"]["content"].lower() for r in (ours, theirs))

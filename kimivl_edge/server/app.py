@@ -38,7 +38,12 @@ log = logging.getLogger("kimivl_edge.server")
 def create_app(cfg: ServerConfig, loader: Callable[[], Any], on_load_error: Callable[[], None] | None = None
                ) -> FastAPI:
     """The app; ``loader()`` returns the KimiVL and runs on the worker thread when the app starts."""
-    sched = Scheduler(loader, cfg.max_queue, on_load_error, cfg.parallel)
+    def load() -> Any:
+        model = loader()
+        model.encode_progress = sched.check_cancelled  # a cancelled request's vision encode stops per layer
+        return model
+
+    sched = Scheduler(load, cfg.max_queue, on_load_error, cfg.parallel)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -110,7 +115,7 @@ class _Api:
         card = self.card
         turn = await run_in_threadpool(prepare_turn, body, self.cfg, card)
         job = Job(lambda emit, cancelled: run_turn(self.sched.model, turn, emit, cancelled), asyncio.get_running_loop(),
-                  (lambda model: model.pre_encode(turn.messages)) if _has_media(turn.messages) else None, turn)
+                  turn.pre_encode if _has_media(turn.messages) else None, turn)
         try:
             self.sched.submit(job)
         except QueueFull:

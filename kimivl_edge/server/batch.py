@@ -18,7 +18,7 @@ from ..prompt import ThinkingStreamSplitter
 from ..sampling import SamplerChain
 from ..tokenizer import StreamDecoder
 from ..grounding import parse_actions
-from .completion import STARTED, Done, Turn, progress_events
+from .completion import STARTED, Done, Turn, prefill_progress
 from .errors import APIError
 from .scheduler import Job
 from .stops import StopFilter
@@ -60,11 +60,10 @@ class BatchTurn:
                 segments = model.embed_prompt(prompt)
             except KimiVLError as e:  # an image cannot be decoded, ...
                 raise APIError(400, str(e), "invalid_request") from None
-            st.encode_seconds = clock() - t0 if prompt.images else 0.0
+            st.encode_seconds = (clock() - t0 if prompt.images else 0.0) + sum(turn.encoded_ahead)
             t0, before = clock(), bd.n_evaluated
             model._store_prefix(prompt, segments, seq)
-            progress = progress_events(st, self.emit) if turn.return_progress else None
-            bd.prefill(self.slot, segments, progress)
+            bd.prefill(self.slot, segments, prefill_progress(turn, st, self.emit, self.cancelled))
             st.evaluated_tokens = bd.n_evaluated - before
             st.prefill_seconds = clock() - t0
             self.emit(STARTED)

@@ -24,7 +24,7 @@ from .errors import APIError, invalid_field
 from .grammar import response_grammar
 from .media import document_bytes, image_bytes, video_bytes
 from .schemas import ChatRequest, ContentPart, Message
-from .scheduler import Emit
+from .scheduler import Cancelled, Emit
 from .stops import StopFilter
 
 if TYPE_CHECKING:
@@ -56,6 +56,14 @@ class Turn:
     stops: list[str]
     split_thinking: bool
     return_progress: bool = False
+    encoded_ahead: list[float] = field(default_factory=list)  # seconds pre_encode spent encoding this turn's media
+
+    def pre_encode(self, model: KimiVL) -> None:
+        """The encoder thread's ``prepare`` step (``KimiVL.pre_encode``); when it encodes any image, its time
+        (rendering and the vision encoder) is the turn's encode time, as the turn itself then finds them cached."""
+        t0 = time.perf_counter()
+        if model.pre_encode(self.messages):
+            self.encoded_ahead.append(time.perf_counter() - t0)
 
 
 @dataclass(frozen=True)
@@ -76,14 +84,21 @@ class PromptProgress:
     time_ms: float
 
 
-def progress_events(stats: Stats, emit: Emit) -> Callable[[int, int, str], None]:
-    """A prefill progress callback (``done`` of ``total`` evaluated positions) that emits PromptProgress events;
-    ``stats.prompt_tokens`` is the whole prompt's size (set before the prefill starts)."""
+def prefill_progress(turn: Turn, stats: Stats, emit: Emit, cancelled: threading.Event
+                     ) -> Callable[[int, int, str], None]:
+    """The turn's prefill progress callback (``done`` of ``total`` evaluated positions, after each chunk): it stops
+    the prefill of a cancelled turn (raises Cancelled; the decoder keeps what it evaluated, consistently) and, when
+    the turn asked for them, emits PromptProgress events. ``stats.prompt_tokens`` is the whole prompt's size (set
+    before the prefill starts)."""
     t0 = time.perf_counter()
 
     def report(done: int, total: int, unit: str) -> None:
-        cache = stats.prompt_tokens - total
-        emit(PromptProgress(stats.prompt_tokens, cache, cache + done, round(1e3 * (time.perf_counter() - t0), 1)))
+        if cancelled.is_set():
+            raise Cancelled
+        if turn.return_progress:
+            cache = stats.prompt_tokens - total
+            emit(PromptProgress(stats.prompt_tokens, cache, cache + done,
+                                round(1e3 * (time.perf_counter() - t0), 1)))
 
     return report
 
@@ -155,7 +170,7 @@ def _url(u: Any) -> str:
 def run_turn(model: KimiVL, turn: Turn, emit: Emit, cancelled: threading.Event) -> None:
     """On the worker thread: stream the turn's pieces through the stop strings; stop at once when cancelled."""
     tokens = model.stream_tokens(turn.messages, turn.settings)
-    model.prefill_progress = progress_events(tokens.stats, emit) if turn.return_progress else None
+    model.prefill_progress = prefill_progress(turn, tokens.stats, emit, cancelled)
     pieces = decode_pieces(_watched(tokens, emit, cancelled), model.tokenizer, turn.split_thinking)
     stop = StopFilter(turn.stops)
     answer: list[str] = []
@@ -178,6 +193,7 @@ def run_turn(model: KimiVL, turn: Turn, emit: Emit, cancelled: threading.Event) 
         pieces.close()
         tokens.close()
         model.prefill_progress = None
+    tokens.stats.encode_seconds += sum(turn.encoded_ahead)
     actions = parse_actions("".join(answer), tokens.image_sizes)
     emit(Done(tokens.stats, "stop" if stop.stopped else tokens.stats.finish_reason,
               [dataclasses.asdict(a) for a in actions]))

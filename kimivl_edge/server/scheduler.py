@@ -9,17 +9,26 @@ A job may also have a ``prepare(model)`` step that does not need the worker (``K
 the vision encoder). The encoder thread runs it for the job next in line while the worker runs the current job, so
 an image's encode does not stall the decode of the request before it; the worker starts a job once its
 ``prepare`` has finished. ``prepare`` only warms caches: its errors are ignored (the job itself meets them).
-Only the next job is prepared ahead, so what it puts in the model's caches is still there when it runs.
+Only the next ``parallel`` jobs in line (those the worker may start next) are prepared ahead, so what they put in
+the model's caches is still there when they run (unless they hold more images than the embedding cache).
 
 With ``parallel`` > 1 the worker runs up to that many chat turns at once (``batch.BatchRunner``: one llama_decode
-per step for all of them); such jobs carry their ``turn`` and their ``work`` is not used."""
+per step for all of them); such jobs carry their ``turn`` and their ``work`` is not used. The batched worker starts
+a job only once its ``prepare`` has finished and keeps stepping the running turns meanwhile, so a new request's
+vision encode (on the encoder thread) never pauses the others' decode.
+
+A cancelled job stops inside long work too: ``check_cancelled`` (a progress callback: the prefill's per chunk, the
+vision encoder's per layer) raises ``Cancelled`` when the job the calling thread works for has been cancelled; the
+worker ends that job quietly (its reader has gone)."""
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import itertools
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 log = logging.getLogger("kimivl_edge.server")
@@ -32,6 +41,10 @@ _DONE = object()
 
 class QueueFull(Exception):
     pass
+
+
+class Cancelled(Exception):
+    """Raised by ``Scheduler.check_cancelled`` inside a cancelled job's work; ends the job without an event."""
 
 
 class Job:
@@ -80,6 +93,7 @@ class Scheduler:
         self._cv = threading.Condition()
         self._stopping = False
         self._current: Job | None = None
+        self._working = threading.local()  # .job: the job this thread works for (worker or encoder thread)
         self._thread = threading.Thread(target=self._run, name="kimivl-worker", daemon=True)
         self._encoder = threading.Thread(target=self._prepare_loop, name="kimivl-encoder", daemon=True)
 
@@ -106,6 +120,20 @@ class Scheduler:
                 self._current.cancel()
             self._cv.notify_all()
         self._thread.join()
+
+    def check_cancelled(self, *_: object) -> None:
+        """A progress callback: raise Cancelled when the job this thread works for has been cancelled."""
+        job = getattr(self._working, "job", None)
+        if job is not None and job.cancelled.is_set():
+            raise Cancelled
+
+    @contextlib.contextmanager
+    def _working_for(self, job: Job) -> Iterator[None]:
+        self._working.job = job
+        try:
+            yield
+        finally:
+            self._working.job = None
 
     def submit(self, job: Job) -> None:
         with self._cv:
@@ -164,13 +192,14 @@ class Scheduler:
         try:
             while True:
                 with self._cv:
-                    while not self._jobs and not runner.running and not self._stopping:
+                    while not (runner.running or self._startable(runner) or self._stopping):
                         self._cv.wait()
                     if self._stopping:
                         return
-                    starting = [self._take() for _ in range(min(len(self._jobs), len(runner.free)))]
+                    starting: list[Job] = []
+                    while self._startable(runner) and len(starting) < len(runner.free):
+                        starting.append(self._take())
                 for job in starting:
-                    job.prepared.wait()
                     self._start_batched(runner, job)
                 for job in runner.step() if runner.running else []:
                     job.emit(_DONE)
@@ -179,39 +208,55 @@ class Scheduler:
                 t.job.emit(_DONE)
             runner.close()
 
-    @staticmethod
-    def _start_batched(runner: Any, job: Job) -> None:
+    def _startable(self, runner: Any) -> bool:
+        """Under the lock: the job first in line is prepared and a slot is free (an unprepared job waits for the
+        encoder thread while the running turns go on decoding)."""
+        return bool(self._jobs) and self._jobs[0].prepared.is_set() and bool(runner.free)
+
+    def _start_batched(self, runner: Any, job: Job) -> None:
         try:
-            if not job.cancelled.is_set() and runner.start(job):
-                return  # running: its _DONE comes when a step ends it
+            with self._working_for(job):
+                if not job.cancelled.is_set() and runner.start(job):
+                    return  # running: its _DONE comes when a step ends it
+        except Cancelled:
+            pass
         except Exception as e:  # the job's failure is its reader's; the others go on
             job.emit(e)
         job.emit(_DONE)
 
     def _prepare_loop(self) -> None:
-        """The encoder thread: ``prepare`` the job first in line, while the worker runs the one before it."""
+        """The encoder thread: ``prepare`` the first unclaimed job of the next ``parallel`` in line, while the worker
+        runs the ones before them."""
         while True:
             with self._cv:
-                while not self._stopping and (not self._jobs or self._jobs[0].claimed):
+                while not self._stopping and (job := self._unclaimed()) is None:
                     self._cv.wait()
-                if self._stopping:
+                if self._stopping or job is None:
                     return
-                job = self._jobs[0]
                 job.claimed = True
             try:
-                if not job.cancelled.is_set():
-                    assert job.prepare is not None  # jobs without one are claimed from the start
-                    job.prepare(self.model)
+                with self._working_for(job):
+                    if not job.cancelled.is_set():
+                        assert job.prepare is not None  # jobs without one are claimed from the start
+                        job.prepare(self.model)
             except Exception as e:  # the job meets the same error when it runs, and reports it
                 log.debug("prepare failed: %s", e)
             finally:
-                job.prepared.set()
+                with self._cv:
+                    job.prepared.set()
+                    self._cv.notify_all()  # the batched worker may be waiting for it
 
-    @staticmethod
-    def _run_job(job: Job) -> None:
+    def _unclaimed(self) -> Job | None:
+        """Under the lock: the first job not yet claimed among the next ``parallel`` in line."""
+        return next((j for j in itertools.islice(self._jobs, self.parallel) if not j.claimed), None)
+
+    def _run_job(self, job: Job) -> None:
         try:
-            if not job.cancelled.is_set():
-                job.work(job.emit, job.cancelled)
+            with self._working_for(job):
+                if not job.cancelled.is_set():
+                    job.work(job.emit, job.cancelled)
+        except Cancelled:
+            pass
         except Exception as e:  # the job's failure is its reader's; the worker serves the next job
             job.emit(e)
         job.emit(_DONE)
