@@ -48,8 +48,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGUFValueType
 
-from .errors import GGUFFileError, KimiVLError, UsageError, one_line
-from .gguf_file import GGUFFile
+from .errors import KimiVLError, UsageError, one_line
 from .mmproj import MmprojError, MmprojFile
 from .vision import Progress, check_patches
 
@@ -268,22 +267,18 @@ siblings abort the process (GGML_ASSERT) on any other type. Array keys clip chec
 ``clip_init`` turns into a failed load)."""
 
 
-def check_clip_keys(path: str | os.PathLike) -> None:
+def check_clip_keys(mm: MmprojFile) -> None:
     """Refuse (one-line ``MmprojError``) an mmproj that llama.cpp's clip would abort on rather than refuse: a scalar
     key it reads in another type than its getter's, or an audio encoder (clip would then read the audio keys too;
     Kimi-VL has none)."""
-    try:
-        with GGUFFile(path, tensors=False) as f:
-            types, meta = f.types, f.metadata
-    except GGUFFileError as e:
-        raise MmprojError(str(e)) from None
     for key, want in CLIP_SCALAR_TYPES.items():
-        if key in types and types[key][0] != want:
-            raise MmprojError(f"{path}: metadata {key} is {types[key][0].name}, llama.cpp's clip reads it as "
-                              f"{want.name} (it would abort): use the numpy vision backend or re-convert")
+        got = mm.value_type(key)
+        if got is not None and got != want:
+            raise MmprojError(f"{mm.path}: metadata {key} is {got.name}, llama.cpp's clip reads it as {want.name} "
+                              "(it would abort): use the numpy vision backend or re-convert")
     for key in ("clip.has_audio_encoder", "clip.has_gen_audio_encoder"):
-        if meta.get(key, False) is not False:
-            raise MmprojError(f"{path}: {key} is set: not a vision-only Kimi-VL mmproj")
+        if mm.value(key, False) is not False:
+            raise MmprojError(f"{mm.path}: {key} is set: not a vision-only Kimi-VL mmproj")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -322,7 +317,7 @@ class GgmlVisionEncoder:
         if hp.pos_emb_height != hp.pos_emb_width:
             raise MmprojError(f"{path}: {hp.pos_emb_height}x{hp.pos_emb_width} position table; llama.cpp's clip "
                               "assumes a square one: use the numpy vision backend")
-        check_clip_keys(path)
+        check_clip_keys(self.mmproj)
         self._lib = clip_library()
         self._ctx = self._lib.init(path, flash_attn)
         if not self._ctx:
