@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, TypeAlias
 
 import numpy as np
 
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, Keys
 
 from .errors import GGUFFileError, KimiVLError, UsageError, check_int
 from .gguf_file import GGUFFile
@@ -105,8 +105,9 @@ def check_kv_heads(path: str | Path, kv_type: str) -> None:
             meta = f.metadata
     except GGUFFileError:
         return  # llama.cpp reports the file
-    arch = meta.get("general.architecture")
-    heads = {k: meta.get(f"{arch}.attention.{k}") for k in ("key_length", "value_length")}
+    arch = meta.get(Keys.General.ARCHITECTURE)
+    heads = {key.split(".")[-1]: meta.get(key.format(arch=arch))
+             for key in (Keys.Attention.KEY_LENGTH, Keys.Attention.VALUE_LENGTH)}
     bad = [f"{k} {n}" for k, n in heads.items() if isinstance(n, int) and n % block]
     if bad:
         raise UsageError(f"kv_type {kv_type} needs head sizes that are multiples of {block}; this model has "

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gguf import ExpertGatingFuncType, GGMLQuantizationType, GGUFValueType, TokenType
+from gguf import ExpertGatingFuncType, GGMLQuantizationType, GGUFValueType, Keys, TokenType
 
 from .config import TEMPERATURE
 from .errors import GGUFFileError, KimiVLError
@@ -44,7 +44,14 @@ _INT_MAX = 2**31 - 1  # llama.cpp keeps most sizes in int32 arithmetic
 LLAMA_MAX_LAYERS, LLAMA_MAX_EXPERTS = 512, 1024  # src/llama-hparams.h of the llama.cpp we load with
 _ARCH = "deepseek2"
 _MAX_TEMPERATURE = 100.0  # a recommended temperature above this is not a sampling default but a damaged file
-_SPECIAL_ID_KEYS = ("bos", "eos", "eot", "eom", "unknown", "seperator", "padding", "mask")
+_SPECIAL_ID_KEYS = (Keys.Tokenizer.BOS_ID, Keys.Tokenizer.EOS_ID, Keys.Tokenizer.EOT_ID, Keys.Tokenizer.EOM_ID,
+                    Keys.Tokenizer.UNK_ID, Keys.Tokenizer.SEP_ID, Keys.Tokenizer.PAD_ID, Keys.Tokenizer.MASK_ID)
+_ROPE_SCALING_PREFIX = Keys.Rope.SCALING_TYPE.format(arch=_ARCH).removesuffix("type")  # "deepseek2.rope.scaling."
+
+
+def _k(template: str) -> str:
+    """A per-architecture ``gguf.Keys`` name (``"{arch}.block_count"``) for deepseek2."""
+    return template.format(arch=_ARCH)
 
 
 class _Header:
@@ -107,52 +114,50 @@ class TextHParams:
 def check_hparams(h: _Header) -> TextHParams:
     """The ``deepseek2.*`` keys llama.cpp reads for this architecture (llama-model.cpp ``load_hparams``,
     models/deepseek2.cpp), each in its type, in the range where llama.cpp neither aborts nor divides by zero."""
-    a = _ARCH + "."
-    arch = h.f.metadata.get("general.architecture")
+    arch = h.f.metadata.get(Keys.General.ARCHITECTURE)
     if arch != _ARCH:
         raise ModelFileError(f"{h.path}: architecture {arch!r} is not a Kimi-VL text model ({_ARCH})")
-    n_layer = h.need(a + "block_count", 1, LLAMA_MAX_LAYERS)
-    n_embd = h.need(a + "embedding_length")
-    n_ctx = h.need(a + "context_length")
-    n_head = h.need(a + "attention.head_count")
-    h.uint(a + "attention.head_count_kv", required=False)
-    h.uint(a + "feed_forward_length")
-    h.uint(a + "expert_feed_forward_length")
-    h.uint(a + "attention.kv_lora_rank")
-    h.uint(a + "expert_shared_count", 0)
-    h.uint(a + "attention.q_lora_rank", 0, 0, required=False)  # Kimi-VL has no q LoRA
-    h.uint(a + "leading_dense_block_count", 0, n_layer, required=False)
-    n_expert = h.need(a + "expert_count", 1, LLAMA_MAX_EXPERTS)
-    h.uint(a + "expert_used_count", 1, n_expert)
-    groups = h.uint(a + "expert_group_count", 0, n_expert - 1, required=False) or 0
+    n_layer = h.need(_k(Keys.LLM.BLOCK_COUNT), 1, LLAMA_MAX_LAYERS)
+    n_embd = h.need(_k(Keys.LLM.EMBEDDING_LENGTH))
+    n_ctx = h.need(_k(Keys.LLM.CONTEXT_LENGTH))
+    n_head = h.need(_k(Keys.Attention.HEAD_COUNT))
+    h.uint(_k(Keys.Attention.HEAD_COUNT_KV), required=False)
+    h.uint(_k(Keys.LLM.FEED_FORWARD_LENGTH))
+    h.uint(_k(Keys.LLM.EXPERT_FEED_FORWARD_LENGTH))
+    h.uint(_k(Keys.Attention.KV_LORA_RANK))
+    h.uint(_k(Keys.LLM.EXPERT_SHARED_COUNT), 0)
+    h.uint(_k(Keys.Attention.Q_LORA_RANK), 0, 0, required=False)  # Kimi-VL has no q LoRA
+    h.uint(_k(Keys.LLM.LEADING_DENSE_BLOCK_COUNT), 0, n_layer, required=False)
+    n_expert = h.need(_k(Keys.LLM.EXPERT_COUNT), 1, LLAMA_MAX_EXPERTS)
+    h.uint(_k(Keys.LLM.EXPERT_USED_COUNT), 1, n_expert)
+    groups = h.uint(_k(Keys.LLM.EXPERT_GROUP_COUNT), 0, n_expert - 1, required=False) or 0
     if groups > 1:
         if n_expert % groups:
             raise ModelFileError(f"{h.path}: {n_expert} experts do not split into {groups} groups")
-        h.uint(a + "expert_group_used_count", 1, groups - 1)
-    gating = h.uint(a + "expert_gating_func", 0, 3, required=False)
+        h.uint(_k(Keys.LLM.EXPERT_GROUP_USED_COUNT), 1, groups - 1)
+    gating = h.uint(_k(Keys.LLM.EXPERT_GATING_FUNC), 0, 3, required=False)
     if gating not in (None, int(ExpertGatingFuncType.SIGMOID)):
         raise ModelFileError(f"{h.path}: expert gating function {gating} is not Kimi-VL's sigmoid")
     _check_head_dims(h, n_embd, n_head)
-    h.float(a + "attention.layer_norm_rms_epsilon", 1e-12, 1.0)
-    h.float(a + "rope.freq_base", 1.0, 1e12, required=False)
-    h.float(a + "expert_weights_scale", 1e-6, 1e6, required=False)
-    h._get(a + "expert_weights_norm", BOOL, None, required=False)
+    h.float(_k(Keys.Attention.LAYERNORM_RMS_EPS), 1e-12, 1.0)
+    h.float(_k(Keys.Rope.FREQ_BASE), 1.0, 1e12, required=False)
+    h.float(_k(Keys.LLM.EXPERT_WEIGHTS_SCALE), 1e-6, 1e6, required=False)
+    h._get(_k(Keys.LLM.EXPERT_WEIGHTS_NORM), BOOL, None, required=False)
     for key in h.f.metadata:
-        if key.startswith(a + "rope.scaling."):  # Kimi-VL has none; llama.cpp aborts on an unknown scaling type
+        if key.startswith(_ROPE_SCALING_PREFIX):  # Kimi-VL has none; llama.cpp aborts on an unknown scaling type
             raise ModelFileError(f"{h.path}: unexpected metadata {key} (Kimi-VL has no RoPE scaling)")
     n_vocab = _check_vocab(h)
-    h.uint(a + "vocab_size", n_vocab, n_vocab, required=False)
+    h.uint(_k(Keys.LLM.VOCAB_SIZE), n_vocab, n_vocab, required=False)
     return TextHParams(n_embd=n_embd, n_layer=n_layer, n_ctx_train=n_ctx, n_vocab=n_vocab)
 
 
 def _check_head_dims(h: _Header, n_embd: int, n_head: int) -> None:
     """MLA head sizes: llama.cpp asserts that the no-RoPE part of a query head is at least 1 wide."""
-    a = _ARCH + "."
-    k_len = h.uint(a + "attention.key_length", required=False) or n_embd // n_head
-    k_mla = h.uint(a + "attention.key_length_mla", required=False)
-    v_mla = h.uint(a + "attention.value_length_mla", required=False)
-    h.uint(a + "attention.value_length", required=False)
-    n_rot = h.uint(a + "rope.dimension_count", 2, required=False) or k_len
+    k_len = h.uint(_k(Keys.Attention.KEY_LENGTH), required=False) or n_embd // n_head
+    k_mla = h.uint(_k(Keys.Attention.KEY_LENGTH_MLA), required=False)
+    v_mla = h.uint(_k(Keys.Attention.VALUE_LENGTH_MLA), required=False)
+    h.uint(_k(Keys.Attention.VALUE_LENGTH), required=False)
+    n_rot = h.uint(_k(Keys.Rope.DIMENSION_COUNT), 2, required=False) or k_len
     k_head = k_mla if k_mla and v_mla else k_len
     if n_rot % 2 or n_rot >= k_head:
         raise ModelFileError(f"{h.path}: RoPE dimension {n_rot} must be even and below the key head size {k_head}")
@@ -161,27 +166,27 @@ def _check_head_dims(h: _Header, n_embd: int, n_head: int) -> None:
 def _check_vocab(h: _Header) -> int:
     """The vocabulary arrays llama.cpp indexes: tokens unique and non-empty (it aborts on a duplicate), token types
     one per token, merges in "left right" form, special ids inside the vocabulary. Returns the vocabulary size."""
-    if h.string("tokenizer.ggml.model") != "gpt2":
+    if h.string(Keys.Tokenizer.MODEL) != "gpt2":
         raise ModelFileError(f"{h.path}: no BPE vocabulary (tokenizer.ggml.model is not gpt2)")
-    tokens = h.array("tokenizer.ggml.tokens", STR)
+    tokens = h.array(Keys.Tokenizer.LIST, STR)
     n = len(tokens)
     if n == 0 or n > _INT_MAX:
         raise ModelFileError(f"{h.path}: tokenizer.ggml.tokens is empty")
     if len(set(tokens)) != n or "" in tokens:
         raise ModelFileError(f"{h.path}: tokenizer.ggml.tokens has an empty or repeated token text")
-    for key, etype in (("tokenizer.ggml.token_type", I32), ("tokenizer.ggml.scores", F32)):
-        arr = h.array(key, etype, required=key.endswith("token_type"))
+    for key, etype in ((Keys.Tokenizer.TOKEN_TYPE, I32), (Keys.Tokenizer.SCORES, F32)):
+        arr = h.array(key, etype, required=key == Keys.Tokenizer.TOKEN_TYPE)
         if arr is not None and len(arr) != n:
             raise ModelFileError(f"{h.path}: {key} has {len(arr)} entries for {n} tokens")
-    merges = h.array("tokenizer.ggml.merges", STR, required=False)
+    merges = h.array(Keys.Tokenizer.MERGES, STR, required=False)
     if not merges:
         raise ModelFileError(f"{h.path}: the vocabulary has no merges (llama.cpp would tokenize byte by byte); "
                              "reconvert it with kimivl-edge convert")
     bad = next((m for m in merges if m.find(" ", 1) in (-1, len(m) - 1)), None)
     if bad is not None:
         raise ModelFileError(f"{h.path}: merge {bad!r} is not two token texts separated by a space")
-    for kind in _SPECIAL_ID_KEYS:
-        h.uint(f"tokenizer.ggml.{kind}_token_id", 0, n - 1, required=False)
+    for key in _SPECIAL_ID_KEYS:
+        h.uint(key, 0, n - 1, required=False)
     return n
 
 
@@ -265,11 +270,11 @@ class TextModelInfo:
             if variant not in TEMPERATURE:
                 raise ModelFileError(f"{path}: unknown variant {variant!r} (expected one of "
                                      f"{', '.join(TEMPERATURE)})")
-            temperature = h.float("general.sampling.temp", 0.0, _MAX_TEMPERATURE, required=False)
+            temperature = h.float(Keys.General.SAMPLING_TEMP, 0.0, _MAX_TEMPERATURE, required=False)
             return cls(
                 path=path, n_embd=hp.n_embd, n_layer=hp.n_layer, n_ctx_train=hp.n_ctx_train, n_vocab=hp.n_vocab,
                 variant=variant, temperature=TEMPERATURE[variant] if temperature is None else temperature,
-                chat_template=h.string("tokenizer.chat_template", required=False) or "",
+                chat_template=h.string(Keys.Tokenizer.CHAT_TEMPLATE, required=False) or "",
                 media_placeholder_id=tok.media_pad_id, tokenizer=tok,
                 tensor_types={name: t.type for name, t in f.tensors.items()} if tensors else {},
             )
@@ -280,7 +285,7 @@ class TextModelInfo:
 def _tokenizer(h: _Header) -> Tokenizer:
     """Base tokens (NORMAL, in id order) are the BPE ranks; CONTROL and USER_DEFINED tokens the specials by name."""
     meta, path = h.f.metadata, h.path
-    tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+    tokens, types = meta[Keys.Tokenizer.LIST], meta[Keys.Tokenizer.TOKEN_TYPE]
     ranks: dict[bytes, int] = {}
     specials: dict[str, int] = {}
     for i, (t, ty) in enumerate(zip(tokens, types.tolist())):
@@ -293,7 +298,7 @@ def _tokenizer(h: _Header) -> Tokenizer:
             if b in ranks:
                 raise ModelFileError(f"{path}: base tokens {ranks[b]} and {i} have the same bytes")
             ranks[b] = i
-    stops = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta]
+    stops = [meta[k] for k in (Keys.Tokenizer.EOS_ID, Keys.Tokenizer.EOT_ID) if k in meta]
     try:
         return Tokenizer(ranks, specials, extra_stop_ids=stops)
     except KimiVLError as e:

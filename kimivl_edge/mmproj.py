@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from gguf import GGUFValueType
 
 from .errors import GGUFFileError
 from .gguf_file import GGUFFile, TensorInfo
@@ -98,6 +99,12 @@ class MmprojFile:
     def value(self, key: str, default: Any = None) -> Any:
         """A metadata value (scalar, string or numpy array), or ``default`` when the key is absent."""
         return self._file.get(key, default)
+
+    def value_type(self, key: str) -> GGUFValueType | None:
+        """The GGUF type a metadata value is stored in (None when the key is absent): llama.cpp reads each key in
+        one type only."""
+        t = self._file.types.get(key)
+        return None if t is None else t[0]
 
     def _required(self, key: str) -> Any:
         v = self.value(key)

@@ -46,6 +46,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+from gguf import GGUFValueType
 
 from .errors import KimiVLError, UsageError, one_line
 from .mmproj import MmprojError, MmprojFile
@@ -54,7 +55,7 @@ from .vision import Progress, check_patches
 __all__ = [
     "LLAMA_CPP_PYTHON_VERSION", "SYMBOLS", "GgmlBackendError", "ClipContextParams", "ClipInitResult",
     "StdVectorF32", "ClipImageF32", "ClipLibrary", "library_path", "check_version", "clip_library", "patches_to_image",
-    "GgmlVisionEncoder",
+    "CLIP_SCALAR_TYPES", "check_clip_keys", "GgmlVisionEncoder",
 ]
 
 def _pinned_llama_cpp_python() -> str:
@@ -245,6 +246,42 @@ def clip_library() -> ClipLibrary:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# what clip_init does not check
+
+_U32, _STR, _BOOL = GGUFValueType.UINT32, GGUFValueType.STRING, GGUFValueType.BOOL
+CLIP_SCALAR_TYPES: dict[str, GGUFValueType] = {
+    "general.name": _STR, "general.description": _STR,
+    "clip.has_vision_encoder": _BOOL, "clip.has_audio_encoder": _BOOL, "clip.has_gen_audio_encoder": _BOOL,
+    "clip.projector_type": _STR, "clip.vision.projector_type": _STR,
+    "clip.vision.embedding_length": _U32, "clip.vision.attention.head_count": _U32,
+    "clip.vision.attention.head_dim": _U32, "clip.vision.feed_forward_length": _U32, "clip.vision.block_count": _U32,
+    "clip.vision.projection_dim": _U32, "clip.vision.attention.layer_norm_epsilon": GGUFValueType.FLOAT32,
+    "clip.vision.attention.head_count_kv": _U32, "clip.vision.image_size": _U32, "clip.vision.patch_size": _U32,
+    "clip.minicpmv_version": GGUFValueType.INT32, "clip.minicpmv_query_num": _U32,
+    "clip.use_gelu": _BOOL, "clip.use_silu": _BOOL, "clip.vision.mm_patch_merge_type": _STR,
+    "clip.vision.projector.scale_factor": _U32,
+}
+"""Every scalar key ``clip_init`` reads from a vision-only ``kimivl`` projector (``clip_model_loader`` in
+tools/mtmd/clip.cpp, names from clip-impl.h), with the one GGUF type its getter takes: ``gguf_get_val_u32`` and its
+siblings abort the process (GGML_ASSERT) on any other type. Array keys clip checks itself (an exception, which
+``clip_init`` turns into a failed load)."""
+
+
+def check_clip_keys(mm: MmprojFile) -> None:
+    """Refuse (one-line ``MmprojError``) an mmproj that llama.cpp's clip would abort on rather than refuse: a scalar
+    key it reads in another type than its getter's, or an audio encoder (clip would then read the audio keys too;
+    Kimi-VL has none)."""
+    for key, want in CLIP_SCALAR_TYPES.items():
+        got = mm.value_type(key)
+        if got is not None and got != want:
+            raise MmprojError(f"{mm.path}: metadata {key} is {got.name}, llama.cpp's clip reads it as {want.name} "
+                              "(it would abort): use the numpy vision backend or re-convert")
+    for key in ("clip.has_audio_encoder", "clip.has_gen_audio_encoder"):
+        if mm.value(key, False) is not False:
+            raise MmprojError(f"{mm.path}: {key} is set: not a vision-only Kimi-VL mmproj")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # pixels
 
 def patches_to_image(patches: np.ndarray, gh: int, gw: int, patch_size: int) -> np.ndarray:
@@ -280,6 +317,7 @@ class GgmlVisionEncoder:
         if hp.pos_emb_height != hp.pos_emb_width:
             raise MmprojError(f"{path}: {hp.pos_emb_height}x{hp.pos_emb_width} position table; llama.cpp's clip "
                               "assumes a square one: use the numpy vision backend")
+        check_clip_keys(self.mmproj)
         self._lib = clip_library()
         self._ctx = self._lib.init(path, flash_attn)
         if not self._ctx:

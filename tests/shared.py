@@ -52,7 +52,8 @@ def mmproj_float32(mm, name: str):
 
 
 def llama_last_logits(decoder) -> np.ndarray:
-    """A copy of the logits llama.cpp holds for the last evaluated position of a ``Decoder`` ([n_vocab])."""
+    """A copy of the logits llama.cpp holds for the last evaluated position of a ``Decoder`` or a ``BatchDecoder``
+    (anything with the llama.cpp context ``ctx`` and ``n_vocab``): [n_vocab]."""
     import llama_cpp
 
     p = llama_cpp.llama_get_logits_ith(decoder.ctx, -1)

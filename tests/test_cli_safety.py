@@ -2,6 +2,7 @@
 (``| head``), and progress reporting (the hooks, and silence when stderr is not a terminal)."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -217,6 +218,41 @@ def test_an_image_budget_larger_than_half_the_context_is_said_at_load():
     assert image_budget_note(Fake(4096, None, 4096)) is None  # type: ignore[arg-type]
     assert image_budget_note(Fake(4096, None, 2048)) is None  # type: ignore[arg-type]  # 1024 tokens: half
     assert image_budget_note(Fake(4096, None, 1024)) is not None  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("variant", ["thinking-2506", "instruct"])
+def test_run_says_the_image_budget_note_at_the_default_ctx(cli, tiny_checkpoint, converted, variant):
+    """The note above, in ``run``'s own output: a Thinking-2506 model at the default --ctx (4096) gets one ``note:``
+    line on stderr and still answers; an Instruct model (4096 patches = 1024 tokens, a quarter) gets none. The
+    budget comes from the checkpoint's own preprocessor_config.json."""
+    ckpt = tiny_checkpoint(variant)
+    limit = json.loads((ckpt / "preprocessor_config.json").read_text())["in_token_limit"]
+    text, mmproj = converted(ckpt, "f32", "f16")
+    r = cli("run", "-m", str(text), "--mmproj", str(mmproj), "-p", "Hi", "--max-tokens", "1", "--threads", "1",
+            "--no-cache")
+    assert r.returncode == 0, r.stderr
+    notes = [line for line in r.stderr.splitlines() if line.startswith("note:")]
+    if limit // 4 > 4096 // 2:
+        assert len(notes) == 1, r.stderr
+        assert f"{limit // 4} image tokens ({limit} patches) of the 4096-token context" in notes[0], notes
+        assert "--ctx" in notes[0] and "--max-image-patches 8192" in notes[0], notes
+    else:
+        assert notes == [], r.stderr
+    assert variant != "thinking-2506" or notes, "the Thinking-2506 checkpoint must exceed half the context"
+
+
+@pytest.mark.parametrize("extra", [[], ["--flash-attn"]])
+def test_a_quantized_kv_cache_is_refused_in_one_line(cli, pair, extra):
+    """Issue 14 defect 11: ``--kv-type q8_0`` on the tiny model (cached K head 272 = kv_lora_rank 256 + RoPE 16, not
+    a multiple of 32; without flash attention llama.cpp keeps no quantized V cache at all) is one line on stderr
+    and exit 2, before anything is generated."""
+    r = cli("run", "-m", str(pair[0]), "-p", "Hi", "--kv-type", "q8_0", "--max-tokens", "1", "--threads", "1", *extra)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith("kimivl-edge run: error: ") and "q8_0" in lines[0], lines
+    reason = ("key_length 272", "multiples of 32") if extra else ("flash",)
+    assert all(w in lines[0] for w in reason), lines
+    assert r.stdout == "", r.stdout
 
 
 def test_no_exif_reaches_the_loader(monkeypatch):

@@ -39,9 +39,9 @@ GT = gguf.GGMLQuantizationType
 # fixtures
 
 @pytest.fixture(scope="module")
-def ckpt_dir(tmp_path_factory) -> Path:
+def ckpt_dir(tiny_checkpoint) -> Path:
     """tiny preset: hidden 128, 2 heads of 64, 3 layers, intermediate 256, pos-emb 16x16, text hidden 256."""
-    return synth(tmp_path_factory.mktemp("mmproj") / "tiny", "tiny", "instruct", seed=3)
+    return tiny_checkpoint("instruct", seed=3)
 
 
 @pytest.fixture(scope="module")

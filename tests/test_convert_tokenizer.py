@@ -36,7 +36,6 @@ from kimivl_edge.synth import (
     SPECIAL_TOKEN_OFFSETS,
     build_vocab,
     extend_vocab,
-    synth,
     write_tiktoken_model,
     write_tokenizer_config,
 )
@@ -183,9 +182,8 @@ def fake_checkpoint(src: Path, dst: Path, tokens: list[bytes], extra_ids: int = 
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tiny")
-    return {v: synth(root / v, "tiny", v, seed=0) for v in VARIANTS}
+def tiny(tiny_checkpoint) -> dict[str, Path]:
+    return {v: tiny_checkpoint(v) for v in VARIANTS}
 
 
 @pytest.fixture(scope="module")

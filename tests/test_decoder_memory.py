@@ -153,14 +153,23 @@ def test_loading_without_mmap_gives_the_same_logits(ggufs):
     np.testing.assert_array_equal(out[1], out[0])
 
 
-def test_extra_buffers_are_refused_only_where_amx_is_on():
-    """llama.cpp's AMX buffer aborts the process on deepseek2 (3-D MLA matrices); CPU_REPACK alone is fine."""
-    from kimivl_edge.decoder import _repack_types, extra_buffers_safe
+def test_extra_buffers_are_refused_only_where_amx_is_on(ggufs, monkeypatch):
+    """llama.cpp's AMX buffer aborts the process on deepseek2 (3-D MLA matrices); CPU_REPACK alone is fine. The
+    machine is llama.cpp's system info line: on an AVX2 CPU without AMX the wide file's Q4_0 experts are repacked,
+    on a Sapphire Rapids one (AMX) nothing is, as the weights stay in their file layout there."""
+    import llama_cpp
+
+    from kimivl_edge.decoder import extra_buffers_safe
 
     zen3 = "CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | AVX512 = 0 | AMX_INT8 = 0 | REPACK = 1 | "
     spr = "CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | AVX512 = 1 | AMX_INT8 = 1 | REPACK = 1 | "
     assert extra_buffers_safe(zen3) and not extra_buffers_safe(spr)
-    assert _repack_types(zen3) and not _repack_types(spr)
+    repacked = {}
+    for name, info in (("zen3", zen3), ("spr", spr)):
+        monkeypatch.setattr(llama_cpp, "llama_print_system_info", lambda info=info: info.encode())
+        repacked[name] = repacked_tensors(ggufs[1])
+    assert {n.split(".")[-2] for n in repacked["zen3"]} >= {"ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"}
+    assert repacked["spr"] == []
 
 
 LOAD_QUANTIZED = r"""

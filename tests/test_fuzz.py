@@ -423,15 +423,16 @@ GGUF_READERS = {"text": read_text, "mmproj": read_mmproj}
 
 class Bench:
     """A scratch file per kind, rewritten per mutant (patched in place where only a field changes: rewriting the
-    whole file dominates the run otherwise). Accepted text mutants are kept (a deterministic sample of at most
-    ``KEEP``) for the llama.cpp pass."""
+    whole file dominates the run otherwise). Accepted mutants of each kind are kept (a deterministic sample of at
+    most ``KEEP``) for the llama.cpp pass: text ones for ``KimiVL.load``, mmproj ones for clip (``--vision-backend
+    ggml``)."""
 
     KEEP = 40
 
     def __init__(self, root: Path):
         self.root = root
-        self.accepted_text: list[tuple[str, Path]] = []
-        self._seen_text = 0
+        self.accepted: dict[str, list[tuple[str, Path]]] = {"text": [], "mmproj": []}
+        self._seen: Counter = Counter()
         self._rng = random.Random(14)
 
     def gguf(self, kind: str, what: str, blob: bytes) -> None:
@@ -457,18 +458,17 @@ class Bench:
         if not judge(f"{kind} mutant [{what}]", lambda: GGUF_READERS[kind](p), size, trace):
             return
         TOTALS[kind, "accepted"] += 1
-        if kind == "text" and what != "original":  # reservoir sample: every accepted mutant equally likely
-            self._seen_text += 1
-            slot = len(self.accepted_text) if len(self.accepted_text) < self.KEEP else \
-                self._rng.randrange(self._seen_text)
+        if what != "original":  # reservoir sample: every accepted mutant equally likely
+            kept = self.accepted[kind]
+            self._seen[kind] += 1
+            slot = len(kept) if len(kept) < self.KEEP else self._rng.randrange(self._seen[kind])
             if slot < self.KEEP:
-                keep = self.root / f"accepted{slot}.gguf"
+                keep = self.root / f"accepted-{kind}{slot}.gguf"
                 shutil.copyfile(p, keep)
-                entry = (what, keep)
-                if slot == len(self.accepted_text):
-                    self.accepted_text.append(entry)
+                if slot == len(kept):
+                    kept.append((what, keep))
                 else:
-                    self.accepted_text[slot] = entry
+                    kept[slot] = (what, keep)
 
 
 @pytest.fixture(scope="module")
@@ -505,7 +505,7 @@ def test_gguf_structural(pair, bench, kind):
     run()
 
 
-CHILD = textwrap.dedent("""
+LLAMA_CHILD = textwrap.dedent("""
     import sys
     from kimivl_edge.errors import KimiVLError
     from kimivl_edge.model import KimiVL
@@ -521,30 +521,66 @@ CHILD = textwrap.dedent("""
             print("REFUSED", path, flush=True)
 """)
 
+CLIP_CHILD = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from kimivl_edge.errors import KimiVLError
+    from kimivl_edge.vision_ggml import GgmlVisionEncoder
+    for path in sys.argv[1:]:
+        print("START", path, flush=True)
+        try:
+            with GgmlVisionEncoder(path, threads=1) as enc:
+                p, m = enc.hparams.patch_size, enc.hparams.merge_size
+                patches = np.linspace(-1, 1, m * m * 3 * p * p, dtype=np.float32).reshape(m * m, 3, p, p)
+                enc.encode(patches, [[m, m]])
+            print("LOADED", path, flush=True)
+        except KimiVLError as e:
+            assert "\\n" not in str(e)
+            print("REFUSED", path, flush=True)
+""")
 
-def test_llama_sees_only_safe_files(bench, pair):
-    """Every text mutant our checks accepted (the test_gguf_* ones above ran first) is loaded by llama.cpp through
-    ``KimiVL.load`` and generates a token, in child processes: a crash names its mutant; the rest keep going."""
-    assert bench.accepted_text, "run with the test_gguf_* tests"
-    paths = {str(p): what for what, p in bench.accepted_text}
-    paths[str(pair[0])] = "original"
-    todo, crashed, loaded_original = list(paths), [], False
+
+def survive_children(tool: str, script: str, files: dict[str, str]) -> list[str]:
+    """Runs ``script`` on ``files`` ({path: what}) in child processes, one after another in one child until one
+    dies; the next child starts after the file it died on. Counts every verdict in TOTALS[tool, ...]; returns the
+    crashes, each naming its mutant."""
+    todo, crashed = list(files), []
     while todo:
-        r = subprocess.run([sys.executable, "-c", CHILD, *todo], capture_output=True, text=True, timeout=600,
+        r = subprocess.run([sys.executable, "-c", script, *todo], capture_output=True, text=True, timeout=600,
                            cwd=Path(__file__).resolve().parents[1])
         for line in r.stdout.splitlines():
             if line.startswith(("LOADED", "REFUSED")):
                 verdict, path = line.split(" ", 1)
-                TOTALS["llama", verdict.lower()] += 1
-                loaded_original |= verdict == "LOADED" and paths[path] == "original"
+                TOTALS[tool, verdict.lower()] += 1
+                TOTALS[tool, f"original {verdict.lower()}"] += files[path] == "original"
         if r.returncode == 0:
             break
         started = [line.split(" ", 1)[1] for line in r.stdout.splitlines() if line.startswith("START")]
         culprit = started[-1] if started else todo[0]
-        crashed.append(f"{paths[culprit]} (exit {r.returncode}: {r.stderr.strip()[-300:]})")
+        crashed.append(f"{files[culprit]} (exit {r.returncode}: {r.stderr.strip()[-300:]})")
         todo = todo[todo.index(culprit) + 1:]
+    return crashed
+
+
+def test_llama_sees_only_safe_files(bench, pair):
+    """Every text mutant our checks accepted (the test_gguf_* ones above ran first) is loaded by llama.cpp through
+    ``KimiVL.load`` and generates a token, in child processes: a crash names its mutant; the rest keep going."""
+    assert bench.accepted["text"], "run with the test_gguf_* tests"
+    files = {str(p): what for what, p in bench.accepted["text"]} | {str(pair[0]): "original"}
+    crashed = survive_children("llama", LLAMA_CHILD, files)
     assert not crashed, f"llama.cpp crashed on files we accepted: {crashed}"
-    assert loaded_original, "the child process must load the unmutated file"
+    assert TOTALS["llama", "original loaded"] == 1, "the child process must load the unmutated file"
+
+
+def test_clip_sees_only_safe_mmproj_files(bench, pair):
+    """Every mmproj mutant our reader accepted goes to llama.cpp's clip (``--vision-backend ggml``:
+    ``GgmlVisionEncoder``, i.e. ``clip_init``, then one image encoded), in child processes. No crash or abort: clip
+    either loads the file or our checks refuse it with a one-line ``KimiVLError``."""
+    assert bench.accepted["mmproj"], "run with the test_gguf_* tests"
+    files = {str(p): what for what, p in bench.accepted["mmproj"]} | {str(pair[1]): "original"}
+    crashed = survive_children("clip", CLIP_CHILD, files)
+    assert not crashed, f"llama.cpp's clip crashed on mmproj files we accepted: {crashed}"
+    assert TOTALS["clip", "original loaded"] == 1, "the child process must load and encode with the unmutated file"
 
 
 # -- checkpoint files: safetensors shards, JSON, tiktoken.model -----------------------------------------------------
@@ -742,11 +778,13 @@ def test_tiktoken_model(scratch):
 def test_summary(pair):
     """Printed with ``pytest -s``: how many mutants each file kind got, and how many every reader accepted."""
     lines = [f"{kind:>28}: {TOTALS[kind, 'mutants']:6d} mutants, {TOTALS[kind, 'accepted']:5d} accepted"
-             for kind in sorted({k for k, _ in TOTALS} - {"llama"})]
+             for kind in sorted({k for k, _ in TOTALS} - {"llama", "clip"})]
     total = sum(v for (_, what), v in TOTALS.items() if what == "mutants")
     print(f"\nfuzz: {total} mutants in all; of the accepted text mutants, llama.cpp (KimiVL.load in a child "
           f"process) loaded {TOTALS['llama', 'loaded']} and generated, refused {TOTALS['llama', 'refused']}, "
-          "crashed on none\n" + "\n".join(lines))
+          f"crashed on none; of the accepted mmproj mutants, llama.cpp's clip (GgmlVisionEncoder in a child process) "
+          f"loaded {TOTALS['clip', 'loaded']} and encoded, refused {TOTALS['clip', 'refused']}, crashed on none\n"
+          + "\n".join(lines))
     assert total > 0
 
 
@@ -870,6 +908,41 @@ def test_mmproj_defect_refused(pair, tmp_path, defect):
     edit, match = MMPROJ_DEFECTS[defect]
     p = edited(pair[1], tmp_path / "bad.gguf", edit)
     refused(lambda: MmprojFile(p), match)
+
+
+def _add_audio_encoder(g: Gguf) -> None:  # an audio encoder whose first key clip reads is in the wrong type
+    g.kvs += [KV(b"clip.has_audio_encoder", GGUFValueType.BOOL, b"\x01"),
+              KV(b"clip.audio.embedding_length", GGUFValueType.INT32, struct.pack("<i", 128))]
+
+
+# Each: an mmproj our reader (the numpy backend) accepts, which llama.cpp's clip_init aborts on (GGML_ASSERT in
+# gguf_get_val_*: a scalar read in another type); found by test_clip_sees_only_safe_mmproj_files.
+CLIP_DEFECTS = {
+    "patch size as INT32": (set_value("clip.vision.patch_size", GGUFValueType.INT32, struct.pack("<i", 14)),
+                            "clip.vision.patch_size is INT32"),
+    "an audio encoder": (_add_audio_encoder, "clip.has_audio_encoder is set"),
+}
+
+CLIP_PROBE = textwrap.dedent("""
+    import sys
+    from kimivl_edge.vision_ggml import clip_library
+    print("loaded" if clip_library().init(sys.argv[1]) else "refused")
+""")
+
+
+@pytest.mark.parametrize("defect", list(CLIP_DEFECTS))
+def test_clip_aborts_where_we_refuse(pair, tmp_path, defect):
+    """The hazard ``check_clip_keys`` guards against: llama.cpp's clip_init, handed the file directly, kills the
+    process (SIGABRT). The numpy backend's reader accepts the file (it reads every integer type); the ggml backend
+    refuses it with a one-line MmprojError before clip sees it."""
+    from kimivl_edge.vision_ggml import GgmlVisionEncoder
+
+    edit, match = CLIP_DEFECTS[defect]
+    p = edited(pair[1], tmp_path / "bad.gguf", edit)
+    r = subprocess.run([sys.executable, "-c", CLIP_PROBE, str(p)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == -signal.SIGABRT, (r.returncode, r.stdout)
+    MmprojFile(p)
+    refused(lambda: GgmlVisionEncoder(p, threads=1), match)
 
 
 def test_directory_given_as_gguf(pair, tmp_path):

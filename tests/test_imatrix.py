@@ -228,8 +228,8 @@ def _tensors(path: Path) -> dict[str, object]:
 
 
 @pytest.mark.parametrize("outtype", ["q4_k_m", "q5_k_m", "q6_k", "iq4_xs", "iq2_xxs"])
-def test_convert_with_imatrix_is_byte_identical_to_llama_quantize(llama_quantize, cli_imatrix, bf16_file, f32_pair,
-                                                                  tmp_path, outtype):
+def test_convert_with_imatrix_equals_llama_quantize_tensor_for_tensor(llama_quantize, cli_imatrix, bf16_file,
+                                                                       f32_pair, tmp_path, outtype):
     """llama-quantize reads our file (its own loader) and quantizes our BF16 file with it: our one-pass file has the
     same types and bytes, tensor by tensor; the imatrix changed them (against the file without one)."""
     from kimivl_edge.convert import convert_checkpoint

@@ -22,6 +22,7 @@ from kimivl_edge.errors import UsageError
 from kimivl_edge.model import KimiVL
 from kimivl_edge.prefix_cache import SUFFIX, Entry, PrefixCache
 from kimivl_edge.prompt import user_message
+from shared import llama_last_logits
 
 ROOT = Path(__file__).resolve().parents[1]
 LOGGER = "kimivl_edge.prefix_cache"
@@ -397,23 +398,19 @@ def test_a_parallel_slot_restores_an_entry_of_the_single_decoder(pair, images, t
     with load(*pair, cache) as m:
         bd = BatchDecoder(m.decoder, 2)
         try:
-            lc = bd._lc
-
-            def last_logits() -> np.ndarray:
-                return np.ctypeslib.as_array(lc.llama_get_logits_ith(bd.ctx, -1), (bd.n_vocab,)).copy()
-
             prompt = m.render_prompt(second)
+            size, m.image_cache_size = m.image_cache_size, 0  # the recompute's rows are not kept in memory
             segments = m.embed_prompt(prompt)  # the recompute's image rows (encoded here)
+            m.image_cache_size = size
             bd.prefill(0, segments)
-            want = last_logits()
-            m._image_cache.clear()
+            want = llama_last_logits(bd)
 
             def no_encoder(*a, **k):
                 raise AssertionError("the vision encoder ran on a cache hit")
             m.vision.encode = no_encoder  # type: ignore[union-attr]
             assert m._restore_prefix(prompt, SequenceView(bd, 1)) > 20
             assert bd.prefill(1, m.embed_prompt(prompt)) < prompt.n_tokens - 20
-            np.testing.assert_array_equal(last_logits(), want)
+            np.testing.assert_array_equal(llama_last_logits(bd), want)
         finally:
             bd.close()
     other = PrefixCache(tmp_path / "b")

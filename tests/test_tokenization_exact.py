@@ -36,12 +36,12 @@ import tiktoken
 
 from kimivl_edge.checkpoint import INDEX_FILE, hf_tensor_specs
 from kimivl_edge.config import KimiVLConfig
-from kimivl_edge.convert import convert_checkpoint, plan_conversion
+from kimivl_edge.convert import plan_conversion
 from kimivl_edge.convert.gguf_out import GGUFPlan, write_gguf
 from kimivl_edge.gguf_model import ModelFileError, TextModelInfo
 from kimivl_edge.model import KimiVL
 from kimivl_edge.safetensors_io import write_safetensors
-from kimivl_edge.synth import SPECIAL_TOKEN_OFFSETS, build_vocab, synth, write_tiktoken_model, write_tokenizer_config
+from kimivl_edge.synth import SPECIAL_TOKEN_OFFSETS, build_vocab, write_tiktoken_model, write_tokenizer_config
 from kimivl_edge.tokenizer import N_SPECIAL, StreamDecoder, Tokenizer
 
 LARGE_BASE = 163584  # §8: the real number of base ranks
@@ -227,11 +227,10 @@ class Vocab:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> tuple[Path, Path]:
+def tiny(tiny_checkpoint, converted) -> tuple[Path, Path]:
     """A tiny synthetic checkpoint and its converted F32 text GGUF (a full model llama.cpp can run)."""
-    root = tmp_path_factory.mktemp("tiny")
-    ckpt = synth(root / "ckpt", "tiny", "instruct", seed=0)
-    return ckpt, convert_checkpoint(ckpt, "f32", "f32", root / "out").text_path
+    ckpt = tiny_checkpoint("instruct", seed=0)
+    return ckpt, converted(ckpt, "f32", "f32")[0]
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,6 @@ from shared import blocked_attention, mmproj_files, mmproj_float32
 from kimivl_edge.errors import KimiVLError, UsageError
 from kimivl_edge.image import preprocess
 from kimivl_edge.mmproj import MmprojError, MmprojFile
-from kimivl_edge.synth import synth
 from kimivl_edge.vision import VisionEncoder, check_patches, erf, gelu_erf, resample_pos_emb
 
 torch = pytest.importorskip("torch")
@@ -65,8 +64,8 @@ def work(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ckpt(work) -> Path:
-    return synth(work / "ckpt", "tiny", "instruct", 0)
+def ckpt(tiny_checkpoint) -> Path:
+    return tiny_checkpoint("instruct", seed=0)
 
 
 @pytest.fixture(scope="module")

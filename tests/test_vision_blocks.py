@@ -17,7 +17,6 @@ import pytest
 
 from kimivl_edge import threads, vision
 from shared import blocked_attention, mmproj_files
-from kimivl_edge.synth import synth
 from kimivl_edge.vision import VisionEncoder, attention_items, gelu_tanh, row_chunks
 
 torch = pytest.importorskip("torch")
@@ -37,8 +36,8 @@ def work(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ckpt(work) -> Path:
-    return synth(work / "ckpt", "tiny", "instruct", 1)
+def ckpt(tiny_checkpoint) -> Path:
+    return tiny_checkpoint("instruct", seed=1)
 
 
 @pytest.fixture(scope="module")

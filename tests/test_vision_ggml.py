@@ -29,7 +29,6 @@ from kimivl_edge.convert import convert_checkpoint
 from kimivl_edge.convert.gguf_out import write_gguf
 from kimivl_edge.convert.mmproj import mmproj_plan
 from kimivl_edge.errors import KimiVLError, UsageError
-from kimivl_edge.synth import synth
 
 torch = pytest.importorskip("torch")
 if importlib.util.find_spec("llama_cpp") is None:
@@ -47,8 +46,8 @@ RESAMPLED_SIZES = [(280, 168), (280, 112), (448, 336), (392, 56)]  # (W, H) -> g
 # fixtures
 
 @pytest.fixture(scope="module")
-def ckpt_dir(tmp_path_factory) -> Path:
-    return synth(tmp_path_factory.mktemp("vg") / "tiny", "tiny", "instruct", seed=3)
+def ckpt_dir(tiny_checkpoint) -> Path:
+    return tiny_checkpoint("instruct", seed=3)
 
 
 @pytest.fixture(scope="module")

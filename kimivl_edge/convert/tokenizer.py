@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from gguf import GGUFValueType, TokenType
+from gguf import GGUFValueType, Keys, TokenType
 
 from ..config import KimiVLConfig
 from ..errors import CheckpointError, read_json_object
@@ -181,25 +181,25 @@ def vocab_metadata(ckpt_dir: str | Path) -> KV:
     merges, _ = rebuild_merges(ranks)
     eos, eot, eom = stop_token_ids(d, specials, eos_id)
 
-    u32 = GGUFValueType.UINT32
+    u32, T = GGUFValueType.UINT32, Keys.Tokenizer
     kv: KV = {
-        "tokenizer.ggml.model": (TOKENIZER_MODEL, GGUFValueType.STRING),
-        "tokenizer.ggml.pre": (TOKENIZER_PRE, GGUFValueType.STRING),
-        "tokenizer.ggml.tokens": (tokens, None),
-        "tokenizer.ggml.token_type": (types, None),
-        "tokenizer.ggml.merges": (merges, None),
-        "tokenizer.ggml.bos_token_id": (ids["bos"], u32),
-        "tokenizer.ggml.eos_token_id": (eos, u32),
-        "tokenizer.ggml.eot_token_id": (eot, u32),
+        T.MODEL: (TOKENIZER_MODEL, GGUFValueType.STRING),
+        T.PRE: (TOKENIZER_PRE, GGUFValueType.STRING),
+        T.LIST: (tokens, None),
+        T.TOKEN_TYPE: (types, None),
+        T.MERGES: (merges, None),
+        T.BOS_ID: (ids["bos"], u32),
+        T.EOS_ID: (eos, u32),
+        T.EOT_ID: (eot, u32),
     }
     if eom is not None:
-        kv["tokenizer.ggml.eom_token_id"] = (eom, u32)
+        kv[T.EOM_ID] = (eom, u32)
     if ids["unk"] is not None:
-        kv["tokenizer.ggml.unknown_token_id"] = (ids["unk"], u32)
+        kv[T.UNK_ID] = (ids["unk"], u32)
     if ids["pad"] is not None:
-        kv["tokenizer.ggml.padding_token_id"] = (ids["pad"], u32)
+        kv[T.PAD_ID] = (ids["pad"], u32)
     # §7.1: the Kimi tokenizer adds nothing at either end (the template writes every special token itself).
-    kv["tokenizer.ggml.add_bos_token"] = (False, GGUFValueType.BOOL)
-    kv["tokenizer.ggml.add_eos_token"] = (False, GGUFValueType.BOOL)
-    kv["tokenizer.chat_template"] = (load_chat_template(d), GGUFValueType.STRING)
+    kv[T.ADD_BOS] = (False, GGUFValueType.BOOL)
+    kv[T.ADD_EOS] = (False, GGUFValueType.BOOL)
+    kv[T.CHAT_TEMPLATE] = (load_chat_template(d), GGUFValueType.STRING)
     return kv
