@@ -217,7 +217,7 @@ class BatchDecoder:
 
 class SequenceView:
     """One sequence of a ``BatchDecoder`` with the ``Decoder`` methods the persistent prefix cache uses
-    (``KimiVL._restore_prefix`` / ``_store_prefix``), so a ``--parallel`` slot restores and stores entries as the
+    (``KimiVL.restore_prefix`` / ``store_prefix``), so a ``--parallel`` slot restores and stores entries as the
     single decoder does, in the same format."""
 
     def __init__(self, bd: BatchDecoder, seq: int):

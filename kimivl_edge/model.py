@@ -249,14 +249,14 @@ class TokenStream(Iterator[int]):
         st.image_tokens, st.prompt_tokens, st.media = prompt.image_tokens, prompt.n_tokens, prompt.media
         self.image_sizes = [im.size for im in prompt.images]
         t0 = clock()
-        st.restored_tokens = model._restore_prefix(prompt)
+        st.restored_tokens = model.restore_prefix(prompt)
         st.restore_seconds = clock() - t0
         t0 = clock()
         segments = model.embed_prompt(prompt)
         st.encode_seconds = clock() - t0 if prompt.images else 0.0
         before = dec.n_evaluated
         t0 = clock()
-        model._store_prefix(prompt, segments)
+        model.store_prefix(prompt, segments)
         dec.prefill(segments, progress=model.prefill_progress)
         st.prefill_seconds = clock() - t0
         st.evaluated_tokens = dec.n_evaluated - before
@@ -629,8 +629,9 @@ class KimiVL:
         keys, end = cls.prompt_keys(prompt)
         return keys[:end]
 
-    def _restore_prefix(self, prompt: RenderedPrompt, dec: Decoder | SequenceView | None = None) -> int:
-        """Restore the state after the prompt's images from the prefix cache when the KV cache (of ``dec``: the
+    def restore_prefix(self, prompt: RenderedPrompt, dec: Decoder | SequenceView | None = None) -> int:
+        """(The persistent prefix cache's two steps, used by each turn and by the server's ``--parallel`` slots.)
+        Restore the state after the prompt's images from the prefix cache when the KV cache (of ``dec``: the
         decoder, or a ``--parallel`` slot) does not already hold it; their embeddings go to the image cache.
         Returns the positions restored."""
         cache, dec = self.prefix_cache, dec or self.decoder
@@ -647,8 +648,8 @@ class KimiVL:
             self._image_cache[key] = emb
         return len(prefix)
 
-    def _store_prefix(self, prompt: RenderedPrompt, segments: list[Segment],
-                      dec: Decoder | SequenceView | None = None) -> None:
+    def store_prefix(self, prompt: RenderedPrompt, segments: list[Segment],
+                     dec: Decoder | SequenceView | None = None) -> None:
         """Prefill ``dec`` (the decoder, or a ``--parallel`` slot) up to the end of the prompt's last image and
         store that state, unless the cache holds it, or the KV cache holds it followed by more (a conversation
         going on: storing would cut and re-evaluate the rest)."""
@@ -712,9 +713,9 @@ class KimiVL:
         with self._locked():
             self._turn = None  # the cache changes: an unfinished stream cannot continue
             prompt = self.render_prompt(messages)
-            self._restore_prefix(prompt)
+            self.restore_prefix(prompt)
             segments = self.embed_prompt(prompt)
-            self._store_prefix(prompt, segments)
+            self.store_prefix(prompt, segments)
             cont = [int(t) for t in continuation]
             if cont:
                 segments.append(cont)

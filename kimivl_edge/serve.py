@@ -16,7 +16,7 @@ from .errors import UsageError
 from .media_cli import add_media_args, media_settings
 
 
-def _parser():
+def build_parser():
     from .cli import OneLineParser
 
     ap = OneLineParser(prog="kimivl-edge serve", description=__doc__.split("\n\n")[0])
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     from .server.app import create_app
     from .server.config import is_loopback
 
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     cfg = config(args)
     media = media_settings(args)
     if not is_loopback(args.host) and not cfg.api_key:

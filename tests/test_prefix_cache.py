@@ -336,11 +336,11 @@ def test_serve_reuses_the_cache_across_restarts(pair, images, tmp_path, parallel
     import httpx
 
     from kimivl_edge.cli_common import load_model
-    from kimivl_edge.serve import _parser, config
+    from kimivl_edge.serve import build_parser, config
     from kimivl_edge.server.app import create_app
     from test_server import ThreadServer, ask, data_uri
 
-    args = _parser().parse_args(["-m", str(pair[0]), "--mmproj", str(pair[1]), "--kv-type", "f32", "--ctx", "512",
+    args = build_parser().parse_args(["-m", str(pair[0]), "--mmproj", str(pair[1]), "--kv-type", "f32", "--ctx", "512",
                                  "--threads", "1", "--cache-dir", str(tmp_path), *parallel])
     cached = []
     for question in ("What is it?", "Describe the colours."):
@@ -408,7 +408,7 @@ def test_a_parallel_slot_restores_an_entry_of_the_single_decoder(pair, images, t
             def no_encoder(*a, **k):
                 raise AssertionError("the vision encoder ran on a cache hit")
             m.vision.encode = no_encoder  # type: ignore[union-attr]
-            assert m._restore_prefix(prompt, SequenceView(bd, 1)) > 20
+            assert m.restore_prefix(prompt, SequenceView(bd, 1)) > 20
             assert bd.prefill(1, m.embed_prompt(prompt)) < prompt.n_tokens - 20
             np.testing.assert_array_equal(llama_last_logits(bd), want)
         finally:
@@ -419,7 +419,7 @@ def test_a_parallel_slot_restores_an_entry_of_the_single_decoder(pair, images, t
         try:
             prompt = m.render_prompt(first)
             segments = m.embed_prompt(prompt)
-            m._store_prefix(prompt, segments, SequenceView(bd, 1))
+            m.store_prefix(prompt, segments, SequenceView(bd, 1))
         finally:
             bd.close()
     assert len(entries(tmp_path / "b")) == 1

@@ -134,10 +134,10 @@ def test_server_reasoning_format_none(tiny_checkpoint, converted):
 
 def test_api_key_from_the_environment(monkeypatch):
     monkeypatch.setenv("KIMIVL_EDGE_API_KEY", "sk-from-env")
-    assert serve.config(serve._parser().parse_args(["-m", "x.gguf"])).api_key == "sk-from-env"
-    assert serve.config(serve._parser().parse_args(["-m", "x.gguf", "--api-key", "k2"])).api_key == "k2"
+    assert serve.config(serve.build_parser().parse_args(["-m", "x.gguf"])).api_key == "sk-from-env"
+    assert serve.config(serve.build_parser().parse_args(["-m", "x.gguf", "--api-key", "k2"])).api_key == "k2"
     monkeypatch.delenv("KIMIVL_EDGE_API_KEY")
-    assert serve.config(serve._parser().parse_args(["-m", "x.gguf"])).api_key is None
+    assert serve.config(serve.build_parser().parse_args(["-m", "x.gguf"])).api_key is None
 
 
 LOG_LINE = re.compile(r"^(\d{6}) (GET|POST) (\S+) (\d{3}) (prompt (\d+) completion (\d+)|-) (\d+\.\d{3})s$")

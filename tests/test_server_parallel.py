@@ -196,10 +196,10 @@ def test_a_failing_request_leaves_the_batch_usable(parallel_server, pics, solo):
 
 def test_parallel_below_one_is_a_usage_error():
     from kimivl_edge.errors import UsageError
-    from kimivl_edge.serve import _parser, config
+    from kimivl_edge.serve import build_parser, config
 
     with pytest.raises(UsageError, match="--parallel is too small: 0"):
-        config(_parser().parse_args(["-m", "x.gguf", "--parallel", "0"]))
+        config(build_parser().parse_args(["-m", "x.gguf", "--parallel", "0"]))
 
 
 def test_json_object_is_enforced_in_a_batch(parallel_server, pics):

@@ -53,7 +53,7 @@ class BatchTurn:
         try:
             seq = SequenceView(bd, self.slot)
             t0 = clock()
-            st.restored_tokens = model._restore_prefix(prompt, seq)  # the persistent prefix cache, if any
+            st.restored_tokens = model.restore_prefix(prompt, seq)  # the persistent prefix cache, if any
             st.restore_seconds = clock() - t0
             t0 = clock()
             try:
@@ -62,7 +62,7 @@ class BatchTurn:
                 raise APIError(400, str(e), "invalid_request") from None
             st.encode_seconds = (clock() - t0 if prompt.images else 0.0) + sum(turn.encoded_ahead)
             t0, before = clock(), bd.n_evaluated
-            model._store_prefix(prompt, segments, seq)
+            model.store_prefix(prompt, segments, seq)
             bd.prefill(self.slot, segments, prefill_progress(turn, st, self.emit, self.cancelled))
             st.evaluated_tokens = bd.n_evaluated - before
             st.prefill_seconds = clock() - t0
