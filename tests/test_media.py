@@ -573,7 +573,8 @@ def test_generate_reports_media_stats_and_image_sizes(model, videos):
     stream = model.stream_tokens(msgs, max_tokens=2, temperature=0)
     list(stream)
     assert stream.stats.media.frames == 2 and stream.stats.media.frame_tokens == [209, 209]
-    assert stream.stats.image_tokens == 418 and stream.image_sizes == [(528, 297)] * 2
+    # the frames are handed over at 528x297; their original size is the video's
+    assert stream.stats.image_tokens == 418 and stream.image_sizes == [(640, 360)] * 2
     out = model.generate(msgs, max_tokens=2, temperature=0)
     assert out.stats.media.frames == 2 and isinstance(out.grounding, list)
 
@@ -615,7 +616,9 @@ def test_cli_two_videos_with_timestamps_reach_the_model_in_order(model_pair, vid
     ((rendered, prompt),) = prompts
     # forty.mp4: frames 0 and 39 at 10 fps; wide.mp4 (3 frames): 0 and 2
     assert _prompt_numbers(prompt) == [0, 39, 0, 2]
-    assert [im.size for im in prompt.images] == [(320, 240)] * 2 + [(528, 297)] * 2
+    # original sizes (wide.mp4 is 640x360); handed over at 528x297 under the 768-patch frame cap: a 22x38 patch grid
+    assert [im.size for im in prompt.images] == [(320, 240)] * 2 + [(640, 360)] * 2
+    assert [im.grid for im in prompt.images][2:] == [(22, 38)] * 2
     assert re.findall(r"\[(\d+\.\d)s\]<\|media_start\|>", rendered) == ["0.0", "3.9", "0.0", "0.2"]
     assert rendered.index("<|media_end|>Compare.<|im_end|>") > rendered.rindex("[0.2s]")
     # 2 x 108 + 2 x 209 tokens
