@@ -60,14 +60,14 @@ class Served:
             time.sleep(0.1)
         raise AssertionError("the server did not become healthy")
 
-    def wait_log(self, needle: str) -> str:
-        """The first log line holding ``needle``, once the server has written it."""
+    def wait_log(self, needle: str, count: int = 1) -> list[str]:
+        """The log lines holding ``needle``, once the server has written ``count`` of them."""
         for _ in range(600):
             hit = [ln for ln in self.log.read_text().splitlines() if needle in ln]
-            if hit:
-                return hit[0]
+            if len(hit) >= count:
+                return hit
             time.sleep(0.1)
-        raise AssertionError(f"no log line with {needle!r}:\n{self.log.read_text()}")
+        raise AssertionError(f"not {count} log lines with {needle!r}:\n{self.log.read_text()}")
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -88,15 +88,6 @@ def pics(tmp_path_factory) -> dict[str, Path]:
 def server(converted, tmp_path_factory) -> Iterator[Served]:
     text, mmproj = converted(ASSET, "f32", "f32")
     srv = Served(text, mmproj, tmp_path_factory.mktemp("srv") / "server.log", "--max-image-pixels", str(MAX_PIXELS))
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def noisy(tiny_checkpoint, converted, tmp_path_factory) -> Iterator[Served]:
-    """A server on random weights: it rarely ends an answer by itself, so a long generation is easy to start."""
-    text, mmproj = converted(tiny_checkpoint("instruct", seed=3), "f32", "f32")
-    srv = Served(text, mmproj, tmp_path_factory.mktemp("noisy") / "server.log")
     yield srv
     srv.stop()
 
@@ -316,32 +307,45 @@ def test_regenerate_and_edit_a_user_message(page, pics):
     assert pg.locator(".msg").count() == 2 and pg.locator(".msg.user img.thumb").count() == 1
 
 
-def test_stop_and_escape_cancel_the_generation_on_the_server(browser, noisy):
-    p = Page(browser, noisy.url)
+# The stop test adds this response_format to the page's requests at the route level: the grammar admits the end of
+# the answer only after 10 000 items "1, " (more tokens than max_tokens), so the turn cannot end before Stop, whatever
+# the model (the random-weight one the test used before often ended its answer first).
+ENDLESS = {"type": "json_schema", "json_schema": {"name": "endless", "schema": {
+    "type": "array", "items": {"const": 1}, "minItems": 10_000}}}
+STOP_MAX_TOKENS = 16_000
+
+
+def test_stop_and_escape_cancel_the_generation_on_the_server(browser, converted, tmp_path):
+    text, mmproj = converted(ASSET, "f32", "f32")
+    srv = Served(text, mmproj, tmp_path / "server.log", "--ctx", "16384")
+    p = Page(browser, srv.url)
     try:
         pg = p.page
+        pg.route("**/v1/chat/completions", lambda route: route.continue_(
+            post_data=json.dumps({**json.loads(route.request.post_data), "response_format": ENDLESS})))
         pg.click("#toggle-settings")
-        pg.fill("#set-max-tokens", "2000")
+        pg.fill("#set-max-tokens", str(STOP_MAX_TOKENS))
         pg.dispatch_event("#set-max-tokens", "change")
         for key, how in ((1, lambda: pg.click("#stop")), (2, lambda: pg.keyboard.press("Escape"))):
-            pg.fill("#input", f"Hello {key}")
+            pg.fill("#input", f"Count {key}")
             pg.press("#input", "Enter")
-            expect(pg.locator(".msg.assistant.streaming .body")).to_have_text(re.compile(r"\S{20}"))
+            expect(pg.locator(".msg.assistant.streaming .body")).to_have_text(re.compile(r"(1, ){8}"))
             how()
             pg.wait_for_selector(".msg.assistant:not(.streaming) .stopped")
             assert pg.locator("#send").is_visible() and not pg.locator("#stop").is_visible()
-        lines = [ln for ln in noisy.log.read_text().splitlines() if "POST /v1/chat/completions" in ln]
-        for _ in range(300):  # the server writes its line when it has noticed the disconnect
-            if len(lines) >= 2:
-                break
-            time.sleep(0.1)
-            lines = [ln for ln in noisy.log.read_text().splitlines() if "POST /v1/chat/completions" in ln]
+        # the server writes a request's line when it has noticed the disconnect
+        lines = srv.wait_log("POST /v1/chat/completions", 2)
         assert len(lines) == 2 and all("(client gone)" in ln for ln in lines), lines
+        for line in lines:  # the worker stopped each turn long before its max_tokens
+            rid = line.split(" POST ")[0].split()[-1]
+            completion = int(srv.wait_log(f"{rid} stopped:")[0].rsplit(" completion ", 1)[1])
+            assert 8 <= completion < STOP_MAX_TOKENS, line
         # the worker is free again: a new request is answered
-        assert httpx.post(noisy.url + "/v1/chat/completions", timeout=120,
+        assert httpx.post(srv.url + "/v1/chat/completions", timeout=120,
                           json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).status_code == 200
     finally:
         p.close()
+        srv.stop()
 
 
 def test_reload_rename_export_delete_import(page, pics, tmp_path):

@@ -161,11 +161,13 @@ async def _sse(cid: str, created: int, card: ModelCard, first: Any, events: Asyn
     def data(obj: dict) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
+    done = False
     try:
         yield data(chunk(cid, created, card, {"role": "assistant", "content": None}))
         ev = first
         while ev is not None:
             if isinstance(ev, Done):
+                done = True
                 request.state.usage = ev.stats
                 yield data(final_chunk(cid, created, card, ev))
                 if include_usage:
@@ -186,6 +188,28 @@ async def _sse(cid: str, created: int, card: ModelCard, first: Any, events: Asyn
     finally:
         job.cancel()
         watcher.cancel()
+        if not done:
+            _log_when_stopped(request.state.request_id, job)
+
+
+_stopping: set[asyncio.Task] = set()  # the tasks of _log_when_stopped, referenced until they end
+
+
+def _log_when_stopped(rid: str, job: Job) -> None:
+    """A stream cut short (its client gone): the request's own line is written at once, without token counts, so
+    one more line says how far the turn went once the worker has stopped it."""
+    async def wait() -> None:
+        try:
+            async for ev in job.events():
+                if isinstance(ev, Done):
+                    log.info("%s stopped: prompt %d completion %d", rid, ev.stats.prompt_tokens,
+                             ev.stats.generated_tokens)
+        except Exception as e:  # the turn failed after its client had gone: there is nobody to tell
+            log.debug("request %s failed after its client had gone: %s", rid, e)
+
+    task = asyncio.get_running_loop().create_task(wait())
+    _stopping.add(task)
+    task.add_done_callback(_stopping.discard)
 
 
 # -- errors ---------------------------------------------------------------------------------------------------
