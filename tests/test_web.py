@@ -110,12 +110,18 @@ class Page:
         self.context = browser.new_context(viewport={"width": width, "height": height}, accept_downloads=True)
         self.page = self.context.new_page()
         self.requests: list[str] = []
+        self.chats: list[dict] = []  # the bodies the page sent to /v1/chat/completions
         self.dialogs: list[str] = []
         self.errors: list[str] = []
-        self.page.on("request", lambda r: self.requests.append(r.url))
+        self.page.on("request", self._sent)
         self.page.on("dialog", lambda d: (self.dialogs.append(d.message), d.dismiss()))
         self.page.on("pageerror", lambda e: self.errors.append(str(e)))
         self.load(ready)
+
+    def _sent(self, request) -> None:
+        self.requests.append(request.url)
+        if request.method == "POST" and request.url.endswith("/v1/chat/completions"):
+            self.chats.append(json.loads(request.post_data))
 
     def load(self, ready: bool = True) -> None:
         """(Re)load the page; with ``ready``, until it has the model's settings."""
@@ -315,6 +321,39 @@ ENDLESS = {"type": "json_schema", "json_schema": {"name": "endless", "schema": {
 STOP_MAX_TOKENS = 16_000
 
 
+def test_editing_an_earlier_message_drops_the_turns_after_it(page, pics):
+    pg = page.page
+    page.greedy()
+    page.attach(pics["triangle.png"])
+    assert page.ask("What colour is the triangle?").strip() == "yellow"
+    assert page.ask("What shape is the yellow one?").strip() == "triangle"
+    pg.locator(".msg.user").first.locator("button:has-text('Edit')").click()
+    pg.fill(".msg.user textarea", "What shape is the yellow one?")
+    pg.click(".msg.user button:has-text('Send')")
+    assert page.answer(0).strip() == "triangle"
+    assert pg.locator(".msg").count() == 2 and pg.locator(".msg.user img.thumb").count() == 1
+    [user] = page.chats[-1]["messages"]  # the server saw only the edited first turn, its image kept
+    assert [p["type"] for p in user["content"]] == ["image_url", "text"]
+    assert user["content"][1]["text"] == "What shape is the yellow one?"
+
+
+def test_too_many_images_in_a_conversation_are_refused_next_to_the_input(page, pics):
+    """The page resends the conversation's images with each turn, so the server's --max-images (8 by default)
+    counts every image of the conversation: a ninth, in a later turn, is refused."""
+    pg = page.page
+    page.greedy()
+    page.attach(pics["triangle.png"])
+    assert page.ask("What colour is the triangle?").strip() == "yellow"
+    pg.set_input_files("#file-input", [str(pics["one.png"])] * 8)
+    expect(pg.locator("#attachments img")).to_have_count(8)
+    pg.fill("#input", "Which image has more shapes?")
+    pg.press("#input", "Enter")
+    expect(pg.locator("#composer-error")).to_contain_text(
+        "Image refused: 9 images exceed the limit of 8 per request (--max-images)")
+    assert pg.locator(".msg").count() == 2 and pg.locator("#attachments img").count() == 8
+    assert pg.input_value("#input") == "Which image has more shapes?"
+
+
 def test_stop_and_escape_cancel_the_generation_on_the_server(browser, converted, tmp_path):
     text, mmproj = converted(ASSET, "f32", "f32")
     srv = Served(text, mmproj, tmp_path / "server.log", "--ctx", "16384")
@@ -450,6 +489,37 @@ def test_markdown_renders_and_hostile_output_stays_inert(page):
     page.load()  # the stored answer renders the same way
     assert pg.locator("#messages img:not(.thumb)").count() == 0 and not page.dialogs
     assert sent[0]["stream"] is True and sent[0]["messages"][-1]["content"][-1]["text"] == "Show me Markdown."
+
+
+def test_settings_reach_the_request_and_stay_with_their_conversation(page):
+    pg = page.page
+    mock_answer(page, {"content": "ok"})
+    pg.click("#toggle-settings")
+    assert float(pg.input_value("#set-temperature")) == 0.2  # the Instruct model card's (docs/model.md §1)
+    pg.fill("#set-temperature", "0.7")
+    pg.fill("#set-max-tokens", "64")
+    pg.fill("#set-system", "Answer in French.")
+    pg.dispatch_event("#set-system", "change")
+    page.ask("First chat")
+    first = page.chats[-1]
+    assert first["messages"][0] == {"role": "system", "content": "Answer in French."}
+    assert first["temperature"] == 0.7 and first["max_tokens"] == 64
+    pg.click("#new-chat")  # a new conversation starts from the model's defaults, with no system prompt
+    assert float(pg.input_value("#set-temperature")) == 0.2 and pg.input_value("#set-system") == ""
+    assert pg.input_value("#set-max-tokens") != "64"
+    page.ask("Second chat")
+    second = page.chats[-1]
+    assert [m["role"] for m in second["messages"]] == ["user"] and second["temperature"] == 0.2
+    pg.click("#conv-list .conv-title:has-text('First chat')")
+    shown = ("#set-temperature", "#set-max-tokens", "#set-system")
+    assert [pg.input_value(k) for k in shown] == ["0.7", "64", "Answer in French."]
+    page.load()  # kept in the browser with the conversation
+    assert pg.inner_text("#conv-title") == "First chat"
+    assert [pg.input_value(k) for k in shown] == ["0.7", "64", "Answer in French."]
+    page.ask("Again")
+    again = page.chats[-1]
+    assert [m["role"] for m in again["messages"]] == ["system", "user", "assistant", "user"]
+    assert again["messages"][0]["content"] == "Answer in French." and again["temperature"] == 0.7
 
 
 # The page's fetch of /v1/chat/completions gets a stream that sends the reasoning, then waits for
