@@ -27,8 +27,9 @@ from playwright.sync_api import expect, sync_playwright
 from kimivl_edge.demo import demo_images
 
 ASSET = Path(__file__).resolve().parents[1] / "kimivl_edge" / "assets" / "kimi-vl-tiny"
-CHROMIUM = Path("/usr/bin/chromium")
-INSTALL = "sudo apt-get install -y chromium (Debian/Ubuntu; `make setup` installs Playwright)"
+CHROMIUM = Path(os.environ.get("KIMIVL_EDGE_CHROMIUM", "/usr/bin/chromium"))
+MISSING = (f"the page tests need chromium ({CHROMIUM} is missing): sudo apt-get install -y chromium "
+           "(Debian/Ubuntu; or set KIMIVL_EDGE_CHROMIUM to another chromium)")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 MAX_PIXELS = 40_000  # the page test's server refuses images over 200x200 (the demo images are smaller)
@@ -94,12 +95,36 @@ def server(converted, tmp_path_factory) -> Iterator[Served]:
 
 @pytest.fixture(scope="module")
 def browser():
-    if not CHROMIUM.is_file():
-        pytest.fail(f"the page tests need chromium ({CHROMIUM} is missing): {INSTALL}", pytrace=False)
+    if not chromium_found():
+        pytest.fail(MISSING, pytrace=False)
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
         yield b
         b.close()
+
+
+def chromium_found() -> bool:
+    return CHROMIUM.is_file()
+
+
+def test_chromium_is_installed():
+    """Without chromium, this is the one page test that runs (conftest.py deselects the others), and it fails with
+    one line naming the install command."""
+    if not chromium_found():
+        pytest.fail(MISSING, pytrace=False)
+
+
+def test_without_chromium_one_test_fails_naming_the_install_command(tmp_path):
+    """This module run where chromium is missing (itself left out)."""
+    env = {**os.environ, "KIMIVL_EDGE_CHROMIUM": str(tmp_path / "no-chromium")}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", "-k",
+                          "not without_chromium", f"--basetemp={tmp_path / 'inner'}", __file__],
+                         capture_output=True, text=True, env=env, cwd=Path(__file__).parent, timeout=300)
+    assert run.returncode == 1, run.stdout + run.stderr
+    summary = run.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"1 failed, \d+ deselected in .*", summary), run.stdout
+    line = f"the page tests need chromium ({tmp_path / 'no-chromium'} is missing): sudo apt-get install -y chromium"
+    assert sum(ln.startswith(line) for ln in run.stdout.splitlines()) == 1, run.stdout
 
 
 class Page:
