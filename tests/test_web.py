@@ -25,6 +25,7 @@ from PIL import Image
 from playwright.sync_api import expect, sync_playwright
 
 from kimivl_edge.demo import demo_images
+from kimivl_edge.serve import page_url
 
 ASSET = Path(__file__).resolve().parents[1] / "kimivl_edge" / "assets" / "kimi-vl-tiny"
 CHROMIUM = Path(os.environ.get("KIMIVL_EDGE_CHROMIUM", "/usr/bin/chromium"))
@@ -610,6 +611,17 @@ def test_grounding_overlay_uses_the_servers_actions(page, pics):
 
 
 # -- keyboard and layout -----------------------------------------------------------------------------------------
+def test_serve_prints_the_pages_address(server):
+    assert server.wait_log(f"chat page at {server.url}/")
+
+
+@pytest.mark.parametrize("host, url", [("127.0.0.1", "http://127.0.0.1:8080/"), ("::1", "http://[::1]:8080/"),
+                                       ("0.0.0.0", "http://127.0.0.1:8080/"), ("::", "http://[::1]:8080/"),
+                                       ("192.168.1.5", "http://192.168.1.5:8080/")])
+def test_page_address_for_the_bound_host(host, url):
+    assert page_url(host, 8080) == url
+
+
 def test_shift_enter_is_a_new_line(page):
     page.page.fill("#input", "a")
     page.page.press("#input", "Shift+Enter")
