@@ -380,6 +380,24 @@ def test_too_many_images_in_a_conversation_are_refused_next_to_the_input(page, p
     assert pg.input_value("#input") == "Which image has more shapes?"
 
 
+def test_a_conversation_past_the_body_limit_is_refused_next_to_the_input(browser, converted, tmp_path):
+    text, mmproj = converted(ASSET, "f32", "f32")
+    srv = Served(text, mmproj, tmp_path / "server.log", "--max-body", "60000")
+    noise = tmp_path / "noise.png"
+    Image.frombytes("RGB", (150, 150), os.urandom(150 * 150 * 3)).save(noise)  # ~68 kB, ~90 kB as base64
+    p = Page(browser, srv.url)
+    try:
+        pg = p.page
+        p.attach(noise)
+        pg.fill("#input", "What is this?")
+        pg.press("#input", "Enter")
+        expect(pg.locator("#composer-error")).to_have_text("request body exceeds 60000 bytes (--max-body)")
+        assert pg.locator(".msg").count() == 0 and pg.locator("#attachments img").count() == 1
+    finally:
+        p.close()
+        srv.stop()
+
+
 def test_stop_and_escape_cancel_the_generation_on_the_server(browser, converted, tmp_path):
     text, mmproj = converted(ASSET, "f32", "f32")
     srv = Served(text, mmproj, tmp_path / "server.log", "--ctx", "16384")
