@@ -1,9 +1,11 @@
 """The chat page at ``/`` in a real browser (Debian's chromium, headless, driven by Playwright) against a real
-``kimivl-edge serve`` subprocess on the trained tiny model: images by file input and paste, right answers, a
+``kimivl-edge serve`` subprocess on the trained tiny models: images by file input and paste, right answers, a
 follow-up with its grounding marker on the shape, Stop cancelling on the server, reload, rename, export/import,
-refused images next to the input, and, with answers injected at the route level, Markdown that renders and hostile
-output that stays inert, a thinking block and a normalized grounding point. No request may leave the server's
-origin. Screenshots at 1280x800 go to $KIMIVL_EDGE_WEB_SHOTS (docs/ for the README) or the test's temp dir.
+settings per conversation, edits, refused images and requests next to the input, the Thinking model's reasoning
+block, and, with answers injected at the route level, Markdown that renders and hostile output that stays inert, a
+thinking block mid-stream and normalized grounding. No request may leave the server's origin. Screenshots at
+1280x800 go to $KIMIVL_EDGE_WEB_SHOTS (docs/ for the README) or the test's temp dir. Without chromium, one test
+fails naming the install command and conftest.py deselects the others.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from kimivl_edge.demo import demo_images
 from kimivl_edge.serve import page_url
 
 ASSET = Path(__file__).resolve().parents[1] / "kimivl_edge" / "assets" / "kimi-vl-tiny"
+THINKING_ASSET = ASSET.with_name("kimi-vl-tiny-thinking")  # trained to answer ◁think▷ ... ◁/think▷ answer
 CHROMIUM = Path(os.environ.get("KIMIVL_EDGE_CHROMIUM", "/usr/bin/chromium"))
 MISSING = (f"the page tests need chromium ({CHROMIUM} is missing): sudo apt-get install -y chromium "
            "(Debian/Ubuntu; or set KIMIVL_EDGE_CHROMIUM to another chromium)")
@@ -90,6 +93,14 @@ def pics(tmp_path_factory) -> dict[str, Path]:
 def server(converted, tmp_path_factory) -> Iterator[Served]:
     text, mmproj = converted(ASSET, "f32", "f32")
     srv = Served(text, mmproj, tmp_path_factory.mktemp("srv") / "server.log", "--max-image-pixels", str(MAX_PIXELS))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def thinking_server(converted, tmp_path_factory) -> Iterator[Served]:
+    text, mmproj = converted(THINKING_ASSET, "f32", "f32")
+    srv = Served(text, mmproj, tmp_path_factory.mktemp("thinking") / "server.log")
     yield srv
     srv.stop()
 
@@ -489,6 +500,66 @@ def test_api_key_is_asked_for_and_used(browser, converted, pics, tmp_path):
         srv.stop()
 
 
+# The page's fetch of /v1/chat/completions gets the server's own stream, event by event, held before the first event
+# with answer text until window.releaseAnswer(): the page is seen in the middle of a real thinking turn.
+HOLD_ANSWER = """() => {
+    const real = window.fetch;
+    const answerText = (event) => {
+        try { return JSON.parse(event.replace(/^data: /, "")).choices?.[0]?.delta?.content; } catch { return null; }
+    };
+    window.fetch = async (url, opts) => {
+        const r = await real(url, opts);
+        if (!String(url).endsWith("/v1/chat/completions") || !r.ok) return r;
+        const gate = new Promise((resolve) => { window.releaseAnswer = resolve; });
+        const enc = new TextEncoder();
+        let buf = "", held = false;
+        const events = new TransformStream({ async transform(text, out) {
+            buf += text;
+            for (let cut; (cut = buf.indexOf("\\n\\n")) >= 0;) {
+                const event = buf.slice(0, cut + 2);
+                buf = buf.slice(cut + 2);
+                if (!held && answerText(event)) {
+                    held = true;
+                    document.body.dataset.answerHeld = "1";
+                    await gate;
+                }
+                out.enqueue(enc.encode(event));
+            }
+        } });
+        return new Response(r.body.pipeThrough(new TextDecoderStream()).pipeThrough(events),
+                            {status: r.status, headers: r.headers});
+    };
+}"""
+
+
+def test_a_thinking_model_streams_its_reasoning_into_the_block(browser, thinking_server, pics, tmp_path):
+    p = Page(browser, thinking_server.url)
+    try:
+        pg = p.page
+        expect(pg.locator("#status")).to_contain_text(" · thinking")
+        pg.click("#toggle-settings")
+        assert float(pg.input_value("#set-temperature")) == 0.8  # the Thinking model card's (docs/model.md §1)
+        pg.click("#toggle-settings")
+        p.greedy()
+        pg.evaluate(HOLD_ANSWER)
+        p.attach(pics["triangle.png"])
+        pg.fill("#input", "What colour is the triangle?")
+        pg.press("#input", "Enter")
+        pg.wait_for_selector("body[data-answer-held]")
+        block = pg.locator(".msg.assistant details.thinking")
+        expect(block.locator(".reasoning")).not_to_be_empty()  # what streamed before the answer is reasoning
+        assert block.get_attribute("open") is not None and pg.locator(".msg.assistant .body").inner_text() == ""
+        pg.evaluate("window.releaseAnswer()")  # the answer starts: the block collapses
+        answer = p.answer(0).strip()
+        reasoning = block.locator(".reasoning").text_content().strip()
+        assert answer and reasoning and block.get_attribute("open") is None
+        assert not any(mark in answer + reasoning for mark in ("◁think▷", "◁/think▷")), (reasoning, answer)
+        assert answer not in reasoning and reasoning not in answer
+        pg.screenshot(path=str(shots_dir(tmp_path) / "web-thinking.png"))
+    finally:
+        p.close()
+
+
 # -- answers injected at the route level -----------------------------------------------------------------------
 HOSTILE = """# Title
 Some **bold**, *italic* and `code`.
@@ -581,7 +652,7 @@ GATED_FETCH = """([first, rest]) => {
 }"""
 
 
-def test_thinking_answer_in_a_collapsible_block(page, pics, tmp_path):
+def test_thinking_answer_in_a_collapsible_block(page, pics):
     pg = page.page
     reasoning = "The image shows one shape. It has three corners, so it is a triangle, and it is yellow."
     stream = sse(*({"reasoning_content": w + " "} for w in reasoning.split()), {"content": "The triangle is "},
@@ -601,7 +672,6 @@ def test_thinking_answer_in_a_collapsible_block(page, pics, tmp_path):
     assert block.locator(".reasoning").text_content().strip() == reasoning
     block.locator("summary").click()
     assert block.get_attribute("open") is not None and block.locator(".reasoning").is_visible()
-    pg.screenshot(path=str(shots_dir(tmp_path) / "web-thinking.png"))
 
 
 @pytest.mark.parametrize("answer, selector, want", [
