@@ -161,13 +161,13 @@ async def _sse(cid: str, created: int, card: ModelCard, first: Any, events: Asyn
     def data(obj: dict) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
-    done = False
+    cut = True  # until the turn's end has been read: its Done, or its events' end (cancelled before it ran)
     try:
         yield data(chunk(cid, created, card, {"role": "assistant", "content": None}))
         ev = first
         while ev is not None:
             if isinstance(ev, Done):
-                done = True
+                cut = False
                 request.state.usage = ev.stats
                 yield data(final_chunk(cid, created, card, ev))
                 if include_usage:
@@ -179,16 +179,19 @@ async def _sse(cid: str, created: int, card: ModelCard, first: Any, events: Asyn
                 kind, text = ev
                 yield data(chunk(cid, created, card, {DELTA_FIELD[kind]: text}))
             ev = await anext(events, None)
+        cut = False
         yield "data: [DONE]\n\n"
     except APIError as e:
+        cut = False
         yield data(e.body())
     except Exception:
+        cut = False
         log.exception("request %s failed while streaming", request.state.request_id)
         yield data(INTERNAL.body())
     finally:
         job.cancel()
         watcher.cancel()
-        if not done:
+        if cut:  # the client has gone mid-turn
             _log_when_stopped(request.state.request_id, job)
 
 
