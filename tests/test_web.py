@@ -259,6 +259,63 @@ def mock_answer(p: Page, *deltas: dict, grounding: list | None = None) -> list[d
     return sent
 
 
+# Wraps the page's fetch of /v1/chat/completions: its stream passes event by event and stops twice, before the first
+# event with answer text and before the one after it, until window.releaseStream(); body[data-held] says where.
+HOLD_STREAM = """() => {
+    const real = window.fetch;
+    const answerText = (event) => {
+        try { return JSON.parse(event.replace(/^data: /, "")).choices?.[0]?.delta?.content; } catch { return null; }
+    };
+    let release = null;
+    window.releaseStream = () => release();
+    const hold = (where) => {
+        document.body.dataset.held = where;
+        return new Promise((resolve) => { release = resolve; });
+    };
+    window.fetch = async (url, opts) => {
+        const r = await real(url, opts);
+        if (!String(url).endsWith("/v1/chat/completions") || !r.ok) return r;
+        const enc = new TextEncoder();
+        let buf = "", answered = 0;
+        const events = new TransformStream({ async transform(text, out) {
+            buf += text;
+            for (let cut; (cut = buf.indexOf("\\n\\n")) >= 0;) {
+                const event = buf.slice(0, cut + 2);
+                buf = buf.slice(cut + 2);
+                if (answered === 1) { answered = 2; await hold("after-answer"); }
+                if (answered === 0 && answerText(event)) { answered = 1; await hold("before-answer"); }
+                out.enqueue(enc.encode(event));
+            }
+        } });
+        return new Response(r.body.pipeThrough(new TextDecoderStream()).pipeThrough(events),
+                            {status: r.status, headers: r.headers});
+    };
+}"""
+
+
+def thinking_turn(p: Page, question: str) -> tuple[str, str]:
+    """Asks ``question`` with the stream held (HOLD_STREAM): the "Thinking" block is open, with reasoning, while no
+    answer has come, and collapsed as soon as the answer's first piece is shown, while it still streams. The
+    finished turn's reasoning and answer."""
+    pg = p.page
+    pg.evaluate(HOLD_STREAM)
+    pg.fill("#input", question)
+    pg.press("#input", "Enter")
+    block = pg.locator(".msg.assistant.streaming details.thinking")
+    pg.wait_for_selector("body[data-held=before-answer]")
+    expect(block.locator(".reasoning")).not_to_be_empty()  # what streamed before the answer is reasoning
+    assert block.get_attribute("open") is not None and pg.locator(".msg.assistant .body").inner_text() == ""
+    pg.evaluate("window.releaseStream()")
+    pg.wait_for_selector("body[data-held=after-answer]")
+    expect(pg.locator(".msg.assistant.streaming .body")).not_to_be_empty()
+    assert block.get_attribute("open") is None
+    pg.evaluate("window.releaseStream()")
+    answer = p.answer(0)
+    done = pg.locator(".msg.assistant details.thinking")
+    assert done.get_attribute("open") is None
+    return done.locator(".reasoning").text_content(), answer
+
+
 def marker_pixel(p: Page, selector: str, image: Path) -> tuple[float, float]:
     """The centre of an overlay marker, in pixels of the original image (from the drawn image's box)."""
     img = p.page.locator(".msg.assistant img.grounded").last.bounding_box()
@@ -500,38 +557,6 @@ def test_api_key_is_asked_for_and_used(browser, converted, pics, tmp_path):
         srv.stop()
 
 
-# The page's fetch of /v1/chat/completions gets the server's own stream, event by event, held before the first event
-# with answer text until window.releaseAnswer(): the page is seen in the middle of a real thinking turn.
-HOLD_ANSWER = """() => {
-    const real = window.fetch;
-    const answerText = (event) => {
-        try { return JSON.parse(event.replace(/^data: /, "")).choices?.[0]?.delta?.content; } catch { return null; }
-    };
-    window.fetch = async (url, opts) => {
-        const r = await real(url, opts);
-        if (!String(url).endsWith("/v1/chat/completions") || !r.ok) return r;
-        const gate = new Promise((resolve) => { window.releaseAnswer = resolve; });
-        const enc = new TextEncoder();
-        let buf = "", held = false;
-        const events = new TransformStream({ async transform(text, out) {
-            buf += text;
-            for (let cut; (cut = buf.indexOf("\\n\\n")) >= 0;) {
-                const event = buf.slice(0, cut + 2);
-                buf = buf.slice(cut + 2);
-                if (!held && answerText(event)) {
-                    held = true;
-                    document.body.dataset.answerHeld = "1";
-                    await gate;
-                }
-                out.enqueue(enc.encode(event));
-            }
-        } });
-        return new Response(r.body.pipeThrough(new TextDecoderStream()).pipeThrough(events),
-                            {status: r.status, headers: r.headers});
-    };
-}"""
-
-
 def test_a_thinking_model_streams_its_reasoning_into_the_block(browser, thinking_server, pics, tmp_path):
     p = Page(browser, thinking_server.url)
     try:
@@ -541,21 +566,11 @@ def test_a_thinking_model_streams_its_reasoning_into_the_block(browser, thinking
         assert float(pg.input_value("#set-temperature")) == 0.8  # the Thinking model card's (docs/model.md §1)
         pg.click("#toggle-settings")
         p.greedy()
-        pg.evaluate(HOLD_ANSWER)
         p.attach(pics["triangle.png"])
-        pg.fill("#input", "What colour is the triangle?")
-        pg.press("#input", "Enter")
-        pg.wait_for_selector("body[data-answer-held]")
-        block = pg.locator(".msg.assistant details.thinking")
-        expect(block.locator(".reasoning")).not_to_be_empty()  # what streamed before the answer is reasoning
-        assert block.get_attribute("open") is not None and pg.locator(".msg.assistant .body").inner_text() == ""
-        pg.evaluate("window.releaseAnswer()")  # the answer starts: the block collapses
-        reasoning = block.locator(".reasoning").text_content().strip()
-        assert p.answer(0).strip() == "yellow", reasoning  # the demo's triangle is yellow
-        assert reasoning and block.get_attribute("open") is None  # the reasoning stays, collapsed, apart
+        reasoning, answer = thinking_turn(p, "What colour is the triangle?")
+        assert answer.strip() == "yellow", reasoning  # the demo's triangle is yellow
         assert not any(mark in reasoning for mark in ("◁think▷", "◁/think▷")), reasoning
-        block.locator("summary").click()  # it opens again on demand
-        assert block.get_attribute("open") is not None and block.locator(".reasoning").is_visible()
+        pg.locator(".msg.assistant details.thinking summary").click()  # it opens again on demand
         pg.screenshot(path=str(shots_dir(tmp_path) / "web-thinking.png"))
     finally:
         p.close()
@@ -638,41 +653,14 @@ def test_settings_reach_the_request_and_stay_with_their_conversation(page):
     assert again["messages"][0]["content"] == "Answer in French." and again["temperature"] == 0.7
 
 
-# The page's fetch of /v1/chat/completions gets a stream that sends the reasoning, then waits for
-# window.releaseAnswer() before it sends the answer: the page is seen in the middle of a thinking turn.
-GATED_FETCH = """([first, rest]) => {
-    const real = window.fetch;
-    window.fetch = (url, opts) => {
-        if (!String(url).endsWith("/v1/chat/completions")) return real(url, opts);
-        const enc = new TextEncoder();
-        const gate = new Promise((resolve) => { window.releaseAnswer = resolve; });
-        const body = new ReadableStream({ async start(c) {
-            c.enqueue(enc.encode(first)); await gate; c.enqueue(enc.encode(rest)); c.close(); } });
-        return Promise.resolve(new Response(body, {status: 200, headers: {"Content-Type": "text/event-stream"}}));
-    };
-}"""
-
-
 def test_thinking_answer_in_a_collapsible_block(page, pics):
-    pg = page.page
     reasoning = "The image shows one shape. It has three corners, so it is a triangle, and it is yellow."
-    stream = sse(*({"reasoning_content": w + " "} for w in reasoning.split()), {"content": "The triangle is "},
-                 {"content": "**yellow**."})
-    cut = stream.index('{"content": "The triangle')
-    cut = stream.rindex("data: ", 0, cut)
-    pg.evaluate(GATED_FETCH, [stream[:cut], stream[cut:]])
+    mock_answer(page, *({"reasoning_content": w + " "} for w in reasoning.split()), {"content": "The triangle is "},
+                {"content": "**yellow**."})
     page.attach(pics["triangle.png"])
-    pg.fill("#input", "What colour is the triangle? Think first.")
-    pg.press("#input", "Enter")
-    block = pg.locator(".msg.assistant details.thinking")
-    expect(block.locator(".reasoning")).to_have_text(reasoning + " ")
-    assert block.get_attribute("open") is not None and pg.locator(".msg.assistant .body").inner_text() == ""
-    pg.evaluate("window.releaseAnswer()")  # the answer starts: the block collapses
-    answer = page.answer(0)
-    assert answer == "The triangle is yellow." and block.get_attribute("open") is None
-    assert block.locator(".reasoning").text_content().strip() == reasoning
-    block.locator("summary").click()
-    assert block.get_attribute("open") is not None and block.locator(".reasoning").is_visible()
+    shown, answer = thinking_turn(page, "What colour is the triangle? Think first.")
+    assert shown == reasoning + " " and answer == "The triangle is yellow."
+    page.page.locator(".msg.assistant details.thinking summary").click()
 
 
 @pytest.mark.parametrize("answer, selector, want", [
