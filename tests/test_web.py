@@ -567,9 +567,11 @@ def test_a_thinking_model_streams_its_reasoning_into_the_block(browser, thinking
         pg.click("#toggle-settings")
         p.greedy()
         p.attach(pics["triangle.png"])
+        # The structure only: the checkpoints of the tiny Thinking model seen so far answer this question right or
+        # wrong ("yellow" at step 600 and 1200, "right" at 1800, each with a reasoning about the yellow triangle).
         reasoning, answer = thinking_turn(p, "What colour is the triangle?")
-        assert answer.strip() == "yellow", reasoning  # the demo's triangle is yellow
-        assert not any(mark in reasoning for mark in ("◁think▷", "◁/think▷")), reasoning
+        assert reasoning.strip() and answer.strip() and reasoning.strip() not in answer, (reasoning, answer)
+        assert not any(mark in reasoning + answer for mark in ("◁think▷", "◁/think▷")), (reasoning, answer)
         pg.locator(".msg.assistant details.thinking summary").click()  # it opens again on demand
         pg.screenshot(path=str(shots_dir(tmp_path) / "web-thinking.png"))
     finally:
