@@ -60,6 +60,12 @@ def config(args):
                         reasoning_format=args.reasoning_format, parallel=args.parallel)
 
 
+def page_url(host: str, port: int) -> str:
+    """The chat page's address to open (a wildcard address is opened on this machine's loopback)."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
 def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
@@ -91,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(cfg, load, stop_on_load_error)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, access_log=False,
                                            log_level="info", timeout_graceful_shutdown=5))
+    print(f"kimivl-edge serve: chat page at {page_url(args.host, args.port)}", file=sys.stderr, flush=True)
     server.run()
     if app.state.scheduler.load_error is not None:
         raise UsageError(f"the model failed to load: {app.state.scheduler.load_error}")

@@ -166,11 +166,13 @@ async def _sse(cid: str, created: int, card: ModelCard, first: Any, events: Asyn
     def data(obj: dict) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
+    cut = True  # until the turn's end has been read: its Done, or its events' end (cancelled before it ran)
     try:
         yield data(chunk(cid, created, card, {"role": "assistant", "content": None}))
         ev = first
         while ev is not None:
             if isinstance(ev, Done):
+                cut = False
                 request.state.usage = ev.stats
                 yield data(final_chunk(cid, created, card, ev))
                 if include_usage:
@@ -182,15 +184,40 @@ async def _sse(cid: str, created: int, card: ModelCard, first: Any, events: Asyn
                 kind, text = ev
                 yield data(chunk(cid, created, card, {DELTA_FIELD[kind]: text}))
             ev = await anext(events, None)
+        cut = False
         yield "data: [DONE]\n\n"
     except APIError as e:
+        cut = False
         yield data(e.body())
     except Exception:
+        cut = False
         log.exception("request %s failed while streaming", request.state.request_id)
         yield data(INTERNAL.body())
     finally:
         job.cancel()
         watcher.cancel()
+        if cut:  # the client has gone mid-turn
+            _log_when_stopped(request.state.request_id, job)
+
+
+_stopping: set[asyncio.Task] = set()  # the tasks of _log_when_stopped, referenced until they end
+
+
+def _log_when_stopped(rid: str, job: Job) -> None:
+    """A stream cut short (its client gone): the request's own line is written at once, without token counts, so
+    one more line says how far the turn went once the worker has stopped it."""
+    async def wait() -> None:
+        try:
+            async for ev in job.events():
+                if isinstance(ev, Done):
+                    log.info("%s stopped: prompt %d completion %d", rid, ev.stats.prompt_tokens,
+                             ev.stats.generated_tokens)
+        except Exception as e:  # the turn failed after its client had gone: there is nobody to tell
+            log.debug("request %s failed after its client had gone: %s", rid, e)
+
+    task = asyncio.get_running_loop().create_task(wait())
+    _stopping.add(task)
+    task.add_done_callback(_stopping.discard)
 
 
 # -- errors ---------------------------------------------------------------------------------------------------
