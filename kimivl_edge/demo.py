@@ -3,8 +3,8 @@
 Converts the two tiny checkpoints (Q4_K_M text + Q8_0 mmproj) into a build folder, then answers questions about
 generated images through the runtime (numpy vision + llama.cpp decoder). Instruct: single-image questions, a
 two-image comparison, an OS-agent grounding question whose PyAutoGUI click is parsed by the runtime and drawn on
-the original screenshot, a question across the frames of a GIF (the video path) and one across the pages of a PDF.
-Thinking: its reasoning printed apart from its answer. It prints image tokens, encode time, prefill and decode speed.
+the original screenshot, and a question across the frames of a GIF (the video path). Thinking: its reasoning
+printed apart from its answer. It prints image tokens, encode time, prefill and decode speed.
 
 The bundled checkpoints (kimivl_edge/assets/kimi-vl-tiny and kimi-vl-tiny-thinking) were trained on small synthetic
 visual tasks (training/tasks.py, README). Without an asset, a synthetic checkpoint with random weights is used and
@@ -81,8 +81,8 @@ def demo_images(root: Path) -> dict[str, Path]:
 
 
 def demo_media(root: Path) -> dict[str, Path]:
-    """A screenshot-sized scene for grounding (over the tiny models' patch budget: resized, then padded), a 6-frame
-    GIF of a red circle moving right (2 frames per second), and a 3-page PDF of shapes (1 pixel per point)."""
+    """A screenshot-sized scene for grounding (over the tiny models' patch budget: resized, then padded) and a
+    6-frame GIF of a red circle moving right (2 frames per second)."""
     from PIL import Image
 
     screen = _scene((240, 200), [("circle", 60, 140, 24, "red"), ("square", 180, 60, 26, "blue"),
@@ -91,11 +91,7 @@ def demo_media(root: Path) -> dict[str, Path]:
     frames = [_scene((112, 56), [("circle", x, 28, 14, "red")]).convert("P", palette=Image.Palette.ADAPTIVE, colors=8)
               for x in (20, 34, 48, 62, 76, 90)]
     frames[0].save(root / "clip.gif", save_all=True, append_images=frames[1:], duration=500, loop=0)
-    pages = [_scene((84, 112), shapes).convert("P", palette=Image.Palette.ADAPTIVE, colors=8) for shapes in (
-        [("circle", 40, 40, 15, "red")], [("triangle", 42, 70, 16, "blue"), ("square", 40, 30, 13, "green")],
-        [("square", 45, 60, 15, "yellow")])]
-    pages[0].save(root / "doc.pdf", "PDF", save_all=True, append_images=pages[1:], resolution=72)
-    return {n: root / n for n in ("screen.png", "clip.gif", "doc.pdf")}
+    return {n: root / n for n in ("screen.png", "clip.gif")}
 
 
 def _figures(st) -> str:
@@ -125,7 +121,6 @@ def main(argv: list[str] | None = None) -> int:
     from .cli import OneLineParser
     from .convert import convert_checkpoint
     from .grounding import draw, ground_prompt
-    from .media import MediaSettings
     from .model import KimiVL
 
     ap = OneLineParser(prog="kimivl-edge demo", description=__doc__.split("\n\n")[0])
@@ -147,11 +142,9 @@ def main(argv: list[str] | None = None) -> int:
          "pyautogui.click(x=0.750, y=0.300)"),
         ("video, 6 frames", [{"type": "video", "video": str(imgs["clip.gif"])}], "Which way did the shape move?",
          "right"),
-        ("document, 3 pages", [{"type": "document", "document": str(imgs["doc.pdf"])}],
-         "Which page shows the blue triangle?", "2"),
     ]
     thinking = [
-        ("thinking, single image", image("three.png"), "How many shapes are there?", "3"),
+        ("thinking, single image", image("triangle.png"), "Is the yellow triangle on the left or the right?", "right"),
         ("thinking, two images", image("one.png", "two.png"), "Which image has more shapes?", "second"),
     ]
     for variant, questions in (("instruct", instruct), ("thinking", thinking)):
@@ -161,8 +154,6 @@ def main(argv: list[str] | None = None) -> int:
         for p in res:
             print(f"converted:  {p}  ({p.stat().st_size / 1e6:.1f} MB)")
         with KimiVL.load(res.text_path, res.mmproj_path, n_ctx=2048) as model:
-            # pages rendered at the size the tiny models were trained on (84x112 pixels = 48 patches)
-            model.media_settings = MediaSettings(page_patches=48)
             for title, parts, q, expected in questions:
                 g = _ask(model, title, parts, q, expected, args.max_tokens)
                 if title == "grounding":
