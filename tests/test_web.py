@@ -26,6 +26,7 @@ import pytest
 from PIL import Image
 from playwright.sync_api import expect, sync_playwright
 
+from kimivl_edge.grounding import GROUND_PROMPT
 from kimivl_edge.demo import demo_images
 from kimivl_edge.serve import page_url
 
@@ -344,7 +345,7 @@ def test_image_by_file_input_then_a_follow_up_with_its_point_drawn_on_the_shape(
     assert pg.locator(".msg.user img.thumb").count() == 1
     meta = pg.locator(".msg.assistant .meta").first.inner_text()
     assert "image tokens" in meta and "tok/s" in meta and "TTFT" in meta
-    answer = page.ask("Where is the blue square? Answer with a point (x, y).")
+    answer = page.ask(GROUND_PROMPT + "the blue square")  # the model card's OS-agent prompt: a pyautogui click
     assert pg.locator(".msg.assistant").nth(1).locator(".mark-point").count() == 1, answer
     x, y = marker_pixel(page, ".mark-point", pics["three.png"])
     assert colour_at(pics["three.png"], x, y) == BLUE, (answer, x, y)
