@@ -265,9 +265,11 @@ def test_faithful_pair_passes_and_writes_json(cli, q8, tmp_path):
     assert [v["pass"] for v in rep["verdicts"]] == [True, True]
     names = [p["case"] for p in rep["prompts"]]
     assert len(names) == 7 and sum(n.startswith("image") for n in names) == 3  # 4 texts + 3 images
-    # docs/model.md §4: 61x47 pads to 84x56 (6x4 patches); 150x400 to 168x420 (12x30); 640x480 has 45*34 = 1530
-    # > 1024 patches, is resized by sqrt(1024/1530) to 523x392 and padded to 532x392 (38x28): 4 patches a token
-    assert [i["tokens"] for i in rep["images"]] == [6, 90, 266]
+    # docs/model.md §4, the asset's in_token_limit of 196 patches: 61x47 (4*3 patches) pads to 84x56 (6x4 patches);
+    # 150x400 has 10*28 = 280 > 196 patches, is resized by sqrt(196/280) to 125x334 and padded to 140x336 (10x24);
+    # 640x480 has 45*34 = 1530, is resized by sqrt(196/1530) to 229x171 and padded to 252x196 (18x14): 4 patches a
+    # token
+    assert [i["tokens"] for i in rep["images"]] == [6, 60, 63]
     v = rep["verdicts"][0]
     assert v["positions"] == sum(p["positions"] for p in rep["prompts"])
     assert v["kld_max"] == max(p["kld_max"] for p in rep["prompts"])
