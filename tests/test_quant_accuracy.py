@@ -1,6 +1,6 @@
 """End-to-end accuracy of quantized files of the trained tiny model vs the fp32 reference (issue 5's bounds).
 
-The full table (every text x mmproj type, 600 questions) is `python -m training.quant_table`; this guards the
+The full table (every text x mmproj type, 300 questions) is `python -m training.quant_table`; this guards the
 bounds on a held-out subset: Q8_0/Q8_0 within 1 point of fp32 accuracy with mean KLD <= 0.002 and top-1 >= 98 %,
 Q4_K_M/Q8_0 within 3 points, and no configuration more than 10 points below fp32.
 """

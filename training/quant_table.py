@@ -1,6 +1,6 @@
 """Accuracy of every quantization of the trained tiny models, against the fp32 reference (issue 5's table).
 
-    .venv/bin/python -m training.quant_table [--variants instruct,thinking] [--n 600] [--out docs]
+    .venv/bin/python -m training.quant_table [--variants instruct,thinking] [--n 300] [--n-thinking 60] [--out docs]
 
 For each text type (F16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, IQ4_EDGE without an imatrix, Q4_0) x mmproj type (F16,
 Q8_0, Q4_0), converted by our CLI code and run through our runtime (numpy vision, llama.cpp decoder, F32 KV cache so
@@ -123,11 +123,14 @@ def build_table(ckpt: Path, n: int, workdir: Path, text_types=TEXT_TYPES, mmproj
 
 def markdown(tables: dict[str, dict]) -> str:
     """The page for one table per variant ({"instruct": table, "thinking": table})."""
-    n = next(iter(tables.values()))["n"]
+    ns = {v: t["n"] for v, t in tables.items()}
+    flags = f"--n {ns.get('instruct', 300)}" + (f" --n-thinking {ns['thinking']}" if "thinking" in ns else "")
     lines = [
         "# Accuracy of every quantization (trained tiny Kimi-VL models)",
         "",
-        f"Regenerate: `.venv/bin/python -m training.quant_table --n {n}`. Held-out questions: {n} per model. The "
+        f"Regenerate: `.venv/bin/python -m training.quant_table {flags}` (held-out questions per model: "
+        + ", ".join(f"{v} {n}" for v, n in ns.items()) + "; the Thinking model thinks before every answer, so fewer). "
+        "The "
         "fp32 accuracy is the F32 GGUF pair's greedy answers (the same model up to llama.cpp's norm epsilon); KL "
         "divergence and top-1 agreement are teacher-forced over those answer tokens (for Thinking, its "
         "thinking and its answer) and the end-of-turn token; F32 KV cache. IQ4_EDGE (here without an imatrix) was "
@@ -138,7 +141,7 @@ def markdown(tables: dict[str, dict]) -> str:
         png = "quant-accuracy.png" if variant == "instruct" else f"quant-accuracy-{variant}.png"
         lines += [
             "",
-            f"## {variant.title()} ({Path(table['checkpoint']).name}): fp32 accuracy "
+            f"## {variant.title()} ({Path(table['checkpoint']).name}, {table['n']} questions): fp32 accuracy "
             f"{100 * table['reference_accuracy']:.1f} %",
             "",
             "| text | mmproj | vision backend | text MB | mmproj MB | accuracy | mean KLD | top-1 "
@@ -188,8 +191,8 @@ def figure(table: dict):
     text_handles = [Line2D([], [], ls="", marker="o", color=c, label=f"text {t}") for t, c in colours.items()]
     mm_handles = [Line2D([], [], ls="", marker=m, color="black", label=f"mmproj {t}")
                   for t, (_, m) in MMPROJ_STYLE.items() if any(r["mmproj_type"] == t for r in rows)]
-    acc.legend(handles=[*acc.get_legend_handles_labels()[0], *mm_handles], loc="lower right", fontsize=8)
-    kld.legend(handles=text_handles, loc="lower left", fontsize=8, ncol=2)
+    acc.legend(handles=[*acc.get_legend_handles_labels()[0], *mm_handles], loc="best", fontsize=8)
+    kld.legend(handles=text_handles, loc="best", fontsize=8, ncol=2)
     return fig
 
 
@@ -209,14 +212,16 @@ def chart(table: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.quant_table", description=__doc__.split("\n\n")[0])
     ap.add_argument("--variants", default="instruct,thinking", help="comma-separated: instruct, thinking")
-    ap.add_argument("--n", type=int, default=600)
+    ap.add_argument("--n", type=int, default=300, help="held-out questions for the Instruct model")
+    ap.add_argument("--n-thinking", type=int, default=60, help="held-out questions for the Thinking model")
     ap.add_argument("--out", type=Path, default=Path("docs"))
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     tables = {}
     for variant in args.variants.split(","):
         with tempfile.TemporaryDirectory() as tmp:
-            tables[variant] = build_table(CKPTS[variant], args.n, Path(tmp))
+            tables[variant] = build_table(CKPTS[variant], args.n_thinking if variant == "thinking" else args.n,
+                                          Path(tmp))
         png = "quant-accuracy.png" if variant == "instruct" else f"quant-accuracy-{variant}.png"
         chart(tables[variant], args.out / png)
     (args.out / "quant-accuracy.json").write_text(json.dumps(tables, indent=2) + "\n")
