@@ -495,9 +495,10 @@ def test_encrypted_broken_and_empty_pdfs(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def model_pair(converted):
-    ckpt = Path(__file__).resolve().parents[1] / "kimivl_edge" / "assets" / "kimi-vl-tiny"
-    return converted(ckpt, "f32", "f32")
+def model_pair(converted, tiny_checkpoint):
+    # media plumbing, not answers: a tiny checkpoint with the real models' 4096-patch budget (the trained assets
+    # have 196, which would cap every frame and page)
+    return converted(tiny_checkpoint(), "f32", "f32")
 
 
 @pytest.fixture(scope="module")
@@ -587,7 +588,7 @@ def test_grounding_on_a_video_frame_is_in_pixels_of_the_video(model, videos):
                                          {"type": "text", "text": "Where is the white band?"}]}]
     click = "pyautogui.click(x=0.250, y=0.500)"
     out = model.generate(msgs, temperature=0, max_tokens=40, grammar=f'root ::= "{click}"')
-    assert out.answer == click
+    assert out.answer.startswith(click)  # random weights: past the grammar's end a non-stop special may follow
     (action,) = out.grounding
     # the last frame (image 1 of 0-1) of the 640x360 video: 0.25 x 640 = 160, 0.5 x 360 = 180
     assert action.image_index == 1 and action.points == ((160.0, 180.0),) and action.normalized == (0.25, 0.5)
@@ -640,7 +641,7 @@ def test_cli_ground_sends_the_model_cards_prompt(model_pair, tmp_path):
     assert rendered.endswith("<|media_end|>" + card + "the OK button<|im_end|><|im_assistant|>assistant<|im_middle|>")
 
 
-def test_cli_run_on_a_terminal_shows_the_encoding_progress(model_pair, videos):
+def test_cli_run_on_a_terminal_shows_the_encoding_progress(model_pair, videos, tiny_checkpoint):
     """stderr on a pseudo-terminal (stdout a pipe, as `run ... > answer.txt` in a terminal): one self-overwriting
     line per vision layer, erased at the end."""
     import json
@@ -648,8 +649,7 @@ def test_cli_run_on_a_terminal_shows_the_encoding_progress(model_pair, videos):
     import pty
 
     text, mm = model_pair
-    ckpt = Path(__file__).resolve().parents[1] / "kimivl_edge" / "assets" / "kimi-vl-tiny"
-    layers = json.loads((ckpt / "config.json").read_text())["vision_config"]["num_hidden_layers"]
+    layers = json.loads((tiny_checkpoint() / "config.json").read_text())["vision_config"]["num_hidden_layers"]
     master, slave = pty.openpty()
     proc = subprocess.Popen([sys.executable, "-m", "kimivl_edge", "run", "-m", str(text), "--mmproj", str(mm),
                              "--video", str(videos / "forty.mp4"), "--frames", "2", "-p", "What is it?", "--temp",

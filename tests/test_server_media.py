@@ -23,7 +23,7 @@ from kimivl_edge.model import KimiVL
 from kimivl_edge.server.app import create_app
 from kimivl_edge.server.config import ServerConfig
 from test_media import _prompt_numbers, encrypted_pdf, picture, write_pdf, write_video
-from test_server import ASSET, ScriptedTokens, ThreadServer, error_of, serve_process
+from test_server import ScriptedTokens, ThreadServer, error_of, serve_process
 
 BODY = 4 << 20
 
@@ -65,8 +65,8 @@ class Recorder:
 
 
 @pytest.fixture(scope="module")
-def server(converted, files) -> Iterator[tuple[ThreadServer, Recorder]]:
-    text, mm = converted(ASSET, "f32", "f32")
+def server(converted, files, tiny_checkpoint) -> Iterator[tuple[ThreadServer, Recorder]]:
+    text, mm = converted(tiny_checkpoint(), "f32", "f32")
 
     def load() -> KimiVL:
         m = KimiVL.load(text, mm, n_ctx=4096, n_threads=1, kv_type="f32")
@@ -154,8 +154,8 @@ def test_bad_media_are_one_line_openai_errors(server, files):
     assert ok.choices[0].finish_reason in ("stop", "length")
 
 
-def test_media_parts_need_the_vision_model(converted, files):
-    text, _ = converted(ASSET, "f32", "f32")
+def test_media_parts_need_the_vision_model(converted, files, tiny_checkpoint):
+    text, _ = converted(tiny_checkpoint(), "f32", "f32")
     srv = ThreadServer(create_app(ServerConfig(model_id="t"), lambda: KimiVL.load(text, n_ctx=512, n_threads=1)))
     try:
         srv.wait_ready()
@@ -165,11 +165,11 @@ def test_media_parts_need_the_vision_model(converted, files):
         srv.stop()
 
 
-def test_serve_takes_the_media_options_of_run_and_chat(converted, files, tmp_path, cli):
+def test_serve_takes_the_media_options_of_run_and_chat(converted, files, tmp_path, cli, tiny_checkpoint):
     """``kimivl-edge serve --max-frames 2 --video-tokens 300 --doc-tokens 100``: the 4 s video becomes 2 frames (8
     by default, as test_video_and_pdf_parts_reach_the_model_in_order shows); a video of larger frames and a PDF
     page over their budgets are one-line 400s naming the option to change."""
-    text, mm = converted(ASSET, "f32", "f32")
+    text, mm = converted(tiny_checkpoint(), "f32", "f32")
     write_video(tmp_path / "large.mp4", 20, size=(640, 480))  # 2 frames of 192 tokens: over 300
     args = ["-m", str(text), "--mmproj", str(mm), "--threads", "1", "--kv-type", "f32", "--ctx", "4096",
             "--max-body", str(BODY), "--max-frames", "2", "--video-tokens", "300", "--doc-tokens", "100"]
@@ -212,8 +212,8 @@ class GroundingModel:
         pass
 
 
-def test_grounding_actions_in_message_and_final_chunk(converted):
-    text, _ = converted(ASSET, "f32", "f32")
+def test_grounding_actions_in_message_and_final_chunk(converted, tiny_checkpoint):
+    text, _ = converted(tiny_checkpoint(), "f32", "f32")
     tok = TextModelInfo.read(text).tokenizer
     srv = ThreadServer(create_app(ServerConfig(model_id="g"), lambda: GroundingModel(tok)))
     try:
