@@ -70,3 +70,17 @@ def test_every_section_citation_resolves_to_docs_model_md():
             for m in CITATION.finditer(line):
                 dangling += [f"{path.relative_to(ROOT)}:{n}: §{s}" for s in m.groups() if s and s not in sections]
     assert not dangling, "\n".join(dangling)
+
+
+def test_media_data_flows_one_way():
+    """``kimivl_edge.media`` is layered: ``source`` (inputs, MediaError), then ``settings``, then ``video`` and
+    ``document`` (neither imports the other), then ``expand``, which drives them. Read from each module's own
+    source: every relative import of a sibling points to a lower layer."""
+    layer = {"source": 0, "settings": 1, "video": 2, "document": 2, "expand": 3}
+    pkg = ROOT / "kimivl_edge" / "media"
+    assert {p.stem for p in pkg.glob("*.py")} == {"__init__", *layer}
+    upward = [f"{name} -> {m.group(1)}" for name in layer
+              for m in re.finditer(r"^from \.(\w+) import", (pkg / f"{name}.py").read_text(encoding="utf-8"),
+                                   re.MULTILINE)
+              if layer[m.group(1)] >= layer[name]]
+    assert not upward, upward

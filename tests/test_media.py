@@ -209,17 +209,17 @@ class CountingContainer:
 
 def counting_decoder(monkeypatch, seekable: bool) -> list[int]:
     """Frames decoded per opened container, in order (the video is opened again after a failed seek)."""
-    import kimivl_edge.media as media
+    import kimivl_edge.media.video as video
 
     counts: list[int] = []
-    real = media._open_av
+    real = video._open_av
 
     def opened(source):
         container, stream = real(source)
         counts.append(0)
         return CountingContainer(container, counts, seekable), stream
 
-    monkeypatch.setattr(media, "_open_av", opened)
+    monkeypatch.setattr(video, "_open_av", opened)
     return counts
 
 
@@ -720,13 +720,13 @@ def test_media_errors_are_kimivl_errors():
 
 
 def test_history_media_are_decoded_once_and_again_when_the_file_changes(tmp_path, monkeypatch):
-    import kimivl_edge.media as media
+    import kimivl_edge.media.expand as expand
 
     calls: list[str] = []
     for name in ("decode_video", "render_document"):
-        real = getattr(media, name)
-        monkeypatch.setattr(media, name, lambda plan, real=real, name=name: calls.append(name) or real(plan))
-    monkeypatch.setattr(media, "DECODED", media.DecodedCache(size=2))
+        real = getattr(expand, name)
+        monkeypatch.setattr(expand, name, lambda plan, real=real, name=name: calls.append(name) or real(plan))
+    monkeypatch.setattr(expand, "DECODED", expand.DecodedCache(size=2))
     video, pdf = write_video(tmp_path / "v.mp4", 5), write_pdf(tmp_path / "d.pdf", 2)
     msgs = [{"role": "user", "content": [{"type": "video", "video": str(video)},
                                          {"type": "document", "document": str(pdf)}]}]
