@@ -96,6 +96,16 @@ def converted(tmp_path_factory) -> Callable[..., tuple[Path, Path]]:
     return get
 
 
+@pytest.fixture(scope="session")
+def pics(tmp_path_factory) -> Path:
+    """A directory of the demo's pictures (kimivl_edge.demo.demo_images), made once; tests only read it."""
+    from kimivl_edge.demo import demo_images
+
+    root = tmp_path_factory.mktemp("pics")
+    demo_images(root)
+    return root
+
+
 def copy_checkpoint(src: Path, dst: Path) -> Path:
     """A private copy of a shared checkpoint, for tests that edit or break it."""
     shutil.copytree(src, dst)

@@ -33,12 +33,8 @@ def pair(converted):
 
 
 @pytest.fixture(scope="module")
-def image(tmp_path_factory):
-    from kimivl_edge.demo import demo_images
-
-    root = tmp_path_factory.mktemp("pics")
-    demo_images(root)
-    return root / "three.png"
+def image(pics):
+    return pics / "three.png"
 
 
 def load(pair) -> KimiVL:

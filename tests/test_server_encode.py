@@ -30,15 +30,6 @@ def pair(converted):
     return converted(ASSET, "f32", "f32")
 
 
-@pytest.fixture(scope="module")
-def pics(tmp_path_factory):
-    from kimivl_edge.demo import demo_images
-
-    root = tmp_path_factory.mktemp("pics")
-    demo_images(root)
-    return root
-
-
 class HeldTokens:
     """A TokenStream whose reader, after the first token, waits for ``gate`` before asking for the next one (the
     model's lock is not held while it waits)."""

@@ -10,7 +10,6 @@ import re
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -22,15 +21,6 @@ from kimivl_edge.server.config import ServerConfig
 from test_server import ASSET, SCRIPT, ScriptedModel, ThreadServer, ask, data_uri, error_of, free_port, load_tiny
 
 LONG = "one two three four five six seven eight nine ten"  # forced by a schema: the tiny model answers in 1 token
-
-
-@pytest.fixture(scope="module")
-def pics(tmp_path_factory) -> Path:
-    from kimivl_edge.demo import demo_images
-
-    root = tmp_path_factory.mktemp("pics")
-    demo_images(root)
-    return root
 
 
 @pytest.fixture(scope="module")

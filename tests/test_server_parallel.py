@@ -31,15 +31,6 @@ def pair(converted):
 
 
 @pytest.fixture(scope="module")
-def pics(tmp_path_factory) -> Path:
-    from kimivl_edge.demo import demo_images
-
-    root = tmp_path_factory.mktemp("pics")
-    demo_images(root)
-    return root
-
-
-@pytest.fixture(scope="module")
 def solo(pair) -> Iterator[KimiVL]:
     m = KimiVL.load(pair[0], pair[1], n_ctx=CTX, n_threads=1, kv_type="f32")
     yield m

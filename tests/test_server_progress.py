@@ -25,12 +25,8 @@ def pair(converted):
 
 
 @pytest.fixture(scope="module")
-def image(tmp_path_factory):
-    from kimivl_edge.demo import demo_images
-
-    root = tmp_path_factory.mktemp("pics")
-    demo_images(root)
-    return root / "three.png"
+def image(pics):
+    return pics / "three.png"
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["one-at-a-time", "batched"])
