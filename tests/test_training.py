@@ -262,21 +262,27 @@ def _examples(init, n: int, seed: int):
     return enc, [enc.encode(*tasks.make_conversation(rng)) for _ in range(n)]
 
 
-def test_chat_encoding_matches_template(init):
-    """The incremental encoding equals tokenizing the whole rendered chat, answers marked where they are."""
+def _two_turns(enc: Encoder, thoughts: tuple[str, str], last: str):
+    """A two-turn chat about a 2-shape scene encoded for training, and the whole chat rendered by the template and
+    tokenized, its last assistant message ``last`` (the first keeps only its answer, "2")."""
     from kimivl_edge.prompt import render
 
-    enc, _ = _examples(init, 0, 0)
     scenes = [tasks.shape_scene(np.random.default_rng(1), 2)]
-    turns = [("How many shapes are there?", "2", ""), ("What colour is the star?", "green", "")]
+    turns = [("How many shapes are there?", "2", thoughts[0]), ("What colour is the star?", "green", thoughts[1])]
     ex = enc.encode(scenes, turns)
     msgs = [{"role": "user", "content": [{"type": "image", "image": scenes[0].render()},
                                          {"type": "text", "text": turns[0][0]}]},
             {"role": "assistant", "content": "2"}, {"role": "user", "content": turns[1][0]},
-            {"role": "assistant", "content": "green"}]
-    text = render(enc.template, msgs, add_generation_prompt=False)
+            {"role": "assistant", "content": last}]
+    return ex, enc.tokenizer.encode(render(enc.template, msgs, add_generation_prompt=False))
+
+
+def test_chat_encoding_matches_template(init):
+    """The incremental encoding equals tokenizing the whole rendered chat, answers marked where they are."""
+
+    enc, _ = _examples(init, 0, 0)
+    ex, full = _two_turns(enc, ("", ""), "green")
     pad = enc.tokenizer.media_pad_id
-    full = enc.tokenizer.encode(text)
     assert [t for t in ex.ids if t != pad] == [t for t in full if t != pad]
     marked = enc.tokenizer.decode([t for t, m in zip(ex.ids, ex.answer) if m])
     assert marked == "2<|im_end|>green<|im_end|>"
@@ -285,19 +291,10 @@ def test_chat_encoding_matches_template(init):
 def test_thinking_chats_supervise_the_last_turn_with_its_thought(tmp_path):
     """A Thinking chat: earlier assistant turns keep only their answer (as the runtime sends history) and carry no
     loss; the last turn is supervised as ◁think▷thought◁/think▷answer<|im_end|>."""
-    from kimivl_edge.prompt import render
 
-    ckpt = init_dir(0, tmp_path, "thinking")
-    enc = Encoder(ckpt, thinking=True)
-    scenes = [tasks.shape_scene(np.random.default_rng(1), 2)]
-    turns = [("How many shapes are there?", "2", "I see two."), ("What colour is the star?", "green", "A star.")]
-    ex = enc.encode(scenes, turns)
-    msgs = [{"role": "user", "content": [{"type": "image", "image": scenes[0].render()},
-                                         {"type": "text", "text": turns[0][0]}]},
-            {"role": "assistant", "content": "2"}, {"role": "user", "content": turns[1][0]},
-            {"role": "assistant", "content": "\u25c1think\u25b7A star.\u25c1/think\u25b7green"}]
+    enc = Encoder(init_dir(0, tmp_path, "thinking"), thinking=True)
+    ex, full = _two_turns(enc, ("I see two.", "A star."), "\u25c1think\u25b7A star.\u25c1/think\u25b7green")
     pad = enc.tokenizer.media_pad_id
-    full = enc.tokenizer.encode(render(enc.template, msgs, add_generation_prompt=False))
     assert [t for t in ex.ids if t != pad] == [t for t in full if t != pad]
     marked = enc.tokenizer.decode([t for t, m in zip(ex.ids, ex.answer) if m])
     assert marked == "\u25c1think\u25b7A star.\u25c1/think\u25b7green<|im_end|>"
