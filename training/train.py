@@ -142,28 +142,28 @@ class Encoder:
             n = int(counts[k]) if t == pad else 1
             k += t == pad
             ex_ans += [m] * n
-        cells, where = zip(*(cell_labels(s, self.image_config) for s in scenes))
+        owners = [cell_owners(s, self.image_config) for s in scenes]  # one mask resize per scene
+        cells, where = zip(*(cell_labels(s, self.image_config, o) for s, o in zip(scenes, owners)))
         shift = len(ex_ids) - len(ids)  # the questions' words and the answers all follow the images
         focus = []
         if len(scenes) == 1:
             image_pos = np.flatnonzero(np.array(ex_ids) == pad)
-            owners = cell_owners(scenes[0], self.image_config)
             for (q, _, _), (q0, a0, a1) in zip([t for k, t in enumerate(turns)
                                                 if not self.thinking or k == len(turns) - 1], spans):
                 named = named_shape(scenes[0], q)
-                if named is None or not (owners == named + 1).any():
+                if named is None or not (owners[0] == named + 1).any():
                     continue
                 s = scenes[0].shapes[named]
                 words = np.array([i + shift for i in range(q0, a0) if ids[i] != pad
                                   and self.tokenizer.decode([ids[i]]).strip() in (s.colour, s.kind)])
                 if not len(words):  # the naming word merged into a larger token: nothing to look up
                     continue
-                keys = image_pos[owners == named + 1]
+                keys = image_pos[owners[0] == named + 1]
                 # the positions that predict the answer's tokens (not the closing <|im_end|>)
                 focus += [(t, keys, words) for t in range(a0 + shift - 1, a1 + shift - 2)]
         return Example(ex_ids, ex_ans, pv, [(int(h), int(w)) for h, w in grid], np.concatenate(cells),
                        np.concatenate(where),
-                       np.concatenate([cell_centres(s, self.image_config) for s in scenes]), focus)
+                       np.concatenate([cell_centres(s, self.image_config, o) for s, o in zip(scenes, owners)]), focus)
 
 
 def named_shape(scene: Scene, question: str) -> int | None:
@@ -184,14 +184,16 @@ def _resized(scene: Scene, cfg: ImageProcessorConfig) -> tuple[int, int, np.ndar
     return rw, rh, masks
 
 
-def cell_labels(scene: Scene, cfg: ImageProcessorConfig) -> tuple[np.ndarray, np.ndarray]:
+def cell_labels(scene: Scene, cfg: ImageProcessorConfig, owners: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
     """Per image token (a 28x28 pixel block of the resized, padded image, row-major): the kind and colour of the
     shape covering most of it (class 0 when shapes cover under MIN_COVER of it), whether it lies in the image, and
-    its centre as a fraction of the image size. Targets of the auxiliary head only (see ``aux_loss``)."""
-    rw, rh, _ = _resized(scene, cfg)
+    its centre as a fraction of the image size. Targets of the auxiliary head only (see ``aux_loss``). ``owners``:
+    ``cell_owners`` of the scene, if already computed."""
+    rw, rh = target_size(scene.width, scene.height, cfg)
     cell = cfg.pad_multiple[0]
     gh, gw = -(-rh // cell), -(-rw // cell)
-    best = cell_owners(scene, cfg)
+    best = cell_owners(scene, cfg) if owners is None else owners
     kind = np.array([0] + [1 + KINDS.index(s.kind) for s in scene.shapes])[best]
     colour = np.array([0] + [1 + list(COLOURS).index(s.colour) for s in scene.shapes])[best]
     ys, xs = np.meshgrid((np.arange(gh) + 0.5) * cell / rh, (np.arange(gw) + 0.5) * cell / rw, indexing="ij")
@@ -212,11 +214,11 @@ def cell_owners(scene: Scene, cfg: ImageProcessorConfig) -> np.ndarray:
     return cover.reshape(len(cover), gh, cell, gw, cell).mean((2, 4)).argmax(0).reshape(-1)
 
 
-def cell_centres(scene: Scene, cfg: ImageProcessorConfig) -> np.ndarray:
+def cell_centres(scene: Scene, cfg: ImageProcessorConfig, owners: np.ndarray | None = None) -> np.ndarray:
     """Per image token: the centre (x, y) of the shape covering its cell, normalized to 0-1 of the original image as
     grounding answers are (0 on cells without a shape). Target of the auxiliary head when grounding is trained."""
     table = np.array([[0.0, 0.0]] + [[s.cx / scene.width, s.cy / scene.height] for s in scene.shapes])
-    return table[cell_owners(scene, cfg)].astype(np.float32)
+    return table[cell_owners(scene, cfg) if owners is None else owners].astype(np.float32)
 
 
 def easy_fraction(progress: float, curriculum: float = CURRICULUM) -> float:
