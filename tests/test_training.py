@@ -330,6 +330,34 @@ def test_focus_marks_the_named_shapes_tokens(init):
     assert predicted == named.colour + tasks.click_text(named, sc)  # the answers of turns 2 and 3, not the count's
 
 
+def test_focus_of_a_page_question_is_the_named_shape_on_its_page(init):
+    """A question across document pages naming a colour and a kind that other pages share one at a time: the keys
+    are image tokens of the page that shows that pair (its pads counted from the rendered pages' sizes), covered
+    mostly by that shape's colour; the naming words are the colour and the kind."""
+    enc, _ = _examples(init, 0, 0)
+    page_size = tasks.PAGE_SIZE
+    red_circle, blue_circle = tasks.Shape("circle", "red", 30, 40, 14), tasks.Shape("circle", "blue", 40, 60, 14)
+    blue_star = tasks.Shape("star", "blue", 45, 70, 16)
+    pages = [tasks.Scene(*page_size, (240, 240, 240), [red_circle]),
+             tasks.Scene(*page_size, (240, 240, 240), [blue_star, tasks.Shape("square", "green", 40, 25, 14)]),
+             tasks.Scene(*page_size, (240, 240, 240), [blue_circle])]
+    ex = enc.encode(pages, [("Which page shows the blue circle?", "3", "")])
+    per_page = (-(-page_size[0] // 28)) * (-(-page_size[1] // 28))  # under the budget: padded, not resized
+    pads = [i for i, t in enumerate(ex.ids) if t == enc.tokenizer.media_pad_id]
+    assert len(pads) == 3 * per_page
+    img = np.asarray(pages[2].render())
+    h, w = img.shape[:2]
+    share = np.zeros((-(-h // 28) * 28, -(-w // 28) * 28))
+    share[:h, :w] = (img == tasks.COLOURS["blue"]).all(-1)
+    cover = share.reshape(-(-h // 28), 28, -(-w // 28), 28).mean((1, 3)).reshape(-1)
+    want = [pads[2 * per_page + j] for j in np.flatnonzero(cover >= MIN_COVER)]
+    assert want and ex.focus
+    assert all(list(keys) == want for _, keys, _ in ex.focus)
+    assert {tuple(enc.tokenizer.decode([ex.ids[i]]).strip() for i in words) for _, _, words in ex.focus} == {
+        ("blue", "circle")}
+    assert not enc.encode(pages, [("How many pages have two shapes?", "1", "")]).focus
+
+
 def test_focus_loss_is_minus_log_attention_mass():
     """focus_loss against the attention weights written out: softmax of q·k·scale over the causal keys."""
     g = torch.Generator().manual_seed(0)
