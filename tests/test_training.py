@@ -19,7 +19,8 @@ from kimivl_edge.reference.model import Prepared, ReferenceModel  # noqa: E402
 from training import tasks  # noqa: E402
 from training.evaluate import answer_all, score  # noqa: E402
 from training.train import (MIN_COVER, Encoder, answer_loss, cell_centres, cell_labels, collate,  # noqa: E402
-                            focus_loss, forward_logits, init_dir, is_trainable, load_weights, setup_torch)
+                            focus_loss, forward_logits, init_dir, is_trainable, load_weights, setup_torch,
+                            size_groups, train)
 
 ASSET_DIR = Path(__file__).resolve().parents[1] / "kimivl_edge" / "assets"
 ASSETS = {"instruct": ASSET_DIR / "kimi-vl-tiny", "thinking": ASSET_DIR / "kimi-vl-tiny-thinking"}
@@ -358,6 +359,17 @@ def test_focus_of_a_page_question_is_the_named_shape_on_its_page(init):
     assert not enc.encode(pages, [("How many pages have two shapes?", "1", "")]).focus
 
 
+def test_training_is_deterministic_and_stops_where_asked(tmp_path):
+    """Two runs of the same seed stopped after 2 steps of a 3-step schedule write the same weights (the shipped
+    assets' claim: a seed and a step count fix them); running the third step changes them."""
+    runs = [train(tmp_path / name, seed=5, steps=3, batch_size=2, log_every=100, stop_at=stop)
+            for name, stop in (("a", 2), ("b", 2), ("c", None))]
+    assert [(r["steps"], r["of"], r["cut"]) for r in runs] == [(2, 3, False), (2, 3, False), (3, 3, False)]
+    a, b, c = (Checkpoint(tmp_path / name) for name in "abc")
+    assert all(np.array_equal(a.float32(n), b.float32(n)) for n in a.names)
+    assert not all(np.array_equal(a.float32(n), c.float32(n)) for n in a.names)
+
+
 def test_focus_loss_is_minus_log_attention_mass():
     """focus_loss against the attention weights written out: softmax of q·k·scale over the causal keys."""
     g = torch.Generator().manual_seed(0)
@@ -374,11 +386,21 @@ def test_focus_loss_is_minus_log_attention_mass():
     assert float(focus_loss(q, k, 0.5, rows, keys)) == pytest.approx(np.mean(want), rel=1e-5)
 
 
+def test_size_groups_sort_images_and_bound_the_padding():
+    # sorted: 32 (0), 40 (2), 48 (3) within 1.5 x 32; 150 (4) starts a group, 200 (1) is within 1.5 x 150
+    assert size_groups([32, 200, 40, 48, 150]) == [[0, 2, 3], [4, 1]]
+    assert size_groups([32, 200, 40, 48, 150], spread=float("inf")) == [[0, 2, 3, 4, 1]]
+
+
 def test_training_forward_equals_reference(init):
     enc, exs = _examples(init, 3, 11)
     w = load_weights(init)
     batch = collate(exs, enc.tokenizer.id_of("[PAD]"))
     assert len({len(e.ids) for e in exs}) > 1  # padding is exercised
+    n = [gh * gw for e in exs for gh, gw in e.grids]  # the tower runs in size groups, padded within each
+    groups = size_groups(n)
+    assert len(groups) > 1 and any(len({n[b] for b in g}) > 1 for g in groups)
+    assert sum(groups, []) != list(range(len(n)))  # the groups reorder the images
     with torch.no_grad():
         got = forward_logits(w, Checkpoint(init).config, batch)
     ref = ReferenceModel(init)

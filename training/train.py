@@ -78,6 +78,7 @@ FOCUS_HEADS = 1  # heads of the layers after the first whose attention is superv
 VISION_LR_MULT = 1.0  # learning rate of the vision tower and projector, as a multiple of the decoder's
 POS_INIT = "synth"  # initial pos-emb: synth's random table, or "sincos" (sincos_pos_table)
 POS_INIT_SCALE = 0.5  # amplitude of the sine-cosine initial pos-emb (patch embeddings start at about unit scale)
+GROUP_SPREAD = 1.5  # images batched together in the tower differ at most this much in patch count
 MIN_COVER = 0.15  # a cell is labelled with a shape when the shape covers at least this share of it
 
 
@@ -270,9 +271,35 @@ def _rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
 
 
 def vision_forward(w: Mapping[str, torch.Tensor], cfg: VisionConfig, pixel_values: list[torch.Tensor],
-                   grids: list[tuple[int, int]]) -> torch.Tensor:
-    """MoonViT + merge + projector on a batch of images padded to the longest one (§5, §6): the image-token rows
-    [sum gh*gw/4, text_hidden], images in order."""
+                   grids: list[tuple[int, int]], spread: float = GROUP_SPREAD) -> torch.Tensor:
+    """MoonViT + merge + projector on a batch of images (§5, §6): the image-token rows [sum gh*gw/4, text_hidden],
+    images in order. The tower runs on groups of images of similar patch counts (``size_groups``), each padded to
+    its longest: a batch mixes 32-patch video frames with 196-patch screenshots, and padding every image to the
+    longest one (``spread`` inf) made a training step 1.2x slower (``python -m training.step_bench``)."""
+    out: list[torch.Tensor] = [torch.empty(0)] * len(grids)
+    for group in size_groups([gh * gw for gh, gw in grids], spread):
+        for b, x in zip(group, _tower(w, cfg, [pixel_values[b] for b in group], [grids[b] for b in group])):
+            out[b] = x
+    feats = torch.cat([V.merge_2x2(x, gh, gw) for x, (gh, gw) in zip(out, grids)])
+    return V.projector(w, feats)
+
+
+def size_groups(n: list[int], spread: float = GROUP_SPREAD) -> list[list[int]]:
+    """Indices of the images grouped by patch count: sorted, a new group starts where an image has more than
+    ``spread`` times the patches of its group's smallest."""
+    groups: list[list[int]] = []
+    for b in sorted(range(len(n)), key=lambda b: n[b]):
+        if groups and n[b] <= spread * n[groups[-1][0]]:
+            groups[-1].append(b)
+        else:
+            groups.append([b])
+    return groups
+
+
+def _tower(w: Mapping[str, torch.Tensor], cfg: VisionConfig, pixel_values: list[torch.Tensor],
+           grids: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """MoonViT on images padded to the longest one, keys masked per image: each image's [gh*gw, hidden] rows
+    after the final layer norm."""
     n = [gh * gw for gh, gw in grids]
     B, L, C, H, d = len(grids), max(n), cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
     pv = torch.zeros(B, L, pixel_values[0][0].numel())
@@ -302,8 +329,7 @@ def vision_forward(w: Mapping[str, torch.Tensor], cfg: VisionConfig, pixel_value
         x = x + V.linear(y, w[p + "mlp.fc1.weight"], w[p + "mlp.fc1.bias"])
     x = V.layer_norm(x, w[V.TOWER + "encoder.final_layernorm.weight"], w[V.TOWER + "encoder.final_layernorm.bias"],
                      eps)
-    feats = torch.cat([V.merge_2x2(x[b, :n[b]], gh, gw) for b, (gh, gw) in enumerate(grids)])
-    return V.projector(w, feats)
+    return [x[b, :n[b]] for b in range(B)]
 
 
 def mla_batched(x: torch.Tensor, w: Mapping[str, torch.Tensor], prefix: str, cfg: TextConfig,
@@ -560,9 +586,11 @@ def train(out: str | Path, seed: int = 0, steps: int = DEFAULT_STEPS, minutes: f
           batch_size: int = BATCH, log_every: int = 20, threads: int | None = None, peak_lr: float = PEAK_LR,
           save_every: int = 0, tasks: tuple[str, ...] = TASKS, curriculum: float = CURRICULUM,
           aux_weight: float = AUX_WEIGHT, vision_lr_mult: float = VISION_LR_MULT, pos_init: str = POS_INIT,
-          focus_weight: float = FOCUS_WEIGHT, variant: str = VARIANT, init_from: str | Path | None = None) -> dict:
+          focus_weight: float = FOCUS_WEIGHT, variant: str = VARIANT, init_from: str | Path | None = None,
+          stop_at: int | None = None) -> dict:
     """Train from synth's init (or the weights of the checkpoint ``init_from``) and write the bf16 HF checkpoint of
-    ``variant`` to ``out``; returns a summary dict."""
+    ``variant`` to ``out``; returns a summary dict. ``stop_at``: stop after that many steps of the ``steps``-step
+    schedule (the weights a ``minutes`` cap left at that step, reproducibly)."""
     setup_torch(threads)
     torch.manual_seed(seed)
     t0 = time.time()
@@ -587,7 +615,7 @@ def train(out: str | Path, seed: int = 0, steps: int = DEFAULT_STEPS, minutes: f
     data = training_examples(enc, seed, steps * batch_size, tasks, curriculum)
     pad = enc.tokenizer.id_of("[PAD]")
     ema, done, cut = None, 0, False
-    for step in range(steps):
+    for step in range(steps if stop_at is None else min(steps, stop_at)):
         if minutes is not None and time.time() - t0 > 60 * minutes:
             cut = True
             break
@@ -620,10 +648,11 @@ def train(out: str | Path, seed: int = 0, steps: int = DEFAULT_STEPS, minutes: f
                   f"lr {lr_at(step, steps, peak_lr):.2e} image spread {spread:.3f} "
                   f"{el / 60:.1f} min ({done / el:.2f} steps/s)", flush=True)
     if cut:
-        print(f"time cap of {minutes} min reached after {done} of {steps} steps: schedule cut short", flush=True)
+        print(f"time cap of {minutes} min reached after {done} of {steps} steps: schedule cut short (the same weights: "
+              f"--steps {steps} --stop-at {done})", flush=True)
     final = {n: t.detach().numpy() for n, t in w.items()}
     save_checkpoint(out, variant, seed, final)
-    return {"steps": done, "minutes": (time.time() - t0) / 60, "loss_ema": ema, "cut": cut}
+    return {"steps": done, "of": steps, "minutes": (time.time() - t0) / 60, "loss_ema": ema, "cut": cut}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -646,13 +675,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variant", choices=("instruct", "thinking"), default=VARIANT,
                     help="the checkpoint to write; thinking: answers as ◁think▷thought◁/think▷answer")
     ap.add_argument("--init", default=None, help="start from this checkpoint's weights instead of synth's init")
+    ap.add_argument("--stop-at", type=int, default=None,
+                    help="stop after this many steps of the --steps schedule (reproduces a run a --minutes cap cut)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy machine)")
     args = ap.parse_args(argv)
     summary = train(args.out, args.seed, args.steps, args.minutes, args.batch, threads=args.threads,
                     peak_lr=args.lr, save_every=args.save_every, tasks=tuple(args.tasks.split(",")),
                     curriculum=args.curriculum, aux_weight=args.aux,
                     vision_lr_mult=args.vision_lr_mult, pos_init=args.pos_init, focus_weight=args.focus,
-                    variant=args.variant, init_from=args.init)
+                    variant=args.variant, init_from=args.init, stop_at=args.stop_at)
     print(f"wrote {args.out}: {summary}")
     return 0
 
