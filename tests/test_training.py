@@ -370,6 +370,15 @@ def test_training_is_deterministic_and_stops_where_asked(tmp_path):
     assert not all(np.array_equal(a.float32(n), c.float32(n)) for n in a.names)
 
 
+def test_stop_at_below_one_is_a_one_line_usage_error(tmp_path, capsys):
+    from training.train import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path / "out"), "--stop-at", "0"])
+    assert e.value.code == 2 and not (tmp_path / "out").exists()
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("--stop-at must be at least 1, not 0")
+
+
 def test_focus_loss_is_minus_log_attention_mass():
     """focus_loss against the attention weights written out: softmax of q·k·scale over the causal keys."""
     g = torch.Generator().manual_seed(0)

@@ -10,11 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
-
-
-from kimivl_edge.config import KimiVLConfig
 
 from . import train as T
 
@@ -25,11 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variant", choices=("instruct", "thinking"), default="instruct")
     args = ap.parse_args(argv)
     T.setup_torch(1)
-    with tempfile.TemporaryDirectory() as tmp:
-        init = T.init_dir(0, tmp, args.variant)
-        cfg = KimiVLConfig.from_checkpoint(init)
-        enc = T.Encoder(init, thinking=args.variant == "thinking")
-        w = T.load_weights(init)
+    cfg, enc, w = T.starting_point(0, args.variant)
     for n, t in w.items():
         t.requires_grad_(T.is_trainable(n))
     data = T.training_examples(enc, 0, args.batches * T.BATCH, curriculum=1e-6)  # the full task mix throughout

@@ -579,6 +579,16 @@ def init_dir(seed: int, workdir: str | Path, variant: str = VARIANT) -> Path:
     return path
 
 
+def starting_point(seed: int, variant: str = VARIANT, init_from: str | Path | None = None
+                   ) -> tuple[KimiVLConfig, Encoder, dict[str, torch.Tensor]]:
+    """The config, the chat encoder and the initial weights of a run: synth's init for the seed (or the weights of
+    the checkpoint ``init_from``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        init = init_dir(seed, tmp, variant)
+        return (KimiVLConfig.from_checkpoint(init), Encoder(init, thinking=variant != "instruct"),
+                load_weights(init_from or init))
+
+
 def setup_torch(threads: int | None = None) -> None:
     torch.use_deterministic_algorithms(True)
     if threads:
@@ -597,11 +607,7 @@ def train(out: str | Path, seed: int = 0, steps: int = DEFAULT_STEPS, minutes: f
     setup_torch(threads)
     torch.manual_seed(seed)
     t0 = time.time()
-    with tempfile.TemporaryDirectory() as tmp:
-        init = init_dir(seed, tmp, variant)
-        cfg = KimiVLConfig.from_checkpoint(init)
-        enc = Encoder(init, thinking=variant != "instruct")
-        w = load_weights(init_from or init)
+    cfg, enc, w = starting_point(seed, variant, init_from)
     if pos_init == "sincos":
         table = w[V.TOWER + "patch_embed.pos_emb.weight"]
         w[V.TOWER + "patch_embed.pos_emb.weight"] = sincos_pos_table(*table.shape)
@@ -682,6 +688,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="stop after this many steps of the --steps schedule (reproduces a run a --minutes cap cut)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy machine)")
     args = ap.parse_args(argv)
+    if args.stop_at is not None and args.stop_at < 1:
+        ap.error(f"--stop-at must be at least 1, not {args.stop_at}")
     summary = train(args.out, args.seed, args.steps, args.minutes, args.batch, threads=args.threads,
                     peak_lr=args.lr, save_every=args.save_every, tasks=tuple(args.tasks.split(",")),
                     curriculum=args.curriculum, aux_weight=args.aux,
