@@ -379,6 +379,23 @@ def test_stop_at_below_one_is_a_one_line_usage_error(tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith("--stop-at must be at least 1, not 0")
 
 
+def test_single_first_leaves_video_and_documents_out_of_the_first_chats(init, monkeypatch):
+    """--single-first 0.25 of 40 chats: the first 10 are drawn from the single-image tasks only, the rest from all."""
+    import training.train as tr
+    asked: list[tuple[str, ...]] = []
+    real = tr.make_conversation
+
+    def spy(rng, warmup=False, tasks=tasks.TASKS):
+        asked.append(tuple(tasks))
+        return real(rng, warmup=warmup, tasks=tasks)
+    monkeypatch.setattr(tr, "make_conversation", spy)
+    stream = tr.training_examples(Encoder(init), 0, 40, single_first=0.25)
+    for _ in range(40):
+        next(stream)
+    assert asked[:10] == [tasks.SINGLE_TASKS] * 10 and asked[10:] == [tasks.TASKS] * 30
+    assert not set(tasks.SINGLE_TASKS) & set(tasks.MULTI_TASKS)
+
+
 def test_focus_loss_is_minus_log_attention_mass():
     """focus_loss against the attention weights written out: softmax of q·k·scale over the causal keys."""
     g = torch.Generator().manual_seed(0)

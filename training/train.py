@@ -61,7 +61,8 @@ from kimivl_edge.reference import vision as V
 from kimivl_edge.synth import synth
 from kimivl_edge.tokenizer import Tokenizer
 
-from .tasks import COLOURS, KINDS, TASKS, TRAINED_IN_TOKEN_LIMIT, Scene, Turn, make_conversation, shape_mask
+from .tasks import (COLOURS, KINDS, SINGLE_TASKS, TASKS, TRAINED_IN_TOKEN_LIMIT, Scene, Turn, make_conversation,
+                    shape_mask)
 
 sdpa = torch.nn.functional.scaled_dot_product_attention  # softmax(q kᵀ·scale + mask) v, fused
 
@@ -72,6 +73,7 @@ BATCH = 8
 PEAK_LR = 5e-4  # 3e-3 collapses the image tokens into one large constant vector; 1e-3 never starts seeing
 CURRICULUM = 0.3  # the share of easy chats falls from 1 to EASY_FLOOR over this fraction of the steps
 EASY_FLOOR = 0.15
+SINGLE_FIRST = 0.0  # the share of steps at the start without video and document chats (training_examples)
 WARMUP = 50
 WEIGHT_DECAY = 0.01
 BIAS_RATE = 1e-3  # aux-loss-free balancing step of e_score_correction_bias
@@ -241,13 +243,16 @@ def easy_fraction(progress: float, curriculum: float = CURRICULUM) -> float:
 
 
 def training_examples(enc: Encoder, seed: int, total: int, tasks: tuple[str, ...] = TASKS,
-                      curriculum: float = CURRICULUM):
-    """The endless, seed-determined stream of training chats (``total`` = the number the run will use)."""
+                      curriculum: float = CURRICULUM, single_first: float = SINGLE_FIRST):
+    """The endless, seed-determined stream of training chats (``total`` = the number the run will use). The first
+    ``single_first`` of them ask only the one-image and two-image tasks (SINGLE_TASKS): no video or document chats."""
     rng = np.random.default_rng([seed, 1])
+    single = tuple(t for t in tasks if t in SINGLE_TASKS)
     k = 0
     while True:
         easy = bool(rng.random() < easy_fraction(k / max(1, total), curriculum))
-        yield enc.encode(*make_conversation(rng, warmup=easy, tasks=tasks))
+        now = single if k < single_first * total else tasks
+        yield enc.encode(*make_conversation(rng, warmup=easy, tasks=now))
         k += 1
 
 
@@ -354,7 +359,10 @@ def mla_batched(x: torch.Tensor, w: Mapping[str, torch.Tensor], prefix: str, cfg
     if focus is not None and focus[0].any():
         focus[2].append(torch.stack([focus_loss(qq[:, h], kk[:, h], cfg.qk_head_dim ** -0.5, focus[0], focus[1])
                                      for h in focus[3]]).mean())
-    out = sdpa(qq, kk, kv[..., dn:].transpose(1, 2), is_causal=True, scale=cfg.qk_head_dim ** -0.5)
+    v = kv[..., dn:].transpose(1, 2)
+    if dv < dn + dr:  # values as wide as keys: sdpa's fused kernel, not its 1.6x slower math path (zero columns)
+        v = torch.nn.functional.pad(v, (0, dn + dr - dv))
+    out = sdpa(qq, kk, v, is_causal=True, scale=cfg.qk_head_dim ** -0.5)[..., :dv]
     out = out.transpose(1, 2).reshape(B, S, H * dv)
     return out @ w[prefix + "o_proj.weight"].T
 
@@ -367,11 +375,11 @@ def focus_loss(q: torch.Tensor, k: torch.Tensor, scale: float, rows: torch.Tenso
     layers the shape's image tokens (``hidden_states``): an explicit look-up circuit. Without it the decoder never
     learns to pick the named one of several shapes (it answers about a random one: 30 % of 2-3-shape point
     questions after 2000 steps, and supervising the image look-up alone still left it at chance after 1000)."""
-    S = q.shape[1]
-    scores = (q @ k.transpose(1, 2)) * scale
-    scores = scores.masked_fill(~torch.ones(S, S, dtype=torch.bool).tril(), float("-inf"))
-    logp = scores.log_softmax(-1)[rows]  # [m, S]
-    return -logp.masked_fill(~keys[rows], float("-inf")).logsumexp(-1).mean()
+    b, t = rows.nonzero(as_tuple=True)  # only the supervised rows' scores: [m, S], sample by sample
+    scores = torch.cat([q[i, rows[i]] @ k[i].T for i in range(len(q)) if rows[i].any()]) * scale
+    scores = scores.masked_fill(torch.arange(q.shape[1]) > t[:, None], float("-inf"))
+    logp = scores.log_softmax(-1)
+    return -logp.masked_fill(~keys[b, t], float("-inf")).logsumexp(-1).mean()
 
 
 @dataclass
@@ -600,7 +608,7 @@ def train(out: str | Path, seed: int = 0, steps: int = DEFAULT_STEPS, minutes: f
           save_every: int = 0, tasks: tuple[str, ...] = TASKS, curriculum: float = CURRICULUM,
           aux_weight: float = AUX_WEIGHT, vision_lr_mult: float = VISION_LR_MULT, pos_init: str = POS_INIT,
           focus_weight: float = FOCUS_WEIGHT, variant: str = VARIANT, init_from: str | Path | None = None,
-          stop_at: int | None = None) -> dict:
+          stop_at: int | None = None, single_first: float = SINGLE_FIRST) -> dict:
     """Train from synth's init (or the weights of the checkpoint ``init_from``) and write the bf16 HF checkpoint of
     ``variant`` to ``out``; returns a summary dict. ``stop_at``: stop after that many steps of the ``steps``-step
     schedule (the weights a ``minutes`` cap left at that step, reproducibly)."""
@@ -621,7 +629,7 @@ def train(out: str | Path, seed: int = 0, steps: int = DEFAULT_STEPS, minutes: f
                    {"params": [t for n, t in mine.items() if not decays(n)] + (list(aux.values()) if vis else []),
                     "weight_decay": 0.0, "lr_mult": vision_lr_mult if vis else 1.0}]
     opt = torch.optim.AdamW(groups, lr=PEAK_LR, betas=(0.9, 0.95), eps=1e-8)
-    data = training_examples(enc, seed, steps * batch_size, tasks, curriculum)
+    data = training_examples(enc, seed, steps * batch_size, tasks, curriculum, single_first)
     pad = enc.tokenizer.id_of("[PAD]")
     ema, done, cut = None, 0, False
     for step in range(steps if stop_at is None else min(steps, stop_at)):
@@ -686,6 +694,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--init", default=None, help="start from this checkpoint's weights instead of synth's init")
     ap.add_argument("--stop-at", type=int, default=None,
                     help="stop after this many steps of the --steps schedule (reproduces a run a --minutes cap cut)")
+    ap.add_argument("--single-first", type=float, default=SINGLE_FIRST,
+                    help="fraction of steps at the start without video and document chats")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy machine)")
     args = ap.parse_args(argv)
     if args.stop_at is not None and args.stop_at < 1:
@@ -694,7 +704,8 @@ def main(argv: list[str] | None = None) -> int:
                     peak_lr=args.lr, save_every=args.save_every, tasks=tuple(args.tasks.split(",")),
                     curriculum=args.curriculum, aux_weight=args.aux,
                     vision_lr_mult=args.vision_lr_mult, pos_init=args.pos_init, focus_weight=args.focus,
-                    variant=args.variant, init_from=args.init, stop_at=args.stop_at)
+                    variant=args.variant, init_from=args.init, stop_at=args.stop_at,
+                    single_first=args.single_first)
     print(f"wrote {args.out}: {summary}")
     return 0
 
