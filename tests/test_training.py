@@ -18,7 +18,7 @@ from kimivl_edge.image import ImageProcessorConfig  # noqa: E402
 from kimivl_edge.reference.model import Prepared, ReferenceModel  # noqa: E402
 from training import tasks  # noqa: E402
 from training.evaluate import answer_all, score  # noqa: E402
-from training.train import (MIN_COVER, Encoder, answer_loss, cell_centres, cell_labels, collate,  # noqa: E402
+from training.train import (MIN_COVER, Encoder, answer_loss, answer_probe_loss, cell_centres, cell_labels, collate,  # noqa: E402
                             focus_loss, forward_logits, init_dir, is_trainable, load_weights, setup_torch,
                             size_groups, train)
 
@@ -329,6 +329,9 @@ def test_focus_marks_the_named_shapes_tokens(init):
     assert list(dict.fromkeys(named_by)) == [(named.kind,), (named.colour, named.kind)]  # "the star", "the red star"
     predicted = enc.tokenizer.decode([ex.ids[t + 1] for t in rows])
     assert predicted == named.colour + tasks.click_text(named, sc)  # the answers of turns 2 and 3, not the count's
+    # the answer probe's target at every row: the named shape's centre, as the click answer states it
+    x, y = tasks.parse_click(tasks.click_text(named, sc))
+    assert ex.focus_xy.shape == (len(rows), 2) and np.abs(ex.focus_xy - [x, y]).max() <= 5e-4
 
 
 def test_focus_of_a_page_question_is_the_named_shape_on_its_page(init):
@@ -410,6 +413,25 @@ def test_focus_loss_is_minus_log_attention_mass():
         p = np.exp(s) / np.exp(s).sum()
         want.append(-np.log(p[ks].sum()))
     assert float(focus_loss(q, k, 0.5, rows, keys)) == pytest.approx(np.mean(want), rel=1e-5)
+
+
+def test_answer_probe_loss_is_the_squared_error_of_the_centred_position():
+    """answer_probe_loss written out: at the supervised rows, (W h + b − 2 (xy − 0.5))², averaged."""
+    from types import SimpleNamespace
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(2, 4, 3, generator=g)
+    probe = {"probe.weight": torch.randn(2, 3, generator=g), "probe.bias": torch.tensor([0.1, -0.2])}
+    rows = torch.zeros(2, 4, dtype=torch.bool)
+    rows[0, 2] = rows[1, 3] = True
+    xy = torch.rand(2, 4, 2, generator=g)
+    want = []
+    for b, t in ((0, 2), (1, 3)):
+        for j in range(2):
+            out = sum(float(probe["probe.weight"][j, i]) * float(h[b, t, i]) for i in range(3)) + [0.1, -0.2][j]
+            want.append((out - 2 * (float(xy[b, t, j]) - 0.5)) ** 2)
+    batch = SimpleNamespace(focus_rows=rows, focus_xy=xy)
+    assert float(answer_probe_loss(probe, h, batch)) == pytest.approx(np.mean(want), rel=1e-5)
+    assert float(answer_probe_loss(probe, h, SimpleNamespace(focus_rows=rows & False, focus_xy=xy))) == 0.0
 
 
 def test_size_groups_sort_images_and_bound_the_padding():

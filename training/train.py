@@ -79,6 +79,7 @@ WEIGHT_DECAY = 0.01
 BIAS_RATE = 1e-3  # aux-loss-free balancing step of e_score_correction_bias
 AUX_WEIGHT = 1.0  # weight of the auxiliary per-image-token loss (see aux_loss)
 FOCUS_WEIGHT = 0.5  # weight of the attention supervision (see focus_loss)
+PROBE_WEIGHT = 0.0  # weight of the answer positions' probe of the named shape's centre (see answer_probe_loss)
 FOCUS_HEADS = 1  # heads of the layers after the first whose attention is supervised (see hidden_states)
 VISION_LR_MULT = 1.0  # learning rate of the vision tower and projector, as a multiple of the decoder's
 POS_INIT = "synth"  # initial pos-emb: synth's random table, or "sincos" (sincos_pos_table)
@@ -102,6 +103,7 @@ class Example:
     centre: np.ndarray  # [image tokens, 2] float: centre (x, y) of the cell's shape, normalized to 0-1 of the image
     focus: list[tuple[int, np.ndarray, np.ndarray]]  # (query position, the named shape's image tokens, the
     # question's tokens that name it)
+    focus_xy: np.ndarray  # [len(focus), 2] the named shape's centre (x, y), normalized to 0-1 of its image
 
 
 class Encoder:
@@ -151,7 +153,7 @@ class Encoder:
         owners = [cell_owners(s, self.image_config) for s in scenes]  # one mask resize per scene
         cells, where = zip(*(cell_labels(s, self.image_config, o) for s, o in zip(scenes, owners)))
         shift = len(ex_ids) - len(ids)  # the questions' words and the answers all follow the images
-        focus = []
+        focus, focus_xy = [], []
         image_pos = np.flatnonzero(np.array(ex_ids) == pad)
         first = np.concatenate([[0], np.cumsum(counts)])  # each image's first token among image_pos
         asked = [t for k, t in enumerate(turns) if not self.thinking or k == len(turns) - 1]
@@ -169,10 +171,13 @@ class Encoder:
                 continue
             keys = image_pos[first[i]:first[i + 1]][owners[i] == j + 1]
             # the positions that predict the answer's tokens (not the closing <|im_end|>)
-            focus += [(t, keys, words) for t in range(a0 + shift - 1, a1 + shift - 2)]
+            rows = range(a0 + shift - 1, a1 + shift - 2)
+            focus += [(t, keys, words) for t in rows]
+            focus_xy += [(s.cx / scenes[i].width, s.cy / scenes[i].height)] * len(rows)
         return Example(ex_ids, ex_ans, pv, [(int(h), int(w)) for h, w in grid], np.concatenate(cells),
                        np.concatenate(where),
-                       np.concatenate([cell_centres(s, self.image_config, o) for s, o in zip(scenes, owners)]), focus)
+                       np.concatenate([cell_centres(s, self.image_config, o) for s, o in zip(scenes, owners)]), focus,
+                       np.array(focus_xy, np.float32).reshape(-1, 2))
 
 
 def named_shape(scenes: list[Scene], question: str) -> tuple[int, int] | None:
@@ -395,6 +400,7 @@ class Batch:
     focus_rows: torch.Tensor  # [B, S] bool: positions whose attention is supervised (see focus_loss)
     focus_keys: torch.Tensor  # [B, S, S] bool: at those rows, the image tokens of the named shape
     focus_words: torch.Tensor  # [B, S, S] bool: at those rows, the question's tokens naming the shape
+    focus_xy: torch.Tensor  # [B, S, 2] at those rows, the named shape's normalized centre (see answer_probe_loss)
 
 
 def collate(examples: list[Example], pad_id: int) -> Batch:
@@ -406,9 +412,11 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
     rows = torch.zeros(len(examples), S, dtype=torch.bool)
     keys = torch.zeros(len(examples), S, S, dtype=torch.bool)
     words = torch.zeros(len(examples), S, S, dtype=torch.bool)
+    xy = torch.zeros(len(examples), S, 2)
     for b, e in enumerate(examples):
-        for t, k, n in e.focus:
+        for (t, k, n), c in zip(e.focus, e.focus_xy):
             rows[b, t] = True
+            xy[b, t] = torch.from_numpy(c)
             keys[b, t, torch.from_numpy(k)] = True
             words[b, t, torch.from_numpy(n)] = True
         ids[b, :len(e.ids)] = torch.tensor(e.ids)
@@ -422,7 +430,7 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
     def cat(field: str) -> torch.Tensor:
         return torch.from_numpy(np.concatenate([getattr(e, field) for e in examples]))
 
-    return Batch(ids, answer, valid, pvs, grids, cat("cells"), cat("where"), cat("centre"), rows, keys, words)
+    return Batch(ids, answer, valid, pvs, grids, cat("cells"), cat("where"), cat("centre"), rows, keys, words, xy)
 
 
 def hidden_states(w: Mapping[str, torch.Tensor], cfg: KimiVLConfig, batch: Batch,
@@ -467,9 +475,12 @@ def forward_logits(w: Mapping[str, torch.Tensor], cfg: KimiVLConfig, batch: Batc
 
 def answer_loss(w: Mapping[str, torch.Tensor], cfg: KimiVLConfig, batch: Batch,
                 loads: list[torch.Tensor] | None = None, emb: torch.Tensor | None = None,
-                focus: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """Mean cross entropy of the answer tokens, each predicted from the position before it."""
+                focus: list[torch.Tensor] | None = None, hidden: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Mean cross entropy of the answer tokens, each predicted from the position before it; ``hidden`` receives
+    the final hidden states."""
     h = hidden_states(w, cfg, batch, loads, emb, focus)
+    if hidden is not None:
+        hidden.append(h)
     pred = batch.answer[:, 1:]
     logits = h[:, :-1][pred] @ w[T.LM + "lm_head.weight"].T
     return torch.nn.functional.cross_entropy(logits, batch.ids[:, 1:][pred])
@@ -508,6 +519,26 @@ def aux_loss(aux: Mapping[str, torch.Tensor], emb: torch.Tensor, batch: Batch) -
         shape_cells = batch.cells[:, 0] > 0
         loss = loss + (out[shape_cells, xy + 2:] - batch.centre[shape_cells]).pow(2).mean()
     return loss
+
+
+def answer_probe_init(cfg: KimiVLConfig, seed: int) -> dict[str, torch.Tensor]:
+    """A linear probe on the decoder's final hidden states (not part of the checkpoint): the named shape's (x, y)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    d = cfg.text.hidden_size
+    return {"probe.weight": (torch.randn(2, d, generator=g) * d ** -0.5).requires_grad_(),
+            "probe.bias": torch.zeros(2).requires_grad_()}
+
+
+def answer_probe_loss(probe: Mapping[str, torch.Tensor], h: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """At the positions that predict the answer to a question naming a shape (``focus_loss``'s rows), a linear probe
+    must read the shape's centre, normalized and centred (2·(x − 0.5)), from the final hidden state: a direct
+    gradient that carries the position, which the image tokens hold (``aux_loss``), to where the answer's digits and
+    its "left"/"right" are predicted."""
+    rows = batch.focus_rows
+    if not rows.any():
+        return torch.zeros(())
+    out = h[rows] @ probe["probe.weight"].T + probe["probe.bias"]
+    return (out - 2 * (batch.focus_xy[rows] - 0.5)).pow(2).mean()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -608,7 +639,8 @@ def train(out: str | Path, seed: int = 0, steps: int = DEFAULT_STEPS, minutes: f
           save_every: int = 0, tasks: tuple[str, ...] = TASKS, curriculum: float = CURRICULUM,
           aux_weight: float = AUX_WEIGHT, vision_lr_mult: float = VISION_LR_MULT, pos_init: str = POS_INIT,
           focus_weight: float = FOCUS_WEIGHT, variant: str = VARIANT, init_from: str | Path | None = None,
-          stop_at: int | None = None, single_first: float = SINGLE_FIRST) -> dict:
+          stop_at: int | None = None, single_first: float = SINGLE_FIRST, probe_weight: float = PROBE_WEIGHT
+          ) -> dict:
     """Train from synth's init (or the weights of the checkpoint ``init_from``) and write the bf16 HF checkpoint of
     ``variant`` to ``out``; returns a summary dict. ``stop_at``: stop after that many steps of the ``steps``-step
     schedule (the weights a ``minutes`` cap left at that step, reproducibly)."""
@@ -621,6 +653,8 @@ def train(out: str | Path, seed: int = 0, steps: int = DEFAULT_STEPS, minutes: f
         w[V.TOWER + "patch_embed.pos_emb.weight"] = sincos_pos_table(*table.shape)
     params = {n: t.requires_grad_() for n, t in w.items() if is_trainable(n)}
     aux = aux_head_init(cfg, seed, centre="ground" in tasks or "box" in tasks)
+    if probe_weight:
+        aux |= answer_probe_init(cfg, seed)
     groups = []
     for vis in (False, True):
         mine = {n: t for n, t in params.items() if is_vision(n) == vis}
@@ -642,11 +676,13 @@ def train(out: str | Path, seed: int = 0, steps: int = DEFAULT_STEPS, minutes: f
         loads: list[torch.Tensor] = []
         emb = vision_forward(w, cfg.vision, batch.pixel_values, batch.grids)
         focus: list[torch.Tensor] = []
-        loss = answer_loss(w, cfg, batch, loads, emb, focus if focus_weight else None)
+        hidden: list[torch.Tensor] = []
+        loss = answer_loss(w, cfg, batch, loads, emb, focus if focus_weight else None, hidden)
         aux_l = aux_loss(aux, emb, batch)
         focus_l = torch.stack(focus).mean() if focus else torch.zeros(())
+        probe_l = answer_probe_loss(aux, hidden[0], batch) if probe_weight else torch.zeros(())
         opt.zero_grad(set_to_none=True)
-        (loss + aux_weight * aux_l + focus_weight * focus_l).backward()
+        (loss + aux_weight * aux_l + focus_weight * focus_l + probe_weight * probe_l).backward()
         torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
         opt.step()
         with torch.no_grad():
@@ -662,7 +698,7 @@ def train(out: str | Path, seed: int = 0, steps: int = DEFAULT_STEPS, minutes: f
                 e = emb.detach()
                 spread = float(e.std(0).mean() / e.pow(2).mean().sqrt())
             print(f"step {done}/{steps} loss {lv:.4f} ema {ema:.4f} aux {aux_l.item():.3f} focus {focus_l.item():.3f} "
-                  f"lr {lr_at(step, steps, peak_lr):.2e} image spread {spread:.3f} "
+                  f"probe {probe_l.item():.3f} lr {lr_at(step, steps, peak_lr):.2e} image spread {spread:.3f} "
                   f"{el / 60:.1f} min ({done / el:.2f} steps/s)", flush=True)
     if cut:
         print(f"time cap of {minutes} min reached after {done} of {steps} steps: schedule cut short (the same weights: "
@@ -696,6 +732,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="stop after this many steps of the --steps schedule (reproduces a run a --minutes cap cut)")
     ap.add_argument("--single-first", type=float, default=SINGLE_FIRST,
                     help="fraction of steps at the start without video and document chats")
+    ap.add_argument("--probe", type=float, default=PROBE_WEIGHT,
+                    help="weight of the answer-position probe of the named shape's centre")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy machine)")
     args = ap.parse_args(argv)
     if args.stop_at is not None and args.stop_at < 1:
@@ -705,7 +743,7 @@ def main(argv: list[str] | None = None) -> int:
                     curriculum=args.curriculum, aux_weight=args.aux,
                     vision_lr_mult=args.vision_lr_mult, pos_init=args.pos_init, focus_weight=args.focus,
                     variant=args.variant, init_from=args.init, stop_at=args.stop_at,
-                    single_first=args.single_first)
+                    single_first=args.single_first, probe_weight=args.probe)
     print(f"wrote {args.out}: {summary}")
     return 0
 
