@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, enc, w = T.starting_point(0, args.variant)
     for n, t in w.items():
         t.requires_grad_(T.is_trainable(n))
-    data = T.training_examples(enc, 0, args.batches * T.BATCH, curriculum=1e-6)  # the full task mix throughout
+    data = T.training_examples(enc, 0, args.batches * T.BATCH, curriculum=1e-6, single_first=0.0)  # the full mix
     pad = enc.tokenizer.id_of("[PAD]")
     spent = {"groups": 0.0, "one group": 0.0}
     diff = 0.0
