@@ -382,6 +382,17 @@ def test_stop_at_below_one_is_a_one_line_usage_error(tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith("--stop-at must be at least 1, not 0")
 
 
+@pytest.mark.parametrize("flag, value, says", [("--single-first", "1.5", "--single-first is a fraction of the steps"),
+                                               ("--single-first", "-0.1", "--single-first is a fraction of the steps"),
+                                               ("--probe", "-1", "--probe is a loss weight")])
+def test_out_of_range_recipe_flags_are_one_line_usage_errors(tmp_path, capsys, flag, value, says):
+    from training.train import main
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path / "out"), "--steps", "1", flag, value])  # 1 step if the check is missing
+    assert e.value.code == 2 and not (tmp_path / "out").exists()
+    assert says in capsys.readouterr().err.strip().splitlines()[-1]
+
+
 def test_single_first_leaves_video_and_documents_out_of_the_first_chats(init, monkeypatch):
     """--single-first 0.25 of 40 chats: the first 10 are drawn from the single-image tasks only, the rest from all."""
     import training.train as tr

@@ -741,6 +741,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.stop_at is not None and args.stop_at < 1:
         ap.error(f"--stop-at must be at least 1, not {args.stop_at}")
+    if not 0 <= args.single_first <= 1:
+        ap.error(f"--single-first is a fraction of the steps, from 0 to 1, not {args.single_first}")
+    if args.probe < 0:
+        ap.error(f"--probe is a loss weight, 0 or more, not {args.probe}")
     summary = train(args.out, args.seed, args.steps, args.minutes, args.batch, threads=args.threads,
                     peak_lr=args.lr, save_every=args.save_every, tasks=tuple(args.tasks.split(",")),
                     curriculum=args.curriculum, aux_weight=args.aux,
