@@ -399,15 +399,48 @@ def test_single_first_leaves_video_and_documents_out_of_the_first_chats(init, mo
     asked: list[tuple[str, ...]] = []
     real = tr.make_conversation
 
-    def spy(rng, warmup=False, tasks=tasks.TASKS):
+    def spy(rng, warmup=False, tasks=tasks.TASKS, count_last=False):
         asked.append(tuple(tasks))
-        return real(rng, warmup=warmup, tasks=tasks)
+        return real(rng, warmup=warmup, tasks=tasks, count_last=count_last)
     monkeypatch.setattr(tr, "make_conversation", spy)
     stream = tr.training_examples(Encoder(init), 0, 40, single_first=0.25)
     for _ in range(40):
         next(stream)
     assert asked[:10] == [tasks.SINGLE_TASKS] * 10 and asked[10:] == [tasks.TASKS] * 30
     assert not set(tasks.SINGLE_TASKS) & set(tasks.MULTI_TASKS)
+
+
+COUNT_Q = "How many shapes are there?"
+
+
+def test_count_last_asks_the_count_last_with_the_same_draws():
+    """count_last moves a chat's count question to the last turn (the one a Thinking chat supervises) and changes
+    nothing else: the same scenes, the same turns, the same random draws after it."""
+    moved = 0
+    for k in range(300):
+        a, b = np.random.default_rng(k), np.random.default_rng(k)
+        sa, ta = tasks.make_conversation(a)
+        sb, tb = tasks.make_conversation(b, count_last=True)
+        assert sa == sb and sorted(ta) == sorted(tb) and a.random() == b.random()
+        if any(q == COUNT_Q for q, _, _ in tb):
+            assert tb[-1][0] == COUNT_Q
+            moved += ta[-1][0] != COUNT_Q
+    assert moved > 10  # shuffled, the count was often not last
+
+
+def test_thinking_chats_ask_the_count_last_and_instruct_chats_do_not(init, monkeypatch):
+    import training.train as tr
+    seen: list[bool] = []
+    real = tr.make_conversation
+
+    def spy(rng, warmup=False, tasks=tasks.TASKS, count_last=False):
+        seen.append(count_last)
+        return real(rng, warmup=warmup, tasks=tasks, count_last=count_last)
+    monkeypatch.setattr(tr, "make_conversation", spy)
+    for thinking in (False, True):
+        stream = tr.training_examples(Encoder(init, thinking=thinking), 0, 4)
+        next(stream)
+    assert seen == [False, True]
 
 
 def test_focus_loss_is_minus_log_attention_mass():

@@ -530,15 +530,17 @@ def chance(q: Question) -> float:
 Turn = tuple[str, str, str]  # (question, answer, thought)
 
 
-def make_conversation(rng: np.random.Generator, warmup: bool = False, tasks: tuple[str, ...] = TASKS
-                      ) -> tuple[list[Scene], list[Turn]]:
+def make_conversation(rng: np.random.Generator, warmup: bool = False, tasks: tuple[str, ...] = TASKS,
+                      count_last: bool = False) -> tuple[list[Scene], list[Turn]]:
     """A training chat: scenes and (question, answer, thought) turns about them. COMPARE_SHARE of the chats
     compare two images, MULTI_SHARE ask about video frames or document pages (one turn); the others show one image
     of 1-3 shapes and ask 2-4 questions of it (count; for a lone shape its colour, kind, side; ground and box
     questions on any named shape, and its colour and kind when there are several), half of them on a large
     grounding scene (GROUND_SIZE), so one vision pass supervises several answers. The first turn has exactly the
     form of a held-out question. ``warmup``: one shape, its colour, kind and side (and where it is), whose answers
-    depend on the image alone."""
+    depend on the image alone. ``count_last``: a chat that asks the count asks it last (for the Thinking model,
+    which is supervised on the last turn only; shuffled, its count was the last turn of 5 % of the chats and its
+    thought never formed). The random draws are the same either way."""
     ground = [t for t in ("ground", "box") if t in tasks]
     if warmup:
         sc = shape_scene(rng, 1, radius=SINGLE_RADIUS)
@@ -576,4 +578,7 @@ def make_conversation(rng: np.random.Generator, warmup: bool = False, tasks: tup
             pool.append(side_turn(s, "left" if s.cx < 0.4 * sc.width else "right"))
     k = min(len(pool), int(rng.integers(2, 5)))
     turns = [pool[i] for i in rng.permutation(len(pool))[:k]]
+    if count_last and "count" in tasks and pool[0] in turns[:-1]:
+        turns.remove(pool[0])
+        turns.append(pool[0])
     return [sc], turns

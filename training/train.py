@@ -253,14 +253,15 @@ def easy_fraction(progress: float, curriculum: float = CURRICULUM) -> float:
 def training_examples(enc: Encoder, seed: int, total: int, tasks: tuple[str, ...] = TASKS,
                       curriculum: float = CURRICULUM, single_first: float = SINGLE_FIRST):
     """The endless, seed-determined stream of training chats (``total`` = the number the run will use). The first
-    ``single_first`` of them ask only the one-image and two-image tasks (SINGLE_TASKS): no video or document chats."""
+    ``single_first`` of them ask only the one-image and two-image tasks (SINGLE_TASKS): no video or document chats.
+    A Thinking encoder's chats ask their count question last (``make_conversation``'s ``count_last``)."""
     rng = np.random.default_rng([seed, 1])
     single = tuple(t for t in tasks if t in SINGLE_TASKS)
     k = 0
     while True:
         easy = bool(rng.random() < easy_fraction(k / max(1, total), curriculum))
         now = single if k < single_first * total else tasks
-        yield enc.encode(*make_conversation(rng, warmup=easy, tasks=now))
+        yield enc.encode(*make_conversation(rng, warmup=easy, tasks=now, count_last=enc.thinking))
         k += 1
 
 
