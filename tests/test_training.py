@@ -410,6 +410,24 @@ def test_single_first_leaves_video_and_documents_out_of_the_first_chats(init, mo
     assert not set(tasks.SINGLE_TASKS) & set(tasks.MULTI_TASKS)
 
 
+@pytest.mark.parametrize("thinking, first", [(False, 12), (True, 20)])
+def test_single_first_defaults_to_the_variants_share(init, monkeypatch, thinking, first):
+    """Without --single-first, 40 chats start with 0.3 of them single-image for Instruct, 0.5 for Thinking (run 6 of
+    docs/from-scratch.md: the better share for each)."""
+    import training.train as tr
+    asked: list[tuple[str, ...]] = []
+    real = tr.make_conversation
+
+    def spy(rng, warmup=False, tasks=tasks.TASKS, count_last=False):
+        asked.append(tuple(tasks))
+        return real(rng, warmup=warmup, tasks=tasks, count_last=count_last)
+    monkeypatch.setattr(tr, "make_conversation", spy)
+    stream = tr.training_examples(Encoder(init, thinking=thinking), 0, 40)
+    for _ in range(40):
+        next(stream)
+    assert asked == [tasks.SINGLE_TASKS] * first + [tasks.TASKS] * (40 - first)
+
+
 COUNT_Q = "How many shapes are there?"
 
 
