@@ -393,19 +393,27 @@ def test_out_of_range_recipe_flags_are_one_line_usage_errors(tmp_path, capsys, f
     assert says in capsys.readouterr().err.strip().splitlines()[-1]
 
 
-def test_single_first_leaves_video_and_documents_out_of_the_first_chats(init, monkeypatch):
-    """--single-first 0.25 of 40 chats: the first 10 are drawn from the single-image tasks only, the rest from all."""
+def spy_conversations(monkeypatch) -> list[tuple[tuple[str, ...], bool]]:
+    """Record the (tasks, count_last) of every chat training_examples asks make_conversation for."""
     import training.train as tr
-    asked: list[tuple[str, ...]] = []
+    calls: list[tuple[tuple[str, ...], bool]] = []
     real = tr.make_conversation
 
     def spy(rng, warmup=False, tasks=tasks.TASKS, count_last=False):
-        asked.append(tuple(tasks))
+        calls.append((tuple(tasks), count_last))
         return real(rng, warmup=warmup, tasks=tasks, count_last=count_last)
     monkeypatch.setattr(tr, "make_conversation", spy)
+    return calls
+
+
+def test_single_first_leaves_video_and_documents_out_of_the_first_chats(init, monkeypatch):
+    """--single-first 0.25 of 40 chats: the first 10 are drawn from the single-image tasks only, the rest from all."""
+    import training.train as tr
+    calls = spy_conversations(monkeypatch)
     stream = tr.training_examples(Encoder(init), 0, 40, single_first=0.25)
     for _ in range(40):
         next(stream)
+    asked = [t for t, _ in calls]
     assert asked[:10] == [tasks.SINGLE_TASKS] * 10 and asked[10:] == [tasks.TASKS] * 30
     assert not set(tasks.SINGLE_TASKS) & set(tasks.MULTI_TASKS)
 
@@ -415,17 +423,11 @@ def test_single_first_defaults_to_the_variants_share(init, monkeypatch, thinking
     """Without --single-first, 40 chats start with 0.3 of them single-image for Instruct, 0.5 for Thinking (run 6 of
     docs/from-scratch.md: the better share for each)."""
     import training.train as tr
-    asked: list[tuple[str, ...]] = []
-    real = tr.make_conversation
-
-    def spy(rng, warmup=False, tasks=tasks.TASKS, count_last=False):
-        asked.append(tuple(tasks))
-        return real(rng, warmup=warmup, tasks=tasks, count_last=count_last)
-    monkeypatch.setattr(tr, "make_conversation", spy)
+    calls = spy_conversations(monkeypatch)
     stream = tr.training_examples(Encoder(init, thinking=thinking), 0, 40)
     for _ in range(40):
         next(stream)
-    assert asked == [tasks.SINGLE_TASKS] * first + [tasks.TASKS] * (40 - first)
+    assert [t for t, _ in calls] == [tasks.SINGLE_TASKS] * first + [tasks.TASKS] * (40 - first)
 
 
 COUNT_Q = "How many shapes are there?"
@@ -448,17 +450,11 @@ def test_count_last_asks_the_count_last_with_the_same_draws():
 
 def test_thinking_chats_ask_the_count_last_and_instruct_chats_do_not(init, monkeypatch):
     import training.train as tr
-    seen: list[bool] = []
-    real = tr.make_conversation
-
-    def spy(rng, warmup=False, tasks=tasks.TASKS, count_last=False):
-        seen.append(count_last)
-        return real(rng, warmup=warmup, tasks=tasks, count_last=count_last)
-    monkeypatch.setattr(tr, "make_conversation", spy)
+    calls = spy_conversations(monkeypatch)
     for thinking in (False, True):
         stream = tr.training_examples(Encoder(init, thinking=thinking), 0, 4)
         next(stream)
-    assert seen == [False, True]
+    assert [c for _, c in calls] == [False, True]
 
 
 def test_focus_loss_is_minus_log_attention_mass():
