@@ -125,8 +125,10 @@ class Encoder:
         self.im_end = self.tokenizer.id_of("<|im_end|>")
         self.thinking = thinking
 
-    def encode(self, scenes: list[Scene], turns: list[Turn]) -> Example:
-        """Token ids of the whole chat (rendered by the template) with the answer tokens marked."""
+    def encode(self, scenes: list[Scene], turns: list[Turn], thinking: bool | None = None) -> Example:
+        """Token ids of the whole chat (rendered by the template) with the answer tokens marked. ``thinking``: this
+        chat's form (None: the encoder's); False on a Thinking encoder writes it as the Instruct model's chats."""
+        thinking = self.thinking if thinking is None else thinking
         images = [s.render() for s in scenes]
         msgs: list[dict] = [user_message(turns[0][0], images)]
         ids: list[int] = []
@@ -138,8 +140,8 @@ class Encoder:
             prompt = self.tokenizer.encode(render(self.template, msgs, add_generation_prompt=True))
             assert prompt[:len(ids)] == ids, "template rendering is not incremental"
             new = prompt[len(ids):]
-            supervised = not self.thinking or k == len(turns) - 1
-            target = f"{THINK_OPEN}{thought}{THINK_CLOSE}{a}" if self.thinking and supervised else a
+            supervised = not thinking or k == len(turns) - 1
+            target = f"{THINK_OPEN}{thought}{THINK_CLOSE}{a}" if thinking and supervised else a
             ans = self.tokenizer.encode(target) + [self.im_end]
             if supervised:
                 spans.append((len(ids), len(ids) + len(new), len(ids) + len(new) + len(ans)))
@@ -162,7 +164,7 @@ class Encoder:
         focus, focus_xy = [], []
         image_pos = np.flatnonzero(np.array(ex_ids) == pad)
         first = np.concatenate([[0], np.cumsum(counts)])  # each image's first token among image_pos
-        asked = [t for k, t in enumerate(turns) if not self.thinking or k == len(turns) - 1]
+        asked = [t for k, t in enumerate(turns) if not thinking or k == len(turns) - 1]
         for (q, _, _), (q0, a0, a1) in zip(asked, spans):
             found = named_shape(scenes, q)
             if found is None:
@@ -254,11 +256,13 @@ def easy_fraction(progress: float, curriculum: float = CURRICULUM) -> float:
 
 
 def training_examples(enc: Encoder, seed: int, total: int, tasks: tuple[str, ...] = TASKS,
-                      curriculum: float = CURRICULUM, single_first: float | None = None):
+                      curriculum: float = CURRICULUM, single_first: float | None = None, instruct_first: float = 0.0):
     """The endless, seed-determined stream of training chats (``total`` = the number the run will use). The first
     ``single_first`` of them ask only the one-image and two-image tasks (SINGLE_TASKS): no video or document chats.
     A Thinking encoder's chats ask their count question last (``make_conversation``'s ``count_last``).
-    ``single_first`` None: the encoder's variant's SINGLE_FIRST."""
+    ``single_first`` None: the encoder's variant's SINGLE_FIRST. ``instruct_first``: on a Thinking encoder, the first
+    share of the chats is written as the Instruct model's (every turn supervised, answers without thoughts): the
+    vision path forms on three times the supervised answers before the thoughts are learned."""
     if single_first is None:
         single_first = SINGLE_FIRST["thinking" if enc.thinking else "instruct"]
     rng = np.random.default_rng([seed, 1])
@@ -267,7 +271,9 @@ def training_examples(enc: Encoder, seed: int, total: int, tasks: tuple[str, ...
     while True:
         easy = bool(rng.random() < easy_fraction(k / max(1, total), curriculum))
         now = single if k < single_first * total else tasks
-        yield enc.encode(*make_conversation(rng, warmup=easy, tasks=now, count_last=enc.thinking))
+        plain = k < instruct_first * total
+        yield enc.encode(*make_conversation(rng, warmup=easy, tasks=now, count_last=enc.thinking),
+                         thinking=False if plain else None)
         k += 1
 
 
@@ -649,8 +655,8 @@ def train(out: str | Path, seed: int = 0, steps: int = DEFAULT_STEPS, minutes: f
           save_every: int = 0, tasks: tuple[str, ...] = TASKS, curriculum: float = CURRICULUM,
           aux_weight: float = AUX_WEIGHT, vision_lr_mult: float = VISION_LR_MULT, pos_init: str = POS_INIT,
           focus_weight: float = FOCUS_WEIGHT, variant: str = VARIANT, init_from: str | Path | None = None,
-          stop_at: int | None = None, single_first: float | None = None, probe_weight: float = PROBE_WEIGHT
-          ) -> dict:
+          stop_at: int | None = None, single_first: float | None = None, probe_weight: float = PROBE_WEIGHT,
+          instruct_first: float = 0.0) -> dict:
     """Train from synth's init (or the weights of the checkpoint ``init_from``) and write the bf16 HF checkpoint of
     ``variant`` to ``out``; returns a summary dict. ``stop_at``: stop after that many steps of the ``steps``-step
     schedule (the weights a ``minutes`` cap left at that step, reproducibly)."""
@@ -673,7 +679,7 @@ def train(out: str | Path, seed: int = 0, steps: int = DEFAULT_STEPS, minutes: f
                    {"params": [t for n, t in mine.items() if not decays(n)] + (list(aux.values()) if vis else []),
                     "weight_decay": 0.0, "lr_mult": vision_lr_mult if vis else 1.0}]
     opt = torch.optim.AdamW(groups, lr=PEAK_LR, betas=(0.9, 0.95), eps=1e-8)
-    data = training_examples(enc, seed, steps * batch_size, tasks, curriculum, single_first)
+    data = training_examples(enc, seed, steps * batch_size, tasks, curriculum, single_first, instruct_first)
     pad = enc.tokenizer.id_of("[PAD]")
     ema, done, cut = None, 0, False
     for step in range(steps if stop_at is None else min(steps, stop_at)):
@@ -745,12 +751,16 @@ def main(argv: list[str] | None = None) -> int:
                          f"(default: {SINGLE_FIRST['instruct']} Instruct, {SINGLE_FIRST['thinking']} Thinking)")
     ap.add_argument("--probe", type=float, default=PROBE_WEIGHT,
                     help="weight of the answer-position probe of the named shape's centre")
+    ap.add_argument("--instruct-first", type=float, default=0.0,
+                    help="Thinking: fraction of steps at the start whose chats are written as the Instruct model's")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy machine)")
     args = ap.parse_args(argv)
     if args.stop_at is not None and args.stop_at < 1:
         ap.error(f"--stop-at must be at least 1, not {args.stop_at}")
     if args.single_first is not None and not 0 <= args.single_first <= 1:
         ap.error(f"--single-first is a fraction of the steps, from 0 to 1, not {args.single_first}")
+    if not 0 <= args.instruct_first <= 1:
+        ap.error(f"--instruct-first is a fraction of the steps, from 0 to 1, not {args.instruct_first}")
     if args.probe < 0:
         ap.error(f"--probe is a loss weight, 0 or more, not {args.probe}")
     summary = train(args.out, args.seed, args.steps, args.minutes, args.batch, threads=args.threads,
@@ -758,7 +768,8 @@ def main(argv: list[str] | None = None) -> int:
                     curriculum=args.curriculum, aux_weight=args.aux,
                     vision_lr_mult=args.vision_lr_mult, pos_init=args.pos_init, focus_weight=args.focus,
                     variant=args.variant, init_from=args.init, stop_at=args.stop_at,
-                    single_first=args.single_first, probe_weight=args.probe)
+                    single_first=args.single_first, probe_weight=args.probe,
+                    instruct_first=args.instruct_first)
     print(f"wrote {args.out}: {summary}")
     return 0
 
