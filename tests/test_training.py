@@ -574,3 +574,22 @@ def test_asset_grounds_the_named_shape():
     blind = score(qs, answer_all(model, qs, blind=True))["ground"]
     assert seeing >= 0.45, seeing
     assert blind <= 0.2, blind
+
+
+def test_instruct_first_writes_the_first_chats_as_the_instruct_models(init):
+    """--instruct-first 0.25 of 40 chats on a Thinking encoder: the first 10 supervise every assistant turn and hold
+    no thought; the other 30 are the Thinking stream's own chats, token for token (the same draws)."""
+    import training.train as tr
+    enc = Encoder(init, thinking=True)
+    mixed = tr.training_examples(enc, 0, 40, instruct_first=0.25)
+    plain = tr.training_examples(enc, 0, 40)
+    think = enc.tokenizer.encode("◁think▷")[0]
+    end = enc.tokenizer.id_of("<|im_end|>")
+    for k in range(40):
+        a, b = next(mixed), next(plain)
+        turns = enc.tokenizer.decode(a.ids).count("<|im_assistant|>")
+        said = [t for t, m in zip(a.ids, a.answer) if m]
+        if k < 10:
+            assert said.count(end) == turns and think not in said
+        else:
+            assert (a.ids, a.answer) == (b.ids, b.answer) and said.count(end) == 1 and think in said
