@@ -384,6 +384,7 @@ def test_stop_at_below_one_is_a_one_line_usage_error(tmp_path, capsys):
 
 @pytest.mark.parametrize("flag, value, says", [("--single-first", "1.5", "--single-first is a fraction of the steps"),
                                                ("--single-first", "-0.1", "--single-first is a fraction of the steps"),
+                                               ("--instruct-first", "2", "--instruct-first is a fraction"),
                                                ("--probe", "-1", "--probe is a loss weight")])
 def test_out_of_range_recipe_flags_are_one_line_usage_errors(tmp_path, capsys, flag, value, says):
     from training.train import main

@@ -261,8 +261,8 @@ def training_examples(enc: Encoder, seed: int, total: int, tasks: tuple[str, ...
     ``single_first`` of them ask only the one-image and two-image tasks (SINGLE_TASKS): no video or document chats.
     A Thinking encoder's chats ask their count question last (``make_conversation``'s ``count_last``).
     ``single_first`` None: the encoder's variant's SINGLE_FIRST. ``instruct_first``: on a Thinking encoder, the first
-    share of the chats is written as the Instruct model's (every turn supervised, answers without thoughts): the
-    vision path forms on three times the supervised answers before the thoughts are learned."""
+    share of the chats is written as the Instruct model's (every turn supervised, answers without thoughts), a one-run
+    form of the two-stage recipe; run 7 of docs/from-scratch.md: no better than without it."""
     if single_first is None:
         single_first = SINGLE_FIRST["thinking" if enc.thinking else "instruct"]
     rng = np.random.default_rng([seed, 1])
