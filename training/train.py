@@ -133,7 +133,7 @@ class Encoder:
         msgs: list[dict] = [user_message(turns[0][0], images)]
         ids: list[int] = []
         answer: list[bool] = []
-        spans: list[tuple[int, int, int]] = []  # each supervised turn's question start, answer start and end
+        spans: list[tuple[str, int, int, int]] = []  # each supervised turn's question, its start, answer start and end
         for k, (q, a, thought) in enumerate(turns):
             if k:
                 msgs.append(user_message(q))
@@ -144,7 +144,7 @@ class Encoder:
             target = f"{THINK_OPEN}{thought}{THINK_CLOSE}{a}" if thinking and supervised else a
             ans = self.tokenizer.encode(target) + [self.im_end]
             if supervised:
-                spans.append((len(ids), len(ids) + len(new), len(ids) + len(new) + len(ans)))
+                spans.append((q, len(ids), len(ids) + len(new), len(ids) + len(new) + len(ans)))
             ids += new + ans
             answer += [False] * len(new) + [supervised] * len(ans)
             msgs.append({"role": "assistant", "content": a})
@@ -164,8 +164,7 @@ class Encoder:
         focus, focus_xy = [], []
         image_pos = np.flatnonzero(np.array(ex_ids) == pad)
         first = np.concatenate([[0], np.cumsum(counts)])  # each image's first token among image_pos
-        asked = [t for k, t in enumerate(turns) if not thinking or k == len(turns) - 1]
-        for (q, _, _), (q0, a0, a1) in zip(asked, spans):
+        for q, q0, a0, a1 in spans:
             found = named_shape(scenes, q)
             if found is None:
                 continue
