@@ -334,6 +334,43 @@ def test_focus_marks_the_named_shapes_tokens(init):
     assert ex.focus_xy.shape == (len(rows), 2) and np.abs(ex.focus_xy - [x, y]).max() <= 5e-4
 
 
+def test_history_supervises_a_thinking_chats_earlier_answers_but_their_first_token(tmp_path):
+    """--history: a Thinking chat's earlier grounding answer (sent without a thought) is marked from its second token
+    on, with its <|im_end|>, and its question gets the attention supervision; its first token, predicted where the
+    Thinking model opens its thought, is not marked. The last turn is marked as without --history."""
+    enc = Encoder(init_dir(0, tmp_path, "thinking"), thinking=True)
+    sc = tasks.shape_scene(np.random.default_rng(4), 3)
+    named = sc.shapes[1]
+    q, a, thought = tasks.ground_turn(named, sc)
+    last = (f"What colour is the {named.kind}?", named.colour, f"I see a {named.colour} {named.kind}.")
+    plain, ex = enc.encode([sc], [(q, a, thought), last]), enc.encode([sc], [(q, a, thought), last], history=True)
+    assert ex.ids == plain.ids
+    first = enc.tokenizer.decode(enc.tokenizer.encode(a)[:1])
+    assert 0 < len(first) < len(a) and a.startswith(first)
+    said = enc.tokenizer.decode([t for t, m in zip(ex.ids, ex.answer) if m])
+    tail = f"\u25c1think\u25b7{last[2]}\u25c1/think\u25b7{named.colour}<|im_end|>"
+    assert said == a[len(first):] + "<|im_end|>" + tail
+    assert enc.tokenizer.decode([t for t, m in zip(plain.ids, plain.answer) if m]) == tail
+    predicted = [enc.tokenizer.decode([ex.ids[t + 1] for t, _, _ in e.focus]) for e in (plain, ex)]
+    assert predicted[0] == f"\u25c1think\u25b7{last[2]}\u25c1/think\u25b7{named.colour}"
+    assert predicted[1] == a + predicted[0]
+
+
+def test_a_restarted_schedule_warms_up_again_to_its_new_peak():
+    """lr_at with a restart at step 3000 of 6000 (--instruct-first 0.5 --restart-lr 4e-4): the first cosine reaches
+    5 % of its peak at step 2999; from step 3000, a new linear warmup of WARMUP steps to 4e-4, a cosine halfway down
+    (52.5 %) midway through what is left, 5 % of 4e-4 at the last step. Without a restart: one cosine over 6000."""
+    from training.train import WARMUP, lr_at
+    r = (3000, 4e-4)
+    assert lr_at(2999, 6000, 5e-4, restart=r) == pytest.approx(0.05 * 5e-4, rel=1e-3)
+    assert lr_at(3000, 6000, 5e-4, restart=r) == pytest.approx(4e-4 / WARMUP)
+    assert lr_at(3000 + WARMUP - 1, 6000, 5e-4, restart=r) == pytest.approx(4e-4)
+    assert lr_at(3000 + WARMUP + (3000 - WARMUP) // 2, 6000, 5e-4, restart=r) == pytest.approx(0.525 * 4e-4, rel=1e-3)
+    assert lr_at(5999, 6000, 5e-4, restart=r) == pytest.approx(0.05 * 4e-4, rel=1e-3)
+    assert lr_at(WARMUP + (6000 - WARMUP) // 2, 6000, 5e-4) == pytest.approx(0.525 * 5e-4, rel=1e-3)
+    assert lr_at(2999, 6000, 5e-4) > 0.5 * 5e-4
+
+
 def test_focus_of_a_page_question_is_the_named_shape_on_its_page(init):
     """A question across document pages naming a colour and a kind that other pages share one at a time: the keys
     are image tokens of the page that shows that pair (its pads counted from the rendered pages' sizes), covered
@@ -385,6 +422,7 @@ def test_stop_at_below_one_is_a_one_line_usage_error(tmp_path, capsys):
 @pytest.mark.parametrize("flag, value, says", [("--single-first", "1.5", "--single-first is a fraction of the steps"),
                                                ("--single-first", "-0.1", "--single-first is a fraction of the steps"),
                                                ("--instruct-first", "2", "--instruct-first is a fraction"),
+                                               ("--restart-lr", "4e-4", "needs --instruct-first"),
                                                ("--probe", "-1", "--probe is a loss weight")])
 def test_out_of_range_recipe_flags_are_one_line_usage_errors(tmp_path, capsys, flag, value, says):
     from training.train import main

@@ -125,9 +125,13 @@ class Encoder:
         self.im_end = self.tokenizer.id_of("<|im_end|>")
         self.thinking = thinking
 
-    def encode(self, scenes: list[Scene], turns: list[Turn], thinking: bool | None = None) -> Example:
+    def encode(self, scenes: list[Scene], turns: list[Turn], thinking: bool | None = None,
+               history: bool = False) -> Example:
         """Token ids of the whole chat (rendered by the template) with the answer tokens marked. ``thinking``: this
-        chat's form (None: the encoder's); False on a Thinking encoder writes it as the Instruct model's chats."""
+        chat's form (None: the encoder's); False on a Thinking encoder writes it as the Instruct model's chats.
+        ``history``: a Thinking chat's earlier answers (sent without a thought, as the runtime sends them) are also
+        supervised, all but their first token: where that first token is predicted, the same context ends a question
+        the Thinking model answers by opening its thought. Their questions get the attention supervision too."""
         thinking = self.thinking if thinking is None else thinking
         images = [s.render() for s in scenes]
         msgs: list[dict] = [user_message(turns[0][0], images)]
@@ -143,10 +147,11 @@ class Encoder:
             supervised = not thinking or k == len(turns) - 1
             target = f"{THINK_OPEN}{thought}{THINK_CLOSE}{a}" if thinking and supervised else a
             ans = self.tokenizer.encode(target) + [self.im_end]
-            if supervised:
+            if supervised or history:
                 spans.append((q, len(ids), len(ids) + len(new), len(ids) + len(new) + len(ans)))
             ids += new + ans
-            answer += [False] * len(new) + [supervised] * len(ans)
+            answer += [False] * len(new) + ([supervised] * len(ans) if supervised or not history
+                                            else [False] + [True] * (len(ans) - 1))
             msgs.append({"role": "assistant", "content": a})
         pv, grid = preprocess(images, self.image_config)
         counts = image_token_counts(grid)
@@ -255,13 +260,15 @@ def easy_fraction(progress: float, curriculum: float = CURRICULUM) -> float:
 
 
 def training_examples(enc: Encoder, seed: int, total: int, tasks: tuple[str, ...] = TASKS,
-                      curriculum: float = CURRICULUM, single_first: float | None = None, instruct_first: float = 0.0):
+                      curriculum: float = CURRICULUM, single_first: float | None = None, instruct_first: float = 0.0,
+                      history: bool = False):
     """The endless, seed-determined stream of training chats (``total`` = the number the run will use). The first
     ``single_first`` of them ask only the one-image and two-image tasks (SINGLE_TASKS): no video or document chats.
     A Thinking encoder's chats ask their count question last (``make_conversation``'s ``count_last``).
     ``single_first`` None: the encoder's variant's SINGLE_FIRST. ``instruct_first``: on a Thinking encoder, the first
     share of the chats is written as the Instruct model's (every turn supervised, answers without thoughts), a one-run
-    form of the two-stage recipe; run 7 of docs/from-scratch.md: no better than without it."""
+    form of the two-stage recipe; run 7 of docs/from-scratch.md: no better than without it. ``history``: the
+    Thinking chats' earlier answers are supervised too (``Encoder.encode``)."""
     if single_first is None:
         single_first = SINGLE_FIRST["thinking" if enc.thinking else "instruct"]
     rng = np.random.default_rng([seed, 1])
@@ -272,7 +279,7 @@ def training_examples(enc: Encoder, seed: int, total: int, tasks: tuple[str, ...
         now = single if k < single_first * total else tasks
         plain = k < instruct_first * total
         yield enc.encode(*make_conversation(rng, warmup=easy, tasks=now, count_last=enc.thinking),
-                         thinking=False if plain else None)
+                         thinking=False if plain else None, history=history)
         k += 1
 
 
@@ -593,8 +600,15 @@ def decays(name: str) -> bool:
     return name.endswith(".weight") and "norm" not in name and "pos_emb" not in name
 
 
-def lr_at(step: int, total: int, peak: float = PEAK_LR, warmup: int = WARMUP) -> float:
-    """Linear warmup, then cosine decay to 5 % of the peak."""
+def lr_at(step: int, total: int, peak: float = PEAK_LR, warmup: int = WARMUP,
+          restart: tuple[int, float] | None = None) -> float:
+    """Linear warmup, then cosine decay to 5 % of the peak. ``restart`` (step, peak): from that step on, a second
+    warmup and cosine to the end of the schedule, from that peak (the shipped Thinking asset's second stage restarted
+    at 4e-4)."""
+    if restart is not None and step >= restart[0]:
+        return lr_at(step - restart[0], total - restart[0], restart[1], warmup)
+    if restart is not None:
+        total = restart[0]
     if step < warmup:
         return peak * (step + 1) / warmup
     t = (step - warmup) / max(1, total - warmup)
@@ -655,10 +669,11 @@ def train(out: str | Path, seed: int = 0, steps: int = DEFAULT_STEPS, minutes: f
           aux_weight: float = AUX_WEIGHT, vision_lr_mult: float = VISION_LR_MULT, pos_init: str = POS_INIT,
           focus_weight: float = FOCUS_WEIGHT, variant: str = VARIANT, init_from: str | Path | None = None,
           stop_at: int | None = None, single_first: float | None = None, probe_weight: float = PROBE_WEIGHT,
-          instruct_first: float = 0.0) -> dict:
+          instruct_first: float = 0.0, history: bool = False, restart_lr: float | None = None) -> dict:
     """Train from synth's init (or the weights of the checkpoint ``init_from``) and write the bf16 HF checkpoint of
     ``variant`` to ``out``; returns a summary dict. ``stop_at``: stop after that many steps of the ``steps``-step
-    schedule (the weights a ``minutes`` cap left at that step, reproducibly)."""
+    schedule (the weights a ``minutes`` cap left at that step, reproducibly). ``restart_lr``: with ``instruct_first``,
+    the learning rate restarts from this peak where the Thinking chats begin."""
     setup_torch(threads)
     torch.manual_seed(seed)
     t0 = time.time()
@@ -678,7 +693,8 @@ def train(out: str | Path, seed: int = 0, steps: int = DEFAULT_STEPS, minutes: f
                    {"params": [t for n, t in mine.items() if not decays(n)] + (list(aux.values()) if vis else []),
                     "weight_decay": 0.0, "lr_mult": vision_lr_mult if vis else 1.0}]
     opt = torch.optim.AdamW(groups, lr=PEAK_LR, betas=(0.9, 0.95), eps=1e-8)
-    data = training_examples(enc, seed, steps * batch_size, tasks, curriculum, single_first, instruct_first)
+    data = training_examples(enc, seed, steps * batch_size, tasks, curriculum, single_first, instruct_first, history)
+    restart = (math.ceil(instruct_first * steps), restart_lr) if restart_lr and instruct_first else None
     pad = enc.tokenizer.id_of("[PAD]")
     ema, done, cut = None, 0, False
     for step in range(steps if stop_at is None else min(steps, stop_at)):
@@ -686,7 +702,7 @@ def train(out: str | Path, seed: int = 0, steps: int = DEFAULT_STEPS, minutes: f
             cut = True
             break
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, peak_lr) * g["lr_mult"]
+            g["lr"] = lr_at(step, steps, peak_lr, restart=restart) * g["lr_mult"]
         batch = collate([next(data) for _ in range(batch_size)], pad)
         loads: list[torch.Tensor] = []
         emb = vision_forward(w, cfg.vision, batch.pixel_values, batch.grids)
@@ -713,7 +729,8 @@ def train(out: str | Path, seed: int = 0, steps: int = DEFAULT_STEPS, minutes: f
                 e = emb.detach()
                 spread = float(e.std(0).mean() / e.pow(2).mean().sqrt())
             print(f"step {done}/{steps} loss {lv:.4f} ema {ema:.4f} aux {aux_l.item():.3f} focus {focus_l.item():.3f} "
-                  f"probe {probe_l.item():.3f} lr {lr_at(step, steps, peak_lr):.2e} image spread {spread:.3f} "
+                  f"probe {probe_l.item():.3f} lr {lr_at(step, steps, peak_lr, restart=restart):.2e} "
+                  f"image spread {spread:.3f} "
                   f"{el / 60:.1f} min ({done / el:.2f} steps/s)", flush=True)
     if cut:
         print(f"time cap of {minutes} min reached after {done} of {steps} steps: schedule cut short (the same weights: "
@@ -752,6 +769,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="weight of the answer-position probe of the named shape's centre")
     ap.add_argument("--instruct-first", type=float, default=0.0,
                     help="Thinking: fraction of steps at the start whose chats are written as the Instruct model's")
+    ap.add_argument("--history", action="store_true",
+                    help="Thinking: also supervise the earlier answers of a chat (all but their first token)")
+    ap.add_argument("--restart-lr", type=float, default=None,
+                    help="with --instruct-first: restart the learning rate from this peak at the Thinking chats")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy machine)")
     args = ap.parse_args(argv)
     if args.stop_at is not None and args.stop_at < 1:
@@ -760,6 +781,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--single-first is a fraction of the steps, from 0 to 1, not {args.single_first}")
     if not 0 <= args.instruct_first <= 1:
         ap.error(f"--instruct-first is a fraction of the steps, from 0 to 1, not {args.instruct_first}")
+    if args.restart_lr is not None and not (args.restart_lr > 0 and args.instruct_first > 0):
+        ap.error("--restart-lr is a positive learning rate, and needs --instruct-first")
     if args.probe < 0:
         ap.error(f"--probe is a loss weight, 0 or more, not {args.probe}")
     summary = train(args.out, args.seed, args.steps, args.minutes, args.batch, threads=args.threads,
@@ -768,7 +791,7 @@ def main(argv: list[str] | None = None) -> int:
                     vision_lr_mult=args.vision_lr_mult, pos_init=args.pos_init, focus_weight=args.focus,
                     variant=args.variant, init_from=args.init, stop_at=args.stop_at,
                     single_first=args.single_first, probe_weight=args.probe,
-                    instruct_first=args.instruct_first)
+                    instruct_first=args.instruct_first, history=args.history, restart_lr=args.restart_lr)
     print(f"wrote {args.out}: {summary}")
     return 0
 
