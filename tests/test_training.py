@@ -457,10 +457,10 @@ def test_single_first_leaves_video_and_documents_out_of_the_first_chats(init, mo
     assert not set(tasks.SINGLE_TASKS) & set(tasks.MULTI_TASKS)
 
 
-@pytest.mark.parametrize("thinking, first", [(False, 12), (True, 20)])
+@pytest.mark.parametrize("thinking, first", [(False, 12), (True, 12)])
 def test_single_first_defaults_to_the_variants_share(init, monkeypatch, thinking, first):
-    """Without --single-first, 40 chats start with 0.3 of them single-image for Instruct, 0.5 for Thinking (run 6 of
-    docs/from-scratch.md: the better share for each)."""
+    """Without --single-first, 40 chats start with 0.3 of them single-image, for both variants (runs 6 and 9 of
+    docs/from-scratch.md)."""
     import training.train as tr
     calls = spy_conversations(monkeypatch)
     stream = tr.training_examples(Encoder(init, thinking=thinking), 0, 40)
@@ -620,8 +620,8 @@ def test_instruct_first_writes_the_first_chats_as_the_instruct_models(init):
     no thought; the other 30 are the Thinking stream's own chats, token for token (the same draws)."""
     import training.train as tr
     enc = Encoder(init, thinking=True)
-    mixed = tr.training_examples(enc, 0, 40, instruct_first=0.25)
-    plain = tr.training_examples(enc, 0, 40)
+    mixed = tr.training_examples(enc, 0, 40, instruct_first=0.25, history=False)
+    plain = tr.training_examples(enc, 0, 40, instruct_first=0.0, history=False)
     think = enc.tokenizer.encode("◁think▷")[0]
     end = enc.tokenizer.id_of("<|im_end|>")
     for k in range(40):
@@ -632,3 +632,30 @@ def test_instruct_first_writes_the_first_chats_as_the_instruct_models(init):
             assert said.count(end) == turns and think not in said
         else:
             assert (a.ids, a.answer) == (b.ids, b.answer) and said.count(end) == 1 and think in said
+
+
+def test_a_thinking_runs_defaults_are_run_9s_recipe(tmp_path, monkeypatch):
+    """Without flags, a Thinking run is run 9's: its first half of chats in the Instruct form (every answer supervised,
+    no thought), then Thinking chats whose earlier answers are supervised but for their first token, and the learning
+    rate restarted from 4e-4 at the first Thinking step (2 of a 4-step run). An Instruct run keeps one schedule."""
+    import training.train as tr
+    enc = Encoder(init_dir(0, tmp_path / "t", "thinking"), thinking=True)
+    think = enc.tokenizer.encode("\u25c1think\u25b7")[0]
+    end = enc.tokenizer.id_of("<|im_end|>")
+    stream = tr.training_examples(enc, 0, 40)
+    for k in range(40):
+        ex = next(stream)
+        said = [t for t, m in zip(ex.ids, ex.answer) if m]
+        turns = enc.tokenizer.decode(ex.ids).count("<|im_assistant|>")
+        assert (think in said) == (k >= 20)
+        assert said.count(end) == turns  # every turn's <|im_end|>: Instruct form, or --history
+    seen: dict[str, set] = {}
+
+    def spy(step, total, peak=tr.PEAK_LR, warmup=tr.WARMUP, restart=None):
+        seen.setdefault(variant, set()).add(restart)
+        return real(step, total, peak, warmup, restart)
+    real = tr.lr_at
+    monkeypatch.setattr(tr, "lr_at", spy)
+    for variant in ("thinking", "instruct"):
+        tr.train(tmp_path / variant, steps=4, log_every=100, variant=variant)
+    assert seen["thinking"] - {None} == {(2, 4e-4)} and seen["instruct"] == {None}  # (None: lr_at's own recursion)

@@ -26,10 +26,11 @@ cut short and the log says so.
 The shipped assets are two-stage (README, "The trained tiny models"): stage 1 is this script at commit 43d43ee with
 its defaults then (4000 steps of the six earlier tasks, "point" answered in pixels: 96.7 % of 600 held-out
 questions, point 97 %), stage 2 fine-tunes it with ``--init`` on the whole mix. The defaults now are the
-from-scratch recipe within issue 18's budget of 45 min on one core (docs/from-scratch.md, runs 4-6: 6000 steps of
-batches of 4, the first 30 % (Instruct) or 50 % (Thinking) without video and document chats, the answer probe, a
-Thinking chat's count asked last; the 45-min cap stopped the best runs at 5692 and 5747 steps): 74.2 % (Instruct,
-above the two-stage asset's 73.8 %) and 55.7 % (Thinking, below its 62.2 %).
+from-scratch recipe within issue 18's budget of 45 min on one core (docs/from-scratch.md, runs 4-9: 6000 steps of
+batches of 4, the first 30 % without video and document chats, the answer probe; a Thinking run's first half written
+as Instruct chats, its learning rate restarted at its Thinking half, its chats' earlier answers supervised and their
+count asked last; ``RECIPES``): 74.2 % (Instruct, cut at 5692 steps; 72.5 % with all 6000) and 62.2 % (Thinking, 32.5
+min), the two-stage assets' 73.8 % and 62.2 %.
 What grounding needed in stage 1 (600 held-out questions unless said):
   - without attention supervision, 3000 steps: a lone shape is found (94 %) but in 2-3-shape scenes the model points
     at a random one (point 33 %, all six tasks 86.2 %); adding "what colour is the circle?" in 2-3-shape scenes did
@@ -77,9 +78,21 @@ BATCH = 4
 PEAK_LR = 5e-4  # 3e-3 collapses the image tokens into one large constant vector; 1e-3 never starts seeing
 CURRICULUM = 0.3  # the share of easy chats falls from 1 to EASY_FLOOR over this fraction of the steps
 EASY_FLOOR = 0.15
-# the share of steps at the start without video and document chats (training_examples), per variant: Instruct
-# reaches 74.2 % with 0.3 against 69.0 % with 0.5; Thinking 55.7 % with 0.5, 51.7 % with 0.3 (docs/from-scratch.md)
-SINGLE_FIRST = {"instruct": 0.3, "thinking": 0.5}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a variant's from-scratch run does by default (docs/from-scratch.md; each a flag of ``main``)."""
+    single_first: float  # share of the chats at the start without video and document chats
+    instruct_first: float = 0.0  # Thinking: share of the chats at the start written as the Instruct model's
+    restart_lr: float = 0.0  # with instruct_first: the learning rate restarts from this peak at the Thinking chats
+    history: bool = False  # Thinking: a chat's earlier answers are supervised too (Encoder.encode)
+
+
+# Instruct: 74.2 % with single_first 0.3 against 69.0 % with 0.5 (runs 4, 6). Thinking: 62.2 % with all four (run 9)
+# against 55.7 % (run 5: single_first 0.5 alone), 51.3 % (history alone), 54.7 % (instruct_first and restart_lr alone)
+RECIPES = {"instruct": Recipe(single_first=0.3),
+           "thinking": Recipe(single_first=0.3, instruct_first=0.5, restart_lr=4e-4, history=True)}
 WARMUP = 50
 WEIGHT_DECAY = 0.01
 BIAS_RATE = 1e-3  # aux-loss-free balancing step of e_score_correction_bias
@@ -260,17 +273,19 @@ def easy_fraction(progress: float, curriculum: float = CURRICULUM) -> float:
 
 
 def training_examples(enc: Encoder, seed: int, total: int, tasks: tuple[str, ...] = TASKS,
-                      curriculum: float = CURRICULUM, single_first: float | None = None, instruct_first: float = 0.0,
-                      history: bool = False):
+                      curriculum: float = CURRICULUM, single_first: float | None = None,
+                      instruct_first: float | None = None, history: bool | None = None):
     """The endless, seed-determined stream of training chats (``total`` = the number the run will use). The first
     ``single_first`` of them ask only the one-image and two-image tasks (SINGLE_TASKS): no video or document chats.
     A Thinking encoder's chats ask their count question last (``make_conversation``'s ``count_last``).
-    ``single_first`` None: the encoder's variant's SINGLE_FIRST. ``instruct_first``: on a Thinking encoder, the first
+    None: the encoder's variant's ``RECIPES`` value. ``instruct_first``: on a Thinking encoder, the first
     share of the chats is written as the Instruct model's (every turn supervised, answers without thoughts), a one-run
     form of the two-stage recipe; run 7 of docs/from-scratch.md: no better than without it. ``history``: the
     Thinking chats' earlier answers are supervised too (``Encoder.encode``)."""
-    if single_first is None:
-        single_first = SINGLE_FIRST["thinking" if enc.thinking else "instruct"]
+    recipe = RECIPES["thinking" if enc.thinking else "instruct"]
+    single_first = recipe.single_first if single_first is None else single_first
+    instruct_first = recipe.instruct_first if instruct_first is None else instruct_first
+    history = recipe.history if history is None else history
     rng = np.random.default_rng([seed, 1])
     single = tuple(t for t in tasks if t in SINGLE_TASKS)
     k = 0
@@ -669,11 +684,16 @@ def train(out: str | Path, seed: int = 0, steps: int = DEFAULT_STEPS, minutes: f
           aux_weight: float = AUX_WEIGHT, vision_lr_mult: float = VISION_LR_MULT, pos_init: str = POS_INIT,
           focus_weight: float = FOCUS_WEIGHT, variant: str = VARIANT, init_from: str | Path | None = None,
           stop_at: int | None = None, single_first: float | None = None, probe_weight: float = PROBE_WEIGHT,
-          instruct_first: float = 0.0, history: bool = False, restart_lr: float | None = None) -> dict:
+          instruct_first: float | None = None, history: bool | None = None, restart_lr: float | None = None
+          ) -> dict:
     """Train from synth's init (or the weights of the checkpoint ``init_from``) and write the bf16 HF checkpoint of
     ``variant`` to ``out``; returns a summary dict. ``stop_at``: stop after that many steps of the ``steps``-step
     schedule (the weights a ``minutes`` cap left at that step, reproducibly). ``restart_lr``: with ``instruct_first``,
-    the learning rate restarts from this peak where the Thinking chats begin."""
+    the learning rate restarts from this peak where the Thinking chats begin (0: no restart). ``single_first``,
+    ``instruct_first``, ``history``, ``restart_lr`` None: the variant's ``RECIPES`` value."""
+    recipe = RECIPES[variant]
+    instruct_first = recipe.instruct_first if instruct_first is None else instruct_first
+    restart_lr = recipe.restart_lr if restart_lr is None else restart_lr
     setup_torch(threads)
     torch.manual_seed(seed)
     t0 = time.time()
@@ -764,25 +784,31 @@ def main(argv: list[str] | None = None) -> int:
                     help="stop after this many steps of the --steps schedule (reproduces a run a --minutes cap cut)")
     ap.add_argument("--single-first", type=float, default=None,
                     help="fraction of steps at the start without video and document chats "
-                         f"(default: {SINGLE_FIRST['instruct']} Instruct, {SINGLE_FIRST['thinking']} Thinking)")
+                         f"(default: {RECIPES['instruct'].single_first} Instruct, "
+                         f"{RECIPES['thinking'].single_first} Thinking)")
     ap.add_argument("--probe", type=float, default=PROBE_WEIGHT,
                     help="weight of the answer-position probe of the named shape's centre")
-    ap.add_argument("--instruct-first", type=float, default=0.0,
-                    help="Thinking: fraction of steps at the start whose chats are written as the Instruct model's")
-    ap.add_argument("--history", action="store_true",
-                    help="Thinking: also supervise the earlier answers of a chat (all but their first token)")
+    ap.add_argument("--instruct-first", type=float, default=None,
+                    help="Thinking: fraction of steps at the start whose chats are written as the Instruct model's "
+                         f"(default: {RECIPES['thinking'].instruct_first} Thinking)")
+    ap.add_argument("--history", action=argparse.BooleanOptionalAction, default=None,
+                    help="Thinking: also supervise the earlier answers of a chat (all but their first token; "
+                         f"default: {'on' if RECIPES['thinking'].history else 'off'} Thinking)")
     ap.add_argument("--restart-lr", type=float, default=None,
-                    help="with --instruct-first: restart the learning rate from this peak at the Thinking chats")
+                    help="with --instruct-first: restart the learning rate from this peak at the Thinking chats "
+                         f"(0: none; default: {RECIPES['thinking'].restart_lr} Thinking)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy machine)")
     args = ap.parse_args(argv)
     if args.stop_at is not None and args.stop_at < 1:
         ap.error(f"--stop-at must be at least 1, not {args.stop_at}")
     if args.single_first is not None and not 0 <= args.single_first <= 1:
         ap.error(f"--single-first is a fraction of the steps, from 0 to 1, not {args.single_first}")
-    if not 0 <= args.instruct_first <= 1:
+    if args.instruct_first is not None and not 0 <= args.instruct_first <= 1:
         ap.error(f"--instruct-first is a fraction of the steps, from 0 to 1, not {args.instruct_first}")
-    if args.restart_lr is not None and not (args.restart_lr > 0 and args.instruct_first > 0):
-        ap.error("--restart-lr is a positive learning rate, and needs --instruct-first")
+    recipe = RECIPES[args.variant]
+    instruct_first = recipe.instruct_first if args.instruct_first is None else args.instruct_first
+    if args.restart_lr is not None and (args.restart_lr < 0 or args.restart_lr > 0 and not instruct_first):
+        ap.error(f"--restart-lr is a learning rate, 0 (none) or more, and needs --instruct-first: {args.restart_lr}")
     if args.probe < 0:
         ap.error(f"--probe is a loss weight, 0 or more, not {args.probe}")
     summary = train(args.out, args.seed, args.steps, args.minutes, args.batch, threads=args.threads,
