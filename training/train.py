@@ -280,8 +280,9 @@ def training_examples(enc: Encoder, seed: int, total: int, tasks: tuple[str, ...
     A Thinking encoder's chats ask their count question last (``make_conversation``'s ``count_last``).
     None: the encoder's variant's ``RECIPES`` value. ``instruct_first``: on a Thinking encoder, the first
     share of the chats is written as the Instruct model's (every turn supervised, answers without thoughts), a one-run
-    form of the two-stage recipe; run 7 of docs/from-scratch.md: no better than without it. ``history``: the
-    Thinking chats' earlier answers are supervised too (``Encoder.encode``)."""
+    form of the two-stage recipe (alone no better than without it, run 7 of docs/from-scratch.md; with the restarted
+    learning rate and ``history``, run 9's Thinking default). ``history``: the Thinking chats' earlier answers are
+    supervised too (``Encoder.encode``)."""
     recipe = RECIPES["thinking" if enc.thinking else "instruct"]
     single_first = recipe.single_first if single_first is None else single_first
     instruct_first = recipe.instruct_first if instruct_first is None else instruct_first
