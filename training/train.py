@@ -49,7 +49,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -93,6 +93,11 @@ class Recipe:
 # against 55.7 % (run 5: single_first 0.5 alone), 51.3 % (history alone), 54.7 % (instruct_first and restart_lr alone)
 RECIPES = {"instruct": Recipe(single_first=0.3),
            "thinking": Recipe(single_first=0.3, instruct_first=0.5, restart_lr=4e-4, history=True)}
+
+
+def recipe(variant: str, **given: float | bool | None) -> Recipe:
+    """The variant's ``RECIPES`` entry with the values given (not None) in place of its defaults."""
+    return replace(RECIPES[variant], **{k: v for k, v in given.items() if v is not None})
 WARMUP = 50
 WEIGHT_DECAY = 0.01
 BIAS_RATE = 1e-3  # aux-loss-free balancing step of e_score_correction_bias
@@ -283,19 +288,17 @@ def training_examples(enc: Encoder, seed: int, total: int, tasks: tuple[str, ...
     form of the two-stage recipe (alone no better than without it, run 7 of docs/from-scratch.md; with the restarted
     learning rate and ``history``, run 9's Thinking default). ``history``: the Thinking chats' earlier answers are
     supervised too (``Encoder.encode``)."""
-    recipe = RECIPES["thinking" if enc.thinking else "instruct"]
-    single_first = recipe.single_first if single_first is None else single_first
-    instruct_first = recipe.instruct_first if instruct_first is None else instruct_first
-    history = recipe.history if history is None else history
+    r = recipe("thinking" if enc.thinking else "instruct", single_first=single_first, instruct_first=instruct_first,
+               history=history)
     rng = np.random.default_rng([seed, 1])
     single = tuple(t for t in tasks if t in SINGLE_TASKS)
     k = 0
     while True:
         easy = bool(rng.random() < easy_fraction(k / max(1, total), curriculum))
-        now = single if k < single_first * total else tasks
-        plain = k < instruct_first * total
+        now = single if k < r.single_first * total else tasks
+        plain = k < r.instruct_first * total
         yield enc.encode(*make_conversation(rng, warmup=easy, tasks=now, count_last=enc.thinking),
-                         thinking=False if plain else None, history=history)
+                         thinking=False if plain else None, history=r.history)
         k += 1
 
 
@@ -621,10 +624,13 @@ def lr_at(step: int, total: int, peak: float = PEAK_LR, warmup: int = WARMUP,
     """Linear warmup, then cosine decay to 5 % of the peak. ``restart`` (step, peak): from that step on, a second
     warmup and cosine to the end of the schedule, from that peak (the shipped Thinking asset's second stage restarted
     at 4e-4)."""
-    if restart is not None and step >= restart[0]:
-        return lr_at(step - restart[0], total - restart[0], restart[1], warmup)
     if restart is not None:
-        total = restart[0]
+        at, again = restart
+        return _cosine(step - at, total - at, again, warmup) if step >= at else _cosine(step, at, peak, warmup)
+    return _cosine(step, total, peak, warmup)
+
+
+def _cosine(step: int, total: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
     t = (step - warmup) / max(1, total - warmup)
@@ -692,9 +698,8 @@ def train(out: str | Path, seed: int = 0, steps: int = DEFAULT_STEPS, minutes: f
     schedule (the weights a ``minutes`` cap left at that step, reproducibly). ``restart_lr``: with ``instruct_first``,
     the learning rate restarts from this peak where the Thinking chats begin (0: no restart). ``single_first``,
     ``instruct_first``, ``history``, ``restart_lr`` None: the variant's ``RECIPES`` value."""
-    recipe = RECIPES[variant]
-    instruct_first = recipe.instruct_first if instruct_first is None else instruct_first
-    restart_lr = recipe.restart_lr if restart_lr is None else restart_lr
+    r = recipe(variant, single_first=single_first, instruct_first=instruct_first, history=history,
+               restart_lr=restart_lr)
     setup_torch(threads)
     torch.manual_seed(seed)
     t0 = time.time()
@@ -714,16 +719,18 @@ def train(out: str | Path, seed: int = 0, steps: int = DEFAULT_STEPS, minutes: f
                    {"params": [t for n, t in mine.items() if not decays(n)] + (list(aux.values()) if vis else []),
                     "weight_decay": 0.0, "lr_mult": vision_lr_mult if vis else 1.0}]
     opt = torch.optim.AdamW(groups, lr=PEAK_LR, betas=(0.9, 0.95), eps=1e-8)
-    data = training_examples(enc, seed, steps * batch_size, tasks, curriculum, single_first, instruct_first, history)
-    restart = (math.ceil(instruct_first * steps), restart_lr) if restart_lr and instruct_first else None
+    data = training_examples(enc, seed, steps * batch_size, tasks, curriculum, r.single_first, r.instruct_first,
+                             r.history)
+    restart = (math.ceil(r.instruct_first * steps), r.restart_lr) if r.restart_lr and r.instruct_first else None
     pad = enc.tokenizer.id_of("[PAD]")
     ema, done, cut = None, 0, False
     for step in range(steps if stop_at is None else min(steps, stop_at)):
         if minutes is not None and time.time() - t0 > 60 * minutes:
             cut = True
             break
+        lr = lr_at(step, steps, peak_lr, restart=restart)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, peak_lr, restart=restart) * g["lr_mult"]
+            g["lr"] = lr * g["lr_mult"]
         batch = collate([next(data) for _ in range(batch_size)], pad)
         loads: list[torch.Tensor] = []
         emb = vision_forward(w, cfg.vision, batch.pixel_values, batch.grids)
@@ -750,7 +757,7 @@ def train(out: str | Path, seed: int = 0, steps: int = DEFAULT_STEPS, minutes: f
                 e = emb.detach()
                 spread = float(e.std(0).mean() / e.pow(2).mean().sqrt())
             print(f"step {done}/{steps} loss {lv:.4f} ema {ema:.4f} aux {aux_l.item():.3f} focus {focus_l.item():.3f} "
-                  f"probe {probe_l.item():.3f} lr {lr_at(step, steps, peak_lr, restart=restart):.2e} "
+                  f"probe {probe_l.item():.3f} lr {lr:.2e} "
                   f"image spread {spread:.3f} "
                   f"{el / 60:.1f} min ({done / el:.2f} steps/s)", flush=True)
     if cut:
@@ -806,8 +813,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--single-first is a fraction of the steps, from 0 to 1, not {args.single_first}")
     if args.instruct_first is not None and not 0 <= args.instruct_first <= 1:
         ap.error(f"--instruct-first is a fraction of the steps, from 0 to 1, not {args.instruct_first}")
-    recipe = RECIPES[args.variant]
-    instruct_first = recipe.instruct_first if args.instruct_first is None else args.instruct_first
+    instruct_first = recipe(args.variant, instruct_first=args.instruct_first).instruct_first
     if args.restart_lr is not None and (args.restart_lr < 0 or args.restart_lr > 0 and not instruct_first):
         ap.error(f"--restart-lr is a learning rate, 0 (none) or more, and needs --instruct-first: {args.restart_lr}")
     if args.probe < 0:
