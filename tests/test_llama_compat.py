@@ -168,7 +168,7 @@ def test_legacy_template_has_no_default_system_turn(ours: KimiVL, mtmd: Mtmd) ->
 
 def test_measured_counts(pair: tuple[Path, Path]) -> None:
     """The README's figures, 35 held-out questions (5 per single-image task and compare, seed 1000): our runtime
-    27-31 right (29 measured), libmtmd's --jinja framing 22-26 (24), at least 3 fewer than ours, and fewer grounding
+    27-31 right (28 measured), libmtmd's --jinja framing 22-26 (22), at least 3 fewer than ours, and fewer grounding
     clicks on the shape (it resizes where the processor pads) (``python -m training.llama_compat --n 35`` prints
     the full table)."""
     questions = question_set(EVAL_SEED, 35, SINGLE_TASKS)
