@@ -35,10 +35,11 @@ INSTALL = "pip install 'kimivl-edge[reference]'"
 MAX_IMAGE_PATCHES = 1024  # images above this are resized (both sides): bounds the reference's attention memory
 
 # File type -> (mean KLD <=, top-1 agreement >=, top-5 overlap >=), teacher-forced over prompt + continuation.
-# Set at about 3x what this command measures on the trained tiny model (kimivl_edge/assets/kimi-vl-tiny) with the
-# default prompts, whose text (other languages) is far outside what that model learned, so its predictions there
-# are uncertain and sensitive: F16 9e-07, Q8_0 0.012, Q6_K 0.077, Q4_K_M 0.18, Q4_0 0.19 (docs/quant-accuracy.md
-# measures answer tokens only: Q8_0 0.00014, Q4_K_M 0.0021). Two experts swapped in a Q8_0 file measure 0.45.
+# Set at about 3x what this command measured on an earlier trained tiny Instruct asset (the current one measures
+# lower: Q8_0 0.0075, IQ4_EDGE 0.015; README, "verify") with the default prompts, whose text (other languages) is
+# far outside what that model learned, so its predictions there are uncertain and sensitive: F16 9e-07, Q8_0 0.012,
+# Q6_K 0.077, Q4_K_M 0.18, Q4_0 0.19 (docs/quant-accuracy.md measures answer tokens only: Q8_0 0.00014, Q4_K_M
+# 0.0021). Two experts swapped in a Q8_0 file measure 0.45 (0.15 on the current asset).
 # The IQ mixes, with an imatrix from the default calibration set (`kimivl-edge imatrix`), KLD mean / top-1 / top-5
 # (their floors about 5 and 7 points below): IQ4_XS 0.198 / 76.0 % / 86.5 %, IQ4_NL 0.199 / 71.7 / 85.6, IQ3_S
 # 0.435 / 59.3 / 77.3, IQ3_XXS 0.495 / 60.7 / 74.7, IQ2_XXS 1.27 / 37.9 / 58.3; IQ4_EDGE 0.061 / 90.6 / 93.2, without

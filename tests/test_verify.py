@@ -3,9 +3,9 @@ kimivl_edge/reference/streaming.py).
 
 Oracles: the whole-model reference (``ReferenceModel``: every weight widened at once, ``decoder_forward``,
 ``greedy_generate``) for the streaming one; tracemalloc (numpy's weight buffers are traced) for the weights held at
-once; metric values worked out by hand below; GGUF files broken here at the byte level (two experts swapped, a
-tensor overflowed to F16 infinity, the vision Q/K rows put back in the checkpoint's interleaved order while the
-file still says they are split) for verify's verdicts.
+once; metric values worked out by hand below; GGUF files broken here at the byte level (two experts swapped, all
+shifted by one, a tensor overflowed to F16 infinity, the vision Q/K rows put back in the checkpoint's interleaved
+order while the file still says they are split) for verify's verdicts.
 """
 from __future__ import annotations
 
@@ -196,18 +196,27 @@ def _edit(path: Path, name: str, fn) -> None:
 
 
 def swap_experts(path: Path, a: int = 0, b: int = 1) -> None:
+    """Experts a and b trade places in every routed-expert tensor."""
+    order = list(range(a + b + 1))
+    order[a], order[b] = b, a
+    permute_experts(path, order)
+
+
+def permute_experts(path: Path, order: list[int]) -> None:
+    """Every routed-expert tensor's expert slabs reordered: slab k takes what slab order[k] held (the first
+    len(order) experts; the rest stay)."""
     with GGUFFile(path) as g:
         names = [n for n in g.tensors if "_exps." in n]
     assert names
 
-    def swap(mm, info):
+    def permute(mm, info):
         s = info.nbytes // info.shape[0]  # one expert's slab
-        x = mm[a * s:(a + 1) * s].copy()
-        mm[a * s:(a + 1) * s] = mm[b * s:(b + 1) * s]
-        mm[b * s:(b + 1) * s] = x
+        old = mm[:len(order) * s].copy()
+        for k, j in enumerate(order):
+            mm[k * s:(k + 1) * s] = old[j * s:(j + 1) * s]
 
     for n in names:
-        _edit(path, n, swap)
+        _edit(path, n, permute)
 
 
 def overflow_f16(path: Path, name: str) -> None:
@@ -321,13 +330,19 @@ def test_iq_files_pass_their_own_bounds(cli, iq_pair, outtype):
     assert f"({outtype.upper()})" in line and f"KLD mean <= {kld:g}, top-1 >= {100 * top1:g} %" in line
 
 
-def test_swapped_experts_fail_in_an_iq4_edge_file(cli, iq_pair, tmp_path):
-    broken = tmp_path / "swapped.gguf"
+def test_shifted_experts_fail_in_an_iq4_edge_file(cli, iq_pair, tmp_path):
+    """Every layer's experts one place off (expert k holds expert k+1's weights), as an off-by-one in a writer would
+    leave them. On the current asset this measures KLD 0.787, top-1 72.3 %, against the clean file's 0.015, 96.4 % (its
+    bounds: 0.25, 82 %). Swapping only experts 0 and 1 moves it far less there (0.122, 92.6 %: a pair the router
+    seldom tells apart), and passes."""
+    broken = tmp_path / "shifted.gguf"
     shutil.copy(iq_pair("iq4_edge"), broken)
-    swap_experts(broken)
+    with GGUFFile(broken) as g:
+        n_expert = g.metadata["deepseek2.expert_count"]
+    permute_experts(broken, [(k + 1) % n_expert for k in range(n_expert)])
     r = verify(cli, "-m", str(broken))
     assert r.returncode == 1, r.stdout + r.stderr
-    assert len(lines(r.stdout, "FAIL")) == 1 and "swapped.gguf (IQ4_EDGE)" in r.stdout
+    assert len(lines(r.stdout, "FAIL")) == 1 and "shifted.gguf (IQ4_EDGE)" in r.stdout
 
 
 def test_f16_overflowed_tensor_fails(cli, converted, tmp_path):
