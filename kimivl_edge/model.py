@@ -262,7 +262,7 @@ class TokenStream(Iterator[int]):
         st.evaluated_tokens = dec.n_evaluated - before
         stops, n_ctx = frozenset(model.tokenizer.stop_ids), dec.n_ctx
         chain = SamplerChain(s, dec.n_vocab)
-        sample, append, ctx = chain.sample, dec.append, dec.ctx
+        sample, ends, append, ctx = chain.sample, chain.ends_turn, dec.append, dec.ctx
         t0 = clock()
         try:
             for _ in range(s.max_tokens):
@@ -270,7 +270,7 @@ class TokenStream(Iterator[int]):
                     st.finish_reason = "length"
                     return
                 tok = sample(ctx)
-                if tok in stops:
+                if tok in stops or ends(tok):
                     st.finish_reason = "stop"
                     return
                 st.generated_tokens += 1

@@ -55,6 +55,7 @@ class SamplerChain:
 
         self._lc = lc
         self._grammar = s.grammar
+        self._grammar_vocab = None  # set once the grammar sampler runs (ends_turn)
         params = lc.llama_sampler_chain_default_params()
         params.no_perf = True
         self._chain = lc.llama_sampler_chain_init(params)
@@ -80,11 +81,18 @@ class SamplerChain:
             self._put_grammar_first(ctx, self._grammar)
         return int(self._lc.llama_sampler_sample(self._chain, ctx, idx))
 
+    def ends_turn(self, tok: int) -> bool:
+        """With a grammar, whether ``tok`` is one of llama.cpp's end-of-generation tokens (``llama_vocab_is_eog``:
+        the model's stop ids, and also e.g. ``[EOT]`` and ``[PAD]``, which llama.cpp takes for a FIM pad). The
+        grammar sampler admits them, and only them, once the grammar is complete, so the model may end a turn with
+        one that is not among its own stop ids: it ends the turn all the same, and its text is never output."""
+        return self._grammar_vocab is not None and bool(self._lc.llama_vocab_is_eog(self._grammar_vocab, tok))
+
     def _put_grammar_first(self, ctx, gbnf: str) -> None:
         """Wrap the chain in one that runs the grammar sampler first (it needs the vocabulary: ``ctx``'s model)."""
         lc = self._lc
-        grammar = lc.llama_sampler_init_grammar(lc.llama_model_get_vocab(lc.llama_get_model(ctx)),
-                                                gbnf.encode(), b"root")
+        self._grammar_vocab = vocab = lc.llama_model_get_vocab(lc.llama_get_model(ctx))
+        grammar = lc.llama_sampler_init_grammar(vocab, gbnf.encode(), b"root")
         if not grammar:
             raise UsageError("llama.cpp could not parse the grammar")
         params = lc.llama_sampler_chain_default_params()

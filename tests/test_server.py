@@ -201,6 +201,20 @@ def test_stop_filter_equals_cutting_the_whole_text(text):
         assert "".join(t for _, t in out) == (text[: min(cuts)] if cuts else text)
 
 
+def test_a_completed_grammar_ends_the_turn_on_any_end_of_generation_token(pair):
+    """Once a grammar is complete, llama.cpp's grammar sampler admits only its end-of-generation tokens, and among
+    them ``[PAD]`` (its FIM pad, docs/model.md §7.3) and ``[EOT]``, not only the model's stop ids ``[EOS]`` and
+    ``<|im_end|>``. Forced to a schema's constant, the trained tiny Instruct asset ends with ``[PAD]``: the turn ends
+    there (before the fix, the text "[PAD]" was output after the constant)."""
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    long = "one two three four five six seven eight nine ten"
+    with load_tiny(pair)() as m:
+        g = m.generate([{"role": "user", "content": "Count."}], temperature=0, max_tokens=64,
+                       grammar=json_schema_to_gbnf(json.dumps({"const": long})))
+    assert (g.text, g.finish_reason) == (f'"{long}"', "stop")
+
+
 def test_response_format_json_schema_is_enforced(server, media, pair):
     schema = {"type": "object", "properties": {"colour": {"type": "string", "enum": ["red", "green", "blue",
                                                                                         "yellow"]}},

@@ -91,7 +91,7 @@ class BatchTurn:
         if st.generated_tokens >= self.settings.max_tokens or self.bd.n_past(self.slot) >= self.bd.n_ctx:
             return "length"
         tok = self.chain.sample(self.bd.ctx, idx)
-        if tok in self._stops:
+        if tok in self._stops or self.chain.ends_turn(tok):
             return "stop"
         st.generated_tokens += 1
         for kind, piece in self._pieces(self._text.feed(tok)):
