@@ -447,6 +447,9 @@ class ForcedSampler:
     def sample(self, ctx) -> int:
         return next(self._it, ForcedSampler.stop)
 
+    def ends_turn(self, tok: int) -> bool:  # no grammar
+        return False
+
     def close(self) -> None:
         pass
 
