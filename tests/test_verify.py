@@ -197,7 +197,7 @@ def _edit(path: Path, name: str, fn) -> None:
 
 def swap_experts(path: Path, a: int = 0, b: int = 1) -> None:
     """Experts a and b trade places in every routed-expert tensor."""
-    order = list(range(a + b + 1))
+    order = list(range(max(a, b) + 1))
     order[a], order[b] = b, a
     permute_experts(path, order)
 
